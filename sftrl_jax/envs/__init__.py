@@ -1,0 +1,38 @@
+"""Environments: GeneralPoints (gp-l, gp-vl) and V-IRL navigation (virl-l, virl-vl).
+
+    env = sftrl_jax.envs.make("gp-l", split="ood-rule")
+    obs, info = env.reset(seed=0)
+    obs, reward, terminated, truncated, info = env.step(model_text)
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+from typing import Any
+
+from sftrl_jax.envs.base import SPLITS, Env, EnvError, check_split
+
+# name -> (module, factory function); imported lazily so `make("gp-l")` never imports V-IRL code.
+_REGISTRY: dict[str, tuple[str, str]] = {
+    "gp-l": ("sftrl_jax.envs.general_points.env", "make_gp_l"),
+    "gp-vl": ("sftrl_jax.envs.general_points.env", "make_gp_vl"),
+    "virl-l": ("sftrl_jax.envs.virl.env", "make_virl_l"),
+    "virl-vl": ("sftrl_jax.envs.virl.env", "make_virl_vl"),
+}
+
+ENV_NAMES = tuple(_REGISTRY)
+
+
+def make(name: str, split: str = "train", **options: Any) -> Env:
+    """Builds the environment `name` for `split`; `options` are the env's constructor keywords."""
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(str(name), ENV_NAMES, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise EnvError(f"unknown environment {name!r}{hint}; valid names: {', '.join(ENV_NAMES)}")
+    check_split(name, split)
+    module, factory = _REGISTRY[name]
+    return getattr(importlib.import_module(module), factory)(split=split, **options)
+
+
+__all__ = ["ENV_NAMES", "SPLITS", "Env", "EnvError", "check_split", "make"]

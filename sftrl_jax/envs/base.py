@@ -1,0 +1,46 @@
+"""The environment interface shared by GeneralPoints and V-IRL (gymnasium-style, text actions).
+
+`reset(seed=None, options=None) -> (obs, info)` and `step(text) -> (obs, reward, terminated,
+truncated, info)`. `obs` is a dict: `"text"` is the user message to send now, `"image"` a PIL image
+or None. Model text passed to `step` is untrusted: an env never raises on it, it scores it.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Any
+
+SPLITS = ("train", "id", "ood-rule", "ood-visual")
+
+Obs = dict[str, Any]
+Info = dict[str, Any]
+
+
+class EnvError(ValueError):
+    """A user-caused error in env construction or options (never raised for model text)."""
+
+
+class Env(abc.ABC):
+    """Base class: text-in, text/image-out environment with multi-turn verification."""
+
+    name: str = ""
+    split: str = "train"
+
+    @abc.abstractmethod
+    def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Obs, Info]: ...
+
+    @abc.abstractmethod
+    def step(self, text: str) -> tuple[Obs, float, bool, bool, Info]: ...
+
+    def close(self) -> None:  # gymnasium compatibility
+        return None
+
+
+def check_split(env_name: str, split: str) -> str:
+    if split not in SPLITS:
+        import difflib
+
+        close = difflib.get_close_matches(str(split), SPLITS, n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise EnvError(f"unknown split {split!r} for env {env_name!r}{hint}; valid splits: {', '.join(SPLITS)}")
+    return split
