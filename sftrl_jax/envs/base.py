@@ -16,7 +16,10 @@ Obs = dict[str, Any]
 Info = dict[str, Any]
 
 
-class EnvError(ValueError):
+from sftrl_jax.errors import UserError
+
+
+class EnvError(UserError):
     """A user-caused error in env construction or options (never raised for model text)."""
 
 

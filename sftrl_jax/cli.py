@@ -1,0 +1,75 @@
+"""`sftrl` entry point. Thin: each subcommand lives in `sftrl_jax/commands/<name>.py`.
+
+A command module defines `HELP` (one line), `EXAMPLES` (shown by `--help`), `add_arguments(parser)`
+and `run(args) -> int`. Modules are imported only when their command runs, so `sftrl --help` is fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+from sftrl_jax.errors import UserError
+
+# (command, module, one-line help). Help strings live here so `sftrl --help` imports nothing heavy.
+COMMANDS: tuple[tuple[str, str, str], ...] = (
+    ("convert", "convert", "convert a Hugging Face checkpoint folder to an orbax checkpoint"),
+    ("export", "export", "export an orbax checkpoint back to a Hugging Face folder"),
+    ("inspect", "inspect", "print a model's config summary and parameter count without allocating weights"),
+    ("data", "data", "generate SFT data (conversation JSON) from the environments"),
+    ("sft", "sft", "supervised fine-tuning from a YAML config"),
+    ("rl", "rl", "reinforcement learning (PPO, GRPO) from a YAML config"),
+    ("eval", "eval", "evaluate a checkpoint with the paper's protocol"),
+    ("report", "report", "tables and plots from run folders"),
+    ("sample", "sample", "generate from a model for a quick interactive check"),
+    ("demo", "demo", "the end-to-end CPU demo: SFT warm-up, then SFT vs RL arms, evaluated ID and OOD"),
+)
+
+
+def _module(name: str):
+    return importlib.import_module(f"sftrl_jax.commands.{name}")
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sftrl",
+        description="sftrl_jax: SFT and RL post-training of vision-language models in JAX.",
+        epilog="Run `sftrl <command> --help` for a command's options and examples.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="<command>")
+    for name, module, help_ in COMMANDS:
+        if command is None or command != name:
+            sub.add_parser(name, help=help_)
+            continue
+        mod = _module(module)
+        p = sub.add_parser(
+            name,
+            help=help_,
+            description=help_,
+            epilog=mod.EXAMPLES,
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
+        mod.add_arguments(p)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    known = {name for name, _, _ in COMMANDS}
+    command = next((a for a in argv if not a.startswith("-")), None)
+    parser = build_parser(command if command in known else None)
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 0
+    module = dict((n, m) for n, m, _ in COMMANDS)[args.command]
+    try:
+        return int(_module(module).run(args) or 0)
+    except UserError as e:  # a user-caused problem: message only, no traceback
+        print(f"sftrl {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
