@@ -1,0 +1,260 @@
+"""YAML experiment files -> frozen, validated dataclasses, with dotted `key.sub=value` overrides.
+
+    cfg = config.load(SFTConfig, "configs/sft/gp_l_tiny.yaml", ["optim.lr=1e-5", "train.steps=20"])
+
+Rules:
+- Override values are parsed as YAML scalars (`yaml.safe_load`), never with `eval`.
+- An unknown key is an error that names the closest valid key.
+- A wrong type is an error naming the key, the value and the expected type.
+- Float fields also take strings such as `1e-6` (PyYAML's YAML 1.1 reads `1e-6` as a string).
+- A dataclass may validate itself in `__post_init__` by raising `ConfigError`.
+- Configs may `include: other.yaml` (a path relative to the including file); the including file wins.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+from sftrl_jax.errors import UserError
+
+T = TypeVar("T")
+
+_MISSING = object()
+
+
+class ConfigError(UserError):
+    """A bad config file, key, value or override; the message names it."""
+
+
+# ----------------------------------------------------------------------------------------------
+# Overrides
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`"a.b.c=value"` -> (["a", "b", "c"], value parsed as a YAML scalar)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"override {text!r} has an empty key part")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError as e:
+        raise ConfigError(f"override {text!r}: value {raw!r} is not valid YAML ({e.__class__.__name__})") from None
+    return key.split("."), value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Returns a deep copy of `data` with each `key.sub=value` override set (keys checked later)."""
+    out = _deep_copy(data)
+    for text in overrides:
+        path, value = parse_override(text)
+        node = out
+        for i, part in enumerate(path[:-1]):
+            child = node.get(part, _MISSING)
+            if child is _MISSING or child is None:
+                child = node[part] = {}
+            if not isinstance(child, dict):
+                where = ".".join(path[: i + 1])
+                raise ConfigError(f"override {text!r}: {where!r} is a value ({child!r}), not a section")
+            node = child
+        node[path[-1]] = value
+    return out
+
+
+def _deep_copy(data: Any) -> Any:
+    if isinstance(data, Mapping):
+        return {k: _deep_copy(v) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_deep_copy(v) for v in data]
+    return data
+
+
+# ----------------------------------------------------------------------------------------------
+# Dict -> dataclass
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, prefix: str = "") -> T:
+    """Builds the frozen dataclass `cls` from `data`, checking every key and type."""
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for key in data:
+        if key not in fields:
+            full = f"{prefix}{key}"
+            valid = [f"{prefix}{name}" for name in fields]
+            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ConfigError(f"unknown config key {full!r}{hint}; valid keys here: {', '.join(valid)}")
+    kwargs = {}
+    for name, field in fields.items():
+        if name in data:
+            kwargs[name] = _coerce(data[name], hints[name], f"{prefix}{name}")
+        elif field.default is dataclasses.MISSING and field.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"missing required config key {prefix}{name!r}")
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: {e}") from None
+
+
+def _type_name(tp: Any) -> str:
+    if isinstance(tp, type):
+        return tp.__name__
+    return str(tp).replace("typing.", "")
+
+
+def _wrong(value: Any, tp: Any, key: str) -> ConfigError:
+    return ConfigError(
+        f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _coerce(value: Any, tp: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if tp is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as e:
+                errors.append(e)
+        raise _wrong(value, tp, key)
+    if origin is Literal:
+        if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
+            return value
+        raise ConfigError(f"config key {key!r}: {value!r} is not one of {', '.join(map(repr, args))}")
+    if dataclasses.is_dataclass(tp):
+        return from_dict(tp, value, prefix=f"{key}.")
+    if origin in (tuple, list):
+        if not isinstance(value, list | tuple):
+            raise _wrong(value, tp, key)
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise ConfigError(f"config key {key!r}: expected {len(args)} items, got {len(value)}: {value!r}")
+            items = [_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args))]
+        else:
+            item_tp = args[0] if args else Any
+            items = [_coerce(v, item_tp, f"{key}[{i}]") for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise _wrong(value, tp, key)
+        vt = args[1] if len(args) == 2 else Any
+        return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise _wrong(value, tp, key)
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise _wrong(value, tp, key)
+    if tp is float:
+        if isinstance(value, int | float) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise _wrong(value, tp, key)
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        raise _wrong(value, tp, key)
+    if isinstance(tp, type) and isinstance(value, tp):
+        return value
+    raise _wrong(value, tp, key)
+
+
+# ----------------------------------------------------------------------------------------------
+# Files
+
+
+def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+    """Reads a YAML mapping, following `include:` (relative to the file); the including file wins."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ConfigError(f"config file {path!r} does not exist")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path!r}: the top level must be a mapping, got {type(data).__name__}")
+    include = data.pop("include", None)
+    if include is not None:
+        base = read_yaml(os.path.join(os.path.dirname(path), include))
+        data = merge(base, data)
+    return data
+
+
+def merge(base: Mapping[str, Any], top: Mapping[str, Any]) -> dict[str, Any]:
+    """Recursive dict merge; values in `top` win."""
+    out = _deep_copy(base)
+    for k, v in top.items():
+        if isinstance(v, Mapping) and isinstance(out.get(k), dict):
+            out[k] = merge(out[k], v)
+        else:
+            out[k] = _deep_copy(v)
+    return out
+
+
+def load(cls: type[T], path: str | os.PathLike | None = None, overrides: Iterable[str] = ()) -> T:
+    """Loads `cls` from a YAML file (or defaults when `path` is None), then applies overrides."""
+    data = read_yaml(path) if path is not None else {}
+    data = apply_overrides(data, overrides)
+    try:
+        return from_dict(cls, data)
+    except ConfigError as e:
+        if path is None:
+            raise
+        raise ConfigError(f"{os.fspath(path)}: {e}") from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Dataclass -> plain dict/list/scalars (tuples become lists), suitable for YAML or JSON."""
+    if dataclasses.is_dataclass(cfg) and not isinstance(cfg, type):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, list | tuple):
+        return [to_dict(v) for v in cfg]
+    if isinstance(cfg, Mapping):
+        return {k: to_dict(v) for k, v in cfg.items()}
+    return cfg
+
+
+def dump_yaml(cfg: Any, path: str | os.PathLike) -> None:
+    with open(path, "w") as f:
+        yaml.safe_dump(to_dict(cfg), f, sort_keys=False)
+
+
+def replace(cfg: T, overrides: Iterable[str]) -> T:
+    """A copy of `cfg` with dotted overrides applied (validated like a file)."""
+    return from_dict(type(cfg), apply_overrides(to_dict(cfg), overrides))
