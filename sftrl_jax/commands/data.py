@@ -1,0 +1,42 @@
+"""`sftrl data`: SFT data (the reference conversation JSON) generated from the environments."""
+
+from __future__ import annotations
+
+import json
+
+from sftrl_jax.errors import UserError
+
+HELP = "generate SFT data (conversation JSON) from the environments"
+EXAMPLES = """examples:
+  sftrl data gp --variant gp-l --split train --n 2000 --out data/gp_l_train.json
+  sftrl data gp --variant gp-vl --split train --n 500 --out data/gp_vl/train.json   # images beside it
+  sftrl data virl --variant virl-l --split train --n 1000 --out data/virl_l_train.json
+
+The file is one JSON array of {"image"?, "conversations": [{"from": "human"|"gpt", "value"}]}
+examples, the format of the paper's released SFT data; `sftrl sft` reads it.
+"""
+
+_VARIANTS = {"gp": ("gp-l", "gp-vl"), "virl": ("virl-l", "virl-vl")}
+
+
+def add_arguments(parser):
+    sub = parser.add_subparsers(dest="task", metavar="<task>", required=True)
+    for task, variants in _VARIANTS.items():
+        p = sub.add_parser(task, help=f"{'GeneralPoints' if task == 'gp' else 'V-IRL'} expert answers")
+        p.add_argument("--variant", choices=variants, default=variants[0], help="text (-l) or image (-vl) task")
+        p.add_argument("--split", choices=("train", "id", "ood-rule", "ood-visual"), default="train")
+        p.add_argument("--n", type=int, required=True, help="number of examples")
+        p.add_argument("--out", required=True, help="output JSON file (images go to <dir>/images/)")
+        p.add_argument("--seed", type=int, default=0)
+
+
+def run(args) -> int:
+    if args.n <= 0:
+        raise UserError(f"--n must be positive, got {args.n}")
+    if args.task == "gp":
+        from sftrl_jax.data.generate import generate_gp_sft as generate
+    else:
+        from sftrl_jax.envs.virl.expert import generate_virl_sft as generate
+    stats = generate(args.variant, args.split, args.n, args.out, seed=args.seed)
+    print(json.dumps({"out": args.out, **stats}, default=str))
+    return 0

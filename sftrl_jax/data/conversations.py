@@ -1,0 +1,58 @@
+"""The reference code's conversation format <-> chat messages.
+
+Reference format (one JSON array in a file; DESIGN.md): `{"image": "rel/path.png" (optional),
+"conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`.
+A human turn starting with `<image>\\n` marks where the image goes: the marker is removed and an
+image item is put first in that user message.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sftrl_jax.errors import UserError
+
+IMAGE_MARKER = "<image>"
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def to_messages(example: dict[str, Any], *, where: str = "example") -> list[dict[str, Any]]:
+    """Reference example -> chat messages (`content` is a list when the turn carries the image)."""
+    turns = example.get("conversations")
+    if not isinstance(turns, list) or not turns:
+        raise UserError(f"{where}: 'conversations' must be a non-empty list")
+    messages = []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
+            raise UserError(f"{where}: conversations[{i}] needs 'from' and 'value' keys, got {turn!r}"[:300])
+        role = _ROLES.get(turn["from"])
+        if role is None:
+            raise UserError(f"{where}: conversations[{i}] has unknown speaker {turn['from']!r} "
+                            f"(expected one of {sorted(_ROLES)})")
+        value = str(turn["value"])
+        if role == "user" and value.startswith(IMAGE_MARKER):
+            if not example.get("image"):
+                raise UserError(f"{where}: conversations[{i}] has an {IMAGE_MARKER} marker but the example has no 'image'")
+            text = value[len(IMAGE_MARKER):].lstrip("\n")
+            messages.append({"role": role, "content": [{"type": "image"}, {"type": "text", "text": text}]})
+        else:
+            messages.append({"role": role, "content": value})
+    return messages
+
+
+def from_messages(messages: list[dict[str, Any]], *, image: str | None = None) -> dict[str, Any]:
+    """Chat messages -> a reference example (an image item becomes the `<image>\\n` marker)."""
+    back = {"user": "human", "assistant": "gpt", "system": "system"}
+    turns = []
+    for m in messages:
+        content = m["content"]
+        if isinstance(content, list):
+            text = "".join(c.get("text", "") for c in content if c["type"] == "text")
+            if any(c["type"] == "image" for c in content):
+                text = f"{IMAGE_MARKER}\n{text}"
+            content = text
+        turns.append({"from": back[m["role"]], "value": content})
+    out: dict[str, Any] = {"conversations": turns}
+    if image is not None:
+        out = {"image": image, **out}
+    return out
