@@ -119,9 +119,7 @@ def _type_name(tp: Any) -> str:
 
 
 def _wrong(value: Any, tp: Any, key: str) -> ConfigError:
-    return ConfigError(
-        f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})"
-    )
+    return ConfigError(f"config key {key!r}: expected {_type_name(tp)}, got {value!r} ({type(value).__name__})")
 
 
 def _coerce(value: Any, tp: Any, key: str) -> Any:

@@ -35,8 +35,15 @@ def test_file_and_overrides(tmp_path):
     p = tmp_path / "e.yaml"
     p.write_text("name: run\nsteps: 5\noptim:\n  lr: 1e-5\ntags: [a, b]\n")
     cfg = config.load(Exp, p, ["optim.betas=[0.8, 0.9]", "resume=true", "init=null", "task=gp-vl"])
-    assert cfg == Exp(name="run", steps=5, task="gp-vl", resume=True, init=None,
-                      optim=Optim(lr=1e-5, betas=(0.8, 0.9)), tags=("a", "b"))
+    assert cfg == Exp(
+        name="run",
+        steps=5,
+        task="gp-vl",
+        resume=True,
+        init=None,
+        optim=Optim(lr=1e-5, betas=(0.8, 0.9)),
+        tags=("a", "b"),
+    )
     assert isinstance(cfg.optim.lr, float) and cfg.optim.lr == 1e-5
     with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.steps = 3  # type: ignore[misc]

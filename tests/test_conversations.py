@@ -7,11 +7,14 @@ from sftrl_jax.errors import UserError
 
 
 def test_image_marker_becomes_first_content_item_and_back():
-    ex = {"image": "images/0.png", "conversations": [
-        {"from": "human", "value": "<image>\nWhat cards?"},
-        {"from": "gpt", "value": "A, 2"},
-        {"from": "human", "value": "You failed this trial because x."},
-    ]}
+    ex = {
+        "image": "images/0.png",
+        "conversations": [
+            {"from": "human", "value": "<image>\nWhat cards?"},
+            {"from": "gpt", "value": "A, 2"},
+            {"from": "human", "value": "You failed this trial because x."},
+        ],
+    }
     msgs = conversations.to_messages(ex)
     assert msgs == [
         {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "What cards?"}]},
@@ -21,12 +24,15 @@ def test_image_marker_becomes_first_content_item_and_back():
     assert conversations.from_messages(msgs, image="images/0.png") == ex
 
 
-@pytest.mark.parametrize("ex, match", [
-    ({}, "'conversations' must be a non-empty list"),
-    ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown speaker 'robot'"),
-    ({"conversations": [{"value": "x"}]}, r"conversations\[0\] needs 'from' and 'value'"),
-    ({"conversations": [{"from": "human", "value": "<image>\nx"}]}, "has no 'image'"),
-])
+@pytest.mark.parametrize(
+    "ex, match",
+    [
+        ({}, "'conversations' must be a non-empty list"),
+        ({"conversations": [{"from": "robot", "value": "x"}]}, "unknown speaker 'robot'"),
+        ({"conversations": [{"value": "x"}]}, r"conversations\[0\] needs 'from' and 'value'"),
+        ({"conversations": [{"from": "human", "value": "<image>\nx"}]}, "has no 'image'"),
+    ],
+)
 def test_bad_examples_are_named(ex, match):
     with pytest.raises(UserError, match=match):
         conversations.to_messages(ex, where="data.json[3]")

@@ -61,8 +61,12 @@ def _expert_fn(name: str):
 
 def corpus(episodes: int) -> Iterator[str]:
     yield GENERIC
-    for name, splits in (("gp-l", ("train", "ood-rule")), ("gp-vl", ("train", "ood-rule", "ood-visual")),
-                         ("virl-l", ("train", "ood-rule")), ("virl-vl", ("train", "ood-visual"))):
+    for name, splits in (
+        ("gp-l", ("train", "ood-rule")),
+        ("gp-vl", ("train", "ood-rule", "ood-visual")),
+        ("virl-l", ("train", "ood-rule")),
+        ("virl-vl", ("train", "ood-visual")),
+    ):
         for i, split in enumerate(splits):
             try:
                 yield from env_text(name, split, episodes, seed=i)
@@ -76,10 +80,12 @@ def build(vocab: int, episodes: int):
     from transformers import PreTrainedTokenizerFast
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
+    bpe.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Digits(individual_digits=True),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+        ]
+    )
     bpe.decoder = decoders.ByteLevel()
     n_special = len(tok_lib.SPECIAL_TOKENS)
     trainer = trainers.BpeTrainer(

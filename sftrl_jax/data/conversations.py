@@ -27,13 +27,16 @@ def to_messages(example: dict[str, Any], *, where: str = "example") -> list[dict
             raise UserError(f"{where}: conversations[{i}] needs 'from' and 'value' keys, got {turn!r}"[:300])
         role = _ROLES.get(turn["from"])
         if role is None:
-            raise UserError(f"{where}: conversations[{i}] has unknown speaker {turn['from']!r} "
-                            f"(expected one of {sorted(_ROLES)})")
+            raise UserError(
+                f"{where}: conversations[{i}] has unknown speaker {turn['from']!r} (expected one of {sorted(_ROLES)})"
+            )
         value = str(turn["value"])
         if role == "user" and value.startswith(IMAGE_MARKER):
             if not example.get("image"):
-                raise UserError(f"{where}: conversations[{i}] has an {IMAGE_MARKER} marker but the example has no 'image'")
-            text = value[len(IMAGE_MARKER):].lstrip("\n")
+                raise UserError(
+                    f"{where}: conversations[{i}] has an {IMAGE_MARKER} marker but the example has no 'image'"
+                )
+            text = value[len(IMAGE_MARKER) :].lstrip("\n")
             messages.append({"role": role, "content": [{"type": "image"}, {"type": "text", "text": text}]})
         else:
             messages.append({"role": role, "content": value})

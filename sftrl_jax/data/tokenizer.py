@@ -66,8 +66,9 @@ class Tokenizer:
         if getattr(hf, "chat_template", None) is None:
             raise UserError(f"tokenizer {path or hf.name_or_path!r} has no chat template")
         vocab = hf.get_vocab()
-        missing = [t for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>")
-                   if t not in vocab]
+        missing = [
+            t for t in ("<|begin_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>") if t not in vocab
+        ]
         if missing:
             raise UserError(f"tokenizer {path or hf.name_or_path!r} lacks the Llama-3 special tokens {missing}")
         self.bos_id: int = vocab["<|begin_of_text|>"]
@@ -93,9 +94,7 @@ class Tokenizer:
         return self.hf.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
     def chat_text(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> str:
-        return self.hf.apply_chat_template(
-            list(messages), tokenize=False, add_generation_prompt=add_generation_prompt
-        )
+        return self.hf.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
 
     def chat_ids(self, messages: Sequence[Message], *, add_generation_prompt: bool = False) -> list[int]:
         return self.encode(self.chat_text(messages, add_generation_prompt=add_generation_prompt))
@@ -115,7 +114,9 @@ class Tokenizer:
             start = len(self.chat_ids(messages[:i], add_generation_prompt=True))
             end = len(self.chat_ids(messages[: i + 1]))
             if ids[:end] != self.chat_ids(messages[: i + 1]) or start > end:
-                raise UserError("the chat template does not render conversation prefixes as prefixes; "
-                                "cannot place the assistant loss mask")
+                raise UserError(
+                    "the chat template does not render conversation prefixes as prefixes; "
+                    "cannot place the assistant loss mask"
+                )
             mask[start:end] = [1] * (end - start)
         return ids, mask

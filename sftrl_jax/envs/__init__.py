@@ -1,8 +1,8 @@
 """Environments: GeneralPoints (gp-l, gp-vl) and V-IRL navigation (virl-l, virl-vl).
 
-    env = sftrl_jax.envs.make("gp-l", split="ood-rule")
-    obs, info = env.reset(seed=0)
-    obs, reward, terminated, truncated, info = env.step(model_text)
+env = sftrl_jax.envs.make("gp-l", split="ood-rule")
+obs, info = env.reset(seed=0)
+obs, reward, terminated, truncated, info = env.step(model_text)
 """
 
 from __future__ import annotations

@@ -10,13 +10,12 @@ from __future__ import annotations
 import abc
 from typing import Any
 
+from sftrl_jax.errors import UserError
+
 SPLITS = ("train", "id", "ood-rule", "ood-visual")
 
 Obs = dict[str, Any]
 Info = dict[str, Any]
-
-
-from sftrl_jax.errors import UserError
 
 
 class EnvError(UserError):

@@ -1,0 +1,129 @@
+"""Checkpoints (orbax `CheckpointManager`): async, keep-N, interval, auto-resume, SIGTERM-safe.
+
+A checkpoint holds two items: `state`, a pytree of arrays (params, optimiser state, step, RNG key
+data) restored directly into the shardings of an abstract target, and `extra`, JSON (data iterator
+state, rollout/env state, anything host-side). Typed PRNG keys are stored as their raw key data.
+
+    ckpt = Checkpointer(run_dir / "checkpoints", keep=3, every=100)
+    step, state, extra = ckpt.restore_latest(abstract_state)   # (None, None, None) on a fresh run
+    ...
+    ckpt.maybe_save(step, state, extra)                        # saves every `every` steps
+    with PreemptionGuard() as guard:                           # SIGTERM -> guard.requested
+        ...
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import threading
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+from sftrl_jax.errors import UserError
+
+
+class Checkpointer:
+    """Saves and restores (state pytree, extra JSON) pairs by step."""
+
+    def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3, every: int = 1, async_save: bool = True):
+        self.directory = os.path.abspath(os.fspath(directory))
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=keep,
+            save_interval_steps=max(int(every), 1),
+            enable_async_checkpointing=async_save,
+            create=True,
+        )
+        self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+
+    def latest_step(self) -> int | None:
+        return self.manager.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return list(self.manager.all_steps())
+
+    def save(self, step: int, state: Any, extra: dict[str, Any] | None = None, *, force: bool = True) -> bool:
+        """Saves now (or, with force=False, only on the interval). Async: returns before the write ends."""
+        return self.manager.save(
+            int(step),
+            args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})),
+            force=force,
+        )
+
+    def maybe_save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> bool:
+        return self.save(step, state, extra, force=False)
+
+    def restore(self, step: int, abstract_state: Any) -> tuple[Any, dict[str, Any]]:
+        """Restores `step` into the shapes, dtypes and shardings of `abstract_state`."""
+        if step not in self.manager.all_steps():
+            raise UserError(f"no checkpoint for step {step} in {self.directory} (have {self.all_steps()})")
+        target = jax.tree.map(_as_abstract, abstract_state)
+        try:
+            out = self.manager.restore(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()),
+            )
+        except (ValueError, KeyError) as e:
+            raise UserError(
+                f"checkpoint {self.directory}/{step} does not match this run's state "
+                f"(a different model or optimiser config?): {e}"
+            ) from None
+        return out["state"], dict(out["extra"] or {})
+
+    def restore_latest(self, abstract_state: Any) -> tuple[int | None, Any, dict[str, Any] | None]:
+        step = self.latest_step()
+        if step is None:
+            return None, None, None
+        state, extra = self.restore(step, abstract_state)
+        return step, state, extra
+
+    def wait(self) -> None:
+        """Blocks until pending async saves are on disk."""
+        self.manager.wait_until_finished()
+
+    def close(self) -> None:
+        self.manager.wait_until_finished()
+        self.manager.close()
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _as_abstract(x: Any) -> Any:
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return x
+    if isinstance(x, jax.Array):
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)
+    return x
+
+
+class PreemptionGuard:
+    """Turns SIGTERM (a scheduler's preemption notice) into a flag the training loop polls.
+
+    The loop saves a checkpoint and exits 0 when `requested` is set; a second SIGTERM while saving is
+    ignored. Outside the main thread (e.g. a notebook worker) it installs nothing.
+    """
+
+    def __init__(self, signals: tuple[int, ...] = (signal.SIGTERM,)):
+        self.signals = signals
+        self.requested = False
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def __enter__(self) -> PreemptionGuard:
+        if threading.current_thread() is threading.main_thread():
+            for s in self.signals:
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
+        self._previous.clear()

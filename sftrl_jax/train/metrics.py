@@ -1,0 +1,86 @@
+"""Metrics: one JSON object per line (always), TensorBoard scalars (optional, if tensorboardX is installed).
+
+    with MetricsWriter(run_dir, tensorboard=True) as log:
+        log.write(step, {"loss": 1.2, "lr": 1e-6}, prefix="train")
+
+`read_jsonl(path)` loads a metrics file back (for reports and notebooks).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any
+
+import numpy as np
+
+
+def _scalar(v: Any) -> Any:
+    if isinstance(v, np.generic | np.ndarray) or hasattr(v, "__array__"):
+        a = np.asarray(v)
+        if a.size == 1:
+            v = a.item()
+        else:
+            return a.tolist()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)  # JSON has no NaN/inf; keep them visible as strings
+    return v
+
+
+class MetricsWriter:
+    def __init__(self, run_dir: str | os.PathLike, *, filename: str = "metrics.jsonl", tensorboard: bool = False):
+        self.run_dir = os.fspath(run_dir)
+        os.makedirs(self.run_dir, exist_ok=True)
+        self.path = os.path.join(self.run_dir, filename)
+        self._f = open(self.path, "a")  # append: a resumed run continues the same file
+        self._tb = None
+        if tensorboard:
+            try:
+                from tensorboardX import SummaryWriter
+            except ImportError:
+                print("metrics: tensorboardX is not installed; writing jsonl only (pip install tensorboardX)")
+            else:
+                self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
+
+    def write(self, step: int, metrics: dict[str, Any], *, prefix: str | None = None) -> dict[str, Any]:
+        row = {"step": int(step), "time": round(time.time(), 3)}
+        for k, v in metrics.items():
+            key = f"{prefix}/{k}" if prefix else k
+            row[key] = _scalar(v)
+        self._f.write(json.dumps(row) + "\n")
+        self._f.flush()
+        if self._tb is not None:
+            for k, v in row.items():
+                if k not in ("step", "time") and isinstance(v, int | float):
+                    self._tb.add_scalar(k, v, int(step))
+        return row
+
+    def close(self) -> None:
+        self._f.close()
+        if self._tb is not None:
+            self._tb.close()
+
+    def __enter__(self) -> MetricsWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """All rows of a jsonl file; a truncated last line (a killed run) is skipped, others must parse."""
+    rows = []
+    with open(path) as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as e:
+            if i == len(lines) - 1:
+                break
+            raise ValueError(f"{path}:{i + 1}: not valid JSON: {e}") from None
+    return rows

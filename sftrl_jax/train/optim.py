@@ -1,0 +1,121 @@
+"""Optimisers (optax): AdamW with warm-up + cosine schedule, clipping, decay masks, frozen paths.
+
+Parameter paths are the `/`-joined keys of an `nnx.State` (e.g.
+`vision_model/transformer/layers/0/mlp/fc1/kernel`). `freeze` and `no_decay` are regular
+expressions searched in those paths: frozen parameters get zero updates and keep no optimiser state
+(the paper's SFT sweep freezes the vision tower and/or the projector this way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import jax
+import optax
+
+from sftrl_jax.config import ConfigError
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser and schedule. Paper SFT: lr 1e-6 (GP-L), cosine, warm-up 3%, weight decay 0.
+    Paper PPO: Adam eps 1e-7, grad clip 0.01, cosine to 1e-9 over `lr_max_steps`."""
+
+    lr: float = 1e-6  # peak learning rate
+    schedule: Literal["cosine", "constant", "linear"] = "cosine"
+    warmup_ratio: float = 0.03  # fraction of total steps spent warming up linearly from 0
+    min_lr: float = 0.0  # end value of the cosine / linear decay
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.0
+    no_decay: tuple[str, ...] = (r"norm", r"bias", r"embed")  # regexes: paths without weight decay
+    grad_clip: float | None = 1.0  # global-norm clip; None = off
+    freeze: tuple[str, ...] = ()  # regexes: paths that are not trained
+    skip_nonfinite: bool = True  # a step whose gradients are NaN/inf changes nothing (counted)
+
+    def __post_init__(self):
+        if self.lr < 0:
+            raise ConfigError(f"optim.lr must be >= 0, got {self.lr}")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ConfigError(f"optim.grad_clip must be positive or null, got {self.grad_clip}")
+        for pattern in (*self.freeze, *self.no_decay):
+            try:
+                re.compile(pattern)
+            except re.error as e:
+                raise ConfigError(f"optim: bad regular expression {pattern!r}: {e}") from None
+
+
+def schedule(cfg: OptimConfig, total_steps: int) -> optax.Schedule:
+    """The learning rate as a function of the optimiser step."""
+    total_steps = max(int(total_steps), 1)
+    warmup = int(round(cfg.warmup_ratio * total_steps))
+    if cfg.schedule == "constant":
+        main = optax.constant_schedule(cfg.lr)
+    elif cfg.schedule == "linear":
+        main = optax.linear_schedule(cfg.lr, cfg.min_lr, max(total_steps - warmup, 1))
+    else:
+        main = optax.cosine_decay_schedule(cfg.lr, max(total_steps - warmup, 1), alpha=_alpha(cfg))
+    if warmup == 0:
+        return main
+    return optax.join_schedules([optax.linear_schedule(0.0, cfg.lr, warmup), main], [warmup])
+
+
+def _alpha(cfg: OptimConfig) -> float:
+    return cfg.min_lr / cfg.lr if cfg.lr > 0 else 0.0
+
+
+def path_str(path: Sequence[Any]) -> str:
+    return "/".join(str(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k)))) for k in path)
+
+
+def path_labels(params: Any, patterns: Sequence[str], yes: Any, no: Any) -> Any:
+    """A pytree like `params` whose leaves are `yes` where a regex matches the leaf's path, else `no`."""
+    compiled = [re.compile(p) for p in patterns]
+
+    def label(path, _):
+        s = path_str(path)
+        return yes if any(c.search(s) for c in compiled) else no
+
+    return jax.tree_util.tree_map_with_path(label, params)
+
+
+def make_optimizer(cfg: OptimConfig, params: Any, *, total_steps: int) -> optax.GradientTransformation:
+    """AdamW (+ clip, + decay mask, + frozen paths, + non-finite skipping) for the pytree `params`."""
+    if cfg.freeze:
+        frozen = jax.tree.leaves(path_labels(params, cfg.freeze, True, False))
+        if not any(frozen):
+            raise ConfigError(f"optim.freeze {list(cfg.freeze)} matches no parameter path")
+        if all(frozen):
+            raise ConfigError(f"optim.freeze {list(cfg.freeze)} freezes every parameter")
+    decay_mask = path_labels(params, cfg.no_decay, False, True)
+    tx = optax.adamw(
+        schedule(cfg, total_steps),
+        b1=cfg.b1,
+        b2=cfg.b2,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        mask=decay_mask,
+    )
+    if cfg.grad_clip is not None:
+        tx = optax.chain(optax.clip_by_global_norm(cfg.grad_clip), tx)
+    if cfg.freeze:
+        labels = path_labels(params, cfg.freeze, "frozen", "train")
+        tx = optax.multi_transform({"train": tx, "frozen": optax.set_to_zero()}, labels)
+    if cfg.skip_nonfinite:
+        # Never gives up by itself; the training loop aborts after K bad steps in a row.
+        tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
+    return tx
+
+
+def nonfinite_counts(opt_state: Any) -> tuple[Any, Any] | None:
+    """(consecutive, total) skipped non-finite steps, if the optimiser tracks them."""
+    for s in jax.tree.leaves(opt_state, is_leaf=lambda x: isinstance(x, optax.ApplyIfFiniteState)):
+        if isinstance(s, optax.ApplyIfFiniteState):
+            return s.notfinite_count, s.total_notfinite
+    return None
