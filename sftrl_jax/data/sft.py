@@ -1,0 +1,245 @@
+"""SFT data: the reference conversation JSON -> padded, bucketed, resumable grain batches.
+
+    data = SFTData(cfg, tokenizer, image_processor=None)
+    it = data.iterator()                     # grain DatasetIterator; it.get_state() / set_state()
+    batch = next(it)                         # dict of numpy arrays, see `collate`
+
+Files: one JSON array (the paper's release) or JSONL, of `{"image"?: path, "conversations": [...]}`.
+Loss on assistant tokens only. Sequences longer than `max_length` are truncated (counted in
+`stats`); lengths are padded up to the smallest bucket that fits, so the train step compiles once
+per bucket. Each process reads its own slice of the examples (`process_index::process_count`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sftrl_jax.config import ConfigError
+from sftrl_jax.data import conversations
+from sftrl_jax.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTDataConfig:
+    train_files: tuple[str, ...] = ()
+    eval_files: tuple[str, ...] = ()
+    image_dir: str | None = None  # relative `image` paths resolve here (default: the JSON file's folder)
+    max_length: int = 1024  # tokens; longer examples are truncated and counted
+    buckets: tuple[int, ...] = (64, 128, 256, 512, 1024)  # padded lengths (<= max_length are used)
+    batch_size: int = 8  # global batch (split over processes)
+    shuffle: bool = True
+    seed: int = 0
+    epochs: int | None = None  # None = repeat forever
+    max_images: int = 1  # image slots per example (static shapes)
+
+    def __post_init__(self):
+        if self.max_length <= 0 or self.batch_size <= 0:
+            raise ConfigError(
+                f"data.max_length and data.batch_size must be positive ({self.max_length}, {self.batch_size})"
+            )
+        if list(self.buckets) != sorted(self.buckets) or any(b <= 0 for b in self.buckets):
+            raise ConfigError(f"data.buckets must be increasing positive lengths, got {list(self.buckets)}")
+
+
+def read_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
+    """A JSON array or JSONL file of reference-format examples (checked on read)."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"SFT data file {path!r} does not exist")
+    with open(path) as f:
+        text = f.read()
+    try:
+        if text.lstrip().startswith("["):
+            examples = json.loads(text)
+        else:
+            examples = [json.loads(line) for line in text.splitlines() if line.strip()]
+    except json.JSONDecodeError as e:
+        raise UserError(f"SFT data file {path!r} is not valid JSON / JSONL: {e}") from None
+    for i, ex in enumerate(examples):
+        conversations.to_messages(ex, where=f"{path}[{i}]")  # validates
+        if not any(t["from"] in ("gpt", "assistant") for t in ex["conversations"]):
+            raise UserError(f"{path}[{i}]: no assistant ('gpt') turn to learn from")
+    return examples
+
+
+def bucket_length(n: int, buckets: Sequence[int], max_length: int) -> int:
+    for b in buckets:
+        if b >= n and b <= max_length:
+            return b
+    return max_length
+
+
+class Tokenize:
+    """One example -> ids, loss mask (shifted to targets), image list; counts truncations."""
+
+    def __init__(self, tokenizer, *, max_length: int, image_root: str | None, image_dir: str | None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.image_root = image_dir or image_root
+
+    def __call__(self, example: dict[str, Any]) -> dict[str, Any]:
+        messages = conversations.to_messages(example)
+        ids, mask = self.tokenizer.encode_conversation(messages)
+        truncated = len(ids) > self.max_length
+        ids, mask = ids[: self.max_length], mask[: self.max_length]
+        images = []
+        if example.get("image"):
+            images.append(self._image_path(example["image"]))
+        return {"ids": ids, "mask": mask, "truncated": truncated, "images": images}
+
+    def _image_path(self, rel: str) -> str:
+        path = rel if os.path.isabs(rel) or self.image_root is None else os.path.join(self.image_root, rel)
+        if not os.path.exists(path):
+            raise UserError(f"SFT image {path!r} does not exist (from 'image': {rel!r}; set data.image_dir)")
+        return path
+
+
+def collate(
+    rows: Sequence[dict[str, Any]],
+    *,
+    pad_id: int,
+    buckets: Sequence[int],
+    max_length: int,
+    tokenizer=None,
+    image_processor=None,
+    max_images: int = 1,
+) -> dict[str, np.ndarray]:
+    """Right-padded batch. `input_ids`, `attention_mask` [B, T]; `targets` [B, T] (next token) and
+    `loss_mask` [B, T] (1 where the target is an assistant token). With an image processor also
+    `pixel_values` [B, I, C, 3, H, W], `aspect_ratio_ids` [B, I], `aspect_ratio_mask` [B, I, C],
+    `cross_attention_mask` [B, T, I, C]."""
+    T = bucket_length(max(len(r["ids"]) for r in rows), buckets, max_length)
+    B = len(rows)
+    input_ids = np.full((B, T), pad_id, np.int32)
+    attention = np.zeros((B, T), np.int32)
+    targets = np.full((B, T), pad_id, np.int32)
+    loss_mask = np.zeros((B, T), np.float32)
+    for b, r in enumerate(rows):
+        n = len(r["ids"])
+        input_ids[b, :n] = r["ids"]
+        attention[b, :n] = 1
+        targets[b, : n - 1] = r["ids"][1:]
+        loss_mask[b, : n - 1] = r["mask"][1:]
+    batch = {
+        "input_ids": input_ids,
+        "attention_mask": attention,
+        "targets": targets,
+        "loss_mask": loss_mask,
+        "truncated": np.array([r["truncated"] for r in rows], bool),
+    }
+    if image_processor is not None:
+        from PIL import Image
+
+        images = [[Image.open(p).convert("RGB") for p in r["images"]] for r in rows]
+        arrays = image_processor(images, max_images=max_images)
+        masks = [
+            cross_attention_mask(
+                r["ids"],
+                tokenizer.image_token_id,
+                arrays["num_tiles"][b][: len(r["images"])],
+                T,
+                image_processor.max_tiles,
+                max_images,
+            )
+            for b, r in enumerate(rows)
+        ]
+        batch.update({k: v for k, v in arrays.items() if k != "num_tiles"})
+        batch["cross_attention_mask"] = np.stack(masks)
+    return batch
+
+
+def cross_attention_mask(ids, image_token_id, num_tiles, length, max_tiles, max_images):
+    from sftrl_jax.data import processor
+
+    return processor.cross_attention_mask(
+        ids, image_token_id, num_tiles=list(num_tiles), max_tiles=max_tiles, length=length, max_images=max_images
+    )
+
+
+class SFTData:
+    """Grain pipelines over SFT files: shuffle, repeat, per-process slice, tokenise, bucket-pad."""
+
+    def __init__(self, cfg: SFTDataConfig, tokenizer, *, image_processor=None):
+        if not cfg.train_files:
+            raise ConfigError("data.train_files is empty: give at least one SFT JSON file")
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.image_processor = image_processor
+        self.train = self._load(cfg.train_files)
+        self.eval = self._load(cfg.eval_files) if cfg.eval_files else []
+        has_images = any(ex.get("image") for ex, _ in self.train)
+        if has_images and image_processor is None:
+            raise UserError("the SFT data has images but the model has no vision tower (or no image processor)")
+
+    def _load(self, files: Sequence[str]) -> list[tuple[dict[str, Any], str]]:
+        out = []
+        for f in files:
+            root = os.path.dirname(os.path.abspath(f))
+            out.extend((ex, root) for ex in read_examples(f))
+        return out
+
+    def _dataset(self, examples, *, train: bool, batch_size: int):
+        import grain
+        import jax
+
+        cfg = self.cfg
+        ds = grain.MapDataset.source(examples)
+        if jax.process_count() > 1:
+            ds = ds[jax.process_index() :: jax.process_count()]
+        if train and cfg.shuffle:
+            ds = ds.shuffle(seed=cfg.seed)
+        if train:
+            ds = ds.repeat(cfg.epochs)
+        tokenizers = {}
+
+        def tokenize(item):
+            ex, root = item
+            if root not in tokenizers:
+                tokenizers[root] = Tokenize(
+                    self.tokenizer, max_length=cfg.max_length, image_root=root, image_dir=cfg.image_dir
+                )
+            return tokenizers[root](ex)
+
+        ds = ds.map(tokenize)
+        ds = ds.batch(
+            batch_size,
+            drop_remainder=train,
+            batch_fn=lambda rows: collate(
+                rows,
+                pad_id=self.tokenizer.pad_id,
+                buckets=cfg.buckets,
+                max_length=cfg.max_length,
+                tokenizer=self.tokenizer,
+                image_processor=self.image_processor,
+                max_images=cfg.max_images,
+            ),
+        )
+        return ds
+
+    def per_process_batch(self) -> int:
+        import jax
+
+        if self.cfg.batch_size % jax.process_count():
+            raise ConfigError(
+                f"data.batch_size {self.cfg.batch_size} is not divisible by {jax.process_count()} processes"
+            )
+        return self.cfg.batch_size // jax.process_count()
+
+    def iterator(self):
+        """The training iterator (repeats per `epochs`); resumable with get_state()/set_state()."""
+        return iter(self._dataset(self.train, train=True, batch_size=self.per_process_batch()).to_iter_dataset())
+
+    def eval_batches(self):
+        """One pass over the eval files (last batch may be smaller)."""
+        if not self.eval:
+            return iter(())
+        return iter(self._dataset(self.eval, train=False, batch_size=self.per_process_batch()))
+
+    def __len__(self) -> int:
+        return len(self.train)
