@@ -1,0 +1,156 @@
+"""RL losses: small pure functions over arrays, fp32, returning (loss, aux).
+
+Symbols: `logp` log pi_theta(a|s) now, `old_logp` at rollout time, `ratio` = exp(logp - old_logp),
+epsilon = `clip`. PPO acts on whole turns (one action = one response, RL4VLM); GRPO on tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def _mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    if mask is None:
+        return x.mean()
+    mask = mask.astype(jnp.float32)
+    return (x * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+
+
+def ppo_policy_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    *,
+    clip: float = 0.1,
+    max_ratio: float | None = 10.0,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Clipped surrogate  L = -E[min(ratio * A, clip(ratio, 1-eps, 1+eps) * A)].
+
+    As in the reference (RL4VLM): when some ratio exceeds `max_ratio` (10) the clipped surrogate
+    alone is used for the whole batch. Aux: ratio stats, clip fraction, approx KL (k3 estimator,
+    E[(ratio - 1) - log ratio]).
+    """
+    logp, old_logp, advantages = (jnp.asarray(x, jnp.float32) for x in (logp, old_logp, advantages))
+    log_ratio = logp - old_logp
+    ratio = jnp.exp(log_ratio)
+    surr1 = ratio * advantages
+    surr2 = jnp.clip(ratio, 1.0 - clip, 1.0 + clip) * advantages
+    per = -jnp.minimum(surr1, surr2)
+    if max_ratio is not None:
+        too_big = (
+            jnp.any(jnp.where(mask.astype(bool), ratio, 0.0) > max_ratio)
+            if mask is not None
+            else jnp.any(ratio > max_ratio)
+        )
+        per = jnp.where(too_big, -surr2, per)
+    loss = _mean(per, mask)
+    aux = {
+        "ratio_mean": _mean(ratio, mask),
+        "ratio_max": jnp.max(jnp.where(mask.astype(bool), ratio, -jnp.inf)) if mask is not None else ratio.max(),
+        "clip_frac": _mean((jnp.abs(ratio - 1.0) > clip).astype(jnp.float32), mask),
+        "approx_kl": _mean((ratio - 1.0) - log_ratio, mask),
+    }
+    return loss, aux
+
+
+def value_loss(
+    values: jax.Array,
+    old_values: jax.Array,
+    returns: jax.Array,
+    *,
+    clip: float | None = 0.1,
+    mask: jax.Array | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """0.5 * E[max((V - R)^2, (V_old + clip(V - V_old, -eps, eps) - R)^2)]  (unclipped when clip is None)."""
+    values, old_values, returns = (jnp.asarray(x, jnp.float32) for x in (values, old_values, returns))
+    unclipped = (values - returns) ** 2
+    if clip is None:
+        per = unclipped
+    else:
+        v_clipped = old_values + jnp.clip(values - old_values, -clip, clip)
+        per = jnp.maximum(unclipped, (v_clipped - returns) ** 2)
+    return 0.5 * _mean(per, mask), {"value_mean": _mean(values, mask)}
+
+
+def explained_variance(values: jax.Array, returns: jax.Array) -> jax.Array:
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant."""
+    var_r = jnp.var(returns)
+    return jnp.where(var_r > 0, 1.0 - jnp.var(returns - values) / var_r, jnp.nan)
+
+
+def kl_k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
+    """Per-token k3 estimator of KL(pi || pi_ref):  exp(ref - logp) - (ref - logp) - 1  (>= 0)."""
+    d = jnp.asarray(ref_logp, jnp.float32) - jnp.asarray(logp, jnp.float32)
+    return jnp.exp(d) - d - 1.0
+
+
+def grpo_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    clip: float = 0.2,
+    clip_high: float | None = None,
+    ref_logp: jax.Array | None = None,
+    kl_coef: float = 0.0,
+    aggregation: str = "token_mean",
+    max_tokens: int | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-level clipped objective with a per-sequence advantage broadcast over tokens.
+
+    logp, old_logp, mask: [B, L]; advantages: [B]. Per token:
+        l_t = -min(ratio_t * A, clip(ratio_t, 1-eps, 1+eps_high) * A) + beta * KL_k3(t)
+    Aggregation (how tokens are averaged):
+        "token_mean"  sum over all tokens / number of tokens in the batch (DAPO)
+        "seq_mean"    mean over each sequence's tokens, then over sequences (original GRPO)
+        "seq_sum_norm" sum over tokens / (B * max_tokens) (Dr. GRPO; max_tokens = L by default)
+    """
+    logp, old_logp = jnp.asarray(logp, jnp.float32), jnp.asarray(old_logp, jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
+    adv = jnp.asarray(advantages, jnp.float32)[:, None]
+    log_ratio = logp - old_logp
+    ratio = jnp.exp(log_ratio)
+    hi = clip if clip_high is None else clip_high
+    per = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip, 1.0 + hi) * adv)
+    kl = None
+    if ref_logp is not None:
+        kl = kl_k3(logp, ref_logp)
+        per = per + kl_coef * kl
+    if aggregation == "token_mean":
+        loss = (per * mask).sum() / jnp.maximum(mask.sum(), 1.0)
+    elif aggregation == "seq_mean":
+        seq = (per * mask).sum(-1) / jnp.maximum(mask.sum(-1), 1.0)
+        loss = seq.mean()
+    elif aggregation == "seq_sum_norm":
+        L = max_tokens if max_tokens is not None else per.shape[-1]
+        loss = (per * mask).sum() / (per.shape[0] * L)
+    else:
+        raise ValueError(f"unknown aggregation {aggregation!r}; use token_mean, seq_mean or seq_sum_norm")
+    aux = {
+        "clip_frac": _mean(((ratio < 1.0 - clip) | (ratio > 1.0 + hi)).astype(jnp.float32), mask),
+        "approx_kl": _mean((ratio - 1.0) - log_ratio, mask),
+        "ratio_mean": _mean(ratio, mask),
+    }
+    if kl is not None:
+        aux["ref_kl"] = _mean(kl, mask)
+    return loss, aux
+
+
+def turn_logprob(
+    token_logp: jax.Array, mask: jax.Array, action_start: jax.Array, *, thought_coef: float = 0.5
+) -> jax.Array:
+    """Turn-level action log-prob (RL4VLM's CoT scaling), [B, L] -> [B].
+
+        log pi(turn) = thought_coef * sum_{t < s} logp_t + sum_{t >= s} logp_t
+
+    where s = `action_start` [B] is the index of the first token of the action part (the
+    `"formula"` / `"action"` key) within the response; tokens before it are the "thought".
+    """
+    token_logp = jnp.asarray(token_logp, jnp.float32)
+    mask = jnp.asarray(mask, jnp.float32)
+    idx = jnp.arange(token_logp.shape[-1])[None, :]
+    weight = jnp.where(idx < jnp.asarray(action_start)[:, None], thought_coef, 1.0)
+    return (token_logp * weight * mask).sum(-1)
