@@ -1,0 +1,194 @@
+"""Multi-turn episodes with sequential revision, run for many environments in lock-step.
+
+Each turn, every active environment's chat context (first prompt, earlier answers, verifier
+feedback) is tokenised, all contexts are sampled in ONE batched policy call, the answers are scored
+by the envs, and the conversations are updated:
+
+- episode over (terminated or truncated): the env is reset and a fresh conversation starts;
+- `info["new_conversation"]` (V-IRL after a correct action): the next prompt replaces the chat;
+- otherwise (a failed attempt): the answer is appended as an assistant turn and `obs["text"]`
+  (the env's "You failed this trial because ..." feedback) as the next user turn.
+
+The image of an observation goes first in the user message that carries it (only the first turn of
+a conversation). A policy is any callable `policy(contexts, images) -> [(response_ids, logprobs)]`
+(`sftrl_jax.sampling` provides one over a model); evaluation and PPO/GRPO rollouts share this code.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+
+class Policy(Protocol):
+    def __call__(
+        self, contexts: Sequence[Sequence[int]], images: Sequence[Sequence[Any]]
+    ) -> Sequence[tuple[Sequence[int], Sequence[float]]]: ...
+
+
+@dataclasses.dataclass
+class Turn:
+    """One model generation and its outcome (one PPO sample)."""
+
+    env_index: int
+    episode: int  # global episode number (unique over the run)
+    turn: int  # 0-based index of this generation within its episode
+    context_ids: list[int]
+    response_ids: list[int]
+    logprobs: list[float]
+    text: str
+    reward: float
+    terminated: bool
+    truncated: bool
+    images: list[Any]
+    info: dict[str, Any]
+
+    @property
+    def done(self) -> bool:
+        return self.terminated or self.truncated
+
+
+def _user(text: str, image: Any) -> dict[str, Any]:
+    if image is None:
+        return {"role": "user", "content": text}
+    return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
+
+
+_INFO_KEYS = ("verify_message", "is_success", "gt_action", "cards", "numbers", "route_idx", "waypoint_idx")
+
+
+class EpisodeRunner:
+    """Steps E environments in lock-step; `reset_fn(env_index, episode) -> (seed, options)` picks episodes."""
+
+    def __init__(
+        self,
+        envs: Sequence[Any],
+        tokenizer: Any,
+        policy: Policy,
+        *,
+        reset_fn: Callable[[int, int], tuple[int | None, dict[str, Any] | None]] | None = None,
+        max_context: int | None = None,
+    ):
+        self.envs = list(envs)
+        self.tokenizer = tokenizer
+        self.policy = policy
+        self.reset_fn = reset_fn or (lambda i, ep: (ep, None))
+        self.max_context = max_context
+        self.next_episode = 0
+        self.messages: list[list[dict[str, Any]] | None] = [None] * len(self.envs)
+        self.images: list[list[Any]] = [[] for _ in self.envs]
+        self.episode: list[int] = [-1] * len(self.envs)
+        self.turn: list[int] = [0] * len(self.envs)
+        self.active: list[bool] = [True] * len(self.envs)
+
+    def _start(self, i: int, *, allow: bool = True) -> None:
+        if not allow:
+            self.active[i] = False
+            self.messages[i] = None
+            return
+        ep = self.next_episode
+        self.next_episode += 1
+        seed, options = self.reset_fn(i, ep)
+        obs, _ = self.envs[i].reset(seed=seed, options=options)
+        self.episode[i], self.turn[i] = ep, 0
+        self._new_conversation(i, obs)
+
+    def _new_conversation(self, i: int, obs: dict[str, Any]) -> None:
+        image = obs.get("image")
+        self.messages[i] = [_user(obs["text"], image)]
+        self.images[i] = [image] if image is not None else []
+
+    def contexts(self) -> list[tuple[int, list[int]]]:
+        """(env index, context ids) of every active env, starting episodes where needed."""
+        out = []
+        for i in range(len(self.envs)):
+            if self.active[i] and self.messages[i] is None:
+                self._start(i)
+            if self.active[i]:
+                ids = self.tokenizer.chat_ids(self.messages[i], add_generation_prompt=True)
+                out.append((i, ids))
+        return out
+
+    def step(self, *, start_new: Callable[[], bool] = lambda: True) -> list[Turn]:
+        """One batched generation for all active envs; returns their turns."""
+        ctx = self.contexts()
+        if not ctx:
+            return []
+        idx = [i for i, _ in ctx]
+        outputs = self.policy([c for _, c in ctx], [self.images[i] for i in idx])
+        if len(outputs) != len(ctx):
+            raise ValueError(f"policy returned {len(outputs)} responses for {len(ctx)} contexts")
+        turns = []
+        for (i, context), (response, logprobs) in zip(ctx, outputs):
+            response = [int(t) for t in response]
+            text = self.tokenizer.decode([t for t in response if t not in self.tokenizer.stop_ids])
+            obs, reward, terminated, truncated, info = self.envs[i].step(text)
+            turns.append(
+                Turn(
+                    env_index=i,
+                    episode=self.episode[i],
+                    turn=self.turn[i],
+                    context_ids=list(context),
+                    response_ids=response,
+                    logprobs=[float(x) for x in logprobs],
+                    text=text,
+                    reward=float(reward),
+                    terminated=bool(terminated),
+                    truncated=bool(truncated),
+                    images=list(self.images[i]),
+                    info={k: info[k] for k in _INFO_KEYS if k in info},
+                )
+            )
+            self.turn[i] += 1
+            if terminated or truncated:
+                self.messages[i] = None
+                self._start(i, allow=start_new())
+            elif info.get("new_conversation"):
+                self._new_conversation(i, obs)
+            else:
+                self.messages[i] = [*self.messages[i], {"role": "assistant", "content": text}, _user(obs["text"], None)]
+        return turns
+
+
+def collect(runner: EpisodeRunner, n_steps: int) -> list[list[Turn]]:
+    """PPO buffer: `n_steps` lock-step turns of every env -> [T][E] turns (episodes continue across calls)."""
+    return [runner.step() for _ in range(n_steps)]
+
+
+def run_episodes(runner: EpisodeRunner, n_episodes: int, *, progress: Any = None) -> list[Turn]:
+    """Runs exactly `n_episodes` whole episodes (evaluation); envs idle once the quota is handed out."""
+
+    def allow() -> bool:
+        return runner.next_episode < n_episodes
+
+    for i in range(len(runner.envs)):
+        runner.active[i] = i < n_episodes
+    turns: list[Turn] = []
+    finished = 0
+    while any(runner.active):
+        step = runner.step(start_new=allow)
+        turns.extend(step)
+        done = sum(t.done for t in step)
+        finished += done
+        if progress is not None and done:
+            progress.update(done)
+    assert finished == n_episodes, (finished, n_episodes)
+    return turns
+
+
+def episode_table(turns: Sequence[Turn]) -> dict[int, list[Turn]]:
+    """Turns grouped by episode, in turn order."""
+    out: dict[int, list[Turn]] = {}
+    for t in sorted(turns, key=lambda t: (t.episode, t.turn)):
+        out.setdefault(t.episode, []).append(t)
+    return out
+
+
+def rewards_array(buffer: Sequence[Sequence[Turn]]) -> tuple[np.ndarray, np.ndarray]:
+    """[T][E] turns -> rewards [T, E] and dones [T, E] (truncation counts as done, as in the paper)."""
+    rewards = np.array([[t.reward for t in row] for row in buffer], np.float32)
+    dones = np.array([[float(t.done) for t in row] for row in buffer], np.float32)
+    return rewards, dones

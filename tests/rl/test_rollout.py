@@ -1,0 +1,88 @@
+"""The multi-turn episode runner: conversation updates, resets, batching, episode quotas."""
+
+import pytest
+
+from sftrl_jax.data.tokenizer import load_tokenizer
+from sftrl_jax.rl import rollout
+
+
+class Countdown:
+    """Answer 'ok' to win (+5); anything else gets feedback; 2 graded tries, then truncation (-1)."""
+
+    def __init__(self, new_conversation=False):
+        self.new_conversation = new_conversation
+
+    def reset(self, seed=None, options=None):
+        self.left, self.seed = 2, seed
+        return {"text": f"episode {seed}: say ok", "image": None}, {}
+
+    def step(self, text):
+        if self.left == 0:
+            return {"text": "", "image": None}, -1.0, False, True, {"verify_message": "step_limit_reached"}
+        self.left -= 1
+        if text == "ok":
+            return {"text": "", "image": None}, 5.0, True, False, {"verify_message": "Correct solution"}
+        info = {"verify_message": "wrong", "new_conversation": self.new_conversation}
+        text = "You failed this trial because wrong."
+        if self.new_conversation:  # a fresh full prompt, as V-IRL gives after a correct action
+            text = f"episode {self.seed}: say ok. {text}"
+        return {"text": text, "image": None}, -1.0, False, False, info
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def scripted(tok, answers):
+    """Answers by (call count per context's first user message)."""
+    calls = []
+
+    def policy(contexts, images):
+        calls.append([tok.decode(c, skip_special_tokens=False) for c in contexts])
+        out = []
+        for c in calls[-1]:
+            ep = int(c.split("episode ")[1].split(":")[0])
+            ans = answers(ep, c.count("You failed this trial"))
+            out.append((tok.encode(ans) + [tok.eot_id], [-0.5] * (len(tok.encode(ans)) + 1)))
+        return out
+
+    return policy, calls
+
+
+def test_feedback_is_appended_and_episodes_reset(tok):
+    # Episode e succeeds after e failures; e >= 2 is truncated after 2 graded failures.
+    policy, calls = scripted(tok, lambda ep, fails: "ok" if fails >= ep else "no")
+    runner = rollout.EpisodeRunner([Countdown(), Countdown()], tok, policy)
+    buffer = rollout.collect(runner, 4)
+    rewards, dones = rollout.rewards_array(buffer)
+    # env0: ep0 ok | ep2 no,no,trunc ; env1: ep1 no,ok | ep3 no
+    assert rewards.tolist() == [[5.0, -1.0], [-1.0, 5.0], [-1.0, -1.0], [-1.0, -1.0]]
+    assert dones.tolist() == [[1, 0], [0, 1], [0, 0], [1, 0]]
+    assert buffer[2][0].truncated is False and buffer[3][0].truncated is True
+    ctx = tok.decode(buffer[1][1].context_ids, skip_special_tokens=False)
+    assert ctx.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
+    assert "<|start_header_id|>assistant<|end_header_id|>\n\nno<|eot_id|>" in ctx
+    assert "You failed this trial because wrong.<|eot_id|>" in ctx
+    assert buffer[0][0].text == "ok" and buffer[0][0].logprobs == [-0.5] * len(buffer[0][0].response_ids)
+    assert [t.turn for t in (buffer[0][1], buffer[1][1])] == [0, 1]
+    assert len(calls) == 4 and all(len(c) == 2 for c in calls)  # one batched call per step
+
+
+def test_new_conversation_replaces_the_chat(tok):
+    policy, _ = scripted(tok, lambda ep, fails: "no")
+    runner = rollout.EpisodeRunner([Countdown(new_conversation=True)], tok, policy)
+    buffer = rollout.collect(runner, 2)
+    ctx = tok.decode(buffer[1][0].context_ids, skip_special_tokens=False)
+    assert "You failed this trial because wrong." in ctx and "no<|eot_id|>" not in ctx
+
+
+def test_run_episodes_runs_exactly_the_quota(tok):
+    policy, calls = scripted(tok, lambda ep, fails: "ok" if ep % 2 == 0 else "no")
+    runner = rollout.EpisodeRunner([Countdown() for _ in range(4)], tok, policy, reset_fn=lambda i, ep: (ep, None))
+    turns = rollout.run_episodes(runner, 7)
+    table = rollout.episode_table(turns)
+    assert sorted(table) == list(range(7))
+    for ep, ts in table.items():
+        assert [t.reward for t in ts] == ([5.0] if ep % 2 == 0 else [-1.0, -1.0, -1.0])
+    assert sum(1 for ts in table.values() if ts[-1].terminated) == 4
