@@ -1,0 +1,56 @@
+"""Expert answers for SFT, in the reference's trained answer format (SPEC §1.5):
+
+    {
+      "cards": ['A', '3', 'K', '10'],
+      "number": [1, 3, 10, 10],
+      "formula": "(10*10-4)/4=24",
+    }
+
+(The trailing comma and single quotes make it invalid JSON on purpose: the verifier reads it with its
+regexes, as the reference does.) The chosen solution is one the verifier scores +5 both with exact
+arithmetic and with the reference's float `==`, whenever the hand has such a solution (almost always).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import numpy as np
+
+from sftrl_jax.envs.general_points import solver, verifier
+
+ANSWER_FORMAT = '{{\n  "cards": {cards},\n  "number": {numbers},\n  "formula": "{formula}",\n}}'
+
+
+def format_answer(symbols: Sequence[str], values: Sequence[int], formula: str, target: int = 24) -> str:
+    """The answer text for a formula (without its '=target', which is appended here)."""
+    return ANSWER_FORMAT.format(
+        cards=repr([str(s) for s in symbols]), numbers=repr([int(v) for v in values]), formula=f"{formula}={target}"
+    )
+
+
+def float_exact(solution: str, target: int) -> bool:
+    """True when Python float arithmetic (the reference's `eval`) also gives exactly `target`."""
+    return verifier.evaluate(solution, exact=False) == target
+
+
+@functools.lru_cache(maxsize=4096)
+def _preferred(sorted_values: tuple[int, ...], target: int) -> tuple[str, ...]:
+    sols = solver.solutions(sorted_values, target)
+    return tuple(s for s in sols if float_exact(s, target)) or sols
+
+
+def choose_solution(values: Sequence[int], target: int = 24, rng: np.random.Generator | None = None) -> str:
+    """A solution string, preferring float-exact ones; random among them with `rng`, else the first."""
+    pool = _preferred(tuple(sorted(int(v) for v in values)), int(target))
+    if not pool:
+        raise ValueError(f"numbers {list(values)} cannot make {target}")
+    return pool[int(rng.integers(len(pool)))] if rng is not None else pool[0]
+
+
+def expert_answer(
+    symbols: Sequence[str], values: Sequence[int], target: int = 24, rng: np.random.Generator | None = None
+) -> str:
+    """A full +5 answer for the hand (symbols and values in dealt order)."""
+    return format_answer(symbols, values, choose_solution(values, target, rng), target)

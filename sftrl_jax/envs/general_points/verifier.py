@@ -1,0 +1,450 @@
+"""GeneralPoints verifier: model text -> reward and message, the reward table of SPEC §1.6.
+
+Pure functions over plain data; never executes model text and never raises on it. The stages, in the
+reference's order, with its rewards and messages:
+
+1. Parse: `json.loads` of the whole text when it is a JSON object, else (or for a missing key) the
+   reference's regexes; a missing field is the string "None"; the formula is cut at its first '='.
+2. GP-VL only, first: the recognised card symbols (sorted) must equal the dealt ones: -1.5
+   "you recognized wrong cards" (the reference returns this message without a final period).
+3. Characters: only digit runs and `+ - * / ( )` (no spaces): -3 "illegal characters", stop.
+4. Grammar, one -3 per violation (they accumulate); an unclosed '(' is not a violation here.
+5. Numbers: -2 for invalid or overused numbers (one penalty for either), another -2 for unused ones.
+6. Only with no penalty so far, evaluate: equal to the target -> +5 "Correct solution". If evaluation
+   fails (unclosed '(', division by zero, anything Python's `eval` would reject) and the formula is a
+   prefix of a solution string -> +1 "partial solution". Otherwise walk the token prefixes: the first
+   one that no solution string starts with -> -1; if there is none the reward stays 0 with message ".".
+
+Messages are joined with ", " and end with ".". Deliberate differences from the reference code
+(docs/GENERAL_POINTS.md): evaluation is exact over rationals (`exact=False` restores its float `==`,
+under which e.g. "8/(3-8/3)" is never correct); unquoted integer card lists, JSON lists and
+double-quoted symbols are read as cards (`reference_card_parsing=True` restores the reference, which
+reads all three as no cards at all); a non-string JSON "formula" scores -3 (the reference crashes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+from collections import Counter
+from collections.abc import Sequence
+from fractions import Fraction
+from typing import Any
+
+from sftrl_jax.envs.general_points import solver
+
+REWARDS = {
+    "CORRECT": 5.0,
+    "PARTIAL": 1.0,
+    "NO_SOLUTION": -1.0,
+    "INCORRECT_VISION": -1.5,
+    "INCORRECT_NUMBER": -2.0,
+    "ILLEGAL_FORMULA": -3.0,
+}
+STEP_LIMIT_REWARD = -1.0
+STEP_LIMIT_MESSAGE = "step_limit_reached"
+OUTCOMES = (*REWARDS, "AGGREGATED_ERROR", "STEP_LIMIT")
+_OUTCOME_OF = {v: k for k, v in REWARDS.items()}
+
+MAX_NESTING = 200  # CPython's parser refuses more than 200 open parentheses: so do we
+_FAST_GRAMMAR_CHARS = 512  # longer formulas take the plain linear grammar loop
+_CACHED_FORMULA_CHARS = 256  # only short formulas go into the per-hand result cache
+
+_FIELD_PATTERNS = {
+    "cards": re.compile(r'"cards": \[([^\]]+)\]'),
+    "number": re.compile(r'"number": \[([^\]]+)\]'),
+    "formula": re.compile(r'"formula": "(.*?)"'),
+}
+_JSON_WS = " \t\n\r"
+_LEGAL = re.compile(r"[\d+\-*/()]*")
+_TOKEN = re.compile(r"\d+|[+\-*/()]")
+_NUMBER = re.compile(r"\d+")
+# Token sequences with no grammar violation (parentheses matched separately): prefixes of
+# operand (op operand)* where an operand is `(* number )*`.
+_GRAMMAR_OK = re.compile(r"(?:\(*\d+\)*[+\-*/])*\(*(?:\d+\)*)?")
+_OPERATORS = "+-*/"
+_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+
+
+@dataclasses.dataclass(frozen=True)
+class Puzzle:
+    """What the verifier needs about a hand: card values (dealt order), plain symbols, target."""
+
+    values: tuple[int, ...]
+    symbols: tuple[str, ...]
+    target: int = 24
+    prefixes: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+
+    def __post_init__(self):
+        object.__setattr__(self, "values", tuple(int(v) for v in self.values))
+        object.__setattr__(self, "symbols", tuple(self.symbols))
+        object.__setattr__(self, "prefixes", solver.prefixes(self.values, self.target))
+
+    @property
+    def solutions(self) -> tuple[str, ...]:
+        return solver.solutions(self.values, self.target)
+
+
+@dataclasses.dataclass(frozen=True)
+class Answer:
+    """The fields read from model text. `formula` is None when the JSON value is not a string."""
+
+    formula: str | None
+    cards: list[str]
+    numbers: list[str]
+
+
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """Reward of one model turn; `penalties` lists each (reward, message) added, in order."""
+
+    reward: float
+    message: str
+    outcome: str
+    penalties: tuple[tuple[float, str], ...]
+    answer: Answer
+
+    @property
+    def is_correct(self) -> bool:
+        return self.reward == REWARDS["CORRECT"]
+
+
+def outcome_of(reward: float) -> str:
+    """The reference's outcome name for a turn's total reward; sums of penalties are AGGREGATED_ERROR."""
+    return _OUTCOME_OF.get(float(reward), "AGGREGATED_ERROR")
+
+
+# ----------------------------------------------------------------------------------------------- parsing
+
+
+def _json_object(text: str) -> dict | None:
+    """`json.loads(text)` if that gives a dict; None otherwise, skipping the call when it must fail."""
+    if not text.lstrip(_JSON_WS).startswith("{"):
+        return None
+    body = text.rstrip(_JSON_WS)
+    if body.endswith("}") and body[:-1].rstrip(_JSON_WS).endswith(","):
+        return None  # the trained answer format: a trailing comma is never valid JSON
+    try:
+        obj = json.loads(text)
+    except Exception:  # ValueError, RecursionError on deep nesting, ...
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
+def _clean_list(text: str, *, strip_double_quotes: bool) -> list[str]:
+    """The reference's list cleaner: drop brackets, single quotes and spaces, split on commas, 4 or []."""
+    text = text.replace("[", "").replace("]", "").replace("'", "").replace(" ", "")
+    if strip_double_quotes:
+        text = text.replace('"', "")
+    items = text.split(",")
+    return items if len(items) == 4 else []
+
+
+def _read_cards(obj: dict | None, text: str, *, reference: bool) -> list[str]:
+    if obj is not None and "cards" in obj:
+        raw = obj["cards"]
+        if isinstance(raw, str):
+            return _clean_list(raw, strip_double_quotes=not reference)
+        if reference or not isinstance(raw, list) or len(raw) != 4:
+            return []
+        return [str(x).replace(" ", "") for x in raw]
+    match = _FIELD_PATTERNS["cards"].search(text)
+    if match is None:
+        return []
+    content = match.group(1)
+    if reference:
+        try:  # the reference turns an all-integer list into ints, which its cleaner then rejects
+            [int(x) for x in content.split(", ")]
+            return []
+        except ValueError:
+            pass
+    return _clean_list("[" + content + "]", strip_double_quotes=not reference)
+
+
+def _read_numbers(obj: dict | None, text: str) -> list[str]:
+    if obj is not None and "number" in obj:
+        raw = obj["number"]
+        return _clean_list(raw, strip_double_quotes=False) if isinstance(raw, str) else []
+    match = _FIELD_PATTERNS["number"].search(text)
+    return [] if match is None else _clean_list(match.group(1), strip_double_quotes=False)
+
+
+def _read_formula(obj: dict | None, text: str) -> str | None:
+    if obj is not None and "formula" in obj:
+        raw = obj["formula"]
+        return raw.split("=", 1)[0] if isinstance(raw, str) else None
+    match = _FIELD_PATTERNS["formula"].search(text)
+    return "None" if match is None else match.group(1).split("=", 1)[0]
+
+
+def parse_answer(text: Any, *, reference_card_parsing: bool = False) -> Answer:
+    """Reads "formula", "cards" and "number" from model text the way the reference does."""
+    if not isinstance(text, str):
+        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
+    obj = _json_object(text)
+    return Answer(
+        formula=_read_formula(obj, text),
+        cards=_read_cards(obj, text, reference=reference_card_parsing),
+        numbers=_read_numbers(obj, text),
+    )
+
+
+# -------------------------------------------------------------------------------------------- evaluation
+
+
+class _Unparsable(Exception):
+    """What Python's `eval` would reject (syntax) or fail on (division by zero)."""
+
+
+def _leaf(token: str, exact: bool):
+    # Python source accepts only ASCII digits and no leading zeros ("00" is fine, "06" is not).
+    if not token.isascii() or (len(token) > 1 and token[0] == "0" and token.strip("0")):
+        raise _Unparsable(token)
+    return (int(token), 1) if exact else int(token)
+
+
+def _apply(op: str, a, b, exact: bool):
+    if exact:  # (numerator, denominator) pairs of ints: exact and cheaper than Fraction objects
+        (n1, d1), (n2, d2) = a, b
+        if op == "+":
+            return n1 * d2 + n2 * d1, d1 * d2
+        if op == "-":
+            return n1 * d2 - n2 * d1, d1 * d2
+        if op == "*":
+            return n1 * n2, d1 * d2
+        if n2 == 0:
+            raise _Unparsable("division by zero")
+        return n1 * d2, d1 * n2
+    try:  # Python's own int/float semantics, exactly what the reference's eval computes
+        if op == "+":
+            return a + b
+        if op == "-":
+            return a - b
+        if op == "*":
+            return a * b
+        return a / b
+    except (ZeroDivisionError, OverflowError) as e:
+        raise _Unparsable(str(e)) from None
+
+
+def _evaluate_tokens(tokens: Sequence[str], exact: bool):
+    """Operator-precedence evaluation with explicit stacks (no recursion, no depth surprises)."""
+    values: list = []
+    ops: list[str] = []
+    depth = 0
+    want_operand = True
+
+    def reduce() -> None:
+        b, a = values.pop(), values.pop()
+        values.append(_apply(ops.pop(), a, b, exact))
+
+    for tok in tokens:
+        if want_operand:
+            if tok == "(":
+                depth += 1
+                if depth > MAX_NESTING:
+                    raise _Unparsable("too many nested parentheses")
+                ops.append(tok)
+            elif tok[0] not in "+-*/)":
+                values.append(_leaf(tok, exact))
+                want_operand = False
+            else:
+                raise _Unparsable(tok)
+        elif tok == ")":
+            while ops and ops[-1] != "(":
+                reduce()
+            if not ops:
+                raise _Unparsable("unmatched ')'")
+            ops.pop()
+            depth -= 1
+        elif tok in _PRECEDENCE:
+            while ops and ops[-1] != "(" and _PRECEDENCE[ops[-1]] >= _PRECEDENCE[tok]:
+                reduce()
+            ops.append(tok)
+            want_operand = True
+        else:
+            raise _Unparsable(tok)
+    if want_operand or "(" in ops:
+        raise _Unparsable("unexpected end")
+    while ops:
+        reduce()
+    return values[0]
+
+
+def evaluate(formula: str, *, exact: bool = True) -> Fraction | int | float | None:
+    """Value of an arithmetic formula (digits, + - * / and parentheses), or None where Python's `eval`
+    would raise. Exact (a Fraction) by default; `exact=False` gives Python's own int/float result."""
+    if not isinstance(formula, str) or not _LEGAL.fullmatch(formula):
+        return None
+    try:
+        value = _evaluate_tokens(_TOKEN.findall(formula), exact)
+    except _Unparsable:
+        return None
+    return Fraction(*value) if exact else value
+
+
+# ----------------------------------------------------------------------------------------------- scoring
+
+
+def _token_kind(tok: str) -> str:
+    if tok in _OPERATORS:
+        return "operator"
+    if tok == "(":
+        return "open_paren"
+    if tok == ")":
+        return "close_paren"
+    return "number"
+
+
+def _grammar_penalties(formula: str, tokens: list[str]) -> list[tuple[float, str]]:
+    """One (-3, message) per grammar violation, as the reference's token pass reports them."""
+    if len(formula) <= _FAST_GRAMMAR_CHARS and _GRAMMAR_OK.fullmatch(formula):
+        if ")" not in formula:
+            return []
+        depth = 0
+        for ch in formula:
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+                if depth < 0:
+                    break
+        else:
+            return []
+    out = []
+    penalty = REWARDS["ILLEGAL_FORMULA"]
+    prev = None
+    open_parens = 0
+    for tok in tokens:
+        kind = _token_kind(tok)
+        after_operand = prev in ("number", "close_paren")
+        if kind == "number" and after_operand:
+            out.append((penalty, "invalid sequence after number"))
+        elif kind == "operator" and not after_operand:
+            out.append((penalty, "invalid sequence after operator"))
+        elif kind == "open_paren":
+            if after_operand:
+                out.append((penalty, "invalid sequence before '('"))
+            else:
+                open_parens += 1
+        elif kind == "close_paren":
+            if not after_operand:
+                out.append((penalty, "invalid sequence after ')'"))
+            elif open_parens:
+                open_parens -= 1
+            else:
+                out.append((penalty, "unmatched closing parenthesis"))
+        prev = kind
+    return out
+
+
+def _int_token(tok: str) -> int | str:
+    # int() refuses more than 4300 digits; such a number is never a card, keep its text for the message.
+    return int(tok) if len(tok) <= 4300 else tok
+
+
+def _list_text(items: Sequence[int | str]) -> str:
+    return "[" + ", ".join(str(x) for x in items) + "]"
+
+
+def _number_penalties(numbers: list[str], values: tuple[int, ...]) -> list[tuple[float, str]]:
+    if len(numbers) == len(values) and all(len(t) <= 3 for t in numbers):
+        if sorted(int(t) for t in numbers) == sorted(values):
+            return []
+    used = Counter(_int_token(t) for t in numbers)
+    available = Counter(values)
+    penalty = REWARDS["INCORRECT_NUMBER"]
+    out = []
+    invalid = [n for n in used if n not in available]
+    overused = [n for n in used if used[n] > available[n]]
+    if invalid:
+        out.append((penalty, f"you used invalid numbers: {_list_text(invalid)}"))
+    elif overused:
+        out.append((penalty, f"you used numbers: {_list_text(overused)} too many times"))
+    unused = [n for n in available if available[n] > used[n]]
+    if unused:
+        out.append((penalty, f"you didn't use numbers: {_list_text(unused)}"))
+    return out
+
+
+def _score_formula(
+    formula: str | None, values: tuple[int, ...], target: int, prefixes: frozenset[str], exact: bool
+) -> tuple[tuple[float, str], ...]:
+    """The reference's `step_rewards` after the card check: the (reward, message) items of one formula."""
+    if formula is None or not _LEGAL.fullmatch(formula):
+        return ((REWARDS["ILLEGAL_FORMULA"], "illegal characters"),)
+    tokens = _TOKEN.findall(formula)
+    penalties = _grammar_penalties(formula, tokens)
+    penalties += _number_penalties([t for t in tokens if t[0] not in "+-*/()"], values)
+    if penalties:
+        return tuple(penalties)
+    try:
+        value = _evaluate_tokens(tokens, exact)
+        correct = value[0] == target * value[1] if exact else value == target
+        if correct:
+            return ((REWARDS["CORRECT"], "Correct solution"),)
+    except _Unparsable:
+        if formula in prefixes:
+            return ((REWARDS["PARTIAL"], "partial solution"),)
+    register = ""
+    for tok in tokens:
+        previous, register = register, register + tok
+        if register not in prefixes:
+            if previous:
+                message = f"{previous} is partially correct but the full formula does not match any solution"
+            else:
+                message = "your formula does not match any solution"
+            return ((REWARDS["NO_SOLUTION"], message),)
+    return ()
+
+
+@functools.lru_cache(maxsize=1 << 16)
+def _score_formula_cached(formula: str, values: tuple[int, ...], target: int, exact: bool):
+    return _score_formula(formula, values, target, solver.prefixes(values, target), exact)
+
+
+def check_formula(formula: str | None, puzzle: Puzzle, *, exact: bool = True) -> tuple[tuple[float, str], ...]:
+    """(reward, message) items for an already extracted formula (the card check is not applied)."""
+    if formula is not None and len(formula) <= _CACHED_FORMULA_CHARS:
+        return _score_formula_cached(formula, puzzle.values, puzzle.target, exact)
+    return _score_formula(formula, puzzle.values, puzzle.target, puzzle.prefixes, exact)
+
+
+def score(
+    text: Any,
+    puzzle: Puzzle,
+    *,
+    language_only: bool = True,
+    exact: bool = True,
+    reference_card_parsing: bool = False,
+) -> Verdict:
+    """Scores one model turn. Never raises on any text."""
+    answer = parse_answer(text, reference_card_parsing=reference_card_parsing)
+    if not language_only and sorted(answer.cards) != sorted(puzzle.symbols):
+        reward = REWARDS["INCORRECT_VISION"]
+        return Verdict(
+            reward, "you recognized wrong cards", "INCORRECT_VISION", ((reward, "you recognized wrong cards"),), answer
+        )
+    penalties = check_formula(answer.formula, puzzle, exact=exact)
+    reward = float(sum(r for r, _ in penalties))
+    message = ", ".join(m for _, m in penalties) + "."
+    return Verdict(reward, message, outcome_of(reward), penalties, answer)
+
+
+def score_many(
+    texts: Sequence[Any],
+    puzzles: Puzzle | Sequence[Puzzle],
+    *,
+    language_only: bool = True,
+    exact: bool = True,
+    reference_card_parsing: bool = False,
+) -> list[Verdict]:
+    """Batch form of `score`: one puzzle for all texts, or one puzzle per text."""
+    if isinstance(puzzles, Puzzle):
+        puzzles = [puzzles] * len(texts)
+    elif len(puzzles) != len(texts):
+        raise ValueError(f"got {len(texts)} texts but {len(puzzles)} puzzles")
+    kw = dict(language_only=language_only, exact=exact, reference_card_parsing=reference_card_parsing)
+    return [score(t, p, **kw) for t, p in zip(texts, puzzles)]
