@@ -84,3 +84,28 @@ def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
                 break
             raise ValueError(f"{path}:{i + 1}: not valid JSON: {e}") from None
     return rows
+
+
+_PEAK: dict[str, float] = {}
+
+
+def peak_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
+    """Measured matmul FLOP/s of one device of this machine (cached): the denominator of MFU.
+
+    Taken as the best of `repeats` timed [n, n] @ [n, n] products after a warm-up compile.
+    """
+    key = f"{n}:{dtype}"
+    if key not in _PEAK:
+        import jax
+        import jax.numpy as jnp
+
+        a = jnp.ones((n, n), dtype)
+        f = jax.jit(lambda x: x @ x)
+        f(a).block_until_ready()
+        best = float("inf")
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            f(a).block_until_ready()
+            best = min(best, time.perf_counter() - t0)
+        _PEAK[key] = 2.0 * n**3 / best
+    return _PEAK[key]

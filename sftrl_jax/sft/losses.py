@@ -1,0 +1,28 @@
+"""SFT loss: next-token cross-entropy on assistant tokens only, in fp32."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target_t | prefix) [B, T] from logits [B, T, V], computed in fp32."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - logz
+
+
+def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Mean negative log-likelihood over tokens where `loss_mask` is 1.
+
+    Returns (loss, aux) with aux = {"nll_sum", "tokens", "correct"} so that gradient accumulation can
+    re-weight micro-batches by their token counts.
+    """
+    mask = loss_mask.astype(jnp.float32)
+    logp = token_logprobs(logits, targets)
+    tokens = mask.sum()
+    nll_sum = -(logp * mask).sum()
+    correct = ((jnp.argmax(logits, axis=-1) == targets) * mask).sum()
+    return nll_sum / jnp.maximum(tokens, 1.0), {"nll_sum": nll_sum, "tokens": tokens, "correct": correct}
