@@ -57,7 +57,7 @@ def _user(text: str, image: Any) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
 
 
-_INFO_KEYS = ("verify_message", "is_success", "gt_action", "cards", "numbers", "route_idx", "waypoint_idx")
+_INFO_KEYS = ("verify_message", "outcome", "is_success", "gt_action", "cards", "numbers", "route_idx", "waypoint_idx")
 
 
 class EpisodeRunner:
@@ -70,13 +70,13 @@ class EpisodeRunner:
         policy: Policy,
         *,
         reset_fn: Callable[[int, int], tuple[int | None, dict[str, Any] | None]] | None = None,
-        max_context: int | None = None,
+        max_turns: int | None = None,
     ):
         self.envs = list(envs)
         self.tokenizer = tokenizer
         self.policy = policy
         self.reset_fn = reset_fn or (lambda i, ep: (ep, None))
-        self.max_context = max_context
+        self.max_turns = max_turns  # end every episode after this many turns (e.g. 1: verification off)
         self.next_episode = 0
         self.messages: list[list[dict[str, Any]] | None] = [None] * len(self.envs)
         self.images: list[list[Any]] = [[] for _ in self.envs]
@@ -143,6 +143,8 @@ class EpisodeRunner:
                 )
             )
             self.turn[i] += 1
+            if self.max_turns is not None and self.turn[i] >= self.max_turns and not (terminated or truncated):
+                truncated = turns[-1].truncated = True
             if terminated or truncated:
                 self.messages[i] = None
                 self._start(i, allow=start_new())
