@@ -1,0 +1,39 @@
+"""Llama 3.2 Vision (Mllama) and Llama 3 text models in Flax NNX, with HF conversion both ways."""
+
+from sftrl_jax.models.build import abstract_model, create_model, model_class, param_count, per_device_bytes
+from sftrl_jax.models.config import (
+    LlamaConfig,
+    MllamaConfig,
+    ModelConfig,
+    TextConfig,
+    VisionConfig,
+    from_hf_dict,
+    to_hf_dict,
+)
+from sftrl_jax.models.convert import from_pretrained, read_config, save_pretrained
+from sftrl_jax.models.kv_cache import KVCache, init_cache
+from sftrl_jax.models.mllama import MllamaForConditionalGeneration
+from sftrl_jax.models.text import LlamaForCausalLM, ModelOutput
+
+__all__ = [
+    "KVCache",
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "MllamaConfig",
+    "MllamaForConditionalGeneration",
+    "ModelConfig",
+    "ModelOutput",
+    "TextConfig",
+    "VisionConfig",
+    "abstract_model",
+    "create_model",
+    "from_hf_dict",
+    "from_pretrained",
+    "init_cache",
+    "model_class",
+    "param_count",
+    "per_device_bytes",
+    "read_config",
+    "save_pretrained",
+    "to_hf_dict",
+]

@@ -1,0 +1,535 @@
+"""Model configs: frozen dataclasses with presets, read from / written to Hugging Face config.json.
+
+`TextConfig` describes the Llama-3 decoder (shared by `LlamaForCausalLM` and Mllama's language
+model), `VisionConfig` Mllama's vision encoder. `LlamaConfig` and `MllamaConfig` are the two model
+configs. Field comments give the Hugging Face name.
+
+Two config flags choose between Meta's reference code (what the released weights were trained
+with, the default) and transformers >= 4.56 (see docs/MODELS.md):
+`VisionConfig.intermediate_layer_features` and `TextConfig.cross_attention_zero_imageless_rows`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Mapping
+from typing import Any, Literal
+
+from sftrl_jax.errors import UserError
+
+DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
+
+
+@dataclasses.dataclass(frozen=True)
+class TextConfig:
+    """Llama-3 decoder. With `cross_attention_layers` non-empty it is Mllama's language model."""
+
+    vocab_size: int = 128256  # vocab_size (lm_head rows)
+    hidden_size: int = 4096  # hidden_size, D
+    intermediate_size: int = 14336  # intermediate_size, F
+    num_layers: int = 40  # num_hidden_layers
+    num_heads: int = 32  # num_attention_heads, N
+    num_kv_heads: int = 8  # num_key_value_heads, K
+    head_dim: int = 128  # head_dim (Mllama: hidden_size // num_attention_heads), H
+    rms_norm_eps: float = 1e-5  # rms_norm_eps
+    rope_theta: float = 500000.0  # rope_theta / rope_parameters.rope_theta
+    rope_type: Literal["default", "llama3"] = "llama3"  # rope_scaling.rope_type
+    rope_factor: float = 8.0  # rope_scaling.factor
+    rope_low_freq_factor: float = 1.0  # rope_scaling.low_freq_factor
+    rope_high_freq_factor: float = 4.0  # rope_scaling.high_freq_factor
+    rope_original_max_position: int = 8192  # rope_scaling.original_max_position_embeddings
+    max_position_embeddings: int = 131072  # max_position_embeddings
+    tie_word_embeddings: bool = False  # tie_word_embeddings (lm_head = embed_tokens[:vocab_size])
+    # Mllama only: layer indices that are gated cross-attention layers, and the extra embedding rows
+    # (Mllama's embed_tokens has vocab_size + 8 rows; the image token is row vocab_size).
+    cross_attention_layers: tuple[int, ...] = ()  # cross_attention_layers
+    extra_embeddings: int = 0
+    # Text rows that see no image tile (before the first <|image|>): True = Meta, their cross-attention
+    # output is zeroed too; False = transformers, only the cross-attention MLP output is zeroed.
+    cross_attention_zero_imageless_rows: bool = True
+    bos_token_id: int | None = 128000  # bos_token_id
+    eos_token_id: int | tuple[int, ...] | None = 128001  # eos_token_id
+    pad_token_id: int | None = None  # pad_token_id
+
+    def __post_init__(self):
+        _check(self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads", self)
+        _check(self.head_dim % 2 == 0, "head_dim must be even (RoPE)", self)
+        _check(self.rope_type in ("default", "llama3"), f"unsupported rope_type {self.rope_type!r}", self)
+        bad = [i for i in self.cross_attention_layers if not 0 <= i < self.num_layers]
+        _check(not bad, f"cross_attention_layers {bad} outside [0, {self.num_layers})", self)
+        if isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        object.__setattr__(self, "cross_attention_layers", tuple(self.cross_attention_layers))
+
+    @property
+    def num_embeddings(self) -> int:
+        return self.vocab_size + self.extra_embeddings
+
+    @property
+    def self_attention_layers(self) -> tuple[int, ...]:
+        return tuple(i for i in range(self.num_layers) if i not in self.cross_attention_layers)
+
+
+@dataclasses.dataclass(frozen=True)
+class VisionConfig:
+    """Mllama vision encoder (per tile ViT-H/14 + gated global layers)."""
+
+    hidden_size: int = 1280  # hidden_size
+    intermediate_size: int = 5120  # intermediate_size
+    num_layers: int = 32  # num_hidden_layers (local layers)
+    num_global_layers: int = 8  # num_global_layers
+    num_heads: int = 16  # attention_heads
+    num_channels: int = 3  # num_channels
+    image_size: int = 560  # image_size (tile side in pixels)
+    patch_size: int = 14  # patch_size
+    norm_eps: float = 1e-5  # norm_eps
+    max_num_tiles: int = 4  # max_num_tiles
+    intermediate_layers_indices: tuple[int, ...] = (3, 7, 15, 23, 30)  # intermediate_layers_indices
+    supported_aspect_ratios: tuple[tuple[int, int], ...] = DEFAULT_ASPECT_RATIOS  # supported_aspect_ratios
+    # Which feature `intermediate_layers_indices[j] = i` picks: "input" of local layer i (Meta's
+    # reference and transformers <= 4.54, what the released weights were trained with) or its
+    # "output" (transformers >= 4.56).
+    intermediate_layer_features: Literal["input", "output"] = "input"
+
+    def __post_init__(self):
+        object.__setattr__(self, "intermediate_layers_indices", tuple(self.intermediate_layers_indices))
+        object.__setattr__(self, "supported_aspect_ratios", tuple(tuple(r) for r in self.supported_aspect_ratios))
+        _check(self.hidden_size % self.num_heads == 0, "hidden_size must be a multiple of attention_heads", self)
+        _check(self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size", self)
+        _check(
+            self.intermediate_layer_features in ("input", "output"),
+            "intermediate_layer_features must be 'input' or 'output'",
+            self,
+        )
+        bad = [i for i in self.intermediate_layers_indices if not 0 <= i < self.num_layers]
+        _check(not bad, f"intermediate_layers_indices {bad} outside [0, {self.num_layers})", self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def num_patches(self) -> int:
+        """Tokens per tile: patches plus the class token."""
+        return (self.image_size // self.patch_size) ** 2 + 1
+
+    @property
+    def num_aspect_ratios(self) -> int:
+        """Rows of the tile embedding tables: id 0 = padding image, then one per supported ratio."""
+        return len(self.supported_aspect_ratios) + 1
+
+    @property
+    def output_dim(self) -> int:
+        """vision_output_dim: final features concatenated with the intermediate ones."""
+        return self.hidden_size * (1 + len(self.intermediate_layers_indices))
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """`LlamaForCausalLM` (Llama 3 / 3.1 / 3.2 text models)."""
+
+    text: TextConfig = dataclasses.field(default_factory=TextConfig)
+
+    architecture = "LlamaForCausalLM"
+
+    @classmethod
+    def llama_3_2_1b(cls) -> LlamaConfig:
+        return cls(
+            TextConfig(
+                hidden_size=2048,
+                intermediate_size=8192,
+                num_layers=16,
+                num_heads=32,
+                num_kv_heads=8,
+                head_dim=64,
+                rope_factor=32.0,
+                tie_word_embeddings=True,
+                eos_token_id=(128001, 128008, 128009),
+            )
+        )
+
+    @classmethod
+    def llama_3_2_3b(cls) -> LlamaConfig:
+        return cls(
+            TextConfig(
+                hidden_size=3072,
+                intermediate_size=8192,
+                num_layers=28,
+                num_heads=24,
+                num_kv_heads=8,
+                head_dim=128,
+                rope_factor=32.0,
+                tie_word_embeddings=True,
+                eos_token_id=(128001, 128008, 128009),
+            )
+        )
+
+    @classmethod
+    def tiny(cls, **text_overrides) -> LlamaConfig:
+        """A few-hundred-thousand-parameter Llama for CPU tests (GQA, llama3 RoPE scaling)."""
+        text = dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            rope_theta=10000.0,
+            rope_original_max_position=64,
+            max_position_embeddings=512,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        text.update(text_overrides)
+        return cls(TextConfig(**text))
+
+
+@dataclasses.dataclass(frozen=True)
+class MllamaConfig:
+    """`MllamaForConditionalGeneration` (Llama 3.2 Vision)."""
+
+    text: TextConfig = dataclasses.field(
+        default_factory=lambda: TextConfig(
+            cross_attention_layers=(3, 8, 13, 18, 23, 28, 33, 38), extra_embeddings=8, pad_token_id=128004
+        )
+    )
+    vision: VisionConfig = dataclasses.field(default_factory=VisionConfig)
+    image_token_index: int = 128256  # image_token_index
+
+    architecture = "MllamaForConditionalGeneration"
+
+    def __post_init__(self):
+        _check(bool(self.text.cross_attention_layers), "Mllama needs cross_attention_layers", self)
+
+    @classmethod
+    def llama_3_2_11b_vision(cls) -> MllamaConfig:
+        """Llama-3.2-11B-Vision(-Instruct): 10,670,220,835 parameters."""
+        return cls()
+
+    @classmethod
+    def tiny(cls, **text_overrides) -> MllamaConfig:
+        """Tiny Mllama for CPU tests: 4 text layers (1 and 3 cross-attention), 28-px tiles of 2x2 patches."""
+        text = dict(
+            vocab_size=256,
+            hidden_size=64,
+            intermediate_size=128,
+            num_layers=4,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=16,
+            rope_theta=10000.0,
+            rope_original_max_position=64,
+            max_position_embeddings=512,
+            cross_attention_layers=(1, 3),
+            extra_embeddings=8,
+            bos_token_id=1,
+            eos_token_id=2,
+            pad_token_id=0,
+        )
+        text.update(text_overrides)
+        vision = VisionConfig(
+            hidden_size=32,
+            intermediate_size=64,
+            num_layers=4,
+            num_global_layers=2,
+            num_heads=2,
+            image_size=28,
+            patch_size=14,
+            intermediate_layers_indices=(1, 3),
+        )
+        return cls(TextConfig(**text), vision, image_token_index=256)
+
+    def with_transformers_semantics(self) -> MllamaConfig:
+        """The same model under transformers >= 4.56 semantics (used by parity tests)."""
+        return dataclasses.replace(
+            self,
+            text=dataclasses.replace(self.text, cross_attention_zero_imageless_rows=False),
+            vision=dataclasses.replace(self.vision, intermediate_layer_features="output"),
+        )
+
+
+ModelConfig = LlamaConfig | MllamaConfig
+
+
+def _check(ok: bool, message: str, config) -> None:
+    if not ok:
+        raise UserError(f"{type(config).__name__}: {message}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Our own JSON (stored beside orbax checkpoints): every field, including the two semantic flags.
+
+
+def to_dict(config: ModelConfig) -> dict[str, Any]:
+    return {"architecture": config.architecture, **dataclasses.asdict(config)}
+
+
+def from_dict(d: Mapping[str, Any]) -> ModelConfig:
+    d = dict(d)
+    arch = d.pop("architecture", None)
+    try:
+        if arch == LlamaConfig.architecture:
+            return LlamaConfig(TextConfig(**d["text"]))
+        if arch == MllamaConfig.architecture:
+            return MllamaConfig(
+                TextConfig(**d["text"]), VisionConfig(**d["vision"]), image_token_index=d["image_token_index"]
+            )
+    except TypeError as e:
+        raise UserError(f"model config: {e}") from None
+    raise UserError(f"model config: unknown architecture {arch!r}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Hugging Face config.json
+
+# Keys that never change the forward math: generation defaults, bookkeeping, training-only knobs.
+_IGNORED_HF_KEYS = frozenset(
+    """
+    _name_or_path _attn_implementation_autoset _commit_hash add_cross_attention architectures
+    attention_dropout bad_words_ids begin_suppress_tokens chunk_size_feed_forward cross_attention_hidden_size
+    decoder_start_token_id diversity_penalty do_sample dropout dtype early_stopping
+    encoder_no_repeat_ngram_size exponential_decay_length_penalty finetuning_task forced_bos_token_id
+    forced_eos_token_id id2label initializer_range is_decoder is_encoder_decoder label2id length_penalty
+    max_length min_length model_type no_repeat_ngram_size num_beam_groups num_beams num_return_sequences
+    output_attentions output_hidden_states output_scores prefix pretraining_tp problem_type pruned_heads
+    remove_invalid_values repetition_penalty return_dict return_dict_in_generate sep_token_id
+    suppress_tokens task_specific_params temperature tf_legacy_loss tie_encoder_decoder tokenizer_class
+    top_k top_p torch_dtype torchscript transformers_version typical_p use_bfloat16 use_cache
+    """.split()
+)
+_LLAMA3_ROPE_KEYS = {"rope_type", "type", "rope_theta", "factor", "low_freq_factor", "high_freq_factor"}
+_LLAMA3_ROPE_KEYS |= {"original_max_position_embeddings"}
+
+
+class _Fields:
+    """Reads a config.json section, remembering which keys were used; names keys in errors."""
+
+    def __init__(self, d: Mapping[str, Any], where: str):
+        self.d, self.where, self.used = dict(d), where, set()
+
+    def name(self, key: str) -> str:
+        return f"{self.where}.{key}" if self.where else key
+
+    def get(self, key: str, default: Any = dataclasses.MISSING) -> Any:
+        self.used.add(key)
+        if key in self.d and self.d[key] is not None:
+            return self.d[key]
+        if default is dataclasses.MISSING:
+            raise UserError(f"config.json: missing field {self.name(key)!r}")
+        return default
+
+    def refuse_unless(self, key: str, allowed: tuple, why: str) -> None:
+        self.used.add(key)
+        if key in self.d and self.d[key] not in allowed:
+            raise UserError(f"config.json: unsupported {self.name(key)}={self.d[key]!r} ({why})")
+
+    def check_all_used(self) -> None:
+        unknown = sorted(k for k in self.d if k not in self.used and k not in _IGNORED_HF_KEYS)
+        if unknown:
+            known = sorted(self.used | _IGNORED_HF_KEYS)
+            hints = [
+                f"{k} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(k, known, 1)) else k for k in unknown
+            ]
+            raise UserError(
+                f"config.json: unsupported field(s) {', '.join(self.name(h) for h in hints)}: sftrl_jax does not "
+                "implement them and cannot tell whether they change the model's math"
+            )
+
+
+def _rope_from_hf(f: _Fields) -> dict[str, Any]:
+    """RoPE settings from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older)."""
+    if f.d.get("rope_parameters") is not None:
+        key, rope = "rope_parameters", dict(f.get("rope_parameters"))
+        f.used.add("rope_scaling")
+        theta = rope.get("rope_theta", f.d.get("rope_theta", 500000.0))
+    else:
+        key, rope = "rope_scaling", dict(f.get("rope_scaling", {}) or {})
+        theta = f.get("rope_theta", 500000.0)
+    f.used.add("rope_theta")
+    rope_type = rope.get("rope_type", rope.get("type", "default"))
+    if rope_type not in ("default", "llama3"):
+        raise UserError(
+            f"config.json: unsupported {f.name(key)}.rope_type={rope_type!r}; supported: 'default', 'llama3'"
+        )
+    allowed = {"rope_type", "type", "rope_theta"} if rope_type == "default" else _LLAMA3_ROPE_KEYS
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise UserError(f"config.json: unsupported {f.name(key)}.partial_rotary_factor={rope['partial_rotary_factor']}")
+    allowed = allowed | {"partial_rotary_factor"}
+    unknown = sorted(set(rope) - allowed)
+    if unknown:
+        raise UserError(f"config.json: unsupported {f.name(key)} field(s) {unknown} for rope_type {rope_type!r}")
+    out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": float(theta)}
+    if rope_type == "llama3":
+        try:
+            out.update(
+                rope_factor=float(rope["factor"]),
+                rope_low_freq_factor=float(rope["low_freq_factor"]),
+                rope_high_freq_factor=float(rope["high_freq_factor"]),
+                rope_original_max_position=int(
+                    rope.get("original_max_position_embeddings", f.d.get("max_position_embeddings", 8192))
+                ),
+            )
+        except KeyError as e:
+            raise UserError(f"config.json: missing field {f.name(key)}.{e.args[0]} for rope_type 'llama3'") from None
+    return out
+
+
+def _text_from_hf(d: Mapping[str, Any], where: str, *, mllama: bool) -> TextConfig:
+    f = _Fields(d, where)
+    f.refuse_unless("hidden_act", ("silu",), "only SwiGLU with silu is implemented")
+    f.refuse_unless("attention_bias", (False,), "Llama 3 projections have no bias")
+    f.refuse_unless("mlp_bias", (False,), "Llama 3 MLPs have no bias")
+    if "quantization_config" in f.d:
+        raise UserError(f"config.json: unsupported {f.name('quantization_config')}: load unquantised weights")
+    hidden, heads = int(f.get("hidden_size")), int(f.get("num_attention_heads"))
+    head_dim = hidden // heads if mllama else int(f.get("head_dim", hidden // heads))
+    eos = f.get("eos_token_id", None)
+    text = TextConfig(
+        vocab_size=int(f.get("vocab_size")),
+        hidden_size=hidden,
+        intermediate_size=int(f.get("intermediate_size")),
+        num_layers=int(f.get("num_hidden_layers")),
+        num_heads=heads,
+        num_kv_heads=int(f.get("num_key_value_heads", heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(f.get("rms_norm_eps", 1e-6 if not mllama else 1e-5)),
+        max_position_embeddings=int(f.get("max_position_embeddings", 131072 if mllama else 2048)),
+        tie_word_embeddings=bool(f.get("tie_word_embeddings", False)),
+        cross_attention_layers=tuple(f.get("cross_attention_layers", (3, 8, 13, 18, 23, 28, 33, 38))) if mllama else (),
+        extra_embeddings=8 if mllama else 0,
+        bos_token_id=f.get("bos_token_id", None),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        pad_token_id=f.get("pad_token_id", None),
+        **_rope_from_hf(f),
+    )
+    f.check_all_used()
+    return text
+
+
+def _vision_from_hf(d: Mapping[str, Any], where: str) -> VisionConfig:
+    f = _Fields(d, where)
+    f.refuse_unless("hidden_act", ("gelu",), "only exact (erf) GELU is implemented")
+    heads = f.get("attention_heads", None) or f.get("num_attention_heads")
+    f.used |= {"attention_heads", "num_attention_heads"}
+    vision = VisionConfig(
+        hidden_size=int(f.get("hidden_size")),
+        intermediate_size=int(f.get("intermediate_size")),
+        num_layers=int(f.get("num_hidden_layers")),
+        num_global_layers=int(f.get("num_global_layers")),
+        num_heads=int(heads),
+        num_channels=int(f.get("num_channels", 3)),
+        image_size=int(f.get("image_size")),
+        patch_size=int(f.get("patch_size")),
+        norm_eps=float(f.get("norm_eps", 1e-5)),
+        max_num_tiles=int(f.get("max_num_tiles", 4)),
+        intermediate_layers_indices=tuple(f.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
+        supported_aspect_ratios=tuple(tuple(r) for r in f.get("supported_aspect_ratios", DEFAULT_ASPECT_RATIOS)),
+    )
+    out_dim = f.get("vision_output_dim", vision.output_dim)
+    if out_dim != vision.output_dim:
+        raise UserError(
+            f"config.json: {f.name('vision_output_dim')}={out_dim} but hidden_size * (1 + "
+            f"len(intermediate_layers_indices)) = {vision.output_dim}"
+        )
+    if vision.image_size % vision.patch_size:
+        raise UserError(f"config.json: {f.name('image_size')} must be a multiple of patch_size")
+    f.check_all_used()
+    return vision
+
+
+def from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
+    """Our config from a Hugging Face config.json dict (old `rope_scaling` or transformers-5 style)."""
+    archs = d.get("architectures") or []
+    model_type = d.get("model_type")
+    known = {LlamaConfig.architecture: "llama", MllamaConfig.architecture: "mllama"}
+    arch = next((a for a in archs if a in known), None)
+    if arch is None and archs:
+        raise UserError(
+            f"config.json: unknown architecture {archs} (field 'architectures'); supported: {sorted(known)}"
+        )
+    kind = known[arch] if arch else model_type
+    if kind == "llama":
+        return LlamaConfig(_text_from_hf(d, "", mllama=False))
+    if kind != "mllama":
+        raise UserError(
+            f"config.json: unknown model_type {model_type!r} and no supported 'architectures' "
+            f"(supported: {sorted(known)})"
+        )
+    top = _Fields(d, "")
+    text = _text_from_hf(top.get("text_config"), "text_config", mllama=True)
+    vision = _vision_from_hf(top.get("vision_config"), "vision_config")
+    image_token = int(top.get("image_token_index", 128256))
+    top.check_all_used()
+    return MllamaConfig(text, vision, image_token_index=image_token)
+
+
+def _text_to_hf(t: TextConfig, *, mllama: bool) -> dict[str, Any]:
+    d: dict[str, Any] = {
+        "vocab_size": t.vocab_size,
+        "hidden_size": t.hidden_size,
+        "intermediate_size": t.intermediate_size,
+        "num_hidden_layers": t.num_layers,
+        "num_attention_heads": t.num_heads,
+        "num_key_value_heads": t.num_kv_heads,
+        "hidden_act": "silu",
+        "rms_norm_eps": t.rms_norm_eps,
+        "max_position_embeddings": t.max_position_embeddings,
+        "rope_theta": t.rope_theta,
+        "rope_scaling": None,
+        "tie_word_embeddings": t.tie_word_embeddings,
+        "bos_token_id": t.bos_token_id,
+        "eos_token_id": list(t.eos_token_id) if isinstance(t.eos_token_id, tuple) else t.eos_token_id,
+        "pad_token_id": t.pad_token_id,
+    }
+    if t.rope_type == "llama3":
+        d["rope_scaling"] = {
+            "rope_type": "llama3",
+            "factor": t.rope_factor,
+            "low_freq_factor": t.rope_low_freq_factor,
+            "high_freq_factor": t.rope_high_freq_factor,
+            "original_max_position_embeddings": t.rope_original_max_position,
+        }
+    if mllama:
+        if t.head_dim * t.num_heads != t.hidden_size:
+            raise UserError("Mllama requires head_dim * num_heads == hidden_size to be expressible in config.json")
+        d["cross_attention_layers"] = list(t.cross_attention_layers)
+        d["model_type"] = "mllama_text_model"
+    else:
+        d.update(head_dim=t.head_dim, attention_bias=False, mlp_bias=False, model_type="llama")
+    return d
+
+
+def to_hf_dict(config: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
+    """config.json in the layout of the hub's files (`rope_scaling` + `rope_theta`), which both older
+    transformers and transformers 5 read. The two semantic flags are not HF fields and are not written."""
+    if isinstance(config, LlamaConfig):
+        return {"architectures": [config.architecture], **_text_to_hf(config.text, mllama=False), "torch_dtype": dtype}
+    v = config.vision
+    vision = {
+        "model_type": "mllama_vision_model",
+        "hidden_size": v.hidden_size,
+        "intermediate_size": v.intermediate_size,
+        "num_hidden_layers": v.num_layers,
+        "num_global_layers": v.num_global_layers,
+        "attention_heads": v.num_heads,
+        "num_channels": v.num_channels,
+        "image_size": v.image_size,
+        "patch_size": v.patch_size,
+        "norm_eps": v.norm_eps,
+        "max_num_tiles": v.max_num_tiles,
+        "intermediate_layers_indices": list(v.intermediate_layers_indices),
+        "supported_aspect_ratios": [list(r) for r in v.supported_aspect_ratios],
+        "vision_output_dim": v.output_dim,
+        "hidden_act": "gelu",
+    }
+    return {
+        "architectures": [config.architecture],
+        "model_type": "mllama",
+        "image_token_index": config.image_token_index,
+        "text_config": _text_to_hf(config.text, mllama=True),
+        "vision_config": vision,
+        "torch_dtype": dtype,
+    }

@@ -1,0 +1,375 @@
+"""Hugging Face checkpoints <-> our models, through ONE declarative key table used both ways.
+
+Each rule pairs an HF key with one of our parameter paths (`{i}` = layer index) and a layout
+transform. Loading is strict: every key in the files is consumed, every parameter filled, every
+shape checked; errors name the file, key or config field. Tensors are streamed one at a time from
+memory-mapped safetensors (numpy, never torch) straight into their shardings.
+
+Mllama checkpoints come in two key layouts: the hub's (`language_model.model.layers...`,
+`language_model.lm_head`, `vision_model...`, `multi_modal_projector...`, also what transformers 5
+writes) and the one transformers 4.52-4.57 wrote (`model.language_model.layers...`, `lm_head`,
+`model.vision_model...`, `model.multi_modal_projector...`). Both load; we write the hub's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sftrl_jax.errors import UserError
+from sftrl_jax.models import build, safetensors_io
+from sftrl_jax.models import config as config_lib
+
+
+# --------------------------------------------------------------------------------------------------
+# Layout transforms between an HF tensor and our parameter.
+
+
+@dataclasses.dataclass(frozen=True)
+class Copy:
+    """Same shape and layout."""
+
+    def hf_shape(self, ours: tuple[int, ...]) -> tuple[int, ...]:
+        return ours
+
+    def to_ours(self, a: np.ndarray, ours: tuple[int, ...]) -> np.ndarray:
+        return a
+
+    def to_hf(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+
+@dataclasses.dataclass(frozen=True)
+class Linear:
+    """torch Linear weight [out, in] <-> our kernel [*in_dims, *out_dims] (`n_in` leading dims are
+    the input, e.g. q_proj [D, N, H] has n_in=1, o_proj [N, H, D] has n_in=2)."""
+
+    n_in: int = 1
+
+    def hf_shape(self, ours):
+        return (math.prod(ours[self.n_in :]), math.prod(ours[: self.n_in]))
+
+    def to_ours(self, a, ours):
+        return a.T.reshape(ours)
+
+    def to_hf(self, a):
+        return a.reshape(math.prod(a.shape[: self.n_in]), -1).T
+
+
+@dataclasses.dataclass(frozen=True)
+class FlattenTail:
+    """HF [R, C * P * D] (an nn.Embedding of flattened tables) <-> ours [R, C, P, D]."""
+
+    def hf_shape(self, ours):
+        return (ours[0], math.prod(ours[1:]))
+
+    def to_ours(self, a, ours):
+        return a.reshape(ours)
+
+    def to_hf(self, a):
+        return a.reshape(a.shape[0], -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class Conv:
+    """torch Conv2d weight [D, C, p, p] <-> ours [C, p, p, D]."""
+
+    def hf_shape(self, ours):
+        return (ours[3], ours[0], ours[1], ours[2])
+
+    def to_ours(self, a, ours):
+        return a.transpose(1, 2, 3, 0)
+
+    def to_hf(self, a):
+        return a.transpose(3, 0, 1, 2)
+
+
+COPY, LINEAR, LINEAR_OUT, FLAT, CONV = Copy(), Linear(1), Linear(2), FlattenTail(), Conv()
+
+# --------------------------------------------------------------------------------------------------
+# The table: (HF key, our path, transform), grouped by where it repeats.
+
+TEXT_SELF_LAYER = (
+    ("layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.scale", COPY),
+    ("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj", LINEAR),
+    ("layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj", LINEAR),
+    ("layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj", LINEAR),
+    ("layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj", LINEAR_OUT),
+    ("layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.scale", COPY),
+    ("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj", LINEAR),
+    ("layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj", LINEAR),
+    ("layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj", LINEAR),
+)
+TEXT_CROSS_LAYER = (
+    ("layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.scale", COPY),
+    ("layers.{i}.cross_attn.q_proj.weight", "layers.{i}.cross_attn.q_proj", LINEAR),
+    ("layers.{i}.cross_attn.k_proj.weight", "layers.{i}.cross_attn.k_proj", LINEAR),
+    ("layers.{i}.cross_attn.v_proj.weight", "layers.{i}.cross_attn.v_proj", LINEAR),
+    ("layers.{i}.cross_attn.o_proj.weight", "layers.{i}.cross_attn.o_proj", LINEAR_OUT),
+    ("layers.{i}.cross_attn.q_norm.weight", "layers.{i}.cross_attn.q_norm.scale", COPY),
+    ("layers.{i}.cross_attn.k_norm.weight", "layers.{i}.cross_attn.k_norm.scale", COPY),
+    ("layers.{i}.cross_attn_attn_gate", "layers.{i}.cross_attn_attn_gate", COPY),
+    ("layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.scale", COPY),
+    ("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj", LINEAR),
+    ("layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj", LINEAR),
+    ("layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj", LINEAR),
+    ("layers.{i}.cross_attn_mlp_gate", "layers.{i}.cross_attn_mlp_gate", COPY),
+)
+TEXT_MODEL = (
+    ("embed_tokens.weight", "embed_tokens", COPY),
+    ("norm.weight", "norm.scale", COPY),
+)
+VISION_LAYER = (
+    ("layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.scale", COPY),
+    ("layers.{i}.input_layernorm.bias", "layers.{i}.input_layernorm.bias", COPY),
+    ("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj", LINEAR),
+    ("layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj", LINEAR),
+    ("layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj", LINEAR),
+    ("layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj", LINEAR_OUT),
+    ("layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.scale", COPY),
+    ("layers.{i}.post_attention_layernorm.bias", "layers.{i}.post_attention_layernorm.bias", COPY),
+    ("layers.{i}.mlp.fc1.weight", "layers.{i}.mlp.fc1.kernel", LINEAR),
+    ("layers.{i}.mlp.fc1.bias", "layers.{i}.mlp.fc1.bias", COPY),
+    ("layers.{i}.mlp.fc2.weight", "layers.{i}.mlp.fc2.kernel", LINEAR),
+    ("layers.{i}.mlp.fc2.bias", "layers.{i}.mlp.fc2.bias", COPY),
+)
+VISION_GLOBAL_LAYER = VISION_LAYER + (
+    ("layers.{i}.gate_attn", "layers.{i}.gate_attn", COPY),
+    ("layers.{i}.gate_ffn", "layers.{i}.gate_ffn", COPY),
+)
+VISION_MODEL = (
+    ("patch_embedding.weight", "patch_embedding", CONV),
+    ("class_embedding", "class_embedding", COPY),
+    ("pre_tile_positional_embedding.embedding.weight", "pre_tile_positional_embedding.embedding", FLAT),
+    ("pre_tile_positional_embedding.gate", "pre_tile_positional_embedding.gate", COPY),
+    ("gated_positional_embedding.embedding", "gated_positional_embedding.embedding", COPY),
+    ("gated_positional_embedding.gate", "gated_positional_embedding.gate", COPY),
+    ("gated_positional_embedding.tile_embedding.weight", "gated_positional_embedding.tile_embedding", FLAT),
+    ("post_tile_positional_embedding.embedding.weight", "post_tile_positional_embedding.embedding", FLAT),
+    ("post_tile_positional_embedding.gate", "post_tile_positional_embedding.gate", COPY),
+    ("layernorm_pre.weight", "layernorm_pre.scale", COPY),
+    ("layernorm_pre.bias", "layernorm_pre.bias", COPY),
+    ("layernorm_post.weight", "layernorm_post.scale", COPY),
+    ("layernorm_post.bias", "layernorm_post.bias", COPY),
+)
+PROJECTOR = (
+    ("multi_modal_projector.weight", "multi_modal_projector.kernel", LINEAR),
+    ("multi_modal_projector.bias", "multi_modal_projector.bias", COPY),
+)
+
+# (HF prefix, our prefix) of each part, per architecture, in the hub's layout.
+LLAMA_PREFIXES = {"text": ("model.", "model."), "lm_head": "lm_head.weight"}
+MLLAMA_PREFIXES = {
+    "text": ("language_model.model.", "language_model."),
+    "lm_head": "language_model.lm_head.weight",
+    "vision": ("vision_model.", "vision_model."),
+}
+# transformers 4.52-4.57 layout -> hub layout (Mllama only).
+MLLAMA_NEW_LAYOUT = (
+    ("model.language_model.", "language_model.model."),
+    ("lm_head.", "language_model.lm_head."),
+    ("model.vision_model.", "vision_model."),
+    ("model.multi_modal_projector.", "multi_modal_projector."),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Entry:
+    hf: str
+    ours: str
+    transform: Copy | Linear | FlattenTail | Conv
+
+
+def _expand(rules, hf_prefix: str, our_prefix: str, indices=(None,)) -> Iterator[Entry]:
+    for i in indices:
+        for hf, ours, transform in rules:
+            yield Entry(hf_prefix + hf.format(i=i), our_prefix + ours.format(i=i), transform)
+
+
+def key_table(config: config_lib.ModelConfig) -> list[Entry]:
+    """Every (HF key, our path, transform) of a model with this config."""
+    t = config.text
+    mllama = isinstance(config, config_lib.MllamaConfig)
+    prefixes = MLLAMA_PREFIXES if mllama else LLAMA_PREFIXES
+    hf_text, our_text = prefixes["text"]
+    out = list(_expand(TEXT_MODEL, hf_text, our_text))
+    out += _expand(TEXT_SELF_LAYER, hf_text, our_text, t.self_attention_layers)
+    out += _expand(TEXT_CROSS_LAYER, hf_text, our_text, t.cross_attention_layers)
+    if not t.tie_word_embeddings:
+        out.append(Entry(prefixes["lm_head"], "lm_head", LINEAR))
+    if mllama:
+        v = config.vision
+        hf_v, our_v = prefixes["vision"]
+        out += _expand(VISION_MODEL, hf_v, our_v)
+        out += _expand(VISION_LAYER, hf_v + "transformer.", our_v + "transformer.", range(v.num_layers))
+        out += _expand(
+            VISION_GLOBAL_LAYER, hf_v + "global_transformer.", our_v + "global_transformer.", range(v.num_global_layers)
+        )
+        out += _expand(PROJECTOR, "", "")
+    return out
+
+
+def canonical_key(key: str, config: config_lib.ModelConfig) -> str:
+    """An HF key in either Mllama layout -> the hub layout."""
+    if isinstance(config, config_lib.MllamaConfig):
+        for new, old in MLLAMA_NEW_LAYOUT:
+            if key.startswith(new):
+                return old + key[len(new) :]
+    return key
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+
+
+def read_config(path: str) -> tuple[config_lib.ModelConfig, dict]:
+    """(our config, the raw dict) from a folder's config.json or a config.json path."""
+    file = os.path.join(path, "config.json") if os.path.isdir(path) else path
+    try:
+        with open(file) as f:
+            raw = json.load(f)
+    except FileNotFoundError:
+        raise UserError(f"no config.json at {file}") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{file}: invalid JSON ({e})") from None
+    try:
+        return config_lib.from_hf_dict(raw), raw
+    except UserError as e:
+        raise UserError(f"{file}: {e}") from None
+
+
+def _list(keys, n: int = 8) -> str:
+    keys = sorted(keys)
+    return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def from_pretrained(
+    path: str,
+    *,
+    dtype=jnp.float32,
+    compute_dtype=None,
+    mesh: jax.sharding.Mesh | None = None,
+    remat: bool = False,
+    config: config_lib.ModelConfig | None = None,
+) -> nnx.Module:
+    """Load an HF checkpoint folder (config.json + safetensors, sharded or not) of
+    `MllamaForConditionalGeneration` or `LlamaForCausalLM`.
+
+    `dtype` is the parameter dtype, `compute_dtype` the activation dtype (default: `dtype`). With a
+    `mesh`, every parameter goes straight into its sharding under the rules table. `config`
+    overrides the one read from config.json (e.g. to pick transformers' semantics flags); it must
+    describe the same shapes.
+    """
+    hf_config, _ = read_config(path)
+    config = hf_config if config is None else config
+    files, weight_map = safetensors_io.open_folder(path)
+    location = {}
+    for key, name in weight_map.items():
+        canon = canonical_key(key, config)
+        if canon in location:
+            raise UserError(f"{path}: tensor {canon!r} appears twice ({key!r} in {name})")
+        location[canon] = (name, key)
+
+    table = {e.ours: e for e in key_table(config)}
+    expected = {e.hf for e in table.values()}
+    unexpected = set(location) - expected
+    if config.text.tie_word_embeddings:
+        # Some tied checkpoints also store the (identical) lm_head; it is not a parameter of ours.
+        unexpected -= {MLLAMA_PREFIXES["lm_head"], LLAMA_PREFIXES["lm_head"]}
+    if unexpected:
+        files_of = sorted({location[k][0] for k in unexpected})
+        raise UserError(f"{path}: unexpected tensor(s) in {files_of} for {config.architecture}: {_list(unexpected)}")
+    missing = expected - set(location)
+    if missing:
+        raise UserError(f"{path}: missing tensor(s) for {config.architecture}: {_list(missing)}")
+
+    abstract = build.abstract_model(config, param_dtype=dtype, dtype=compute_dtype, remat=remat)
+    graphdef, abstract_state = nnx.split(abstract)
+    filled = set()
+
+    def load(our_path: str, var: nnx.Variable) -> jax.Array:
+        if our_path not in table:
+            raise AssertionError(f"parameter {our_path} has no entry in the conversion table")
+        entry = table[our_path]
+        name, key = location[entry.hf]
+        f = files[name]
+        want = entry.transform.hf_shape(tuple(var.shape))
+        if f.shape(key) != want:
+            raise UserError(
+                f"{os.path.join(path, name)}: tensor {key!r} has shape {list(f.shape(key))}, expected "
+                f"{list(want)} for this config.json"
+            )
+        value = entry.transform.to_ours(f.get(key), tuple(var.shape)).astype(var.dtype)
+        filled.add(our_path)
+        return build.put(np.ascontiguousarray(value), var, mesh)
+
+    state = build.map_params(abstract_state, load)
+    unfilled = set(table) - filled
+    if unfilled:
+        raise AssertionError(f"conversion table entries without a parameter: {_list(unfilled)}")
+    for f in files.values():
+        f.close()
+    return nnx.merge(graphdef, state)
+
+
+# --------------------------------------------------------------------------------------------------
+# Saving
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        x = multihost_utils.process_allgather(x, tiled=True)
+    return np.asarray(jax.device_get(x))
+
+
+def save_pretrained(
+    model: nnx.Module,
+    path: str,
+    *,
+    dtype=None,
+    max_shard_bytes: int = 5 * 2**30,
+) -> None:
+    """Write config.json + safetensors (hub key layout) that `transformers` loads with no missing or
+    unexpected keys. `dtype` (default: the parameters') is the stored dtype. Tensors are fetched and
+    written one at a time. In a multi-process run every process must call this; process 0 writes."""
+    config = model.config
+    params = build.flat_params(nnx.state(model, nnx.Param))
+    table = key_table(config)
+    missing = {e.ours for e in table} - set(params)
+    if missing:
+        raise AssertionError(f"model lacks parameters of the conversion table: {_list(missing)}")
+    extra = set(params) - {e.ours for e in table}
+    if extra:
+        raise AssertionError(f"parameters without a conversion table entry: {_list(extra)}")
+    store = np.dtype(dtype) if dtype is not None else None
+    by_hf = {e.hf: e for e in table}
+    entries = []
+    for e in table:
+        var = params[e.ours]
+        entries.append((e.hf, e.transform.hf_shape(tuple(var.shape)), store or np.dtype(var.dtype)))
+
+    def get(key: str) -> np.ndarray:
+        e = by_hf[key]
+        value = e.transform.to_hf(_host(params[e.ours][...]))
+        return value.astype(store or value.dtype)
+
+    dtype_name = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
+    first = entries[0][2]
+    if jax.process_index() == 0:
+        os.makedirs(path, exist_ok=True)
+        safetensors_io.write_folder(path, entries, get, max_shard_bytes=max_shard_bytes)
+        with open(os.path.join(path, "config.json"), "w") as f:
+            json.dump(config_lib.to_hf_dict(config, dtype=dtype_name.get(first, "float32")), f, indent=2)
+    else:  # take part in the gathers of non-addressable arrays
+        for key, _, _ in entries:
+            get(key)

@@ -1,0 +1,64 @@
+"""Key/value cache for prefill + one-token decode steps.
+
+One preallocated `[B, S_max, K, H]` buffer per self-attention layer, written in place with
+`dynamic_update_slice` at slot `index` (the same slot for every row: prompts are left-padded to a
+common length). `key_mask` [B, S_max] marks the slots that hold real tokens, so left padding is never
+attended; `next_position` [B] is each row's next RoPE position (its count of real tokens so far).
+
+Cross-attention keys/values (Mllama) are computed once from the vision features at prefill and kept
+as `[B, S_x, K, H]` per cross-attention layer; `cross_row` [B, I, C] is the tile mask that later
+tokens reuse (transformers' generate repeats the last row of `cross_attention_mask` the same way).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sftrl_jax.models import config as config_lib
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+    k: tuple[jax.Array, ...]  # per self-attention layer, [B, S_max, K, H]
+    v: tuple[jax.Array, ...]  # per self-attention layer, [B, S_max, K, H]
+    key_mask: jax.Array  # [B, S_max] bool: slot holds a real (non-padding) token
+    index: jax.Array  # [] int32: next slot to write
+    next_position: jax.Array  # [B] int32: RoPE position of each row's next real token
+    cross_k: tuple[jax.Array, ...] | None = None  # per cross-attention layer, [B, S_x, K, H]
+    cross_v: tuple[jax.Array, ...] | None = None
+    cross_row: jax.Array | None = None  # [B, I, C] tile mask for tokens after the prompt
+
+    @property
+    def batch_size(self) -> int:
+        return self.key_mask.shape[0]
+
+    @property
+    def max_length(self) -> int:
+        return self.key_mask.shape[1]
+
+    @property
+    def has_cross(self) -> bool:
+        return self.cross_k is not None
+
+
+def init_cache(cfg: config_lib.TextConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt + generated)."""
+    shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
+    n = len(cfg.self_attention_layers)
+    return KVCache(
+        k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+        v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+        key_mask=jnp.zeros((batch_size, max_length), bool),
+        index=jnp.zeros((), jnp.int32),
+        next_position=jnp.zeros((batch_size,), jnp.int32),
+    )
+
+
+def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
+    """buffer [B, S_max, ...] with `new` [B, T, ...] written at slots [index, index + T)."""
+    start = (jnp.zeros((), jnp.int32), index.astype(jnp.int32)) + (jnp.zeros((), jnp.int32),) * (buffer.ndim - 2)
+    return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)

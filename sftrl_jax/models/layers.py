@@ -1,0 +1,163 @@
+"""Building blocks shared by the text and vision towers.
+
+Shape legend (STYLE.md §1): B batch, T query length, S key/value length, D model width, F MLP
+width, N query heads, K kv heads, G query heads per kv head, H head dim, V vocab.
+
+Every parameter is an `nnx.Param` whose `out_sharding` metadata holds *logical* axis names;
+`sftrl_jax.parallel.rules` maps them to mesh axes. `eager_sharding=False`: building a module never
+needs a mesh; shardings are applied when the state is created or loaded (see `models/build.py`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sftrl_jax.models import config as config_lib
+
+# Initializers by name. The name is kept in the parameter's metadata (`init`) so that
+# `build.create_model` can draw the same distributions on the host, shard by shard, without
+# compiling an init program (XLA takes ~40 s on CPU to compile threefry for even the tiny model).
+INITS: dict[str, tuple[float, float]] = {  # name -> (mean, stddev)
+    "normal": (0.0, 0.02),
+    "ones": (1.0, 0.0),
+    "zeros": (0.0, 0.0),
+    "gate": (0.0, 1.0),  # random init only serves tests: non-zero gates exercise every path
+}
+normal, ones, zeros, gate_init = "normal", "ones", "zeros", "gate"
+
+
+class KeyGen:
+    """Fresh init keys by `fold_in(base, n)` with a Python counter.
+
+    Drawing from `nnx.Rngs` once per parameter is slow under tracing (each draw updates a Variable,
+    whose sharding check formats a tracer error message): ~20 s to build the 11B model abstractly
+    versus well under a second with this.
+    """
+
+    def __init__(self, key: jax.Array):
+        self.key, self.count = key, 0
+
+    @classmethod
+    def of(cls, rngs: nnx.Rngs | KeyGen) -> KeyGen:
+        return rngs if isinstance(rngs, KeyGen) else cls(rngs.params())
+
+    def __call__(self) -> jax.Array:
+        self.count += 1
+        return jax.random.fold_in(self.key, self.count)
+
+
+def param(rngs: nnx.Rngs | KeyGen, init: str, shape: Sequence[int], names: Sequence[str | None], dtype) -> nnx.Param:
+    """A parameter of `shape` whose dims carry the logical axis `names`, drawn from `INITS[init]`."""
+    if len(shape) != len(names):
+        raise ValueError(f"shape {tuple(shape)} and names {tuple(names)} differ in length")
+    key = rngs() if isinstance(rngs, KeyGen) else rngs.params()
+    mean, std = INITS[init]
+    value = mean + std * jax.random.normal(key, tuple(shape), dtype) if std else jnp.full(shape, mean, dtype)
+    return nnx.Param(value, out_sharding=tuple(names), eager_sharding=False, init=init)
+
+
+class RMSNorm(nnx.Module):
+    """x / rms(x) * scale, the reduction in fp32."""
+
+    def __init__(self, dim: int, *, eps: float, name: str = "embed", param_dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, ones, (dim,), (name,), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale.astype(x.dtype) * y.astype(x.dtype)
+
+
+class LayerNorm(nnx.Module):
+    """(x - mean) / std * scale + bias, statistics in fp32."""
+
+    def __init__(self, dim: int, *, eps: float, name: str = "vision_embed", param_dtype, rngs: nnx.Rngs):
+        self.scale = param(rngs, ones, (dim,), (name,), param_dtype)
+        self.bias = param(rngs, zeros, (dim,), (name,), param_dtype)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        x32 = x.astype(jnp.float32)
+        mean = jnp.mean(x32, axis=-1, keepdims=True)
+        var = jnp.mean(jnp.square(x32 - mean), axis=-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        return (y * self.scale.astype(jnp.float32) + self.bias.astype(jnp.float32)).astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(x @ gate) * (x @ up)): the Llama MLP."""
+
+    def __init__(self, dim: int, hidden: int, *, dtype, param_dtype, rngs: nnx.Rngs):
+        self.gate_proj = param(rngs, normal, (dim, hidden), ("embed", "mlp"), param_dtype)
+        self.up_proj = param(rngs, normal, (dim, hidden), ("embed", "mlp"), param_dtype)
+        self.down_proj = param(rngs, normal, (hidden, dim), ("mlp", "embed"), param_dtype)
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        gate = jnp.einsum("BTD,DF->BTF", x, self.gate_proj.astype(self.dtype))
+        up = jnp.einsum("BTD,DF->BTF", x, self.up_proj.astype(self.dtype))
+        return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, self.down_proj.astype(self.dtype))
+
+
+def gate(g: nnx.Param, dtype) -> jax.Array:
+    """tanh of a shape-[1] gate parameter, as a scalar."""
+    return jnp.tanh(g[0].astype(jnp.float32)).astype(dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# RoPE
+
+
+def rope_inv_freq(cfg: config_lib.TextConfig) -> np.ndarray:
+    """Inverse frequencies [H/2] in fp32, with Llama 3.1's frequency-dependent scaling if `llama3`."""
+    dim = cfg.head_dim
+    exponent = np.arange(0, dim, 2, dtype=np.float32) / np.float32(dim)
+    inv_freq = (np.float32(1.0) / np.power(np.float32(cfg.rope_theta), exponent)).astype(np.float32)
+    if cfg.rope_type == "default":
+        return inv_freq
+    factor, low, high = cfg.rope_factor, cfg.rope_low_freq_factor, cfg.rope_high_freq_factor
+    old_len = cfg.rope_original_max_position
+    wavelen = 2 * np.pi / inv_freq
+    # Long wavelengths (low frequencies) are slowed down by `factor`, short ones kept, the band in
+    # between interpolated smoothly.
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """Rotate halves of the head dim: x [B, T, N, H], positions [B, T] int."""
+    angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B, T, H/2]
+    cos, sin = jnp.cos(angles)[:, :, None, :], jnp.sin(angles)[:, :, None, :]
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=-1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1).astype(x.dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float) -> jax.Array:
+    """Softmax attention with grouped kv heads; scores and softmax in fp32.
+
+    q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] bool (True = attend) or None -> [B, T, N, H].
+    A row with nothing to attend gets uniform weights (as transformers' additive finfo.min mask does).
+    """
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(b, t, n, h)
