@@ -12,7 +12,6 @@ the learned vocabulary, `<|image|>` last as in Llama 3.2 Vision, and the chat te
 from __future__ import annotations
 
 import argparse
-import importlib
 import random
 import sys
 from collections.abc import Iterator
@@ -40,7 +39,7 @@ def env_text(name: str, split: str, episodes: int, seed: int) -> Iterator[str]:
         obs, info = env.reset(seed=seed * 100_003 + ep)
         yield obs["text"]
         for _ in range(64):
-            answer = expert(info) if expert and rng.random() < 0.7 else rng.choice(["", "1+2", '{"x": 1}'])
+            answer = expert(info) if rng.random() < 0.7 else rng.choice(["", "1+2", '{"x": 1}'])
             yield answer
             obs, _, terminated, truncated, info = env.step(answer)
             yield obs["text"]
@@ -49,14 +48,14 @@ def env_text(name: str, split: str, episodes: int, seed: int) -> Iterator[str]:
 
 
 def _expert_fn(name: str):
-    module, attr = {
-        "gp": ("sftrl_jax.envs.general_points.expert", "expert_answer_from_info"),
-        "virl": ("sftrl_jax.envs.virl.expert", "expert_answer_from_info"),
-    }[name.split("-")[0]]
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ImportError, AttributeError):
-        return None
+    """info -> the expert's answer for the env's current state."""
+    if name.startswith("gp"):
+        from sftrl_jax.envs.general_points import expert
+
+        return lambda info: expert.expert_answer(info["cards"], info["numbers"])
+    from sftrl_jax.envs.virl import expert
+
+    return expert.expert_answer
 
 
 def corpus(episodes: int) -> Iterator[str]:
