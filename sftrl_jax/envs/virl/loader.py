@@ -41,17 +41,21 @@ VIEW_FOV_DEG = 90.0
 # --------------------------------------------------------------------------- restricted pickle
 
 
+class RefusedPickleContent(pickle.UnpicklingError):
+    """The pickle asks for something the restricted unpickler does not build (a global, a persistent id)."""
+
+
 class RestrictedUnpickler(pickle.Unpickler):
     """Loads only what pickle builds without importing anything: dicts, lists, tuples, sets, str,
     bytes, int, float, bool, None. Any global (a class, a function such as os.system) is refused."""
 
     def find_class(self, module: str, name: str):
-        raise pickle.UnpicklingError(
+        raise RefusedPickleContent(
             f"refusing to load global {module}.{name}: only plain containers, numbers and strings are allowed"
         )
 
     def persistent_load(self, pid):
-        raise pickle.UnpicklingError("refusing a persistent id: only plain containers, numbers and strings are allowed")
+        raise RefusedPickleContent("refusing a persistent id: only plain containers, numbers and strings are allowed")
 
 
 def restricted_loads(data: bytes) -> Any:
@@ -67,9 +71,9 @@ def load_pickle_restricted(path: str | pathlib.Path) -> Any:
         raise EnvError(f"pickle file not found: {path}") from None
     try:
         return restricted_loads(data)
-    except pickle.UnpicklingError as e:
+    except RefusedPickleContent as e:
         raise EnvError(f"{path}: {e}") from None
-    except Exception as e:  # truncated or corrupt data: EOFError, ValueError, ...
+    except Exception as e:  # truncated or corrupt data: UnpicklingError, EOFError, ValueError, ...
         raise EnvError(f"{path}: not a readable pickle ({type(e).__name__}: {e})") from None
 
 
@@ -155,6 +159,7 @@ class ReleasedData:
         self.routes = routes
         self.mapping = mapping
         self.street_views = pathlib.Path(street_views)
+        self._keys = list(mapping.keys())
         self._ids = list(mapping.values())
         self._latlng = np.radians(np.asarray(list(mapping.keys()), dtype=np.float64).reshape(-1, 2))
 
@@ -186,7 +191,7 @@ class ReleasedData:
         i = int(np.argmin(dist))
         if dist[i] > radius_m:
             return None
-        return (math.degrees(self._latlng[i, 0]), math.degrees(self._latlng[i, 1])), self._ids[i]
+        return self._keys[i], self._ids[i]
 
     def panorama(self, pano_id: str) -> tuple[np.ndarray, float]:
         return _load_panorama(str(self.street_views), pano_id)

@@ -8,7 +8,6 @@ may use any subset; an unknown placeholder is an error naming it.
 
 from __future__ import annotations
 
-import functools
 import pathlib
 import string
 from collections.abc import Sequence
@@ -63,7 +62,6 @@ def obs_act_seq_text(observations: Sequence[str], actions: Sequence[str]) -> str
     return "\n".join(lines)
 
 
-@functools.lru_cache(maxsize=16)
 def _read(path: str) -> string.Template:
     p = pathlib.Path(path)
     try:

@@ -348,3 +348,39 @@ class StreetRenderer:
         image = Image.frombuffer("RGBA", grid.shape[::-1], grid, "raw", "RGBA", 0, 1).convert("RGB")
         self._signs(ImageDraw.Draw(image), pos, heading)
         return image
+
+
+def benchmark(*, view_size: int = DEFAULT_VIEW_SIZE, n: int = 50, seed: int = 0) -> dict[str, float]:
+    """Times `render` on the waypoints of training routes: {"median_ms", "p90_ms", "mean_ms", "n"}.
+
+    .venv/bin/python -c "from sftrl_jax.envs.virl import render; print(render.benchmark())"
+    """
+    import random
+    import time
+
+    from sftrl_jax.envs.virl import rail, routes
+
+    rs = routes.training_set()
+    rng = random.Random(seed)
+    renderers: dict[str, StreetRenderer] = {}
+    jobs = []
+    while len(jobs) < n:
+        route = rs.routes[rng.randrange(len(rs.routes))]
+        city = rs.cities[route["city"]]
+        if city.name not in renderers:
+            renderers[city.name] = StreetRenderer(city, view_size=view_size)
+        jobs += [(renderers[city.name], w) for w in rail.build_rail(route, rng=rng).waypoints]
+    jobs = jobs[:n]
+    jobs[0][0].render(jobs[0][1].geocode, jobs[0][1].heading)  # warm caches (fonts, geometry)
+    times = []
+    for r, w in jobs:
+        t = time.perf_counter()
+        r.render(w.geocode, w.heading)
+        times.append(1000.0 * (time.perf_counter() - t))
+    times.sort()
+    return {
+        "median_ms": times[len(times) // 2],
+        "p90_ms": times[int(0.9 * (len(times) - 1))],
+        "mean_ms": sum(times) / len(times),
+        "n": float(len(times)),
+    }
