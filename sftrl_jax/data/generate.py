@@ -1,0 +1,68 @@
+"""SFT data generated from the environments' expert answers, in the reference's conversation JSON.
+
+    generate_gp_sft("gp-vl", "train", 500, "data/gp_vl/train.json", seed=0)
+
+writes ONE JSON array of examples
+`{"id": ..., "image": "images/000000.png" (gp-vl only), "conversations": [{"from": "human", "value":
+"<image>\\n" + prompt (gp-vl) or prompt (gp-l)}, {"from": "gpt", "value": expert answer}]}`; gp-vl
+images are PNG files in `images/` beside the JSON file (give each data set its own directory: names
+restart at 000000). The same seed gives the same file.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from sftrl_jax import envs
+from sftrl_jax.envs.base import EnvError
+from sftrl_jax.envs.general_points import expert
+
+GP_VARIANTS = ("gp-l", "gp-vl")
+IMAGE_MARKER = "<image>"
+
+
+def generate_gp_sft(variant: str, split: str, n: int, out_path: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
+    """Writes `n` GeneralPoints SFT examples to `out_path`; returns counts."""
+    if variant not in GP_VARIANTS:
+        raise EnvError(f"unknown GeneralPoints variant {variant!r}; valid: {', '.join(GP_VARIANTS)}")
+    if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
+        raise EnvError(f"the number of examples must be a positive integer, got {n!r}")
+    env = envs.make(variant, split=split)
+    out = Path(out_path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    image_dir = out.parent / "images"
+    vision = variant == "gp-vl"
+    if vision:
+        image_dir.mkdir(exist_ok=True)
+    choice_rng = np.random.default_rng([seed, 1])  # which solution the expert writes
+    examples, hands = [], set()
+    for i in tqdm(range(n), desc=f"{variant} {split}", unit="ex", disable=n < 100):
+        obs, info = env.reset(seed=seed if i == 0 else None)
+        hands.add(tuple(sorted(info["cards"])))
+        answer = expert.expert_answer(info["cards"], info["numbers"], info["target"], rng=choice_rng)
+        example: dict[str, Any] = {"id": f"{variant}-{split}-{i:06d}"}
+        prompt = obs["text"]
+        if vision:
+            rel = f"images/{i:06d}.png"
+            obs["image"].save(out.parent / rel)
+            example["image"] = rel
+            prompt = f"{IMAGE_MARKER}\n{prompt}"
+        example["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+        examples.append(example)
+    tmp = out.with_name(out.name + ".tmp")
+    tmp.write_text(json.dumps(examples, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+    tmp.replace(out)
+    return {
+        "variant": variant,
+        "split": split,
+        "examples": n,
+        "images": n if vision else 0,
+        "distinct_hands": len(hands),
+        "seed": seed,
+    }

@@ -1,0 +1,65 @@
+"""`generate_gp_sft`: the reference conversation JSON with expert answers (and images for gp-vl)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from PIL import Image
+
+from sftrl_jax.data.generate import generate_gp_sft
+from sftrl_jax.envs.base import EnvError
+from sftrl_jax.envs.general_points import verifier
+
+
+def _check(examples, vision):
+    for ex in examples:
+        human, gpt = ex["conversations"]
+        assert human["from"] == "human" and gpt["from"] == "gpt"
+        assert human["value"].startswith("<image>\n[Task Description]" if vision else "[Task Description]")
+        assert ("image" in ex) == vision
+
+
+def test_gp_l_file(tmp_path):
+    out = tmp_path / "gp_l.json"
+    stats = generate_gp_sft("gp-l", "ood-rule", 6, out, seed=3)
+    assert stats["examples"] == 6 and stats["images"] == 0
+    examples = json.loads(out.read_text())
+    assert len(examples) == 6 and len({e["id"] for e in examples}) == 6
+    _check(examples, vision=False)
+    for ex in examples:
+        cards = prompt_cards(ex["conversations"][0]["value"])
+        values = [{"A": 1, "J": 11, "Q": 12, "K": 13}.get(c) or int(c) for c in cards]
+        assert verifier.score(ex["conversations"][1]["value"], verifier.Puzzle(values, cards)).reward == 5
+    again = tmp_path / "again.json"
+    generate_gp_sft("gp-l", "ood-rule", 6, again, seed=3)
+    assert again.read_text() == out.read_text()  # same seed, same file
+
+
+def prompt_cards(prompt: str) -> list[str]:
+    line = next(line for line in prompt.splitlines() if line.startswith("Cards: "))
+    return [c.strip().strip("'") for c in line[len("Cards: [") : -1].split(",")]
+
+
+def test_gp_vl_file_with_images(tmp_path):
+    out = tmp_path / "vl" / "train.json"
+    stats = generate_gp_sft("gp-vl", "train", 3, out, seed=0)
+    assert stats["images"] == 3
+    examples = json.loads(out.read_text())
+    _check(examples, vision=True)
+    assert [e["image"] for e in examples] == ["images/000000.png", "images/000001.png", "images/000002.png"]
+    for ex in examples:
+        with Image.open(out.parent / ex["image"]) as img:
+            assert img.size == (1200, 1200)
+        answer = verifier.parse_answer(ex["conversations"][1]["value"])
+        assert len(answer.cards) == 4 and answer.formula
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(EnvError, match="unknown GeneralPoints variant 'gp'"):
+        generate_gp_sft("gp", "train", 2, tmp_path / "x.json")
+    with pytest.raises(EnvError, match="gp-vl only"):
+        generate_gp_sft("gp-l", "ood-visual", 2, tmp_path / "x.json")
+    with pytest.raises(EnvError, match="positive integer"):
+        generate_gp_sft("gp-l", "train", 0, tmp_path / "x.json")
+    assert not (tmp_path / "x.json").exists()
