@@ -204,11 +204,11 @@ def test_determinism_from_seeds():
     e1, e2 = make("virl-vl", split="ood-visual", seed=7), make("virl-vl", split="ood-visual", seed=7)
     o1, i1 = e1.reset(options={"route_idx": 3})
     o2, i2 = e2.reset(options={"route_idx": 3})
-    assert e1._rail == e2._rail
+    assert e1.rail == e2.rail
     assert o1["image"].tobytes() == o2["image"].tobytes() and o1["text"] == o2["text"]
     o3, _ = e1.reset(seed=11, options={"route_idx": 3})
     o4, _ = e2.reset(seed=11, options={"route_idx": 3})
-    assert e1._rail == e2._rail and o3["image"].tobytes() == o4["image"].tobytes()
+    assert e1.rail == e2.rail and o3["image"].tobytes() == o4["image"].tobytes()
 
 
 _DIGEST = """

@@ -75,7 +75,7 @@ def test_released_data_vl_episode(release):
     for (r, c), quadrant in zip(((16, 16), (16, 53), (53, 16), (53, 53)), range(4)):
         assert np.abs(img[r, c] - QUADRANT_RGB[quadrant]).max() < 40
     assert (img[32:37, :] == 0).all() and (img[:, 32:37] == 0).all()  # separators
-    wps = env._rail.waypoints
+    wps = env.rail.waypoints
     assert all(w.pano_id is not None for w in wps)
     fwd = [w for w in wps if w.gt_action == "forward()"]
     assert fwd and all(w.geocode in hand_panos() for w in fwd)
@@ -92,13 +92,13 @@ def test_relocation_filters_forward_points(release):
     env = make("virl-l", split="train", data_dir=str(release), drop_rate=0.0, seed=0)
     env.reset()
     legs = [(START, INT1), (INT1, INT2), (INT2, DEST)]
-    fwd = [w for w in env._rail.waypoints if w.gt_action == "forward()"]
+    fwd = [w for w in env.rail.waypoints if w.gt_action == "forward()"]
     for w in fwd:
         assert any(min(geo.distance_m(w.geocode, a), geo.distance_m(w.geocode, b)) > 8 for a, b in legs)
     no_reloc = make("virl-l", split="train", data_dir=str(release), drop_rate=0.0, relocation=False)
     no_reloc.reset()
-    assert sum(w.gt_action == "forward()" for w in no_reloc._rail.waypoints) == 15
-    assert all(w.pano_id is None for w in no_reloc._rail.waypoints)
+    assert sum(w.gt_action == "forward()" for w in no_reloc.rail.waypoints) == 15
+    assert all(w.pano_id is None for w in no_reloc.rail.waypoints)
 
 
 def test_procedural_routes_roundtrip_through_the_release_format(tmp_path):
@@ -114,7 +114,7 @@ def test_procedural_routes_roundtrip_through_the_release_format(tmp_path):
     for i in (0, 9, 17):
         a, _ = proc.reset(options={"route_idx": i})
         b, _ = released.reset(options={"route_idx": i})
-        assert a["text"] == b["text"] and proc._rail == released._rail
+        assert a["text"] == b["text"] and proc.rail == released.rail
 
 
 def test_restricted_unpickler(tmp_path):

@@ -117,7 +117,7 @@ _model_text = st.one_of(
 def test_fuzz_arbitrary_model_text(text):
     if _ENV._done:
         _ENV.reset()
-    gt = _ENV._rail.waypoints[_ENV._wp_idx].gt_action
+    gt = _ENV.rail.waypoints[_ENV._wp_idx].gt_action
     obs, reward, terminated, truncated, info = _ENV.step(text)
     assert reward in (1.0, -1.0, -1.5)
     assert isinstance(obs["text"], str)

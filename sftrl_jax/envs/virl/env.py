@@ -84,8 +84,8 @@ class VirlEnv(Env):
         self.split = check_split(self.name, split)
         if isinstance(verify_iter, bool) or not isinstance(verify_iter, int) or verify_iter < 1:
             raise EnvError(f"verify_iter must be an integer >= 1, got {verify_iter!r}")
-        if not 0.0 <= float(drop_rate) <= 1.0:
-            raise EnvError(f"drop_rate must be in [0, 1], got {drop_rate!r}")
+        if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate <= 1.0:
+            raise EnvError(f"drop_rate must be a number in [0, 1], got {drop_rate!r}")
         if (
             isinstance(straight_line_length, bool)
             or not isinstance(straight_line_length, int)
@@ -144,6 +144,11 @@ class VirlEnv(Env):
     @property
     def n_routes(self) -> int:
         return len(self.routes)
+
+    @property
+    def rail(self) -> rail.Rail | None:
+        """The current episode's rail (instructions and waypoints), None before the first reset."""
+        return self._rail
 
     def _image(self, wp: rail.Waypoint):
         if self.language_only:
