@@ -413,7 +413,14 @@ def _vision_from_hf(d: Mapping[str, Any], where: str) -> VisionConfig:
     f = _Fields(d, where)
     f.refuse_unless("hidden_act", ("gelu",), "only exact (erf) GELU is implemented")
     heads = f.get("attention_heads", None) or f.get("num_attention_heads")
-    f.used |= {"attention_heads", "num_attention_heads"}
+    f.used |= {
+        "attention_heads",
+        "num_attention_heads",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "tie_word_embeddings",
+    }
     vision = VisionConfig(
         hidden_size=int(f.get("hidden_size")),
         intermediate_size=int(f.get("intermediate_size")),

@@ -28,7 +28,6 @@ from sftrl_jax.errors import UserError
 from sftrl_jax.models import build, safetensors_io
 from sftrl_jax.models import config as config_lib
 
-
 # --------------------------------------------------------------------------------------------------
 # Layout transforms between an HF tensor and our parameter.
 
