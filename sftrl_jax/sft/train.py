@@ -1,0 +1,349 @@
+"""Supervised fine-tuning: the pure sharded train step and the resumable loop.
+
+    sftrl sft --config configs/sft/gp_l_tiny.yaml train.steps=50
+
+`train_step(state, batch) -> (state, metrics)` is jitted once per padded length bucket, with the
+state donated and sharded by the logical-axis rules; gradient accumulation scans over micro-batches
+inside the step (one optimiser update per call). The loop resumes from the run folder's latest
+checkpoint (params, optimiser, step, RNG, data iterator), saves and exits 0 on SIGTERM, skips steps
+with non-finite gradients and aborts after `train.max_bad_steps` of them in a row.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from sftrl_jax import config as config_lib
+from sftrl_jax.config import ConfigError
+from sftrl_jax.data.sft import SFTData, SFTDataConfig
+from sftrl_jax.errors import UserError
+from sftrl_jax.evaluation.compute import ComputeCounter
+from sftrl_jax.parallel import mesh as mesh_lib
+from sftrl_jax.parallel import rules
+from sftrl_jax.sft.losses import sft_loss
+from sftrl_jax.train import checkpoint as ckpt_lib
+from sftrl_jax.train import metrics as metrics_lib
+from sftrl_jax.train import optim as optim_lib
+from sftrl_jax.train.state import (
+    ModelSection,
+    TrainState,
+    abstract_like,
+    load_model,
+    rng_data,
+    split_params,
+    tokenizer_for,
+)
+
+IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", *IMAGE_KEYS)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainSection:
+    run_dir: str = "runs/sft"
+    steps: int = 100  # optimiser steps
+    grad_accum: int = 1  # micro-batches per optimiser step (data.batch_size is the whole step's batch)
+    log_every: int = 10
+    eval_every: int = 0  # 0 = no periodic eval loss
+    save_every: int = 100
+    keep: int = 3  # checkpoints kept
+    seed: int = 0
+    mesh: str = "data=1,fsdp=-1,tensor=1"  # -1 = the rest of the devices
+    max_bad_steps: int = 5  # abort after this many non-finite steps in a row
+    resume: bool = True  # continue from the run folder's latest checkpoint
+    tensorboard: bool = False
+    async_checkpointing: bool = True
+    progress: bool = True  # tqdm progress bar
+    d_init: int = 0  # tokens of the SFT that produced model.init (for the compute axis)
+
+    def __post_init__(self):
+        for name in ("steps", "grad_accum", "log_every", "save_every", "keep", "max_bad_steps"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class SFTConfig:
+    model: ModelSection
+    data: SFTDataConfig
+    optim: optim_lib.OptimConfig = dataclasses.field(default_factory=optim_lib.OptimConfig)
+    train: TrainSection = dataclasses.field(default_factory=TrainSection)
+
+
+# ----------------------------------------------------------------------------------------------
+# The step
+
+
+def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    out = {"attention_mask": batch["attention_mask"]}
+    out.update({k: batch[k] for k in IMAGE_KEYS if k in batch})
+    return out
+
+
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_accum: int, lr_fn):
+    """The pure SFT step over (TrainState, batch); `rest` = the model's non-trainable variables."""
+
+    def loss_fn(params, mb):
+        model = nnx.merge(graphdef, params, rest)
+        out = model(mb["input_ids"], **model_inputs(mb))
+        _, aux = sft_loss(out.logits, mb["targets"], mb["loss_mask"])
+        return aux["nll_sum"], aux
+
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def train_step(state: TrainState, batch: dict[str, jax.Array]):
+        # [B, ...] -> [A, B/A, ...]: micro-batches scanned in order, gradients summed, then divided
+        # by the step's total loss tokens, so the update equals one big batch's.
+        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
+
+        def accumulate(carry, mb):
+            grads, nll, tokens, correct = carry
+            (_, aux), g = grad_fn(state.params, mb)
+            grads = jax.tree.map(jnp.add, grads, g)
+            return (grads, nll + aux["nll_sum"], tokens + aux["tokens"], correct + aux["correct"]), None
+
+        zeros = jax.tree.map(jnp.zeros_like, state.params)
+        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
+        (grads, nll, tokens, correct), _ = jax.lax.scan(accumulate, init, micro)
+        denom = jnp.maximum(tokens, 1.0)
+        grads = jax.tree.map(lambda g: g / denom, grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        finite = jnp.isfinite(optax.global_norm(grads))
+        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
+        metrics = {
+            "loss": nll / denom,
+            "token_accuracy": correct / denom,
+            "loss_tokens": tokens,
+            "grad_norm": optax.global_norm(grads),
+            "update_norm": optax.global_norm(updates),
+            "lr": lr_fn(state.step),
+            "finite": finite,
+        }
+        return new_state, metrics
+
+    return train_step
+
+
+def make_eval_step(graphdef, rest):
+    def eval_step(params, batch):
+        model = nnx.merge(graphdef, params, rest)
+        out = model(batch["input_ids"], **model_inputs(batch))
+        _, aux = sft_loss(out.logits, batch["targets"], batch["loss_mask"])
+        return aux["nll_sum"], aux["tokens"]
+
+    return eval_step
+
+
+# ----------------------------------------------------------------------------------------------
+# The loop
+
+
+def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global arrays sharded over the batch axes."""
+    out = {}
+    for k in BATCH_KEYS:
+        if k not in batch:
+            continue
+        x = batch[k]
+        names = ("batch",) + (None,) * (x.ndim - 1)
+        sharding = rules.named_sharding(names, (x.shape[0] * jax.process_count(), *x.shape[1:]), mesh)
+        out[k] = jax.make_array_from_process_local_data(sharding, x)
+    return out
+
+
+def _image_processor(model):
+    vision = getattr(model.config, "vision", None)
+    if vision is None:
+        return None
+    from sftrl_jax.data.processor import ImageProcessor
+
+    return ImageProcessor(tile_size=vision.image_size, max_tiles=vision.max_num_tiles)
+
+
+def param_count(params) -> int:
+    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
+
+
+def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
+    """Runs (or resumes) the SFT run of `cfg`; returns the last logged metrics.
+
+    `stop_after` ends the loop after that many steps *of this call* without finishing the run
+    (tests use it to interrupt a run and resume it).
+    """
+    t = cfg.train
+    os.makedirs(t.run_dir, exist_ok=True)
+    config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
+    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(t.mesh))
+    batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
+    if cfg.data.batch_size % (t.grad_accum * batch_axes):
+        raise ConfigError(
+            f"data.batch_size {cfg.data.batch_size} must be divisible by train.grad_accum ({t.grad_accum}) x "
+            f"the batch-sharding mesh axes data*fsdp ({batch_axes})"
+        )
+    tokenizer = tokenizer_for(cfg.model)
+    model = load_model(cfg.model, mesh=mesh, seed=t.seed)  # not under set_mesh: eval_shape of logical names
+    vocab = model.config.text.vocab_size
+    if tokenizer.vocab_size > vocab:
+        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {vocab}")
+    data = SFTData(cfg.data, tokenizer, image_processor=_image_processor(model))
+    graphdef, params, rest = split_params(model)
+    del model
+    lr_fn = optim_lib.schedule(cfg.optim, t.steps)
+    tx = optim_lib.make_optimizer(cfg.optim, params, total_steps=t.steps)
+    state_shardings = TrainState(
+        step=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+        params=jax.tree.map(lambda x: x.sharding, params),
+        opt_state=None,
+        rng=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+    )
+    with jax.set_mesh(mesh):
+        opt_state = jax.jit(tx.init)(params)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng_data(t.seed))
+    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+
+    checkpointer = ckpt_lib.Checkpointer(
+        os.path.join(t.run_dir, "checkpoints"), keep=t.keep, every=t.save_every, async_save=t.async_checkpointing
+    )
+    iterator = data.iterator()
+    compute = ComputeCounter(n_params=param_count(params), d_init=t.d_init)
+    start = 0
+    if t.resume and checkpointer.latest_step() is not None:
+        step0, restored, extra = checkpointer.restore_latest(abstract_like(state))
+        state = restored
+        iterator.set_state(extra["data"])
+        compute = ComputeCounter.from_state(extra["compute"])
+        start = int(step0)
+        print(f"sft: resumed {t.run_dir} at step {start}")
+
+    step_fn = jax.jit(
+        make_train_step(graphdef, rest, tx, grad_accum=t.grad_accum, lr_fn=lr_fn),
+        donate_argnums=0,
+        out_shardings=(state_shardings, None),
+    )
+    eval_fn = jax.jit(make_eval_step(graphdef, rest))
+
+    def extra_state() -> dict[str, Any]:
+        return {"data": _jsonable(iterator.get_state()), "compute": compute.state()}
+
+    writer = metrics_lib.MetricsWriter(t.run_dir, tensorboard=t.tensorboard)
+    last: dict[str, Any] = {}
+    bad_in_row = 0
+    tokens_window, padded_window, t_window = 0, 0, time.perf_counter()
+    peak = metrics_lib.peak_flops()
+    progress = _progress(t, start)
+    steps_this_call = 0
+    try:
+        with ckpt_lib.PreemptionGuard() as guard, jax.set_mesh(mesh):
+            for step in range(start, t.steps):
+                local = next(iterator)
+                batch = global_batch(local, mesh)
+                state, m = step_fn(state, batch)
+                n_tokens = int(local["attention_mask"].sum()) * jax.process_count()
+                tokens_window += n_tokens
+                padded_window += local["attention_mask"].size * jax.process_count()
+                compute.add_train(
+                    n_tokens,
+                    n_images=int(local["pixel_values"].shape[1] * local["pixel_values"].shape[0])
+                    if "pixel_values" in local
+                    else 0,
+                )
+                if not bool(m["finite"]):
+                    bad_in_row += 1
+                    if bad_in_row >= t.max_bad_steps:
+                        raise UserError(
+                            f"sft: {bad_in_row} steps in a row had non-finite gradients (last at step {step + 1}); "
+                            f"aborting. Lower optim.lr, check the data, or resume from the last checkpoint "
+                            f"({checkpointer.latest_step()}) with other settings."
+                        )
+                else:
+                    bad_in_row = 0
+                done = step + 1
+                if done % t.log_every == 0 or done == t.steps:
+                    elapsed = max(time.perf_counter() - t_window, 1e-9)
+                    tps = tokens_window / elapsed
+                    row = {k: float(v) for k, v in m.items()}
+                    row.update(
+                        tokens_per_s=tps,
+                        padding_fraction=1.0 - tokens_window / max(padded_window, 1),
+                        mfu=6.0 * compute.n_params * tps / peak if peak else float("nan"),
+                        skipped_nonfinite=_skipped(state.opt_state),
+                        gflops=compute.flops(rl=False) / 1e9,
+                        truncated=int(local["truncated"].sum()),
+                    )
+                    last = writer.write(done, row, prefix="train")
+                    tokens_window, padded_window, t_window = 0, 0, time.perf_counter()
+                    if progress is not None:
+                        progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tps:.0f}")
+                if t.eval_every and done % t.eval_every == 0:
+                    writer.write(done, evaluate_loss(eval_fn, state.params, data, mesh), prefix="eval")
+                checkpointer.maybe_save(done, state, extra_state())
+                if progress is not None:
+                    progress.update(1)
+                steps_this_call += 1
+                if guard.requested:
+                    checkpointer.save(done, state, extra_state())
+                    print(f"sft: SIGTERM received; saved step {done} to {checkpointer.directory}; exiting")
+                    break
+                if stop_after is not None and steps_this_call >= stop_after:
+                    break
+            else:
+                checkpointer.save(t.steps, state, extra_state())
+                if data.eval:
+                    last.update(writer.write(t.steps, evaluate_loss(eval_fn, state.params, data, mesh), prefix="eval"))
+                save_final(graphdef, state.params, rest, t.run_dir)
+    finally:
+        checkpointer.close()
+        writer.close()
+        if progress is not None:
+            progress.close()
+    return last
+
+
+def evaluate_loss(eval_fn, params, data: SFTData, mesh) -> dict[str, float]:
+    nll, tokens = 0.0, 0.0
+    for local in data.eval_batches():
+        n = local["input_ids"].shape[0]
+        pad = (-n) % (mesh.shape["data"] * mesh.shape["fsdp"])
+        if pad:  # pad the last batch with rows whose loss mask is 0
+            local = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in local.items()}
+        a, b = eval_fn(params, global_batch(local, mesh))
+        nll, tokens = nll + float(a), tokens + float(b)
+    return {"loss": nll / max(tokens, 1.0), "tokens": tokens}
+
+
+def save_final(graphdef, params, rest, run_dir: str) -> str:
+    """The trained model as a model checkpoint (`<run_dir>/final`) that `sftrl eval/rl/export` load."""
+    from sftrl_jax.models.checkpoint import save_checkpoint
+
+    path = os.path.join(run_dir, "final")
+    save_checkpoint(nnx.merge(graphdef, params, rest), path)
+    return path
+
+
+def _skipped(opt_state) -> int:
+    counts = optim_lib.nonfinite_counts(opt_state)
+    return int(counts[1]) if counts is not None else 0
+
+
+def _jsonable(state: Any) -> Any:
+    return json.loads(json.dumps(state, default=lambda o: o.decode() if isinstance(o, bytes) else str(o)))
+
+
+def _progress(t: TrainSection, start: int):
+    if not t.progress or jax.process_index() != 0:
+        return None
+    from tqdm.auto import tqdm
+
+    return tqdm(total=t.steps, initial=start, desc="sft", unit="step", dynamic_ncols=True)
