@@ -176,6 +176,16 @@ def _prefixes(sorted_values: tuple[int, ...], target: int) -> frozenset[str]:
     return frozenset(sol[:i] for sol in _solve(sorted_values, target) for i in range(len(sol) + 1))
 
 
+@functools.lru_cache(maxsize=16384)
+def _solution_set(sorted_values: tuple[int, ...], target: int) -> frozenset[str]:
+    return frozenset(_solve(sorted_values, target))
+
+
+def solution_set(values: Sequence[int], target: int = 24) -> frozenset[str]:
+    """The solution strings as a set, for O(1) membership tests."""
+    return _solution_set(_check(values, target), int(target))
+
+
 def prefixes(values: Sequence[int], target: int = 24) -> frozenset[str]:
     """Every prefix of every solution string (with "" when a solution exists), for O(1) prefix tests."""
     return _prefixes(_check(values, target), int(target))

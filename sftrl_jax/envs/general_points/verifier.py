@@ -25,13 +25,12 @@ reads all three as no cards at all); a non-string JSON "formula" scores -3 (the 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import re
 from collections import Counter
 from collections.abc import Sequence
 from fractions import Fraction
-from typing import Any
+from typing import Any, NamedTuple
 
 from sftrl_jax.envs.general_points import solver
 
@@ -66,6 +65,7 @@ _NUMBER = re.compile(r"\d+")
 _GRAMMAR_OK = re.compile(r"(?:\(*\d+\)*[+\-*/])*\(*(?:\d+\)*)?")
 _OPERATORS = "+-*/"
 _PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
+_NOT_OPERAND = frozenset("+-*/)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,29 +75,56 @@ class Puzzle:
     values: tuple[int, ...]
     symbols: tuple[str, ...]
     target: int = 24
+    # derived once per hand: every solution-string prefix, the solution strings, sorted card texts
     prefixes: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+    solution_set: frozenset[str] = dataclasses.field(init=False, repr=False, compare=False)
+    _value_texts: list[str] = dataclasses.field(init=False, repr=False, compare=False)
+    _available: dict[int, int] = dataclasses.field(init=False, repr=False, compare=False)
+    _sorted_symbols: list[str] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self):
-        object.__setattr__(self, "values", tuple(int(v) for v in self.values))
-        object.__setattr__(self, "symbols", tuple(self.symbols))
-        object.__setattr__(self, "prefixes", solver.prefixes(self.values, self.target))
+        values = tuple(int(v) for v in self.values)
+        object.__setattr__(self, "values", values)
+        object.__setattr__(self, "symbols", tuple(str(s) for s in self.symbols))
+        object.__setattr__(self, "target", int(self.target))
+        object.__setattr__(self, "prefixes", solver.prefixes(values, self.target))
+        object.__setattr__(self, "solution_set", solver.solution_set(values, self.target))
+        object.__setattr__(self, "_value_texts", sorted(str(v) for v in values))
+        object.__setattr__(self, "_available", dict(Counter(values)))
+        object.__setattr__(self, "_sorted_symbols", sorted(self.symbols))
 
     @property
     def solutions(self) -> tuple[str, ...]:
         return solver.solutions(self.values, self.target)
 
 
-@dataclasses.dataclass(frozen=True)
 class Answer:
-    """The fields read from model text. `formula` is None when the JSON value is not a string."""
+    """The fields read from model text. `formula` is None when the JSON value is not a string; `cards`
+    and `numbers` (lists of 4 strings, or []) are read on first access."""
 
-    formula: str | None
-    cards: list[str]
-    numbers: list[str]
+    __slots__ = ("_text", "_obj", "_reference", "formula", "_cards", "_numbers")
+
+    def __init__(self, text: str, obj: dict | None, formula: str | None, reference_card_parsing: bool):
+        self._text, self._obj, self._reference, self.formula = text, obj, reference_card_parsing, formula
+        self._cards = self._numbers = None
+
+    @property
+    def cards(self) -> list[str]:
+        if self._cards is None:
+            self._cards = _read_cards(self._obj, self._text, reference=self._reference)
+        return self._cards
+
+    @property
+    def numbers(self) -> list[str]:
+        if self._numbers is None:
+            self._numbers = _read_numbers(self._obj, self._text)
+        return self._numbers
+
+    def __repr__(self) -> str:
+        return f"Answer(formula={self.formula!r}, cards={self.cards!r}, numbers={self.numbers!r})"
 
 
-@dataclasses.dataclass(frozen=True)
-class Verdict:
+class Verdict(NamedTuple):
     """Reward of one model turn; `penalties` lists each (reward, message) added, in order."""
 
     reward: float
@@ -184,11 +211,7 @@ def parse_answer(text: Any, *, reference_card_parsing: bool = False) -> Answer:
     if not isinstance(text, str):
         text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
     obj = _json_object(text)
-    return Answer(
-        formula=_read_formula(obj, text),
-        cards=_read_cards(obj, text, reference=reference_card_parsing),
-        numbers=_read_numbers(obj, text),
-    )
+    return Answer(text, obj, _read_formula(obj, text), reference_card_parsing)
 
 
 # -------------------------------------------------------------------------------------------- evaluation
@@ -229,17 +252,17 @@ def _apply(op: str, a, b, exact: bool):
         raise _Unparsable(str(e)) from None
 
 
+def _reduce(values: list, ops: list[str], exact: bool) -> None:
+    b = values.pop()
+    values[-1] = _apply(ops.pop(), values[-1], b, exact)
+
+
 def _evaluate_tokens(tokens: Sequence[str], exact: bool):
     """Operator-precedence evaluation with explicit stacks (no recursion, no depth surprises)."""
     values: list = []
     ops: list[str] = []
     depth = 0
     want_operand = True
-
-    def reduce() -> None:
-        b, a = values.pop(), values.pop()
-        values.append(_apply(ops.pop(), a, b, exact))
-
     for tok in tokens:
         if want_operand:
             if tok == "(":
@@ -247,21 +270,22 @@ def _evaluate_tokens(tokens: Sequence[str], exact: bool):
                 if depth > MAX_NESTING:
                     raise _Unparsable("too many nested parentheses")
                 ops.append(tok)
-            elif tok[0] not in "+-*/)":
+            elif tok in _NOT_OPERAND:
+                raise _Unparsable(tok)
+            else:
                 values.append(_leaf(tok, exact))
                 want_operand = False
-            else:
-                raise _Unparsable(tok)
         elif tok == ")":
             while ops and ops[-1] != "(":
-                reduce()
+                _reduce(values, ops, exact)
             if not ops:
                 raise _Unparsable("unmatched ')'")
             ops.pop()
             depth -= 1
         elif tok in _PRECEDENCE:
-            while ops and ops[-1] != "(" and _PRECEDENCE[ops[-1]] >= _PRECEDENCE[tok]:
-                reduce()
+            prec = _PRECEDENCE[tok]
+            while ops and ops[-1] != "(" and _PRECEDENCE[ops[-1]] >= prec:
+                _reduce(values, ops, exact)
             ops.append(tok)
             want_operand = True
         else:
@@ -269,7 +293,7 @@ def _evaluate_tokens(tokens: Sequence[str], exact: bool):
     if want_operand or "(" in ops:
         raise _Unparsable("unexpected end")
     while ops:
-        reduce()
+        _reduce(values, ops, exact)
     return values[0]
 
 
@@ -298,9 +322,9 @@ def _token_kind(tok: str) -> str:
     return "number"
 
 
-def _grammar_penalties(formula: str, tokens: list[str]) -> list[tuple[float, str]]:
+def _grammar_penalties(formula: str, *, fast: bool = True) -> list[tuple[float, str]]:
     """One (-3, message) per grammar violation, as the reference's token pass reports them."""
-    if len(formula) <= _FAST_GRAMMAR_CHARS and _GRAMMAR_OK.fullmatch(formula):
+    if fast and len(formula) <= _FAST_GRAMMAR_CHARS and _GRAMMAR_OK.fullmatch(formula):
         if ")" not in formula:
             return []
         depth = 0
@@ -317,7 +341,7 @@ def _grammar_penalties(formula: str, tokens: list[str]) -> list[tuple[float, str
     penalty = REWARDS["ILLEGAL_FORMULA"]
     prev = None
     open_parens = 0
-    for tok in tokens:
+    for tok in _TOKEN.findall(formula):
         kind = _token_kind(tok)
         after_operand = prev in ("number", "close_paren")
         if kind == "number" and after_operand:
@@ -349,49 +373,53 @@ def _list_text(items: Sequence[int | str]) -> str:
     return "[" + ", ".join(str(x) for x in items) + "]"
 
 
-def _number_penalties(numbers: list[str], values: tuple[int, ...]) -> list[tuple[float, str]]:
-    if len(numbers) == len(values) and all(len(t) <= 3 for t in numbers):
-        if sorted(int(t) for t in numbers) == sorted(values):
-            return []
-    used = Counter(_int_token(t) for t in numbers)
-    available = Counter(values)
+def _number_penalties(numbers: list[str], puzzle: Puzzle) -> list[tuple[float, str]]:
+    if sorted(numbers) == puzzle._value_texts:  # exactly the card numbers, written plainly
+        return []
+    used: dict[int | str, int] = {}
+    for tok in numbers:
+        n = _int_token(tok)
+        used[n] = used.get(n, 0) + 1
+    available = puzzle._available
     penalty = REWARDS["INCORRECT_NUMBER"]
     out = []
     invalid = [n for n in used if n not in available]
-    overused = [n for n in used if used[n] > available[n]]
     if invalid:
         out.append((penalty, f"you used invalid numbers: {_list_text(invalid)}"))
-    elif overused:
-        out.append((penalty, f"you used numbers: {_list_text(overused)} too many times"))
-    unused = [n for n in available if available[n] > used[n]]
+    else:
+        overused = [n for n, k in used.items() if k > available[n]]
+        if overused:
+            out.append((penalty, f"you used numbers: {_list_text(overused)} too many times"))
+    unused = [n for n, k in available.items() if k > used.get(n, 0)]
     if unused:
         out.append((penalty, f"you didn't use numbers: {_list_text(unused)}"))
     return out
 
 
-def _score_formula(
-    formula: str | None, values: tuple[int, ...], target: int, prefixes: frozenset[str], exact: bool
-) -> tuple[tuple[float, str], ...]:
+def _penalties(formula: str | None, puzzle: Puzzle, exact: bool) -> tuple[tuple[float, str], ...]:
     """The reference's `step_rewards` after the card check: the (reward, message) items of one formula."""
-    if formula is None or not _LEGAL.fullmatch(formula):
+    if formula is None:
         return ((REWARDS["ILLEGAL_FORMULA"], "illegal characters"),)
-    tokens = _TOKEN.findall(formula)
-    penalties = _grammar_penalties(formula, tokens)
-    penalties += _number_penalties([t for t in tokens if t[0] not in "+-*/()"], values)
+    if exact and formula in puzzle.solution_set:  # legal, grammatical, the card numbers, exactly the target
+        return ((REWARDS["CORRECT"], "Correct solution"),)
+    if not _LEGAL.fullmatch(formula):
+        return ((REWARDS["ILLEGAL_FORMULA"], "illegal characters"),)
+    penalties = _grammar_penalties(formula)
+    penalties += _number_penalties(_NUMBER.findall(formula), puzzle)
     if penalties:
         return tuple(penalties)
+    tokens = _TOKEN.findall(formula)
     try:
         value = _evaluate_tokens(tokens, exact)
-        correct = value[0] == target * value[1] if exact else value == target
-        if correct:
+        if (value[0] == puzzle.target * value[1]) if exact else (value == puzzle.target):
             return ((REWARDS["CORRECT"], "Correct solution"),)
     except _Unparsable:
-        if formula in prefixes:
+        if formula in puzzle.prefixes:
             return ((REWARDS["PARTIAL"], "partial solution"),)
     register = ""
     for tok in tokens:
         previous, register = register, register + tok
-        if register not in prefixes:
+        if register not in puzzle.prefixes:
             if previous:
                 message = f"{previous} is partially correct but the full formula does not match any solution"
             else:
@@ -400,16 +428,40 @@ def _score_formula(
     return ()
 
 
-@functools.lru_cache(maxsize=1 << 16)
-def _score_formula_cached(formula: str, values: tuple[int, ...], target: int, exact: bool):
-    return _score_formula(formula, values, target, solver.prefixes(values, target), exact)
+# (formula, values, target, exact) -> (reward, message, outcome, penalties); cleared when full.
+_RESULTS: dict[tuple, tuple[float, str, str, tuple[tuple[float, str], ...]]] = {}
+_RESULTS_MAX = 1 << 16
 
 
-def check_formula(formula: str | None, puzzle: Puzzle, *, exact: bool = True) -> tuple[tuple[float, str], ...]:
-    """(reward, message) items for an already extracted formula (the card check is not applied)."""
-    if formula is not None and len(formula) <= _CACHED_FORMULA_CHARS:
-        return _score_formula_cached(formula, puzzle.values, puzzle.target, exact)
-    return _score_formula(formula, puzzle.values, puzzle.target, puzzle.prefixes, exact)
+def clear_cache() -> None:
+    _RESULTS.clear()
+
+
+def _result(penalties: tuple[tuple[float, str], ...]) -> tuple[float, str, str, tuple]:
+    if len(penalties) == 1:  # the common case, without the generic joins
+        reward, message = penalties[0]
+        return reward, message + ".", _OUTCOME_OF.get(reward, "AGGREGATED_ERROR"), penalties
+    reward = float(sum([r for r, _ in penalties]))
+    return reward, ", ".join([m for _, m in penalties]) + ".", outcome_of(reward), penalties
+
+
+def check_formula(formula: str | None, puzzle: Puzzle, *, exact: bool = True) -> tuple[float, str, str, tuple]:
+    """(reward, message, outcome, penalties) of an already extracted formula, without the card check.
+
+    Results of short formulas are cached per hand: sampled answers repeat a lot."""
+    if formula is None or len(formula) > _CACHED_FORMULA_CHARS:
+        return _result(_penalties(formula, puzzle, exact))
+    key = (formula, puzzle.values, puzzle.target, exact)
+    result = _RESULTS.get(key)
+    if result is None:
+        result = _result(_penalties(formula, puzzle, exact))
+        if len(_RESULTS) >= _RESULTS_MAX:
+            _RESULTS.clear()
+        _RESULTS[key] = result
+    return result
+
+
+_VISION = (REWARDS["INCORRECT_VISION"], "you recognized wrong cards")
 
 
 def score(
@@ -422,15 +474,9 @@ def score(
 ) -> Verdict:
     """Scores one model turn. Never raises on any text."""
     answer = parse_answer(text, reference_card_parsing=reference_card_parsing)
-    if not language_only and sorted(answer.cards) != sorted(puzzle.symbols):
-        reward = REWARDS["INCORRECT_VISION"]
-        return Verdict(
-            reward, "you recognized wrong cards", "INCORRECT_VISION", ((reward, "you recognized wrong cards"),), answer
-        )
-    penalties = check_formula(answer.formula, puzzle, exact=exact)
-    reward = float(sum(r for r, _ in penalties))
-    message = ", ".join(m for _, m in penalties) + "."
-    return Verdict(reward, message, outcome_of(reward), penalties, answer)
+    if not language_only and sorted(answer.cards) != puzzle._sorted_symbols:
+        return Verdict(_VISION[0], _VISION[1], "INCORRECT_VISION", (_VISION,), answer)
+    return Verdict(*check_formula(answer.formula, puzzle, exact=exact), answer)
 
 
 def score_many(
