@@ -120,3 +120,17 @@ def write_config(config_dict: dict, folder: str) -> str:
     with open(os.path.join(folder, "config.json"), "w") as f:
         json.dump(config_dict, f)
     return folder
+
+
+def jit_forward(model):
+    """`model(**inputs)` compiled once per input shapes (eager op-by-op dispatch is slow on CPU)."""
+    import jax
+    from flax import nnx
+
+    graphdef, state = nnx.split(model)
+
+    @jax.jit
+    def forward(state, inputs):
+        return nnx.merge(graphdef, state)(**inputs)
+
+    return lambda input_ids, **inputs: forward(state, {"input_ids": input_ids, **inputs})
