@@ -24,7 +24,7 @@ def test_verifier_last_line(bench, capsys):
     lines = capsys.readouterr().out.strip().splitlines()
     assert lines[-1].startswith("verifier answers/s: ")
     assert int(lines[-1].split(": ")[1]) > 1000
-    assert any(line.startswith("deal ms per solvable hand") for line in lines)
+    assert any(line.startswith("deal ms (CPU) per solvable hand") for line in lines)
 
 
 @pytest.mark.parametrize("name", ["sampler", "sft"])

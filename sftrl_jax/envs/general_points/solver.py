@@ -8,8 +8,9 @@ credit compares model formulas against these strings by prefix, so we produce ex
 Instead of evaluating 10,752 strings one by one, each (bracket placement, operator triple) is mapped
 once to one of the five binary-tree shapes over the ordered leaves a, b, c, d; each shape is then
 evaluated for all orderings and operator triples at once with numpy, as exact rationals held in int64
-numerator/denominator pairs (no float rounding, no overflow for card values <= 100). Results are cached
-per sorted multiset of values (at most 1,820 multisets of 1..13 per target), so dealing is cheap.
+numerator/denominator pairs (no float rounding; the largest component is max(value)**5, far inside int64
+for numbers <= 100 and |target| <= 10**6). Results are cached per sorted multiset of values (at most
+1,820 multisets of 1..13 per target), so dealing is cheap.
 """
 
 from __future__ import annotations
@@ -94,40 +95,27 @@ _TEMPLATES = tuple(
 )
 
 
-def _op_masks(axis: int) -> tuple[np.ndarray, ...]:
-    """Boolean masks [1, 4, 1, 1]-like (size 4 along `axis`) selecting '+', '-', '*', '/'."""
-    shape = [1, 1, 1, 1]
-    shape[axis] = 4
-    codes = np.arange(4).reshape(shape)
-    return tuple(codes == i for i in range(4))
-
-
-_MASKS = {axis: _op_masks(axis) for axis in (1, 2, 3)}
-
-
 def _apply(x, y, axis: int):
-    """Exact x `op` y for all four operators at once, laid along `axis` (size 1 in x and y).
+    """Exact x `op` y for the four operators, concatenated along `axis` (size 1 in x and y).
 
-    Values are (numerator, denominator, invalid) arrays; a division by zero marks the result invalid.
+    A value is a (numerator, denominator) pair of int64 arrays; denominator 0 marks an invalid value
+    (a division by zero somewhere below) and stays 0 through every later operation: x/y is computed as
+    (n1 d2 d2) / (d1 d2 n2), which equals n1 d2 / (d1 n2) whenever y is valid.
     """
-    (n1, d1, bad1), (n2, d2, bad2) = x, y
-    is_add, is_sub, is_mul, is_div = _MASKS[axis]
-    cross1, cross2 = n1 * d2, n2 * d1
-    n = np.where(is_add, cross1 + cross2, np.where(is_sub, cross1 - cross2, np.where(is_mul, n1 * n2, cross1)))
-    d = np.where(is_div, d1 * n2, d1 * d2)
-    return n, d, bad1 | bad2 | (is_div & (n2 == 0))
+    (n1, d1), (n2, d2) = x, y
+    cross1, cross2, dd = n1 * d2, n2 * d1, d1 * d2
+    n = np.concatenate((cross1 + cross2, cross1 - cross2, n1 * n2, cross1 * d2), axis=axis)
+    d = np.concatenate((dd, dd, dd, dd * n2), axis=axis)
+    return n, d
 
 
 def _tree_values(perms: np.ndarray):
-    """Values of the five tree shapes for every ordering and operator triple -> 3 arrays [5, P, 4, 4, 4].
+    """Values of the five tree shapes for every ordering and operator triple -> 2 arrays [5, P, 4, 4, 4].
 
     Axis 1 of the result is the ordering, axes 2, 3, 4 the operators o0, o1, o2.
     """
     size = len(perms)
-    a, b, c, d = (
-        (v, np.ones_like(v), np.zeros(v.shape, dtype=bool))
-        for v in (perms[:, i].reshape(size, 1, 1, 1) for i in range(4))
-    )
+    a, b, c, d = ((v, np.ones_like(v)) for v in (perms[:, i].reshape(size, 1, 1, 1) for i in range(4)))
     ab, bc, cd = _apply(a, b, 1), _apply(b, c, 2), _apply(c, d, 3)
     trees = (
         _apply(_apply(ab, c, 2), d, 3),  # ((a b) c) d
@@ -136,7 +124,7 @@ def _tree_values(perms: np.ndarray):
         _apply(a, _apply(bc, d, 3), 1),  # a ((b c) d)
         _apply(a, _apply(b, cd, 2), 1),  # a (b (c d))
     )
-    return tuple(np.stack([t[i] for t in trees]) for i in range(3))
+    return np.stack([t[0] for t in trees]), np.stack([t[1] for t in trees])
 
 
 def _check(values: Sequence[int], target: int) -> tuple[int, ...]:
@@ -151,9 +139,8 @@ def _check(values: Sequence[int], target: int) -> tuple[int, ...]:
 @functools.lru_cache(maxsize=16384)
 def _solve(sorted_values: tuple[int, ...], target: int) -> tuple[str, ...]:
     orderings = sorted(set(itertools.permutations(sorted_values)))
-    with np.errstate(all="ignore"):
-        n, d, bad = _tree_values(np.array(orderings, dtype=np.int64))
-    hit = (~bad & (n == target * d)).reshape(len(_SHAPES), len(orderings), 64)  # [5, P, 64]
+    n, d = _tree_values(np.array(orderings, dtype=np.int64))
+    hit = ((d != 0) & (n == target * d)).reshape(len(_SHAPES), len(orderings), 64)  # [5, P, 64]
     # [P, 64, 7]: pattern k with triple o is a solution iff the value of its tree shape hits the target.
     by_pattern = hit[
         _PATTERN_SHAPE.T[None, :, :], np.arange(len(orderings))[:, None, None], np.arange(64)[None, :, None]
