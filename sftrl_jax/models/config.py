@@ -340,15 +340,25 @@ class _Fields:
 
 
 def _rope_from_hf(f: _Fields) -> dict[str, Any]:
-    """RoPE settings from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older)."""
+    """RoPE settings from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older).
+
+    When both are present they must agree (transformers 5 would let `rope_scaling` win silently).
+    """
+    f.used |= {"rope_parameters", "rope_scaling", "rope_theta"}
+    found = {}
     if f.d.get("rope_parameters") is not None:
-        key, rope = "rope_parameters", dict(f.get("rope_parameters"))
-        f.used.add("rope_scaling")
-        theta = rope.get("rope_theta", f.d.get("rope_theta", 500000.0))
-    else:
-        key, rope = "rope_scaling", dict(f.get("rope_scaling", {}) or {})
-        theta = f.get("rope_theta", 500000.0)
-    f.used.add("rope_theta")
+        found["rope_parameters"] = _parse_rope(f, "rope_parameters", dict(f.d["rope_parameters"]))
+    if f.d.get("rope_scaling") is not None or not found:
+        found["rope_scaling"] = _parse_rope(f, "rope_scaling", dict(f.d.get("rope_scaling") or {}))
+    if len(set(map(repr, found.values()))) > 1:
+        raise UserError(
+            f"config.json: {f.name('rope_scaling')} and {f.name('rope_parameters')} disagree: {found}; keep one"
+        )
+    return next(iter(found.values()))
+
+
+def _parse_rope(f: _Fields, key: str, rope: dict) -> dict[str, Any]:
+    theta = rope.get("rope_theta", f.d.get("rope_theta", 500000.0))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise UserError(

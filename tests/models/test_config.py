@@ -34,6 +34,16 @@ def test_transformers5_style_rope_parameters():
     assert config_lib.from_hf_dict(d) == config_lib.from_hf_dict(load_11b())
 
 
+def test_rope_scaling_and_rope_parameters_must_agree():
+    d = load_11b()
+    t = d["text_config"]
+    t["rope_parameters"] = {**t["rope_scaling"], "rope_theta": t["rope_theta"]}
+    assert config_lib.from_hf_dict(d) == config_lib.from_hf_dict(load_11b())
+    t["rope_parameters"]["factor"] = 32.0
+    with pytest.raises(UserError, match="rope_scaling and text_config.rope_parameters disagree"):
+        config_lib.from_hf_dict(d)
+
+
 def test_llama_1b_style_config():
     d = {
         "architectures": ["LlamaForCausalLM"],
