@@ -57,6 +57,7 @@ _FIELD_PATTERNS = {
     "formula": re.compile(r'"formula": "(.*?)"'),
 }
 _JSON_WS = " \t\n\r"
+_JSON_START = re.compile(r"[ \t\n\r]*\{")
 _LEGAL = re.compile(r"[\d+\-*/()]*")
 _TOKEN = re.compile(r"\d+|[+\-*/()]")
 _NUMBER = re.compile(r"\d+")
@@ -148,7 +149,7 @@ def outcome_of(reward: float) -> str:
 
 def _json_object(text: str) -> dict | None:
     """`json.loads(text)` if that gives a dict; None otherwise, skipping the call when it must fail."""
-    if not text.lstrip(_JSON_WS).startswith("{"):
+    if _JSON_START.match(text) is None:
         return None
     body = text.rstrip(_JSON_WS)
     if body.endswith("}") and body[:-1].rstrip(_JSON_WS).endswith(","):
@@ -257,9 +258,10 @@ def _reduce(values: list, ops: list[str], exact: bool) -> None:
     values[-1] = _apply(ops.pop(), values[-1], b, exact)
 
 
-def _evaluate_tokens(tokens: Sequence[str], exact: bool):
-    """Operator-precedence evaluation with explicit stacks (no recursion, no depth surprises)."""
-    values: list = []
+def _postfix(tokens: Sequence[str]) -> tuple[str, ...]:
+    """Operator-precedence parse (explicit stacks, no recursion) -> postfix program; numbers appear as
+    "n" in reading order. Raises _Unparsable where Python's parser would raise a SyntaxError."""
+    out: list[str] = []
     ops: list[str] = []
     depth = 0
     want_operand = True
@@ -273,11 +275,11 @@ def _evaluate_tokens(tokens: Sequence[str], exact: bool):
             elif tok in _NOT_OPERAND:
                 raise _Unparsable(tok)
             else:
-                values.append(_leaf(tok, exact))
+                out.append("n")
                 want_operand = False
         elif tok == ")":
             while ops and ops[-1] != "(":
-                _reduce(values, ops, exact)
+                out.append(ops.pop())
             if not ops:
                 raise _Unparsable("unmatched ')'")
             ops.pop()
@@ -285,16 +287,57 @@ def _evaluate_tokens(tokens: Sequence[str], exact: bool):
         elif tok in _PRECEDENCE:
             prec = _PRECEDENCE[tok]
             while ops and ops[-1] != "(" and _PRECEDENCE[ops[-1]] >= prec:
-                _reduce(values, ops, exact)
+                out.append(ops.pop())
             ops.append(tok)
             want_operand = True
         else:
             raise _Unparsable(tok)
     if want_operand or "(" in ops:
         raise _Unparsable("unexpected end")
-    while ops:
-        _reduce(values, ops, exact)
-    return values[0]
+    out.extend(reversed(ops))
+    return tuple(out)
+
+
+# formula shape (digits replaced by '0') -> postfix program, or the _Unparsable it raised
+_PLANS: dict[str, tuple[str, ...] | _Unparsable] = {}
+_PLANS_MAX = 1 << 14
+_SHAPE_TABLE = str.maketrans("0123456789", "0000000000")
+
+
+def _plan(formula: str, tokens: Sequence[str] | None = None) -> tuple[str, ...]:
+    """The postfix program of a formula, cached by its shape: answers share a few hundred shapes."""
+    shape = formula.translate(_SHAPE_TABLE)  # non-ASCII digits stay: their leaves are rejected anyway
+    plan = _PLANS.get(shape)
+    if plan is None:
+        try:
+            plan = _postfix(_TOKEN.findall(formula) if tokens is None else tokens)
+        except _Unparsable as e:
+            plan = e
+        if len(_PLANS) >= _PLANS_MAX:
+            _PLANS.clear()
+        _PLANS[shape] = plan
+    if isinstance(plan, _Unparsable):
+        raise plan
+    return plan
+
+
+def _run(plan: tuple[str, ...], numbers: Sequence, exact: bool):
+    """Runs a postfix program on the numbers (already leaves: (n, 1) pairs if exact, else ints)."""
+    stack: list = []
+    it = iter(numbers)
+    for step in plan:
+        if step == "n":
+            stack.append(next(it))
+        else:
+            b = stack.pop()
+            stack[-1] = _apply(step, stack[-1], b, exact)
+    return stack[0]
+
+
+def _evaluate_tokens(tokens: Sequence[str], exact: bool):
+    """Value of a token list; raises _Unparsable where Python's `eval` would raise."""
+    plan = _postfix(tokens)
+    return _run(plan, [_leaf(t, exact) for t in tokens if t[0] not in _NOT_OPERAND and t != "("], exact)
 
 
 def evaluate(formula: str, *, exact: bool = True) -> Fraction | int | float | None:
@@ -364,18 +407,20 @@ def _grammar_penalties(formula: str, *, fast: bool = True) -> list[tuple[float, 
     return out
 
 
+class _LongNumber(str):
+    """A digit run too long for int() (> 4300 digits): never a card; shown unquoted in messages."""
+
+    __repr__ = str.__str__
+
+
 def _int_token(tok: str) -> int | str:
-    # int() refuses more than 4300 digits; such a number is never a card, keep its text for the message.
-    return int(tok) if len(tok) <= 4300 else tok
+    return int(tok) if len(tok) <= 4300 else _LongNumber(tok)
 
 
-def _list_text(items: Sequence[int | str]) -> str:
-    return "[" + ", ".join(str(x) for x in items) + "]"
+_list_text = repr  # "[4, 10]", as the reference prints its int lists
 
 
 def _number_penalties(numbers: list[str], puzzle: Puzzle) -> list[tuple[float, str]]:
-    if sorted(numbers) == puzzle._value_texts:  # exactly the card numbers, written plainly
-        return []
     used: dict[int | str, int] = {}
     for tok in numbers:
         n = _int_token(tok)
@@ -396,6 +441,20 @@ def _number_penalties(numbers: list[str], puzzle: Puzzle) -> list[tuple[float, s
     return out
 
 
+def _prefix_walk(formula: str, prefixes: frozenset[str]) -> tuple[tuple[float, str], ...]:
+    """The reference's walk over token prefixes: the first one no solution string starts with -> -1."""
+    register = ""
+    for tok in _TOKEN.findall(formula):
+        previous, register = register, register + tok
+        if register not in prefixes:
+            if previous:
+                message = f"{previous} is partially correct but the full formula does not match any solution"
+            else:
+                message = "your formula does not match any solution"
+            return ((REWARDS["NO_SOLUTION"], message),)
+    return ()
+
+
 def _penalties(formula: str | None, puzzle: Puzzle, exact: bool) -> tuple[tuple[float, str], ...]:
     """The reference's `step_rewards` after the card check: the (reward, message) items of one formula."""
     if formula is None:
@@ -405,27 +464,24 @@ def _penalties(formula: str | None, puzzle: Puzzle, exact: bool) -> tuple[tuple[
     if not _LEGAL.fullmatch(formula):
         return ((REWARDS["ILLEGAL_FORMULA"], "illegal characters"),)
     penalties = _grammar_penalties(formula)
-    penalties += _number_penalties(_NUMBER.findall(formula), puzzle)
+    numbers = _NUMBER.findall(formula)
+    plain = sorted(numbers) == puzzle._value_texts  # exactly the card numbers, written plainly
+    if not plain:
+        penalties += _number_penalties(numbers, puzzle)
     if penalties:
         return tuple(penalties)
-    tokens = _TOKEN.findall(formula)
     try:
-        value = _evaluate_tokens(tokens, exact)
+        if plain:  # ASCII digits without leading zeros: no leaf can be rejected
+            leaves = [(int(t), 1) for t in numbers] if exact else [int(t) for t in numbers]
+        else:
+            leaves = [_leaf(t, exact) for t in numbers]
+        value = _run(_plan(formula), leaves, exact)
         if (value[0] == puzzle.target * value[1]) if exact else (value == puzzle.target):
             return ((REWARDS["CORRECT"], "Correct solution"),)
     except _Unparsable:
         if formula in puzzle.prefixes:
             return ((REWARDS["PARTIAL"], "partial solution"),)
-    register = ""
-    for tok in tokens:
-        previous, register = register, register + tok
-        if register not in puzzle.prefixes:
-            if previous:
-                message = f"{previous} is partially correct but the full formula does not match any solution"
-            else:
-                message = "your formula does not match any solution"
-            return ((REWARDS["NO_SOLUTION"], message),)
-    return ()
+    return _prefix_walk(formula, puzzle.prefixes)
 
 
 # (formula, values, target, exact) -> (reward, message, outcome, penalties); cleared when full.
@@ -434,7 +490,9 @@ _RESULTS_MAX = 1 << 16
 
 
 def clear_cache() -> None:
+    """Forgets cached results and evaluation plans (for benchmarks; results never go stale)."""
     _RESULTS.clear()
+    _PLANS.clear()
 
 
 def _result(penalties: tuple[tuple[float, str], ...]) -> tuple[float, str, str, tuple]:
