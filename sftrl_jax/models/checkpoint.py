@@ -52,7 +52,7 @@ def save_checkpoint(model: nnx.Module, path: str) -> None:
     leaves = jax.tree.leaves(state)
     dtype = np.dtype(leaves[0].dtype).name if leaves else "float32"
     with ocp.StandardCheckpointer() as ckptr:
-        ckptr.save(os.path.join(path, PARAMS_DIR), state.to_pure_dict(), force=True)
+        ckptr.save(os.path.join(path, PARAMS_DIR), nnx.to_pure_dict(state), force=True)
     if jax.process_index() == 0:
         with open(os.path.join(path, CONFIG_FILE), "w") as f:
             json.dump({**config_lib.to_dict(model.config), "param_dtype": dtype}, f, indent=2)
@@ -89,7 +89,7 @@ def load_checkpoint(
         )
     try:
         with ocp.StandardCheckpointer() as ckptr:
-            restored = ckptr.restore(os.path.join(path, PARAMS_DIR), target.to_pure_dict())
+            restored = ckptr.restore(os.path.join(path, PARAMS_DIR), nnx.to_pure_dict(target))
     except (ValueError, KeyError, FileNotFoundError) as e:
         raise UserError(f"{path}: cannot restore the parameters for this config ({e})") from None
     nnx.replace_by_pure_dict(abstract_state, restored)

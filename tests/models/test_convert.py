@@ -185,7 +185,10 @@ def test_unknown_architecture_and_rope_type_name_the_field(llama_folder, tmp_pat
     _edit_config(folder, lambda d: d.update(architectures=["MistralForCausalLM"]))
     with pytest.raises(UserError, match=r"config\.json.*unknown architecture \['MistralForCausalLM'\]"):
         convert.from_pretrained(folder)
-    _edit_config(folder, lambda d: d.update(architectures=["LlamaForCausalLM"], rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    _edit_config(
+        folder,
+        lambda d: d.update(architectures=["LlamaForCausalLM"], rope_scaling={"rope_type": "dynamic", "factor": 2.0}),
+    )
     with pytest.raises(UserError, match=r"config\.json.*rope_scaling\.rope_type='dynamic'"):
         convert.from_pretrained(folder)
 
