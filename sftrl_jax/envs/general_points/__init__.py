@@ -1,6 +1,7 @@
 """GeneralPoints (the 24-points card game): gp-l (text) and gp-vl (image), SPEC §1.
 
-Pure core: `cards` (dealing), `solver` (exact solutions), `verifier` (rewards), `expert` (SFT answers),
+Pure core: `cards` (dealing), `solver` (exact solutions), `answer` (reading model text), `arithmetic`
+(safe exact evaluation), `verifier` (rewards), `expert` (SFT answers),
 `metrics`; host edges: `prompts` (template files), `render` (table image); `env` ties them together.
 """
 

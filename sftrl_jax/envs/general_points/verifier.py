@@ -1,7 +1,8 @@
 """GeneralPoints verifier: model text -> reward and message, the reward table of SPEC §1.6.
 
-Pure functions over plain data; never executes model text and never raises on it. The stages, in the
-reference's order, with its rewards and messages:
+Pure functions over plain data; never executes model text and never raises on it. Field extraction
+lives in `answer.py`, the safe evaluator in `arithmetic.py`. The stages, in the reference's order, with
+its rewards and messages:
 
 1. Parse: `json.loads` of the whole text when it is a JSON object, else (or for a missing key) the
    reference's regexes; a missing field is the string "None"; the formula is cut at its first '='.
@@ -25,14 +26,13 @@ reads all three as no cards at all); a non-string JSON "formula" scores -3 (the 
 from __future__ import annotations
 
 import dataclasses
-import json
 import re
 from collections import Counter
 from collections.abc import Sequence
-from fractions import Fraction
 from typing import Any, NamedTuple
 
-from sftrl_jax.envs.general_points import solver
+from sftrl_jax.envs.general_points import answer as answer_lib
+from sftrl_jax.envs.general_points import arithmetic, solver
 
 REWARDS = {
     "CORRECT": 5.0,
@@ -47,26 +47,18 @@ STEP_LIMIT_MESSAGE = "step_limit_reached"
 OUTCOMES = (*REWARDS, "AGGREGATED_ERROR", "STEP_LIMIT")
 _OUTCOME_OF = {v: k for k, v in REWARDS.items()}
 
-MAX_NESTING = 200  # CPython's parser refuses more than 200 open parentheses: so do we
 _FAST_GRAMMAR_CHARS = 512  # longer formulas take the plain linear grammar loop
 _CACHED_FORMULA_CHARS = 256  # only short formulas go into the per-hand result cache
-
-_FIELD_PATTERNS = {
-    "cards": re.compile(r'"cards": \[([^\]]+)\]'),
-    "number": re.compile(r'"number": \[([^\]]+)\]'),
-    "formula": re.compile(r'"formula": "(.*?)"'),
-}
-_JSON_WS = " \t\n\r"
-_JSON_START = re.compile(r"[ \t\n\r]*\{")
-_LEGAL = re.compile(r"[\d+\-*/()]*")
-_TOKEN = re.compile(r"\d+|[+\-*/()]")
-_NUMBER = re.compile(r"\d+")
 # Token sequences with no grammar violation (parentheses matched separately): prefixes of
 # operand (op operand)* where an operand is `(* number )*`.
 _GRAMMAR_OK = re.compile(r"(?:\(*\d+\)*[+\-*/])*\(*(?:\d+\)*)?")
 _OPERATORS = "+-*/"
-_PRECEDENCE = {"+": 1, "-": 1, "*": 2, "/": 2}
-_NOT_OPERAND = frozenset("+-*/)")
+
+# Public names of the parts, for callers of the verifier.
+Answer = answer_lib.Answer
+parse_answer = answer_lib.parse_answer
+evaluate = arithmetic.evaluate
+MAX_NESTING = arithmetic.MAX_NESTING
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,32 +91,6 @@ class Puzzle:
         return solver.solutions(self.values, self.target)
 
 
-class Answer:
-    """The fields read from model text. `formula` is None when the JSON value is not a string; `cards`
-    and `numbers` (lists of 4 strings, or []) are read on first access."""
-
-    __slots__ = ("_text", "_obj", "_reference", "formula", "_cards", "_numbers")
-
-    def __init__(self, text: str, obj: dict | None, formula: str | None, reference_card_parsing: bool):
-        self._text, self._obj, self._reference, self.formula = text, obj, reference_card_parsing, formula
-        self._cards = self._numbers = None
-
-    @property
-    def cards(self) -> list[str]:
-        if self._cards is None:
-            self._cards = _read_cards(self._obj, self._text, reference=self._reference)
-        return self._cards
-
-    @property
-    def numbers(self) -> list[str]:
-        if self._numbers is None:
-            self._numbers = _read_numbers(self._obj, self._text)
-        return self._numbers
-
-    def __repr__(self) -> str:
-        return f"Answer(formula={self.formula!r}, cards={self.cards!r}, numbers={self.numbers!r})"
-
-
 class Verdict(NamedTuple):
     """Reward of one model turn; `penalties` lists each (reward, message) added, in order."""
 
@@ -142,214 +108,6 @@ class Verdict(NamedTuple):
 def outcome_of(reward: float) -> str:
     """The reference's outcome name for a turn's total reward; sums of penalties are AGGREGATED_ERROR."""
     return _OUTCOME_OF.get(float(reward), "AGGREGATED_ERROR")
-
-
-# ----------------------------------------------------------------------------------------------- parsing
-
-
-def _json_object(text: str) -> dict | None:
-    """`json.loads(text)` if that gives a dict; None otherwise, skipping the call when it must fail."""
-    if _JSON_START.match(text) is None:
-        return None
-    body = text.rstrip(_JSON_WS)
-    if body.endswith("}") and body[:-1].rstrip(_JSON_WS).endswith(","):
-        return None  # the trained answer format: a trailing comma is never valid JSON
-    try:
-        obj = json.loads(text)
-    except Exception:  # ValueError, RecursionError on deep nesting, ...
-        return None
-    return obj if isinstance(obj, dict) else None
-
-
-def _clean_list(text: str, *, strip_double_quotes: bool) -> list[str]:
-    """The reference's list cleaner: drop brackets, single quotes and spaces, split on commas, 4 or []."""
-    text = text.replace("[", "").replace("]", "").replace("'", "").replace(" ", "")
-    if strip_double_quotes:
-        text = text.replace('"', "")
-    items = text.split(",")
-    return items if len(items) == 4 else []
-
-
-def _read_cards(obj: dict | None, text: str, *, reference: bool) -> list[str]:
-    if obj is not None and "cards" in obj:
-        raw = obj["cards"]
-        if isinstance(raw, str):
-            return _clean_list(raw, strip_double_quotes=not reference)
-        if reference or not isinstance(raw, list) or len(raw) != 4:
-            return []
-        return [str(x).replace(" ", "") for x in raw]
-    match = _FIELD_PATTERNS["cards"].search(text)
-    if match is None:
-        return []
-    content = match.group(1)
-    if reference:
-        try:  # the reference turns an all-integer list into ints, which its cleaner then rejects
-            [int(x) for x in content.split(", ")]
-            return []
-        except ValueError:
-            pass
-    return _clean_list("[" + content + "]", strip_double_quotes=not reference)
-
-
-def _read_numbers(obj: dict | None, text: str) -> list[str]:
-    if obj is not None and "number" in obj:
-        raw = obj["number"]
-        return _clean_list(raw, strip_double_quotes=False) if isinstance(raw, str) else []
-    match = _FIELD_PATTERNS["number"].search(text)
-    return [] if match is None else _clean_list(match.group(1), strip_double_quotes=False)
-
-
-def _read_formula(obj: dict | None, text: str) -> str | None:
-    if obj is not None and "formula" in obj:
-        raw = obj["formula"]
-        return raw.split("=", 1)[0] if isinstance(raw, str) else None
-    match = _FIELD_PATTERNS["formula"].search(text)
-    return "None" if match is None else match.group(1).split("=", 1)[0]
-
-
-def parse_answer(text: Any, *, reference_card_parsing: bool = False) -> Answer:
-    """Reads "formula", "cards" and "number" from model text the way the reference does."""
-    if not isinstance(text, str):
-        text = text.decode("utf-8", "replace") if isinstance(text, bytes) else str(text)
-    obj = _json_object(text)
-    return Answer(text, obj, _read_formula(obj, text), reference_card_parsing)
-
-
-# -------------------------------------------------------------------------------------------- evaluation
-
-
-class _Unparsable(Exception):
-    """What Python's `eval` would reject (syntax) or fail on (division by zero)."""
-
-
-def _leaf(token: str, exact: bool):
-    # Python source accepts only ASCII digits and no leading zeros ("00" is fine, "06" is not).
-    if not token.isascii() or (len(token) > 1 and token[0] == "0" and token.strip("0")):
-        raise _Unparsable(token)
-    return (int(token), 1) if exact else int(token)
-
-
-def _apply(op: str, a, b, exact: bool):
-    if exact:  # (numerator, denominator) pairs of ints: exact and cheaper than Fraction objects
-        (n1, d1), (n2, d2) = a, b
-        if op == "+":
-            return n1 * d2 + n2 * d1, d1 * d2
-        if op == "-":
-            return n1 * d2 - n2 * d1, d1 * d2
-        if op == "*":
-            return n1 * n2, d1 * d2
-        if n2 == 0:
-            raise _Unparsable("division by zero")
-        return n1 * d2, d1 * n2
-    try:  # Python's own int/float semantics, exactly what the reference's eval computes
-        if op == "+":
-            return a + b
-        if op == "-":
-            return a - b
-        if op == "*":
-            return a * b
-        return a / b
-    except (ZeroDivisionError, OverflowError) as e:
-        raise _Unparsable(str(e)) from None
-
-
-def _reduce(values: list, ops: list[str], exact: bool) -> None:
-    b = values.pop()
-    values[-1] = _apply(ops.pop(), values[-1], b, exact)
-
-
-def _postfix(tokens: Sequence[str]) -> tuple[str, ...]:
-    """Operator-precedence parse (explicit stacks, no recursion) -> postfix program; numbers appear as
-    "n" in reading order. Raises _Unparsable where Python's parser would raise a SyntaxError."""
-    out: list[str] = []
-    ops: list[str] = []
-    depth = 0
-    want_operand = True
-    for tok in tokens:
-        if want_operand:
-            if tok == "(":
-                depth += 1
-                if depth > MAX_NESTING:
-                    raise _Unparsable("too many nested parentheses")
-                ops.append(tok)
-            elif tok in _NOT_OPERAND:
-                raise _Unparsable(tok)
-            else:
-                out.append("n")
-                want_operand = False
-        elif tok == ")":
-            while ops and ops[-1] != "(":
-                out.append(ops.pop())
-            if not ops:
-                raise _Unparsable("unmatched ')'")
-            ops.pop()
-            depth -= 1
-        elif tok in _PRECEDENCE:
-            prec = _PRECEDENCE[tok]
-            while ops and ops[-1] != "(" and _PRECEDENCE[ops[-1]] >= prec:
-                out.append(ops.pop())
-            ops.append(tok)
-            want_operand = True
-        else:
-            raise _Unparsable(tok)
-    if want_operand or "(" in ops:
-        raise _Unparsable("unexpected end")
-    out.extend(reversed(ops))
-    return tuple(out)
-
-
-# formula shape (digits replaced by '0') -> postfix program, or the _Unparsable it raised
-_PLANS: dict[str, tuple[str, ...] | _Unparsable] = {}
-_PLANS_MAX = 1 << 14
-_SHAPE_TABLE = str.maketrans("0123456789", "0000000000")
-
-
-def _plan(formula: str, tokens: Sequence[str] | None = None) -> tuple[str, ...]:
-    """The postfix program of a formula, cached by its shape: answers share a few hundred shapes."""
-    shape = formula.translate(_SHAPE_TABLE)  # non-ASCII digits stay: their leaves are rejected anyway
-    plan = _PLANS.get(shape)
-    if plan is None:
-        try:
-            plan = _postfix(_TOKEN.findall(formula) if tokens is None else tokens)
-        except _Unparsable as e:
-            plan = e
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[shape] = plan
-    if isinstance(plan, _Unparsable):
-        raise plan
-    return plan
-
-
-def _run(plan: tuple[str, ...], numbers: Sequence, exact: bool):
-    """Runs a postfix program on the numbers (already leaves: (n, 1) pairs if exact, else ints)."""
-    stack: list = []
-    it = iter(numbers)
-    for step in plan:
-        if step == "n":
-            stack.append(next(it))
-        else:
-            b = stack.pop()
-            stack[-1] = _apply(step, stack[-1], b, exact)
-    return stack[0]
-
-
-def _evaluate_tokens(tokens: Sequence[str], exact: bool):
-    """Value of a token list; raises _Unparsable where Python's `eval` would raise."""
-    plan = _postfix(tokens)
-    return _run(plan, [_leaf(t, exact) for t in tokens if t[0] not in _NOT_OPERAND and t != "("], exact)
-
-
-def evaluate(formula: str, *, exact: bool = True) -> Fraction | int | float | None:
-    """Value of an arithmetic formula (digits, + - * / and parentheses), or None where Python's `eval`
-    would raise. Exact (a Fraction) by default; `exact=False` gives Python's own int/float result."""
-    if not isinstance(formula, str) or not _LEGAL.fullmatch(formula):
-        return None
-    try:
-        value = _evaluate_tokens(_TOKEN.findall(formula), exact)
-    except _Unparsable:
-        return None
-    return Fraction(*value) if exact else value
 
 
 # ----------------------------------------------------------------------------------------------- scoring
@@ -384,7 +142,7 @@ def _grammar_penalties(formula: str, *, fast: bool = True) -> list[tuple[float, 
     penalty = REWARDS["ILLEGAL_FORMULA"]
     prev = None
     open_parens = 0
-    for tok in _TOKEN.findall(formula):
+    for tok in arithmetic.TOKEN.findall(formula):
         kind = _token_kind(tok)
         after_operand = prev in ("number", "close_paren")
         if kind == "number" and after_operand:
@@ -444,7 +202,7 @@ def _number_penalties(numbers: list[str], puzzle: Puzzle) -> list[tuple[float, s
 def _prefix_walk(formula: str, prefixes: frozenset[str]) -> tuple[tuple[float, str], ...]:
     """The reference's walk over token prefixes: the first one no solution string starts with -> -1."""
     register = ""
-    for tok in _TOKEN.findall(formula):
+    for tok in arithmetic.TOKEN.findall(formula):
         previous, register = register, register + tok
         if register not in prefixes:
             if previous:
@@ -461,10 +219,10 @@ def _penalties(formula: str | None, puzzle: Puzzle, exact: bool) -> tuple[tuple[
         return ((REWARDS["ILLEGAL_FORMULA"], "illegal characters"),)
     if exact and formula in puzzle.solution_set:  # legal, grammatical, the card numbers, exactly the target
         return ((REWARDS["CORRECT"], "Correct solution"),)
-    if not _LEGAL.fullmatch(formula):
+    if not arithmetic.LEGAL.fullmatch(formula):
         return ((REWARDS["ILLEGAL_FORMULA"], "illegal characters"),)
     penalties = _grammar_penalties(formula)
-    numbers = _NUMBER.findall(formula)
+    numbers = arithmetic.NUMBER.findall(formula)
     plain = sorted(numbers) == puzzle._value_texts  # exactly the card numbers, written plainly
     if not plain:
         penalties += _number_penalties(numbers, puzzle)
@@ -474,11 +232,11 @@ def _penalties(formula: str | None, puzzle: Puzzle, exact: bool) -> tuple[tuple[
         if plain:  # ASCII digits without leading zeros: no leaf can be rejected
             leaves = [(int(t), 1) for t in numbers] if exact else [int(t) for t in numbers]
         else:
-            leaves = [_leaf(t, exact) for t in numbers]
-        value = _run(_plan(formula), leaves, exact)
+            leaves = [arithmetic.leaf(t, exact) for t in numbers]
+        value = arithmetic.run(arithmetic.plan_of(formula), leaves, exact)
         if (value[0] == puzzle.target * value[1]) if exact else (value == puzzle.target):
             return ((REWARDS["CORRECT"], "Correct solution"),)
-    except _Unparsable:
+    except arithmetic.Unparsable:
         if formula in puzzle.prefixes:
             return ((REWARDS["PARTIAL"], "partial solution"),)
     return _prefix_walk(formula, puzzle.prefixes)
@@ -492,7 +250,7 @@ _RESULTS_MAX = 1 << 16
 def clear_cache() -> None:
     """Forgets cached results and evaluation plans (for benchmarks; results never go stale)."""
     _RESULTS.clear()
-    _PLANS.clear()
+    arithmetic.clear_plans()
 
 
 def _result(penalties: tuple[tuple[float, str], ...]) -> tuple[float, str, str, tuple]:
