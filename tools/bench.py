@@ -152,7 +152,7 @@ def bench_verifier(args) -> int:
     for line in lines:
         print(line)
     if not args.no_record:
-        record("verifier", "python tools/bench.py verifier", lines)
+        record("verifier", ".venv/bin/python tools/bench.py verifier", lines)
     print(f"verifier answers/s: {headline:.0f}")
     return 0
 
