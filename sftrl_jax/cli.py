@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from sftrl_jax.errors import UserError
@@ -25,6 +26,9 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("sample", "sample", "generate from a model for a quick interactive check"),
     ("demo", "demo", "the end-to-end CPU demo: SFT warm-up, then SFT vs RL arms, evaluated ID and OOD"),
 )
+
+
+NO_JAX = ("data", "report")  # commands that never compile anything
 
 
 def _module(name: str):
@@ -54,6 +58,18 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def enable_compilation_cache() -> None:
+    """Persistent XLA cache, so a second run of the same config skips compilation.
+
+    `SFTRL_COMPILATION_CACHE` sets the folder (default ~/.cache/sftrl_jax/xla; empty = off).
+    """
+    path = os.environ.get("SFTRL_COMPILATION_CACHE", os.path.expanduser("~/.cache/sftrl_jax/xla"))
+    if path:
+        import jax
+
+        jax.config.update("jax_compilation_cache_dir", path)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     known = {name for name, _, _ in COMMANDS}
@@ -64,8 +80,11 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 0
     module = dict((n, m) for n, m, _ in COMMANDS)[args.command]
+    mod = _module(module)
+    if module not in NO_JAX:
+        enable_compilation_cache()
     try:
-        return int(_module(module).run(args) or 0)
+        return int(mod.run(args) or 0)
     except UserError as e:  # a user-caused problem: message only, no traceback
         print(f"sftrl {args.command}: error: {e}", file=sys.stderr)
         return 2

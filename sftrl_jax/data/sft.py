@@ -7,7 +7,8 @@
 Files: one JSON array (the paper's release) or JSONL, of `{"image"?: path, "conversations": [...]}`.
 Loss on assistant tokens only. Sequences longer than `max_length` are truncated (counted in
 `stats`); lengths are padded up to the smallest bucket that fits, so the train step compiles once
-per bucket. Each process reads its own slice of the examples (`process_index::process_count`).
+per bucket. With several processes each reads only its own rows of every global batch, so the
+batches are those of a 1-process run.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import sys
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +39,7 @@ class SFTDataConfig:
     seed: int = 0
     epochs: int | None = None  # None = repeat forever
     max_images: int = 1  # image slots per example (static shapes)
+    skip_bad_lines: bool = False  # JSONL: skip malformed lines (counted, reported) instead of failing
 
     def __post_init__(self):
         if self.max_length <= 0 or self.batch_size <= 0:
@@ -47,24 +50,48 @@ class SFTDataConfig:
             raise ConfigError(f"data.buckets must be increasing positive lengths, got {list(self.buckets)}")
 
 
-def read_examples(path: str | os.PathLike) -> list[dict[str, Any]]:
-    """A JSON array or JSONL file of reference-format examples (checked on read)."""
+def read_examples(path: str | os.PathLike, *, skip_bad_lines: bool = False) -> list[dict[str, Any]]:
+    """A JSON array or JSONL file of reference-format examples (checked on read).
+
+    A malformed JSONL line is an error naming the file and line, or, with `skip_bad_lines`, skipped
+    and reported (with its line number) on stderr.
+    """
     path = os.fspath(path)
     if not os.path.exists(path):
         raise UserError(f"SFT data file {path!r} does not exist")
     with open(path) as f:
         text = f.read()
-    try:
-        if text.lstrip().startswith("["):
+    where: list[str] = []
+    if text.lstrip().startswith("["):
+        try:
             examples = json.loads(text)
-        else:
-            examples = [json.loads(line) for line in text.splitlines() if line.strip()]
-    except json.JSONDecodeError as e:
-        raise UserError(f"SFT data file {path!r} is not valid JSON / JSONL: {e}") from None
-    for i, ex in enumerate(examples):
-        conversations.to_messages(ex, where=f"{path}[{i}]")  # validates
+        except json.JSONDecodeError as e:
+            raise UserError(f"SFT data file {path!r} is not valid JSON: {e}") from None
+        where = [f"{path}[{i}]" for i in range(len(examples))]
+    else:
+        examples, skipped = [], []
+        for n, line in enumerate(text.splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                examples.append(json.loads(line))
+                where.append(f"{path}:{n}")
+            except json.JSONDecodeError as e:
+                if not skip_bad_lines:
+                    raise UserError(
+                        f"{path}:{n}: not valid JSON ({e}); set data.skip_bad_lines=true to skip such lines"
+                    ) from None
+                skipped.append(n)
+        if skipped:
+            print(f"sft data: skipped {len(skipped)} malformed lines of {path}: {skipped[:20]}", file=sys.stderr)
+    if not isinstance(examples, list):
+        raise UserError(f"SFT data file {path!r}: expected a JSON array of examples")
+    for ex, w in zip(examples, where):
+        if not isinstance(ex, dict):
+            raise UserError(f"{w}: an example must be a JSON object, got {type(ex).__name__}")
+        conversations.to_messages(ex, where=w)  # validates
         if not any(t["from"] in ("gpt", "assistant") for t in ex["conversations"]):
-            raise UserError(f"{path}[{i}]: no assistant ('gpt') turn to learn from")
+            raise UserError(f"{w}: no assistant ('gpt') turn to learn from")
     return examples
 
 
@@ -181,7 +208,7 @@ class SFTData:
         out = []
         for f in files:
             root = os.path.dirname(os.path.abspath(f))
-            out.extend((ex, root) for ex in read_examples(f))
+            out.extend((ex, root) for ex in read_examples(f, skip_bad_lines=self.cfg.skip_bad_lines))
         return out
 
     def _dataset(self, examples, *, train: bool, batch_size: int):
@@ -190,12 +217,16 @@ class SFTData:
 
         cfg = self.cfg
         ds = grain.MapDataset.source(examples)
-        if jax.process_count() > 1:
-            ds = ds[jax.process_index() :: jax.process_count()]
         if train and cfg.shuffle:
             ds = ds.shuffle(seed=cfg.seed)
         if train:
             ds = ds.repeat(cfg.epochs)
+        P = jax.process_count()
+        if P > 1:
+            # Global batch i is elements [i*G, (i+1)*G) of the shuffled stream, exactly as in a
+            # 1-process run; process p reads only its rows [i*G + p*L, i*G + (p+1)*L).
+            G, L, p, full = batch_size * P, batch_size, jax.process_index(), ds
+            ds = grain.MapDataset.range(len(full) // P).map(lambda j: full[(j // L) * G + p * L + j % L])
         tokenizers = {}
 
         def tokenize(item):

@@ -216,10 +216,10 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
         params = optax.apply_updates(state.params, updates)
         metrics = {k: (v.max() if k.endswith("_max") else v.mean()) for k, v in aux.items()}
         metrics.update(
-            grad_norm=optax.global_norm(grads),
-            update_norm=optax.global_norm(updates),
+            grad_norm=optax.tree.norm(grads),
+            update_norm=optax.tree.norm(updates),
             lr=lr_fn(state.step),
-            finite=jnp.isfinite(optax.global_norm(grads)),
+            finite=jnp.isfinite(optax.tree.norm(grads)),
         )
         return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
 

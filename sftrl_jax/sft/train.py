@@ -28,8 +28,8 @@ from sftrl_jax.config import ConfigError
 from sftrl_jax.data.sft import SFTData, SFTDataConfig
 from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation.compute import ComputeCounter
+from sftrl_jax.parallel import distributed, rules
 from sftrl_jax.parallel import mesh as mesh_lib
-from sftrl_jax.parallel import rules
 from sftrl_jax.sft.losses import sft_loss
 from sftrl_jax.train import checkpoint as ckpt_lib
 from sftrl_jax.train import metrics as metrics_lib
@@ -59,11 +59,13 @@ class TrainSection:
     keep: int = 3  # checkpoints kept
     seed: int = 0
     mesh: str = "data=1,fsdp=-1,tensor=1"  # -1 = the rest of the devices
+    devices: int | None = None  # use only the first N devices (single-process runs); None = all
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
     resume: bool = True  # continue from the run folder's latest checkpoint
     tensorboard: bool = False
     async_checkpointing: bool = True
     progress: bool = True  # tqdm progress bar
+    distributed: bool = False  # jax.distributed with cluster auto-detection (or set SFTRL_COORDINATOR, ...)
     d_init: int = 0  # tokens of the SFT that produced model.init (for the compute axis)
 
     def __post_init__(self):
@@ -119,14 +121,14 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_ac
         grads = jax.tree.map(lambda g: g / denom, grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(optax.global_norm(grads))
+        finite = jnp.isfinite(optax.tree.norm(grads))
         new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
         metrics = {
             "loss": nll / denom,
             "token_accuracy": correct / denom,
             "loss_tokens": tokens,
-            "grad_norm": optax.global_norm(grads),
-            "update_norm": optax.global_norm(updates),
+            "grad_norm": optax.tree.norm(grads),
+            "update_norm": optax.tree.norm(updates),
             "lr": lr_fn(state.step),
             "finite": finite,
         }
@@ -149,8 +151,17 @@ def make_eval_step(graphdef, rest):
 # The loop
 
 
-def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
-    """Process-local numpy batch -> global arrays sharded over the batch axes."""
+def global_batch(batch: dict[str, np.ndarray], mesh, *, pad_id: int = 0) -> dict[str, jax.Array]:
+    """Process-local numpy batch -> global arrays sharded over the batch axes.
+
+    With several processes the local batches may have picked different length buckets: all are
+    padded to the longest (one tiny host all-gather per step).
+    """
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils
+
+        T = int(np.max(multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))))
+        batch = pad_time(batch, T, pad_id)
     out = {}
     for k in BATCH_KEYS:
         if k not in batch:
@@ -159,6 +170,17 @@ def global_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
         names = ("batch",) + (None,) * (x.ndim - 1)
         sharding = rules.named_sharding(names, (x.shape[0] * jax.process_count(), *x.shape[1:]), mesh)
         out[k] = jax.make_array_from_process_local_data(sharding, x)
+    return out
+
+
+def pad_time(batch: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.ndarray]:
+    """Right-pads the time axis (axis 1) of the [B, T, ...] arrays to T (ids with pad_id, masks with 0)."""
+    out = dict(batch)
+    for k in ("input_ids", "attention_mask", "targets", "loss_mask", "cross_attention_mask"):
+        if k in batch and batch[k].shape[1] < T:
+            x = batch[k]
+            widths = [(0, 0), (0, T - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
+            out[k] = np.pad(x, widths, constant_values=pad_id if k in ("input_ids", "targets") else 0)
     return out
 
 
@@ -182,9 +204,12 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     (tests use it to interrupt a run and resume it).
     """
     t = cfg.train
+    distributed.maybe_initialize(auto=t.distributed)
     os.makedirs(t.run_dir, exist_ok=True)
-    config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
-    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(t.mesh))
+    if jax.process_index() == 0:
+        config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
+    devices = jax.devices() if t.devices is None else jax.devices()[: t.devices]
+    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(t.mesh), devices=devices)
     batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
     if cfg.data.batch_size % (t.grad_accum * batch_axes):
         raise ConfigError(
@@ -201,16 +226,10 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     del model
     lr_fn = optim_lib.schedule(cfg.optim, t.steps)
     tx = optim_lib.make_optimizer(cfg.optim, params, total_steps=t.steps)
-    state_shardings = TrainState(
-        step=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-        params=jax.tree.map(lambda x: x.sharding, params),
-        opt_state=None,
-        rng=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-    )
     with jax.set_mesh(mesh):
         opt_state = jax.jit(tx.init)(params)
     state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng_data(t.seed))
-    state = jax.device_put(state, jax.tree.map(lambda x: x.sharding, state))
+    state = on_mesh(state, mesh)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
     checkpointer = ckpt_lib.Checkpointer(
@@ -237,7 +256,9 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     def extra_state() -> dict[str, Any]:
         return {"data": _jsonable(iterator.get_state()), "compute": compute.state()}
 
-    writer = metrics_lib.MetricsWriter(t.run_dir, tensorboard=t.tensorboard)
+    # Process 0 writes metrics.jsonl (the losses are global); others keep their own file.
+    name = "metrics.jsonl" if jax.process_index() == 0 else f"metrics.process{jax.process_index()}.jsonl"
+    writer = metrics_lib.MetricsWriter(t.run_dir, filename=name, tensorboard=t.tensorboard and jax.process_index() == 0)
     last: dict[str, Any] = {}
     bad_in_row = 0
     tokens_window, padded_window, t_window = 0, 0, time.perf_counter()
@@ -248,7 +269,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         with ckpt_lib.PreemptionGuard() as guard, jax.set_mesh(mesh):
             for step in range(start, t.steps):
                 local = next(iterator)
-                batch = global_batch(local, mesh)
+                batch = global_batch(local, mesh, pad_id=tokenizer.pad_id)
                 state, m = step_fn(state, batch)
                 n_tokens = int(local["attention_mask"].sum()) * jax.process_count()
                 tokens_window += n_tokens
@@ -293,13 +314,15 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
                     progress.update(1)
                 steps_this_call += 1
                 if guard.requested:
-                    checkpointer.save(done, state, extra_state())
+                    if checkpointer.latest_step() != done:
+                        checkpointer.save(done, state, extra_state())
                     print(f"sft: SIGTERM received; saved step {done} to {checkpointer.directory}; exiting")
                     break
                 if stop_after is not None and steps_this_call >= stop_after:
                     break
             else:
-                checkpointer.save(t.steps, state, extra_state())
+                if checkpointer.latest_step() != t.steps:
+                    checkpointer.save(t.steps, state, extra_state())
                 if data.eval:
                     last.update(writer.write(t.steps, evaluate_loss(eval_fn, state.params, data, mesh), prefix="eval"))
                 save_final(graphdef, state.params, rest, t.run_dir)
@@ -309,6 +332,19 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         if progress is not None:
             progress.close()
     return last
+
+
+def on_mesh(tree: Any, mesh) -> Any:
+    """Every array on `mesh`: arrays already sharded there keep their sharding, others are replicated."""
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+    def place(x):
+        s = getattr(x, "sharding", None)
+        if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
+            return x
+        return jax.device_put(x, replicated)
+
+    return jax.tree.map(place, tree)
 
 
 def evaluate_loss(eval_fn, params, data: SFTData, mesh) -> dict[str, float]:

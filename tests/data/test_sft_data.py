@@ -112,6 +112,12 @@ def test_bad_files_are_named(tmp_path, tok):
     bad.write_text("[{]")
     with pytest.raises(UserError, match="bad.json' is not valid JSON"):
         sft.read_examples(bad)
+    good = json.dumps(_examples(1)[0])
+    jl = tmp_path / "d.jsonl"
+    jl.write_text(f"{good}\n{{oops\n\n{good}\n")
+    with pytest.raises(UserError, match=r"d.jsonl:2: not valid JSON .*skip_bad_lines"):
+        sft.read_examples(jl)
+    assert len(sft.read_examples(jl, skip_bad_lines=True)) == 2
     f = _write(tmp_path, [{"conversations": [{"from": "human", "value": "hi"}]}], "noans.json")
     with pytest.raises(UserError, match=r"noans.json\[0\]: no assistant"):
         sft.read_examples(f)
