@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from sftrl_jax.models import config as config_lib
+from sftrl_jax.parallel import rules
 
 
 @jax.tree_util.register_dataclass
@@ -45,17 +46,52 @@ class KVCache:
         return self.cross_k is not None
 
 
-def init_cache(cfg: config_lib.TextConfig, batch_size: int, max_length: int, dtype=jnp.float32) -> KVCache:
-    """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt + generated)."""
+KV_NAMES = ("batch", "seq", "act_kv_heads", None)
+
+
+def logical_names(cache: KVCache) -> KVCache:
+    """The cache's logical axis names, leaf for leaf (a KVCache of name tuples)."""
+    kv = lambda xs: None if xs is None else tuple(KV_NAMES for _ in xs)  # noqa: E731
+    return KVCache(
+        k=kv(cache.k),
+        v=kv(cache.v),
+        key_mask=("batch", "seq"),
+        index=(),
+        next_position=("batch",),
+        cross_k=kv(cache.cross_k),
+        cross_v=kv(cache.cross_v),
+        cross_row=None if cache.cross_row is None else ("batch", None, None),
+    )
+
+
+def shardings(cache: KVCache, mesh: jax.sharding.Mesh) -> KVCache:
+    """NamedSharding for every leaf of `cache` (or of an abstract cache) under the rules table."""
+    is_names = lambda x: isinstance(x, tuple) and all(n is None or isinstance(n, str) for n in x)  # noqa: E731
+    return jax.tree.map(
+        lambda names, x: rules.named_sharding(names, x.shape, mesh), logical_names(cache), cache, is_leaf=is_names
+    )
+
+
+def init_cache(
+    cfg: config_lib.TextConfig, batch_size: int, max_length: int, dtype=jnp.float32, *, mesh=None
+) -> KVCache:
+    """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt + generated),
+    created directly in its sharding (batch over data/fsdp, kv heads over tensor) when `mesh` is given."""
     shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
     n = len(cfg.self_attention_layers)
-    return KVCache(
-        k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-        v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
-        key_mask=jnp.zeros((batch_size, max_length), bool),
-        index=jnp.zeros((), jnp.int32),
-        next_position=jnp.zeros((batch_size,), jnp.int32),
-    )
+
+    def zeros():
+        return KVCache(
+            k=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+            v=tuple(jnp.zeros(shape, dtype) for _ in range(n)),
+            key_mask=jnp.zeros((batch_size, max_length), bool),
+            index=jnp.zeros((), jnp.int32),
+            next_position=jnp.zeros((batch_size,), jnp.int32),
+        )
+
+    if mesh is None:
+        return zeros()
+    return jax.jit(zeros, out_shardings=shardings(jax.eval_shape(zeros), mesh))()
 
 
 def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:

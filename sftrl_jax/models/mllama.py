@@ -57,15 +57,17 @@ class MllamaForConditionalGeneration(nnx.Module):
             return text.lm_logits(hidden, self.language_model.embed_tokens[: tc.vocab_size], tied=True)
         return text.lm_logits(hidden, self.lm_head[...], tied=False)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> kv_cache.KVCache:
-        return kv_cache.init_cache(self.config.text, batch_size, max_length, self.dtype if dtype is None else dtype)
+    def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None) -> kv_cache.KVCache:
+        """Empty cache (dtype: the compute dtype), sharded on `mesh` if given; see `kv_cache`."""
+        dtype = self.dtype if dtype is None else dtype
+        return kv_cache.init_cache(self.config.text, batch_size, max_length, dtype, mesh=mesh)
 
     def __call__(
         self,
         input_ids: jax.Array,
         *,
         attention_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
         pixel_values: jax.Array | None = None,
         aspect_ratio_ids: jax.Array | None = None,
         aspect_ratio_mask: jax.Array | None = None,
@@ -74,7 +76,7 @@ class MllamaForConditionalGeneration(nnx.Module):
         last_logits_only: bool = False,
         return_logits: bool = True,
     ) -> text.ModelOutput:
-        """input_ids [B, T]; attention_mask [B, T]; positions [B, T]; pixel_values [B, I, C, 3, px, px];
+        """input_ids [B, T]; attention_mask [B, T]; position_ids [B, T]; pixel_values [B, I, C, 3, px, px];
         aspect_ratio_ids [B, I]; aspect_ratio_mask [B, I, C]; cross_attention_mask [B, T, I, C]."""
         cross_states = None
         if pixel_values is not None:
@@ -82,7 +84,7 @@ class MllamaForConditionalGeneration(nnx.Module):
         hidden, cache = self.language_model(
             input_ids,
             attention_mask=attention_mask,
-            positions=positions,
+            positions=position_ids,
             cross_states=cross_states,
             cross_attention_mask=cross_attention_mask,
             cache=cache,

@@ -51,8 +51,8 @@ class SelfAttention(nnx.Module):
         q = layers.apply_rope(q, positions, inv_freq)
         k = layers.apply_rope(k, positions, inv_freq)
         if cache_kv is not None:
-            k = kv_cache.write(cache_kv[0], k, cache_index)
-            v = kv_cache.write(cache_kv[1], v, cache_index)
+            k = constrain(kv_cache.write(cache_kv[0], k, cache_index), kv_cache.KV_NAMES)
+            v = constrain(kv_cache.write(cache_kv[1], v, cache_index), kv_cache.KV_NAMES)
         out = layers.attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, scale=self.scale)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.astype(self.dtype)), (k, v)
 
@@ -293,20 +293,22 @@ class LlamaForCausalLM(nnx.Module):
             return lm_logits(hidden, self.model.embed_tokens[: cfg.vocab_size], tied=True)
         return lm_logits(hidden, self.lm_head[...], tied=False)
 
-    def init_cache(self, batch_size: int, max_length: int, dtype=None) -> kv_cache.KVCache:
-        return kv_cache.init_cache(self.config.text, batch_size, max_length, self.dtype if dtype is None else dtype)
+    def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None) -> kv_cache.KVCache:
+        """Empty cache (dtype: the compute dtype), sharded on `mesh` if given; see `kv_cache`."""
+        dtype = self.dtype if dtype is None else dtype
+        return kv_cache.init_cache(self.config.text, batch_size, max_length, dtype, mesh=mesh)
 
     def __call__(
         self,
         input_ids: jax.Array,
         *,
         attention_mask: jax.Array | None = None,
-        positions: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
         cache: kv_cache.KVCache | None = None,
         last_logits_only: bool = False,
         return_logits: bool = True,
     ) -> ModelOutput:
-        hidden, cache = self.model(input_ids, attention_mask=attention_mask, positions=positions, cache=cache)
+        hidden, cache = self.model(input_ids, attention_mask=attention_mask, positions=position_ids, cache=cache)
         logits = None
         if return_logits:
             logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)

@@ -59,14 +59,14 @@ def test_llama_end_to_end(tmp_path, name, overrides):
     batch = dict(input_ids=rng.integers(0, cfg.text.vocab_size, (2, 24)), attention_mask=np.ones((2, 24), np.int64))
     batch["attention_mask"][1, :5] = 0  # left padding
     ref = _hf_logits(hf, batch)
-    got = np.asarray(ours(**_jnp(batch)).logits)
+    got = np.asarray(H.jit_forward(ours)(**_jnp(batch)).logits)
     real = batch["attention_mask"].astype(bool)
     assert H.rel_diff(got[real], ref[real]) < TOL
     # positions far beyond original_max_position exercise every band of the llama3 frequency scaling
     pos = np.arange(24)[None].repeat(2, 0) * 17 + 3
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(batch["input_ids"]), position_ids=torch.tensor(pos)).logits.numpy()
-    got = np.asarray(ours(jnp.asarray(batch["input_ids"]), positions=jnp.asarray(pos)).logits)
+    got = np.asarray(H.jit_forward(ours)(jnp.asarray(batch["input_ids"]), position_ids=jnp.asarray(pos)).logits)
     assert H.rel_diff(got, ref) < TOL
 
 
@@ -75,7 +75,7 @@ def test_mllama_text_only(mllama):
     batch = H.image_batch(cfg)
     batch = {k: batch[k] for k in ("input_ids", "attention_mask")}
     ref = _hf_logits(hf, batch)
-    out = ours(**_jnp(batch))
+    out = H.jit_forward(ours)(**_jnp(batch))
     real = batch["attention_mask"].astype(bool)
     assert H.rel_diff(np.asarray(out.logits)[real], ref[real]) < TOL
     assert out.hidden_states.shape == (2, 12, cfg.text.hidden_size)
@@ -86,7 +86,7 @@ def test_mllama_with_images(mllama, images):
     cfg, hf, ours = mllama
     batch = H.image_batch(cfg, images=images, seed=images)
     ref = _hf_logits(hf, batch)
-    got = np.asarray(ours(**_jnp(batch)).logits)
+    got = np.asarray(H.jit_forward(ours)(**_jnp(batch)).logits)
     real = batch["attention_mask"].astype(bool)
     assert H.rel_diff(got[real], ref[real]) < TOL
     # the images matter: text-only logits differ from 3 on (row 0 sees image 0 from token 2)
@@ -162,8 +162,9 @@ def test_meta_semantics_differ_where_documented(mllama, tmp_path):
     batch = _jnp(H.image_batch(cfg, images=2))
     text_args = dict(attention_mask=batch["attention_mask"])
     for model, same in ((meta, True), (hf_sem, False)):
-        with_images = np.asarray(model(**batch).logits)
-        text_only = np.asarray(model(batch["input_ids"], **text_args).logits)
+        forward = H.jit_forward(model)
+        with_images = np.asarray(forward(**batch).logits)
+        text_only = np.asarray(forward(batch["input_ids"], **text_args).logits)
         diff = np.abs(with_images[0, :2] - text_only[0, :2]).max()
         assert (diff < 1e-6) if same else (diff > 1e-3)
     # intermediate features: "input" of layer i == "output" of layer i - 1
