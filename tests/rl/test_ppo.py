@@ -1,0 +1,86 @@
+"""The PPO update on a tiny Llama + value head: batch layout, ratio == 1 on the first epoch,
+the update moves log-probs in the direction of the advantage and values towards the returns."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from sftrl_jax.data.tokenizer import load_tokenizer
+from sftrl_jax.models import LlamaConfig, create_model
+from sftrl_jax.rl import ppo
+from sftrl_jax.rl.rollout import Turn
+from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
+from sftrl_jax.train import optim
+from sftrl_jax.train.state import TrainState, rng_data
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return load_tokenizer()
+
+
+def turn(tok, prompt, answer, reward=0.0):
+    ctx = tok.chat_ids([{"role": "user", "content": prompt}], add_generation_prompt=True)
+    resp = tok.encode(answer) + [tok.eot_id]
+    return Turn(0, 0, 0, ctx, resp, [0.0] * len(resp), answer, reward, True, False, [], {})
+
+
+def test_action_start_finds_the_key(tok):
+    resp = tok.encode('{\n  "cards": [1, 2],\n  "formula": "1+2=3",\n}')
+    s = ppo.action_start(tok, resp, ('"formula"',))
+    assert tok.decode(resp[s:]).lstrip().startswith('"formula"') or tok.decode(resp[s:]).startswith('  "formula"')
+    assert '"formula"' not in tok.decode(resp[:s])
+    assert (
+        ppo.action_start(tok, tok.encode("no key at all here"), ('"formula"',))
+        == len(tok.encode("no key at all here")) - 4
+    )
+
+
+def test_build_batch_layout(tok):
+    cfg = ppo.PPOConfig(thought_coef=0.5)
+    t = turn(tok, "hi", '{"cards": [1], "formula": "1"}')
+    b = ppo.build_batch([t], tok, cfg, buckets=(64, 128))
+    c, r = len(t.context_ids), len(t.response_ids)
+    assert b["input_ids"].shape == (1, 64) and b["value_index"][0] == c - 1
+    assert b["resp_mask"][0].sum() == r and b["resp_mask"][0, c - 1] == 1 and b["resp_mask"][0, c + r - 1] == 0
+    np.testing.assert_array_equal(b["targets"][0, c - 1 : c + r - 1], t.response_ids)
+    w = b["weights"][0, c - 1 : c + r - 1]
+    assert set(w.tolist()) == {0.5, 1.0} and w[0] == 0.5 and w[-1] == 1.0
+
+
+def test_update_moves_logprobs_with_the_advantage(tok):
+    config = LlamaConfig.tiny(
+        vocab_size=2048, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32
+    )
+    model = create_model(config)
+    policy = PolicyWithValue(model, ValueHead(64, hidden=(32, 16), rngs=nnx.Rngs(1)))
+    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+    cfg = ppo.PPOConfig(samples_per_step=4, micro_batch=2, temperature=0.7, value_clip=None)
+    turns = [turn(tok, f"question {i}", ans) for i, ans in enumerate(["good answer", "bad answer"] * 2)]
+    batch = ppo.build_batch(turns, tok, cfg, buckets=(64,))
+    value_fn = jax.jit(ppo.make_value_fn(graphdef, rest, cfg.temperature))
+    values, old_logp, tok_logp = value_fn(params, batch)
+    batch["old_token_logp"] = np.asarray(tok_logp)  # what the sampler would have returned
+    adv = np.array([1.0, -1.0, 1.0, -1.0], np.float32)
+    batch.update(
+        old_logp=np.asarray(old_logp),
+        old_values=np.asarray(values),
+        advantages=adv,
+        returns=np.full(4, 2.0, np.float32),
+    )
+    ocfg = optim.OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant", eps=1e-7, grad_clip=None)
+    tx = optim.make_optimizer(ocfg, params, total_steps=10)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng_data(0))
+    step = jax.jit(ppo.make_update_step(graphdef, rest, tx, cfg, lr_fn=optim.schedule(ocfg, 10)))
+    state, m = step(state, batch)
+    # First epoch: the trainer reproduces the rollout log-probs exactly, so ratio == 1.
+    assert float(m["logprob_gap_max"]) < 1e-5
+    assert float(m["ratio_mean"]) == pytest.approx(1.0, abs=1e-6) and float(m["clip_frac"]) == 0.0
+    assert float(m["policy_loss"]) == pytest.approx(-adv.mean(), abs=1e-6)
+    state, m = step(state, batch)
+    new_values, new_logp, _ = value_fn(state.params, batch)
+    diff = np.asarray(new_logp) - np.asarray(old_logp)
+    assert np.all(diff[adv > 0] > 0) and np.all(diff[adv < 0] < 0), diff
+    assert np.all(np.abs(np.asarray(new_values) - 2.0) < np.abs(np.asarray(values) - 2.0))
