@@ -1,6 +1,7 @@
 """Llama 3.2 Vision (Mllama) and Llama 3 text models in Flax NNX, with HF conversion both ways."""
 
 from sftrl_jax.models.build import abstract_model, create_model, model_class, param_count, per_device_bytes
+from sftrl_jax.models.checkpoint import load_checkpoint, save_checkpoint
 from sftrl_jax.models.config import (
     LlamaConfig,
     MllamaConfig,
@@ -30,10 +31,12 @@ __all__ = [
     "from_hf_dict",
     "from_pretrained",
     "init_cache",
+    "load_checkpoint",
     "model_class",
     "param_count",
     "per_device_bytes",
     "read_config",
+    "save_checkpoint",
     "save_pretrained",
     "to_hf_dict",
 ]

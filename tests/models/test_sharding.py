@@ -8,10 +8,9 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sftrl_jax.errors import UserError
 from sftrl_jax.models import build
 from sftrl_jax.models import config as config_lib
-from sftrl_jax.parallel import make_mesh, mesh, rules
+from sftrl_jax.parallel import make_mesh, rules
 from tests.models import hf_helpers as H
 
 
@@ -81,39 +80,6 @@ def test_11b_parameters_shard_evenly_on_fsdp8():
     total = 10_670_220_835 * 2
     # everything but a few small replicated vectors (gates, norms of head_dim) is split 8 ways
     assert total / 8 <= per_device < total / 8 * 1.001
-
-
-def test_rules_drop_axes_that_do_not_divide():
-    sizes = {"data": 1, "fsdp": 2, "tensor": 4}
-    assert rules.logical_to_spec(("embed", "kv_heads", "head_dim"), (64, 2, 16), sizes) == jax.sharding.PartitionSpec(
-        "fsdp"
-    )
-    assert rules.logical_to_spec(("batch", "seq"), (4, 7), {"data": 2, "fsdp": 2}) == jax.sharding.PartitionSpec(
-        ("data", "fsdp")
-    )
-    assert rules.logical_to_spec(("batch", "seq"), (2, 7), {"data": 2, "fsdp": 2}) == jax.sharding.PartitionSpec("data")
-    with pytest.raises(KeyError, match="no rule"):
-        rules.logical_to_spec(("nonsense",), (4,), sizes)
-
-
-def test_constrain_is_a_no_op_without_mesh():
-    x = jnp.ones((4, 3))
-    assert rules.constrain(x, ("batch", None)) is x
-
-
-def test_mesh_sizes_and_errors():
-    assert mesh.resolve_axis_sizes({"data": 2, "fsdp": -1, "tensor": 2}, 8) == {"data": 2, "fsdp": 2, "tensor": 2}
-    assert mesh.parse_mesh_spec("data=1, fsdp=8") == {"data": 1, "fsdp": 8, "tensor": 1}
-    with pytest.raises(UserError, match="do not divide"):
-        mesh.resolve_axis_sizes({"data": 3, "fsdp": -1}, 8)
-    with pytest.raises(UserError, match="needs 6 devices but 8"):
-        mesh.resolve_axis_sizes({"data": 3, "fsdp": 2}, 8)
-    with pytest.raises(UserError, match="at most one"):
-        mesh.resolve_axis_sizes({"data": -1, "fsdp": -1}, 8)
-    with pytest.raises(UserError, match="expected name=size"):
-        mesh.parse_mesh_spec("pipeline=2")
-    m = make_mesh("data=2,fsdp=-1,tensor=2")
-    assert dict(m.shape) == {"data": 2, "fsdp": 2, "tensor": 2}
 
 
 def test_sharded_cache_prefill_and_decode(references, n_devices):
