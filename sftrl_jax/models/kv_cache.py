@@ -94,6 +94,17 @@ def init_cache(
     return jax.jit(zeros, out_shardings=shardings(jax.eval_shape(zeros), mesh))()
 
 
+def check_room(cache: KVCache, new_tokens: int) -> None:
+    """Raise if `new_tokens` more do not fit. Only checkable when the index is concrete (outside jit);
+    under jit the caller must size the cache: `dynamic_update_slice` would clamp, not fail."""
+    if new_tokens > cache.max_length:
+        raise ValueError(f"{new_tokens} tokens do not fit a cache of max_length {cache.max_length}")
+    if not isinstance(cache.index, jax.core.Tracer) and int(cache.index) + new_tokens > cache.max_length:
+        raise ValueError(
+            f"cache full: {int(cache.index)} tokens written + {new_tokens} new > max_length {cache.max_length}"
+        )
+
+
 def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """buffer [B, S_max, ...] with `new` [B, T, ...] written at slots [index, index + T)."""
     start = (jnp.zeros((), jnp.int32), index.astype(jnp.int32)) + (jnp.zeros((), jnp.int32),) * (buffer.ndim - 2)

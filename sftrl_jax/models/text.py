@@ -192,6 +192,7 @@ class TextModel(nnx.Module):
             if positions is None:
                 positions = default_positions(valid)
         else:
+            kv_cache.check_room(cache, t)
             key_valid = kv_cache.write(cache.key_mask, valid, cache.index)
             q_slot, k_slot = cache.index + jnp.arange(t), jnp.arange(cache.max_length)
             if positions is None:
@@ -252,9 +253,6 @@ class TextModel(nnx.Module):
             return layer(x, **kwargs)
         # Recompute each layer's activations in the backward pass instead of storing them.
         return nnx.remat(lambda layer, x, kwargs: layer(x, **kwargs))(layer, x, kwargs)
-
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        return jnp.take(self.embed_tokens[...], input_ids, axis=0).astype(self.dtype)
 
 
 def lm_logits(hidden: jax.Array, kernel: jax.Array, *, tied: bool) -> jax.Array:

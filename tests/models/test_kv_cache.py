@@ -3,6 +3,7 @@
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 from flax import nnx
 
 from sftrl_jax.models import build, kv_cache
@@ -78,6 +79,17 @@ def test_text_only_mllama_cache_skips_cross_layers():
     logits, _, cache = _decode(model, {"input_ids": ids}, prompt_len=5, max_len=9)
     assert H.rel_diff(logits, full.logits) < TOL
     assert not cache.has_cross and len(cache.k) == cfg.text.num_layers - 2
+
+
+def test_cache_overflow_is_an_error():
+    cfg = config_lib.LlamaConfig.tiny()
+    model = build.create_model(cfg)
+    cache = model.init_cache(1, 4)
+    with pytest.raises(ValueError, match="do not fit a cache of max_length 4"):
+        model(jnp.zeros((1, 5), jnp.int32), cache=cache)
+    cache = model(jnp.zeros((1, 3), jnp.int32), cache=cache).cache
+    with pytest.raises(ValueError, match="cache full: 3 tokens written"):
+        model(jnp.zeros((1, 2), jnp.int32), cache=cache)
 
 
 def test_cache_write_and_init_shapes():
