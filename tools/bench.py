@@ -166,10 +166,20 @@ def not_built(args) -> int:
     return 1
 
 
+def bench_sft_cmd(args) -> int:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_sft
+
+    lines = bench_sft.bench_sft(args)
+    if not args.no_record:
+        record("sft", f"python tools/bench.py sft --batch {args.batch} --length {args.length}", lines)
+    return 0
+
+
 COMMANDS = {
     "verifier": (bench_verifier, "GeneralPoints verifier throughput on one core, deal and render times"),
     "sampler": (not_built, "sampler (ours vs transformers, same weights and batch)"),
-    "sft": (not_built, "SFT step (ours vs PyTorch)"),
+    "sft": (lambda args: bench_sft_cmd(args), "SFT step (ours vs PyTorch)"),
 }
 
 
@@ -184,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--hands", type=int, default=20_000, help="hands (one answer each) in the answer mix")
             p.add_argument("--deals", type=int, default=5_000, help="hands dealt for the long dealing timing")
             p.add_argument("--seed", type=int, default=0)
+        if name == "sft":
+            p.add_argument("--batch", type=int, default=8)
+            p.add_argument("--length", type=int, default=256)
+            p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+            p.add_argument("--warmup", type=int, default=2)
     args = parser.parse_args(argv)
     return COMMANDS[args.command][0](args)
 
