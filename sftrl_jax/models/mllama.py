@@ -72,13 +72,18 @@ class MllamaForConditionalGeneration(nnx.Module):
         aspect_ratio_ids: jax.Array | None = None,
         aspect_ratio_mask: jax.Array | None = None,
         cross_attention_mask: jax.Array | None = None,
+        cross_attention_states: jax.Array | None = None,
         cache: kv_cache.KVCache | None = None,
         last_logits_only: bool = False,
         return_logits: bool = True,
     ) -> text.ModelOutput:
         """input_ids [B, T]; attention_mask [B, T]; position_ids [B, T]; pixel_values [B, I, C, 3, px, px];
-        aspect_ratio_ids [B, I]; aspect_ratio_mask [B, I, C]; cross_attention_mask [B, T, I, C]."""
-        cross_states = None
+        aspect_ratio_ids [B, I]; aspect_ratio_mask [B, I, C]; cross_attention_mask [B, T, I, C].
+        `cross_attention_states` [B, I * C * P, D] (from `vision_states`) replaces `pixel_values`, so
+        several forwards over the same images (log-probs, values, ...) run the vision tower once."""
+        if pixel_values is not None and cross_attention_states is not None:
+            raise ValueError("pass pixel_values or cross_attention_states, not both")
+        cross_states = cross_attention_states
         if pixel_values is not None:
             cross_states = self.vision_states(pixel_values, aspect_ratio_ids, aspect_ratio_mask)
         hidden, cache = self.language_model(

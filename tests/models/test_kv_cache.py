@@ -71,6 +71,18 @@ def test_mllama_prefill_with_images_then_decode():
     assert cache.cross_k[0].shape == (2, 2 * 4 * cfg.vision.num_patches, cfg.text.num_kv_heads, cfg.text.head_dim)
 
 
+def test_precomputed_vision_states_give_the_same_logits():
+    cfg = config_lib.MllamaConfig.tiny()
+    model = build.create_model(cfg, seed=2)
+    batch = {k: jnp.asarray(v) for k, v in H.image_batch(cfg, images=1).items()}
+    states = model.vision_states(
+        batch.pop("pixel_values"), batch.pop("aspect_ratio_ids"), batch.pop("aspect_ratio_mask")
+    )
+    assert states.shape == (2, cfg.vision.max_num_tiles * cfg.vision.num_patches, cfg.text.hidden_size)
+    full = model(**{k: jnp.asarray(v) for k, v in H.image_batch(cfg, images=1).items()}).logits
+    np.testing.assert_array_equal(model(**batch, cross_attention_states=states).logits, full)
+
+
 def test_text_only_mllama_cache_skips_cross_layers():
     cfg = config_lib.MllamaConfig.tiny()
     model = build.create_model(cfg, seed=3)
