@@ -1,15 +1,26 @@
-"""`sftrl report`: not built yet (see the open issues)."""
+"""`sftrl report`: the Init/SFT/RL table and success-vs-compute curves from run folders."""
 
-HELP = "not built yet"
-EXAMPLES = """example:
-  sftrl report runs/sft runs/rl
+from __future__ import annotations
+
+HELP = "tables and plots from run folders"
+EXAMPLES = """examples:
+  sftrl report runs/demo/sft runs/demo/rl --out runs/demo/report
+  sftrl report runs/*/ --out report
+
+Each run folder needs evals.jsonl (written by `sftrl eval --run-dir`, periodic evaluation in
+`sftrl sft` / `sftrl rl`, and `sftrl demo`). Writes report.md and curves.png into --out.
 """
 
 
 def add_arguments(parser):
-    parser.add_argument("rest", nargs="*", help="(not built yet)")
+    parser.add_argument("runs", nargs="+", help="run folders")
+    parser.add_argument("--out", default="report", help="output folder (report.md, curves.png)")
 
 
 def run(args) -> int:
-    print("sftrl report: not yet — this command lands with its issue (see `issues`).")
-    return 1
+    from sftrl_jax.evaluation import report
+
+    paths = report.report(args.runs, args.out)
+    print(open(paths["markdown"]).read())
+    print(f"wrote {paths['markdown']} and {paths['plot']}")
+    return 0

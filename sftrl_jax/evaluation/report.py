@@ -1,0 +1,151 @@
+"""Tables and plots from run folders: success vs compute (the paper's Fig. 5) and Init/SFT/RL (Figs. 6-7).
+
+A run folder holds `evals.jsonl`, one row per evaluation of one of its checkpoints:
+
+    {"arm": "sft" | "rl" | "init", "step": 40, "gflops": 1.2e6, "task": "gp-l", "split": "ood-rule",
+     "metric": "success_rate", "value": 0.15, "stderr": 0.023, "episodes": 234}
+
+`sftrl eval --run-dir`, the SFT/RL loops (periodic eval) and the demo append such rows
+(`append_eval`). `sftrl report RUN_DIR...` reads them all.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from sftrl_jax.errors import UserError
+
+EVALS_FILE = "evals.jsonl"
+ARMS = ("init", "sft", "rl")
+_COLORS = {"init": "tab:gray", "sft": "tab:orange", "rl": "tab:blue"}
+
+
+def append_eval(run_dir: str | os.PathLike, *, arm: str, step: int, gflops: float, summary: dict[str, Any]) -> dict:
+    """Appends the headline metric of an `evaluate()` summary to `<run_dir>/evals.jsonl`."""
+    from sftrl_jax.evaluation.evaluate import headline
+
+    if arm not in ARMS:
+        raise UserError(f"unknown arm {arm!r}; arms: {', '.join(ARMS)}")
+    metric, value, stderr = headline(summary)
+    row = {
+        "arm": arm,
+        "step": int(step),
+        "gflops": float(gflops),
+        "task": summary["task"],
+        "split": summary["split"],
+        "metric": metric,
+        "value": value,
+        "stderr": stderr,
+        "episodes": summary["episodes"],
+    }
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, EVALS_FILE), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def load_rows(run_dirs: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
+    rows = []
+    for d in run_dirs:
+        d = os.fspath(d)
+        if not os.path.isdir(d):
+            raise UserError(f"run folder {d!r} does not exist")
+        path = os.path.join(d, EVALS_FILE)
+        if not os.path.exists(path):
+            raise UserError(
+                f"run folder {d!r} has no {EVALS_FILE} (evaluate its checkpoints first: sftrl eval --run-dir {d})"
+            )
+        with open(path) as f:
+            for n, line in enumerate(f, start=1):
+                if line.strip():
+                    try:
+                        row = json.loads(line)
+                    except json.JSONDecodeError as e:
+                        raise UserError(f"{path}:{n}: not valid JSON ({e})") from None
+                    rows.append({**row, "run": d})
+    if not rows:
+        raise UserError(f"no evaluations found in {', '.join(map(str, run_dirs))}")
+    return rows
+
+
+def _final(rows: Sequence[dict], arm: str, task: str, split: str) -> dict | None:
+    cands = [r for r in rows if r["arm"] == arm and r["task"] == task and r["split"] == split]
+    return max(cands, key=lambda r: (r["gflops"], r["step"])) if cands else None
+
+
+def table(rows: Sequence[dict[str, Any]]) -> str:
+    """Markdown: per task/split, Init and the last SFT / RL evaluation (with the change from Init)."""
+    keys = sorted({(r["task"], r["split"], r["metric"]) for r in rows}, key=lambda k: (k[0], k[1] != "id", k[1]))
+    out = ["| task | split | metric | Init | RL | SFT |", "|---|---|---|---|---|---|"]
+    for task, split, metric in keys:
+        init = _final(rows, "init", task, split)
+        cells = []
+        for arm in ("init", "rl", "sft"):
+            r = _final(rows, arm, task, split)
+            if r is None:
+                cells.append("—")
+                continue
+            text = f"{100 * r['value']:.1f}% ± {100 * r['stderr']:.1f}"
+            if arm != "init" and init is not None:
+                text += f" ({100 * (r['value'] - init['value']):+.1f})"
+            cells.append(text)
+        out.append(f"| {task} | {split} | {metric} | " + " | ".join(cells) + " |")
+    return "\n".join(out) + "\n"
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
+    """Success vs GFLOPs per task/split (ID and OOD panels), one curve per arm, standard-error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    panels = sorted({(r["task"], r["split"]) for r in rows}, key=lambda k: (k[0], k[1] != "id", k[1]))
+    n = len(panels)
+    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
+    for ax, (task, split) in zip(axes[0], panels):
+        init = _final(rows, "init", task, split)
+        for arm in ("sft", "rl"):
+            pts = sorted(
+                (r for r in rows if r["arm"] == arm and r["task"] == task and r["split"] == split),
+                key=lambda r: r["gflops"],
+            )
+            if init is not None:
+                pts = [init, *pts]
+            if not pts:
+                continue
+            x = [r["gflops"] for r in pts]
+            y = [100 * r["value"] for r in pts]
+            e = [100 * r["stderr"] for r in pts]
+            ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, color=_COLORS[arm], label=arm.upper())
+        if init is not None:
+            ax.axhline(100 * init["value"], color=_COLORS["init"], ls="--", lw=1, label="Init")
+        metric = next(r["metric"] for r in rows if r["task"] == task and r["split"] == split)
+        ax.set_title(f"{task} {split}")
+        ax.set_xlabel("GFLOPs")
+        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
+        ax.grid(alpha=0.3)
+        if not math.isnan(ax.get_ylim()[0]):
+            ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.fspath(path)
+
+
+def report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, str]:
+    """Writes `report.md` (table) and `curves.png` (plot) into `out_dir`; returns their paths."""
+    rows = load_rows(run_dirs)
+    os.makedirs(out_dir, exist_ok=True)
+    png = plot(rows, os.path.join(out_dir, "curves.png"))
+    md = os.path.join(out_dir, "report.md")
+    with open(md, "w") as f:
+        f.write("# SFT vs RL\n\n")
+        f.write(table(rows))
+        f.write(f"\n![success vs compute]({os.path.basename(png)})\n\nRuns: {', '.join(map(str, run_dirs))}\n")
+    return {"markdown": md, "plot": png}
