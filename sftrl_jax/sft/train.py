@@ -163,10 +163,7 @@ def global_batch(batch: dict[str, np.ndarray], mesh, *, pad_id: int = 0) -> dict
         T = int(np.max(multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))))
         batch = pad_time(batch, T, pad_id)
     out = {}
-    for k in BATCH_KEYS:
-        if k not in batch:
-            continue
-        x = batch[k]
+    for k, x in batch.items():
         names = ("batch",) + (None,) * (x.ndim - 1)
         sharding = rules.named_sharding(names, (x.shape[0] * jax.process_count(), *x.shape[1:]), mesh)
         out[k] = jax.make_array_from_process_local_data(sharding, x)
@@ -176,8 +173,8 @@ def global_batch(batch: dict[str, np.ndarray], mesh, *, pad_id: int = 0) -> dict
 def pad_time(batch: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.ndarray]:
     """Right-pads the time axis (axis 1) of the [B, T, ...] arrays to T (ids with pad_id, masks with 0)."""
     out = dict(batch)
-    for k in ("input_ids", "attention_mask", "targets", "loss_mask", "cross_attention_mask"):
-        if k in batch and batch[k].shape[1] < T:
+    for k in batch:
+        if batch[k].ndim >= 2 and k not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask") and batch[k].shape[1] < T:
             x = batch[k]
             widths = [(0, 0), (0, T - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
             out[k] = np.pad(x, widths, constant_values=pad_id if k in ("input_ids", "targets") else 0)
@@ -269,7 +266,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         with ckpt_lib.PreemptionGuard() as guard, jax.set_mesh(mesh):
             for step in range(start, t.steps):
                 local = next(iterator)
-                batch = global_batch(local, mesh, pad_id=tokenizer.pad_id)
+                batch = global_batch({k: local[k] for k in BATCH_KEYS if k in local}, mesh, pad_id=tokenizer.pad_id)
                 state, m = step_fn(state, batch)
                 n_tokens = int(local["attention_mask"].sum()) * jax.process_count()
                 tokens_window += n_tokens
@@ -354,7 +351,7 @@ def evaluate_loss(eval_fn, params, data: SFTData, mesh) -> dict[str, float]:
         pad = (-n) % (mesh.shape["data"] * mesh.shape["fsdp"])
         if pad:  # pad the last batch with rows whose loss mask is 0
             local = {k: np.concatenate([v, np.zeros((pad, *v.shape[1:]), v.dtype)]) for k, v in local.items()}
-        a, b = eval_fn(params, global_batch(local, mesh))
+        a, b = eval_fn(params, global_batch({k: local[k] for k in BATCH_KEYS if k in local}, mesh))
         nll, tokens = nll + float(a), tokens + float(b)
     return {"loss": nll / max(tokens, 1.0), "tokens": tokens}
 
