@@ -153,11 +153,17 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     A row with nothing to attend gets uniform weights (as transformers' additive finfo.min mask does).
     """
     b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    q = q.reshape(b, t, kv_heads, n // kv_heads, h)  # [B, T, K, G, H]
-    scores = jnp.einsum("BTKGH,BSKH->BKGTS", q, k, preferred_element_type=jnp.float32) * scale
+    s, kv_heads = k.shape[1], k.shape[2]
+    g = n // kv_heads
+    # Batch dims (B, K) first and the G query heads of a kv head folded into the query axis: XLA then
+    # emits plain batched matmuls (about 3x faster on CPU than the 5-d einsum with batch dims inside).
+    q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)  # [B, K, G*T, H]
+    k = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
+    v = v.transpose(0, 2, 1, 3)
+    scores = jnp.einsum("BKQH,BKSH->BKQS", q, k, preferred_element_type=jnp.float32) * scale  # Q = G*T
     if mask is not None:
-        scores = jnp.where(mask[:, None, None, :, :], scores, jnp.finfo(jnp.float32).min)
+        m = jnp.broadcast_to(mask[:, None, None, :, :], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
+        scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
-    return out.reshape(b, t, n, h)
+    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)  # [B, K, G*T, H]
+    return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)
