@@ -47,7 +47,7 @@ def add_arguments(parser):
 
 def load_for_eval(ckpt: str, task: str, tokenizer_path: str | None = None):
     """(model, tokenizer, image processor) of a checkpoint, checked against the task."""
-    from sftrl_jax.rl.train import _image_processor
+    from sftrl_jax.data.processor import for_model
     from sftrl_jax.train.state import ModelSection, load_model, tokenizer_for
 
     if not os.path.isdir(ckpt):
@@ -58,7 +58,7 @@ def load_for_eval(ckpt: str, task: str, tokenizer_path: str | None = None):
         raise UserError(f"{ckpt!r} is neither our checkpoint (model_config.json) nor an HF folder (config.json)")
     section = ModelSection(init=ckpt, tokenizer=tokenizer_path)
     model = load_model(section)
-    proc = _image_processor(model)
+    proc = for_model(model)
     if task.endswith("-vl") and proc is None:
         raise UserError(
             f"task {task} shows images, but {ckpt} is a text-only {type(model).__name__}; "

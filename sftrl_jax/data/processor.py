@@ -59,6 +59,14 @@ class ImageProcessor:
         }
 
 
+def for_model(model) -> ImageProcessor | None:
+    """The image processor matching a model's vision config (tile size, tiles); None for text models."""
+    vision = getattr(model.config, "vision", None)
+    if vision is None:
+        return None
+    return ImageProcessor(tile_size=vision.image_size, max_tiles=vision.max_num_tiles)
+
+
 def _rgb(image: Any) -> Any:
     if isinstance(image, np.ndarray):
         from PIL import Image

@@ -29,6 +29,7 @@ from flax import nnx
 from sftrl_jax import config as config_lib
 from sftrl_jax import envs
 from sftrl_jax.config import ConfigError
+from sftrl_jax.data import processor
 from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation import evaluate as eval_lib
 from sftrl_jax.evaluation import report as report_lib
@@ -46,9 +47,22 @@ from sftrl_jax.train import optim as optim_lib
 from sftrl_jax.train.state import ModelSection, TrainState, abstract_like, load_model, rng_data, tokenizer_for
 
 BATCH_KEYS = (
-    "input_ids", "attention_mask", "targets", "resp_mask", "weights", "old_token_logp", "value_index",
-    "old_logp", "old_values", "advantages", "returns", "ref_token_logp",
-    "pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask",
+    "input_ids",
+    "attention_mask",
+    "targets",
+    "resp_mask",
+    "weights",
+    "old_token_logp",
+    "value_index",
+    "old_logp",
+    "old_values",
+    "advantages",
+    "returns",
+    "ref_token_logp",
+    "pixel_values",
+    "aspect_ratio_ids",
+    "aspect_ratio_mask",
+    "cross_attention_mask",
 )
 
 
@@ -129,7 +143,9 @@ class RLConfig:
         """Optimiser steps per update (PPO: fixed; GRPO: an estimate for the schedule)."""
         if self.algo == "ppo":
             return self.ppo.epochs * self.env.num_envs * self.train.steps_per_update // self.ppo.samples_per_step
-        return self.grpo.epochs * max(1, self.train.prompts_per_update * self.grpo.group_size // self.grpo.samples_per_step)
+        return self.grpo.epochs * max(
+            1, self.train.prompts_per_update * self.grpo.group_size // self.grpo.samples_per_step
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -140,19 +156,15 @@ def make_policy(model, tokenizer, cfg: SamplingSection, *, seed: int, image_proc
     from sftrl_jax import sampling
 
     return sampling.Policy(
-        model, tokenizer, max_new_tokens=cfg.max_new_tokens,
+        model,
+        tokenizer,
+        max_new_tokens=cfg.max_new_tokens,
         temperature=cfg.temperature if temperature is None else temperature,
-        top_p=cfg.top_p, top_k=cfg.top_k, seed=seed, image_processor=image_processor,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        seed=seed,
+        image_processor=image_processor,
     )
-
-
-def _image_processor(model):
-    vision = getattr(model.config, "vision", None)
-    if vision is None:
-        return None
-    from sftrl_jax.data.processor import ImageProcessor
-
-    return ImageProcessor(tile_size=vision.image_size, max_tiles=vision.max_num_tiles)
 
 
 class Trainer:
@@ -163,16 +175,20 @@ class Trainer:
         t = cfg.train
         distributed.maybe_initialize(auto=t.distributed)
         if jax.process_count() > 1:
-            raise UserError("sftrl rl runs in one process for now (rollouts are host-side); use one host with many devices")
+            raise UserError(
+                "sftrl rl runs in one process for now (rollouts are host-side); use one host with many devices"
+            )
         os.makedirs(t.run_dir, exist_ok=True)
         config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
         devices = jax.devices() if t.devices is None else jax.devices()[: t.devices]
         self.mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(t.mesh), devices=devices)
         self.tokenizer = tokenizer_for(cfg.model)
         model = load_model(cfg.model, mesh=self.mesh, seed=t.seed)
-        self.image_processor = _image_processor(model)
+        self.image_processor = processor.for_model(model)
         if cfg.env.task.endswith("-vl") and self.image_processor is None:
-            raise ConfigError(f"env.task {cfg.env.task} has images but the model {type(model).__name__} has no vision tower")
+            raise ConfigError(
+                f"env.task {cfg.env.task} has images but the model {type(model).__name__} has no vision tower"
+            )
         dim = model.config.text.hidden_size
         head = ValueHead(dim, rngs=nnx.Rngs(t.seed + 1))
         policy = PolicyWithValue(model, head) if cfg.algo == "ppo" else model
@@ -184,12 +200,14 @@ class Trainer:
         self.tx = optim_lib.make_optimizer(cfg.optim, params, total_steps=total)
         with jax.set_mesh(self.mesh):
             opt_state = jax.jit(self.tx.init)(params)
-        self.state = on_mesh(TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng_data(t.seed)),
-                             self.mesh)
+        self.state = on_mesh(
+            TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng_data(t.seed)), self.mesh
+        )
         self.compute = ComputeCounter(n_params=self.n_params, d_init=t.d_init)
         self.update_idx = 0
-        self.checkpointer = ckpt_lib.Checkpointer(os.path.join(t.run_dir, "checkpoints"), keep=t.keep,
-                                                  every=t.save_every, async_save=t.async_checkpointing)
+        self.checkpointer = ckpt_lib.Checkpointer(
+            os.path.join(t.run_dir, "checkpoints"), keep=t.keep, every=t.save_every, async_save=t.async_checkpointing
+        )
         if t.resume and self.checkpointer.latest_step() is not None:
             step, self.state, extra = self.checkpointer.restore_latest(abstract_like(self.state))
             self.update_idx = int(step)
@@ -198,8 +216,11 @@ class Trainer:
         algo = cfg.algo_cfg
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         make = ppo_lib.make_update_step if cfg.algo == "ppo" else grpo_lib.make_update_step
-        self.update_fn = jax.jit(make(self.graphdef, self.rest, self.tx, algo, lr_fn=self.lr_fn),
-                                 donate_argnums=0, out_shardings=(state_shardings, None))
+        self.update_fn = jax.jit(
+            make(self.graphdef, self.rest, self.tx, algo, lr_fn=self.lr_fn),
+            donate_argnums=0,
+            out_shardings=(state_shardings, None),
+        )
         if cfg.algo == "ppo":
             self.value_fn = jax.jit(ppo_lib.make_value_fn(self.graphdef, self.rest, algo.temperature))
         self.envs = [envs.make(cfg.env.task, split=cfg.env.split, **cfg.env.options) for _ in range(cfg.env.num_envs)]
@@ -213,18 +234,31 @@ class Trainer:
         return module.model if isinstance(module, PolicyWithValue) else module
 
     def policy(self, temperature=None, seed_offset: int = 0):
-        return make_policy(self.lm(), self.tokenizer, self.cfg.sampling, seed=self.cfg.train.seed * 7919 + self.update_idx
-                           * 104729 + seed_offset, image_processor=self.image_processor, temperature=temperature)
+        return make_policy(
+            self.lm(),
+            self.tokenizer,
+            self.cfg.sampling,
+            seed=self.cfg.train.seed * 7919 + self.update_idx * 104729 + seed_offset,
+            image_processor=self.image_processor,
+            temperature=temperature,
+        )
 
     def episode_seed(self, episode: int) -> int:
         return (self.cfg.train.seed * 1_000_003 + self.update_idx) * 100_003 + episode
 
     def _device_batch(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
-        return global_batch({k: v for k, v in batch.items() if k in BATCH_KEYS}, self.mesh, pad_id=self.tokenizer.pad_id)
+        return global_batch(
+            {k: v for k, v in batch.items() if k in BATCH_KEYS}, self.mesh, pad_id=self.tokenizer.pad_id
+        )
 
     def _build(self, turns):
-        return ppo_lib.build_batch(turns, self.tokenizer, self.cfg.ppo, buckets=self.cfg.train.length_buckets,
-                                   image_processor=self.image_processor)
+        return ppo_lib.build_batch(
+            turns,
+            self.tokenizer,
+            self.cfg.ppo,
+            buckets=self.cfg.train.length_buckets,
+            image_processor=self.image_processor,
+        )
 
     def _count_generation(self, turns):
         for t in turns:
@@ -235,8 +269,9 @@ class Trainer:
     def collect_ppo(self):
         cfg = self.cfg
         if self.runner is None:
-            self.runner = rollout.EpisodeRunner(self.envs, self.tokenizer, None,
-                                                reset_fn=lambda i, ep: (self.episode_seed(ep), None))
+            self.runner = rollout.EpisodeRunner(
+                self.envs, self.tokenizer, None, reset_fn=lambda i, ep: (self.episode_seed(ep), None)
+            )
         self.runner.policy = self.policy()
         buffer = rollout.collect(self.runner, cfg.train.steps_per_update)
         flat = [t for row in buffer for t in row]
@@ -262,7 +297,9 @@ class Trainer:
         ctx = self.runner.contexts()
         if not ctx:
             return out
-        fake = [rollout.Turn(i, -1, 0, c, [], [], "", 0.0, False, False, list(self.runner.images[i]), {}) for i, c in ctx]
+        fake = [
+            rollout.Turn(i, -1, 0, c, [], [], "", 0.0, False, False, list(self.runner.images[i]), {}) for i, c in ctx
+        ]
         values, _ = self.values_of(fake)
         for (i, _), v in zip(ctx, values):
             out[i] = v
@@ -288,14 +325,19 @@ class Trainer:
             for s in range(0, len(order), pcfg.samples_per_step):
                 idx = order[s : s + pcfg.samples_per_step]
                 batch = self._build([flat[i] for i in idx])
-                batch.update(old_logp=sampler_logp[idx], old_values=values[idx].astype(np.float32),
-                             advantages=adv[idx].astype(np.float32), returns=ret[idx].astype(np.float32))
+                batch.update(
+                    old_logp=sampler_logp[idx],
+                    old_values=values[idx].astype(np.float32),
+                    advantages=adv[idx].astype(np.float32),
+                    returns=ret[idx].astype(np.float32),
+                )
                 self.state, m = self.update_fn(self.state, self._device_batch(batch))
                 m = {k: float(v) for k, v in m.items()}
                 m["epoch"] = epoch
                 metrics.append(m)
-                self.compute.add_train(int(batch["attention_mask"].sum()),
-                                       n_images=sum(len(flat[i].images) for i in idx))
+                self.compute.add_train(
+                    int(batch["attention_mask"].sum()), n_images=sum(len(flat[i].images) for i in idx)
+                )
         t_train = time.perf_counter() - t1
         out = _mean_metrics(metrics)
         first = [m for m in metrics if m["epoch"] == 0]
@@ -317,8 +359,9 @@ class Trainer:
         cfg, gcfg = self.cfg, self.cfg.grpo
         G, P = gcfg.group_size, cfg.train.prompts_per_update
         group_seeds = [self.episode_seed(p) for p in range(P)]
-        runner = rollout.EpisodeRunner(self.envs, self.tokenizer, self.policy(),
-                                       reset_fn=lambda i, ep: self._group_reset(group_seeds[ep // G]))
+        runner = rollout.EpisodeRunner(
+            self.envs, self.tokenizer, self.policy(), reset_fn=lambda i, ep: self._group_reset(group_seeds[ep // G])
+        )
         t0 = time.perf_counter()
         turns = rollout.run_episodes(runner, P * G)
         t_roll = time.perf_counter() - t0
@@ -370,19 +413,31 @@ class Trainer:
         out = {
             "turns": len(turns),
             "episodes_finished": len(done),
-            "success_rate": (sum(1 for t in done if t.terminated and t.reward > 0) / len(done)) if done else float("nan"),
+            "success_rate": (sum(1 for t in done if t.terminated and t.reward > 0) / len(done))
+            if done
+            else float("nan"),
             "reward_mean": float(np.mean(rewards)),
             "response_tokens_mean": gen_tokens / max(len(turns), 1),
             "rollout_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
             "rollout_seconds": t_roll,
             "train_seconds": t_train,
             "gflops": self.compute.flops(rl=True) / 1e9,
-            "gflops_paper_lambda": (6 * self.n_params * (self.compute.d_init + self.compute.trained_tokens)
-                                    + 2 * self.n_params * LAMBDA[self.cfg.env.task.split("-")[0]]
-                                    * self.compute.trained_tokens) / 1e9,
+            "gflops_paper_lambda": (
+                6 * self.n_params * (self.compute.d_init + self.compute.trained_tokens)
+                + 2 * self.n_params * LAMBDA[self.cfg.env.task.split("-")[0]] * self.compute.trained_tokens
+            )
+            / 1e9,
         }
-        for name in ("CORRECT", "PARTIAL", "NO_SOLUTION", "INCORRECT_VISION", "INCORRECT_NUMBER", "ILLEGAL_FORMULA",
-                     "AGGREGATED_ERROR", "STEP_LIMIT"):
+        for name in (
+            "CORRECT",
+            "PARTIAL",
+            "NO_SOLUTION",
+            "INCORRECT_VISION",
+            "INCORRECT_NUMBER",
+            "ILLEGAL_FORMULA",
+            "AGGREGATED_ERROR",
+            "STEP_LIMIT",
+        ):
             n = sum(1 for t in turns if t.info.get("outcome") == name)
             if n:
                 out[f"outcome/{name}"] = n
@@ -391,15 +446,31 @@ class Trainer:
     def evaluate(self, writer) -> list[dict]:
         e = self.cfg.eval
         rows = []
-        policy = make_policy(self.lm(), self.tokenizer, self.cfg.sampling, seed=self.cfg.train.seed + 17,
-                             image_processor=self.image_processor, temperature=e.temperature)
+        policy = make_policy(
+            self.lm(),
+            self.tokenizer,
+            self.cfg.sampling,
+            seed=self.cfg.train.seed + 17,
+            image_processor=self.image_processor,
+            temperature=e.temperature,
+        )
         for split in e.splits:
             proto = eval_lib.protocol(self.cfg.env.task, split, n_episodes=e.episodes)
-            summary = eval_lib.evaluate(policy, self.tokenizer, proto, batch_size=e.batch_size,
-                                        progress=self.cfg.train.progress,
-                                        out_dir=os.path.join(self.cfg.train.run_dir, "eval", f"update{self.update_idx}", split))
-            row = report_lib.append_eval(self.cfg.train.run_dir, arm="rl" if self.update_idx else "init",
-                                         step=self.update_idx, gflops=self.compute.flops(rl=True) / 1e9, summary=summary)
+            summary = eval_lib.evaluate(
+                policy,
+                self.tokenizer,
+                proto,
+                batch_size=e.batch_size,
+                progress=self.cfg.train.progress,
+                out_dir=os.path.join(self.cfg.train.run_dir, "eval", f"update{self.update_idx}", split),
+            )
+            row = report_lib.append_eval(
+                self.cfg.train.run_dir,
+                arm="rl" if self.update_idx else "init",
+                step=self.update_idx,
+                gflops=self.compute.flops(rl=True) / 1e9,
+                summary=summary,
+            )
             writer.write(self.update_idx, {f"{split}/{row['metric']}": row["value"]}, prefix="eval")
             rows.append(row)
         return rows
@@ -418,7 +489,9 @@ class Trainer:
         if t.progress:
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=t.updates, initial=self.update_idx, desc=f"rl {cfg.algo}", unit="update", dynamic_ncols=True)
+            bar = tqdm(
+                total=t.updates, initial=self.update_idx, desc=f"rl {cfg.algo}", unit="update", dynamic_ncols=True
+            )
         done_now = 0
         try:
             with ckpt_lib.PreemptionGuard() as guard, jax.set_mesh(self.mesh):
@@ -430,8 +503,10 @@ class Trainer:
                     done_now += 1
                     bad = 0 if m.get("finite", 1.0) == 1.0 else bad + 1
                     if bad >= t.max_bad_updates:
-                        raise UserError(f"rl: {bad} updates in a row had non-finite gradients; aborting (last "
-                                        f"checkpoint: update {self.checkpointer.latest_step()})")
+                        raise UserError(
+                            f"rl: {bad} updates in a row had non-finite gradients; aborting (last "
+                            f"checkpoint: update {self.checkpointer.latest_step()})"
+                        )
                     last = writer.write(self.update_idx, m, prefix="train")
                     if bar is not None:
                         bar.update(1)
@@ -467,7 +542,9 @@ class Trainer:
 
 def _mean_metrics(rows: list[dict]) -> dict[str, float]:
     keys = rows[0].keys() if rows else ()
-    return {k: float(np.max([r[k] for r in rows]) if k.endswith("_max") else np.mean([r[k] for r in rows])) for k in keys}
+    return {
+        k: float(np.max([r[k] for r in rows]) if k.endswith("_max") else np.mean([r[k] for r in rows])) for k in keys
+    }
 
 
 def _explained_variance(values, returns) -> float:

@@ -25,6 +25,7 @@ from flax import nnx
 
 from sftrl_jax import config as config_lib
 from sftrl_jax.config import ConfigError
+from sftrl_jax.data import processor
 from sftrl_jax.data.sft import SFTData, SFTDataConfig
 from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation.compute import ComputeCounter
@@ -174,20 +175,15 @@ def pad_time(batch: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.
     """Right-pads the time axis (axis 1) of the [B, T, ...] arrays to T (ids with pad_id, masks with 0)."""
     out = dict(batch)
     for k in batch:
-        if batch[k].ndim >= 2 and k not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask") and batch[k].shape[1] < T:
+        if (
+            batch[k].ndim >= 2
+            and k not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+            and batch[k].shape[1] < T
+        ):
             x = batch[k]
             widths = [(0, 0), (0, T - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
             out[k] = np.pad(x, widths, constant_values=pad_id if k in ("input_ids", "targets") else 0)
     return out
-
-
-def _image_processor(model):
-    vision = getattr(model.config, "vision", None)
-    if vision is None:
-        return None
-    from sftrl_jax.data.processor import ImageProcessor
-
-    return ImageProcessor(tile_size=vision.image_size, max_tiles=vision.max_num_tiles)
 
 
 def param_count(params) -> int:
@@ -218,7 +214,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     vocab = model.config.text.vocab_size
     if tokenizer.vocab_size > vocab:
         raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {vocab}")
-    data = SFTData(cfg.data, tokenizer, image_processor=_image_processor(model))
+    data = SFTData(cfg.data, tokenizer, image_processor=processor.for_model(model))
     graphdef, params, rest = split_params(model)
     del model
     lr_fn = optim_lib.schedule(cfg.optim, t.steps)
