@@ -153,9 +153,9 @@ class RLConfig:
 
 def make_policy(model, tokenizer, cfg: SamplingSection, *, seed: int, image_processor=None, temperature=None):
     """The sampler as a rollout policy (contexts -> responses with temperature log-probs)."""
-    from sftrl_jax import sampling
+    from sftrl_jax.sampling.policy import Policy
 
-    return sampling.Policy(
+    return Policy(
         model,
         tokenizer,
         max_new_tokens=cfg.max_new_tokens,
@@ -340,8 +340,8 @@ class Trainer:
                 )
         t_train = time.perf_counter() - t1
         out = _mean_metrics(metrics)
-        first = [m for m in metrics if m["epoch"] == 0]
-        out["logprob_gap_first_epoch"] = max(m["logprob_gap_max"] for m in first)
+        # Before the first optimiser step the trainer must reproduce the sampler's log-probs.
+        out["logprob_gap_first_step"] = metrics[0]["logprob_gap_max"]
         out["value_explained_variance"] = float(_explained_variance(values, ret))
         out["trainer_sampler_turn_logp_gap"] = float(np.max(np.abs(trainer_logp - sampler_logp)))
         out.update(self._rollout_stats(flat, t_roll, t_train))
@@ -394,7 +394,7 @@ class Trainer:
                 self.compute.add_train(int(batch["attention_mask"].sum()))
         t_train = time.perf_counter() - t1
         out = _mean_metrics(metrics)
-        out["logprob_gap_first_epoch"] = max(m["logprob_gap_max"] for m in metrics if m["epoch"] == 0)
+        out["logprob_gap_first_step"] = metrics[0]["logprob_gap_max"]
         out.update(self._rollout_stats(turns, t_roll, t_train))
         return out
 

@@ -1,0 +1,226 @@
+"""One decode step (one new token per row) over the model's own weights and a sampler-owned KV cache.
+
+The prompt goes through the model's regular forward (`model(..., cache=KVCache)`), which also
+computes the cross-attention keys/values of the images once. `from_prefill` then moves that cache
+into the decode layout below, and `step` runs the text decoder for one token per row. It uses the
+same sub-modules and weights as the training forward (norms, projections, RoPE, gates), so the two
+agree to fp32 rounding; what differs is only how attention reads the cache:
+
+- K/V are [B, K, S, H] (kv heads before slots): the per-step score and value products are batched
+  over (B, K) with contiguous [S, H] blocks, so XLA reads the cache without a transposed copy.
+- `attend` (static) bounds the slots a step reads: the sampler sizes the cache to the prompt bucket
+  plus the new tokens, and may split the loop so early steps read only the slots that can be filled.
+- optionally (`fuse`) q/k/v and gate/up projections are concatenated once per call, so each layer
+  does two matmuls fewer per step (small-batch matmuls on CPU are dominated by per-op cost).
+
+Shape legend: B batch, S cache slots, S_x vision keys, D width, F MLP width, N heads, K kv heads,
+G heads per kv head, H head dim, V vocab.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from sftrl_jax.models import kv_cache, layers, mllama, text
+from sftrl_jax.parallel.rules import constrain
+
+CACHE_NAMES = ("batch", "act_kv_heads", "seq", None)  # [B, K, S, H]
+ACT = ("batch", "act_embed")  # [B, D]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeCache:
+    k: tuple[jax.Array, ...]  # per self-attention layer, [B, K, S, H]
+    v: tuple[jax.Array, ...]
+    key_mask: jax.Array  # [B, S] bool: the slot holds a real token
+    cross_k: tuple[jax.Array, ...] | None = None  # per cross-attention layer, [B, K, S_x, H]
+    cross_v: tuple[jax.Array, ...] | None = None
+    cross_mask: jax.Array | None = None  # [B, S_x] bool: vision keys the generated tokens attend to
+    cross_row: jax.Array | None = None  # [B] bool: generated tokens see at least one tile
+
+    @property
+    def length(self) -> int:
+        return self.key_mask.shape[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class DecodeWeights:
+    """The decode step's matmul weights as [out, in] (torch's Linear layout), per self-attention layer.
+
+    The step keeps activations feature-major ([D, B]) and computes every projection as
+    `einsum("OI,IB->OB", w, x)`: XLA's CPU matmul is 1.5-3x faster for 16 rows in this form than
+    `x @ w` with `w` [in, out] (see docs/BENCHMARKS.md). On CPU `prepare` materialises these once per
+    request (a copy of the weights for the duration of the call); elsewhere the transposes are
+    logical and folded into the matmuls.
+    """
+
+    qkv: tuple[jax.Array, ...]  # [(N + 2K) * H, D]: q, k, v projections stacked
+    o: tuple[jax.Array, ...]  # [D, N * H]
+    gate_up: tuple[jax.Array, ...]  # [2F, D]: gate, up stacked
+    down: tuple[jax.Array, ...]  # [D, F]
+    head: jax.Array  # [V, D]
+
+
+def text_model(model) -> text.TextModel:
+    return model.language_model if isinstance(model, mllama.MllamaForConditionalGeneration) else model.model
+
+
+def self_attention_layers(tm: text.TextModel) -> list[text.DecoderLayer]:
+    return [layer for i, layer in enumerate(tm.layers) if i not in tm.cross_attention_layers]
+
+
+def prepare(model) -> DecodeWeights:
+    qkv, o, gate_up, down = [], [], [], []
+    for layer in self_attention_layers(text_model(model)):
+        a, m = layer.self_attn, layer.mlp
+        d = a.q_proj.shape[0]
+        qkv.append(jnp.concatenate([w[...].reshape(d, -1) for w in (a.q_proj, a.k_proj, a.v_proj)], axis=1).T)
+        o.append(a.o_proj[...].reshape(-1, d).T)
+        gate_up.append(jnp.concatenate([m.gate_proj[...], m.up_proj[...]], axis=1).T)
+        down.append(m.down_proj[...].T)
+    tc = model.config.text
+    if tc.tie_word_embeddings:
+        head = text_model(model).embed_tokens[: tc.vocab_size]
+    else:
+        head = model.lm_head[...].T
+    return DecodeWeights(qkv=tuple(qkv), o=tuple(o), gate_up=tuple(gate_up), down=tuple(down), head=head)
+
+
+def from_prefill(cache: kv_cache.KVCache, length: int) -> DecodeCache:
+    """The model's prefill cache ([B, P, K, H] per layer) as a decode cache of `length` >= P slots."""
+    prompt = cache.key_mask.shape[1]
+    pad = length - prompt
+
+    def move(x):  # [B, P, K, H] -> [B, K, S, H]
+        return constrain(jnp.pad(jnp.swapaxes(x, 1, 2), ((0, 0), (0, 0), (0, pad), (0, 0))), CACHE_NAMES)
+
+    cross = {}
+    if cache.has_cross:
+        n_keys = cache.cross_k[0].shape[1]
+        tiles = cache.cross_row[:, None]  # [B, 1, I, C]: generated tokens see what the last prompt token saw
+        key_mask, row = text._cross_masks(tiles, n_keys)
+        cross = dict(
+            cross_k=tuple(constrain(jnp.swapaxes(x, 1, 2), CACHE_NAMES) for x in cache.cross_k),
+            cross_v=tuple(constrain(jnp.swapaxes(x, 1, 2), CACHE_NAMES) for x in cache.cross_v),
+            cross_mask=key_mask[:, 0],
+            cross_row=row[:, 0],
+        )
+    return DecodeCache(
+        k=tuple(move(x) for x in cache.k),
+        v=tuple(move(x) for x in cache.v),
+        key_mask=jnp.pad(cache.key_mask, ((0, 0), (0, pad))),
+        **cross,
+    )
+
+
+def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """`layers.attention` for one query per row: q [B, N, H], k/v [B, K, S, H], mask [B, S] -> [B, N, H].
+
+    Scores are computed as [S, G] blocks (keys as the matmul's row operand): on CPU that product
+    is 1.5x faster than the [G, S] one for a handful of query heads (docs/BENCHMARKS.md)."""
+    b, n, h = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(b, kv_heads, n // kv_heads, h)  # [B, K, G, H]
+    scores = jnp.einsum("BKGH,BKSH->BKSG", q, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=2).astype(v.dtype)
+    return jnp.einsum("BKSG,BKSH->BKGH", probs, v).reshape(b, n, h)
+
+
+def _rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
+    """`layers.apply_rope` for x [B, N, H] at positions [B]."""
+    return layers.apply_rope(x[:, None], positions[:, None], inv_freq)[:, 0]
+
+
+def _matmul(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None) -> jax.Array:
+    """x [B, I] times w [O, I] -> [B, O], computed as the [O, B] product (see `DecodeWeights`).
+
+    The barrier keeps XLA from folding the transpose into the matmul, which would turn it back
+    into the slow [B, O] form."""
+    y = jnp.einsum("OI,BI->OB", w.astype(dtype), x, preferred_element_type=out_dtype)
+    return jax.lax.optimization_barrier(y).T
+
+
+def _self_attention_block(layer, x, w, *, index, positions, k_cache, v_cache, key_mask, attend):
+    """`text.DecoderLayer` for one token per row: x [B, D]; w = (qkv, o, gate_up, down) as [out, in].
+    Returns (x, k_cache, v_cache)."""
+    attn, dtype = layer.self_attn, layer.self_attn.dtype
+    n, kv, hd = attn.q_proj.shape[1], attn.k_proj.shape[1], attn.q_proj.shape[2]
+    b = x.shape[0]
+    qkv = _matmul(w[0], layer.input_layernorm(x), dtype).reshape(b, n + 2 * kv, hd)  # [B, N + 2K, H]
+    q, k, v = qkv[:, :n], qkv[:, n : n + kv], qkv[:, n + kv :]
+    inv_freq = jnp.asarray(attn.inv_freq, jnp.float32)
+    q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
+    start = (0, 0, index, 0)
+    k_cache = constrain(jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype), start), CACHE_NAMES)
+    v_cache = constrain(jax.lax.dynamic_update_slice(v_cache, v[:, :, None].astype(v_cache.dtype), start), CACHE_NAMES)
+    k_read, v_read = k_cache[:, :, :attend], v_cache[:, :, :attend]
+    out = _attend(q, k_read.astype(dtype), v_read.astype(dtype), key_mask[:, :attend], attn.scale)  # [B, N, H]
+    x = constrain(x + _matmul(w[1], out.reshape(b, n * hd), dtype), ACT)
+    gate, up = jnp.split(_matmul(w[2], layer.post_attention_layernorm(x), dtype), 2, axis=-1)
+    x = constrain(x + _matmul(w[3], jax.nn.silu(gate) * up, dtype), ACT)
+    return x, k_cache, v_cache
+
+
+def _cross_attention_block(layer, x, *, k, v, mask, row):
+    """`text.CrossAttentionLayer` for one token per row, x [B, D] (weights as stored: cross-attention
+    layers are few and only run with images)."""
+    xattn, dtype = layer.cross_attn, layer.dtype
+    row = row[:, None].astype(dtype)  # [B, 1]
+    q = xattn.q_norm(jnp.einsum("BD,DNH->BNH", layer.input_layernorm(x), xattn.q_proj.astype(dtype)))
+    out = _attend(q, k.astype(dtype), v.astype(dtype), mask, xattn.scale)
+    h = jnp.einsum("BNH,NHD->BD", out, xattn.o_proj.astype(dtype))
+    if layer.zero_imageless_rows:
+        h = h * row
+    x = constrain(x + layers.gate(layer.cross_attn_attn_gate, dtype) * h, ACT)
+    h = layer.mlp(layer.post_attention_layernorm(x)[:, None])[:, 0] * row
+    return constrain(x + layers.gate(layer.cross_attn_mlp_gate, dtype) * h, ACT)
+
+
+def step(
+    model,
+    weights: DecodeWeights,
+    cache: DecodeCache,
+    tokens: jax.Array,
+    *,
+    index: jax.Array,
+    positions: jax.Array,
+    attend: int,
+) -> tuple[jax.Array, DecodeCache]:
+    """Feeds `tokens` [B] at cache slot `index` with RoPE `positions` [B]; reads slots [0, attend).
+    Returns fp32 logits [B, V] and the updated cache."""
+    tm = text_model(model)
+    key_mask = cache.key_mask.at[:, index].set(True)
+    x = constrain(jnp.take(tm.embed_tokens[...], tokens, axis=0).astype(tm.dtype), ACT)  # [B, D]
+    new_k, new_v = [], []
+    n_self = n_cross = 0
+    for i, layer in enumerate(tm.layers):
+        if i in tm.cross_attention_layers:
+            if cache.cross_k is not None:
+                kv = dict(k=cache.cross_k[n_cross], v=cache.cross_v[n_cross])
+                x = _cross_attention_block(layer, x, **kv, mask=cache.cross_mask, row=cache.cross_row)
+            n_cross += 1
+            continue
+        j = n_self
+        x, k, v = _self_attention_block(
+            layer,
+            x,
+            (weights.qkv[j], weights.o[j], weights.gate_up[j], weights.down[j]),
+            index=index,
+            positions=positions,
+            k_cache=cache.k[j],
+            v_cache=cache.v[j],
+            key_mask=key_mask,
+            attend=attend,
+        )
+        new_k.append(k)
+        new_v.append(v)
+        n_self += 1
+    logits = _matmul(weights.head, tm.norm(x), x.dtype, out_dtype=jnp.float32)  # [B, V] fp32, as `text.lm_logits`
+    logits = constrain(logits, ("batch", "act_vocab"))
+    return logits, dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v), key_mask=key_mask)

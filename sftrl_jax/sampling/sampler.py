@@ -1,0 +1,325 @@
+"""Batched sampling: a jitted prefill, then a jitted `lax.while_loop` decode over a donated KV cache.
+
+    result = generate(model, [[1, 5, 9], [1, 7]], max_new_tokens=32, temperature=0.7, top_p=0.9,
+                      stop_tokens=tok.stop_ids, seed=0)
+    result.tokens      # [B, 32] int32, pad_id after each row's stop token
+    result.lengths     # [B] tokens generated up to and including the first stop token
+    result.logprobs    # [B, 32] log-probs under the distribution sampled from (see `methods`)
+    result.logprobs_temperature  # log_softmax(logits / T) over the full vocabulary: what PPO uses
+
+The sampler is a static `SamplerConfig` plus a pytree `State` (STYLE §8). Prompts are left-padded to
+a length bucket, the batch to a batch bucket (`inputs`), so repeated calls compile once per bucket.
+The prefill is the model's own forward with a cache (images go through the vision tower once there,
+and the cross-attention keys/values are kept); the decode loop (`decode.step`) then runs one token
+per row until `max_new_tokens` or until every row has emitted a stop token. Parameters are
+arguments of both jitted functions, never closed over, so a policy whose weights change between
+calls (RL) reuses the compiled programs.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sftrl_jax.errors import UserError
+from sftrl_jax.models import kv_cache
+from sftrl_jax.parallel import rules
+from sftrl_jax.sampling import decode, inputs, methods
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplerConfig:
+    """Everything static about a sampling program (hashable: a jit static argument)."""
+
+    max_new_tokens: int
+    method: methods.Method
+    stop_tokens: tuple[int, ...]
+    pad_id: int
+    # Decode segments: the loop runs while the written slot < segments[j], reading slots
+    # [0, segments[j]); ascending, the last one is the cache length.
+    segments: tuple[int, ...]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class State:
+    """The decode loop's carry."""
+
+    cache: decode.DecodeCache
+    index: jax.Array  # [] int32: cache slot of the token fed next
+    positions: jax.Array  # [B] int32: RoPE position of the token fed next
+    last: jax.Array  # [B] int32: the token fed next (the last one chosen)
+    step: jax.Array  # [] int32: output column of the next token (= tokens generated so far)
+    done: jax.Array  # [B] bool: the row emitted a stop token (or is batch padding)
+    lengths: jax.Array  # [B] int32
+    tokens: jax.Array  # [B, M] int32
+    logprobs: jax.Array  # [B, M] fp32, processed
+    logprobs_raw: jax.Array  # [B, M] fp32
+    logprobs_temperature: jax.Array  # [B, M] fp32
+    key: jax.Array  # PRNG key of the request
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerateResult:
+    """Host arrays, one row per prompt. Columns at and after `lengths[b]` hold `pad_id` / 0."""
+
+    tokens: np.ndarray  # [B, M] int32
+    lengths: np.ndarray  # [B] int32: generated tokens up to and including the first stop token
+    logprobs: np.ndarray  # [B, M] fp32: log-prob under the distribution sampled from (0 if greedy)
+    logprobs_raw: np.ndarray  # [B, M] fp32: log_softmax(logits)
+    logprobs_temperature: np.ndarray  # [B, M] fp32: log_softmax(logits / T), full vocabulary (raw if greedy)
+    temperature: float
+    steps: int  # decode columns computed (< M when every row stopped early)
+    prompt_length: int  # the padded prompt length (bucket) used
+
+    def responses(self) -> list[list[int]]:
+        return [list(map(int, row[:n])) for row, n in zip(self.tokens, self.lengths)]
+
+
+# ------------------------------------------------------------------------------------------ device
+
+
+def _record(state: State, choice: methods.Choice, cfg: SamplerConfig) -> State:
+    """Writes the chosen tokens into column `state.step` (pad / 0 for finished rows)."""
+    live = ~state.done
+    col = (jnp.zeros((), jnp.int32), state.step)
+
+    def put(buf, value, fill):
+        return jax.lax.dynamic_update_slice(buf, jnp.where(live, value, fill).astype(buf.dtype)[:, None], col)
+
+    stop = jnp.isin(choice.token, jnp.asarray(cfg.stop_tokens, jnp.int32)) if cfg.stop_tokens else False
+    return dataclasses.replace(
+        state,
+        last=choice.token,
+        step=state.step + 1,
+        done=state.done | (live & stop),
+        lengths=state.lengths + live.astype(jnp.int32),
+        tokens=put(state.tokens, choice.token, cfg.pad_id),
+        logprobs=put(state.logprobs, choice.processed, 0.0),
+        logprobs_raw=put(state.logprobs_raw, choice.raw, 0.0),
+        logprobs_temperature=put(state.logprobs_temperature, choice.temperature, 0.0),
+    )
+
+
+def _keys(state: State) -> jax.Array:
+    return methods.row_keys(state.key, state.step, jnp.arange(state.done.shape[0]))
+
+
+def _prefill(params, batch: dict[str, jax.Array], key: jax.Array, *, graphdef, cfg: SamplerConfig) -> State:
+    """The prompt through the model's forward; the first token; the decode state."""
+    model = nnx.merge(graphdef, params)
+    ids, row_valid = batch["input_ids"], batch["row_valid"]
+    b, p = ids.shape
+    cache = kv_cache.init_cache(model.config.text, b, p, model.dtype)
+    image_inputs = {k: batch[k] for k in (*inputs.IMAGE_KEYS, "cross_attention_mask") if k in batch}
+    out = model(ids, attention_mask=batch["attention_mask"], cache=cache, last_logits_only=True, **image_inputs)
+    m = cfg.max_new_tokens
+    zeros = jnp.zeros((b, m), jnp.float32)
+    state = State(
+        cache=decode.from_prefill(out.cache, cfg.segments[-1]),
+        index=jnp.asarray(p, jnp.int32),
+        positions=out.cache.next_position,
+        last=jnp.zeros((b,), jnp.int32),
+        step=jnp.zeros((), jnp.int32),
+        done=~row_valid,
+        lengths=jnp.zeros((b,), jnp.int32),
+        tokens=jnp.full((b, m), cfg.pad_id, jnp.int32),
+        logprobs=zeros,
+        logprobs_raw=zeros,
+        logprobs_temperature=zeros,
+        key=key,
+    )
+    return _record(state, methods.choose(out.logits[:, -1], _keys(state), cfg.method), cfg)
+
+
+def _prepare(params, *, graphdef) -> decode.DecodeWeights:
+    return decode.prepare(nnx.merge(graphdef, params))
+
+
+def _decode(params, weights: decode.DecodeWeights | None, state: State, *, graphdef, cfg: SamplerConfig) -> State:
+    """Generates columns 1 .. M-1; stops early once every row is done. `weights`: see `prepare_weights`."""
+    model = nnx.merge(graphdef, params)
+    if weights is None:
+        weights = decode.prepare(model)
+    for attend in cfg.segments:
+
+        def cond(s: State, attend=attend) -> jax.Array:
+            return (s.step < cfg.max_new_tokens) & (s.index < attend) & ~jnp.all(s.done)
+
+        def body(s: State, attend=attend) -> State:
+            logits, cache = decode.step(
+                model, weights, s.cache, s.last, index=s.index, positions=s.positions, attend=attend
+            )
+            s = dataclasses.replace(s, cache=cache, index=s.index + 1, positions=s.positions + 1)
+            return _record(s, methods.choose(logits, _keys(s), cfg.method), cfg)
+
+        state = jax.lax.while_loop(cond, body, state)
+    return state
+
+
+_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cfg"))
+_prepare_jit = jax.jit(_prepare, static_argnames=("graphdef",))
+# The state (above all the KV cache) is donated: the loop rewrites it in place, so XLA reuses the
+# prefill's buffers for the output instead of allocating a second cache and copying into it.
+_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
+
+
+def compile_count() -> int:
+    """Programs compiled so far by the sampler (prefill + decode), for tests and logs."""
+    return _prefill_jit._cache_size() + _decode_jit._cache_size()
+
+
+def prepare_weights(graphdef, params) -> decode.DecodeWeights | None:
+    """The decode weights materialised in their [out, in] layout on CPU (where the layout decides
+    the matmul speed); None elsewhere: the decode program then transposes logically, for free."""
+    leaves = jax.tree.leaves(params)
+    if leaves and all(d.platform == "cpu" for d in leaves[0].devices()):
+        return _prepare_jit(params, graphdef=graphdef)
+    return None
+
+
+# -------------------------------------------------------------------------------------------- host
+
+
+def mesh_of(params) -> jax.sharding.Mesh | None:
+    """The mesh the parameters live on (None when they sit on one device)."""
+    for leaf in jax.tree.leaves(params):
+        sharding = getattr(leaf, "sharding", None)
+        if isinstance(sharding, jax.sharding.NamedSharding) and sharding.mesh.size > 1:
+            return sharding.mesh
+    return None
+
+
+def batch_devices(mesh: jax.sharding.Mesh | None) -> int:
+    """How many ways the batch is split on `mesh`."""
+    if mesh is None:
+        return 1
+    return int(np.prod([mesh.shape[a] for a in rules._axes("batch") if a in mesh.shape]))
+
+
+def default_segments(prompt_len: int, max_new_tokens: int) -> tuple[int, ...]:
+    """Decode segments: one loop reading the whole cache for short generations; longer ones in up
+    to four loops whose attention reads grow with the filled slots (each loop compiles the step)."""
+    total = prompt_len + max_new_tokens - 1
+    if max_new_tokens <= 256:
+        return (total,)
+    chunk = -(-max_new_tokens // 4 // 128) * 128
+    cuts = [prompt_len + chunk * j for j in range(1, 4) if prompt_len + chunk * j < total]
+    return (*cuts, total)
+
+
+def _device_batch(arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None) -> dict[str, jax.Array]:
+    if mesh is None:
+        return {k: jnp.asarray(v) for k, v in arrays.items()}
+    out = {}
+    for k, v in arrays.items():
+        names = ("batch",) + (None,) * (v.ndim - 1)
+        out[k] = jax.device_put(v, rules.named_sharding(names, v.shape, mesh))
+    return out
+
+
+def _host(x: jax.Array) -> np.ndarray:
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+
+
+def generate(
+    model,
+    prompts: Sequence[Sequence[int]],
+    *,
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    top_k: int = 0,
+    stop_tokens: Sequence[int] = (),
+    seed: int = 0,
+    pad_id: int | None = None,
+    pixel_values: Any = None,
+    aspect_ratio_ids: Any = None,
+    aspect_ratio_mask: Any = None,
+    cross_attention_mask: Sequence[Any] | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+    max_length: int | None = None,
+    segments: Sequence[int] | None = None,
+) -> GenerateResult:
+    """Samples up to `max_new_tokens` tokens after each prompt (a list of token ids).
+
+    temperature 0 = greedy; `top_k` 0 and `top_p` 1 = off. A row stops after its first token in
+    `stop_tokens`. Mllama image inputs follow transformers' names and shapes: `pixel_values`
+    [B, I, C, 3, px, px], `aspect_ratio_ids` [B, I], `aspect_ratio_mask` [B, I, C], and optionally
+    `cross_attention_mask` as one [len(prompt_b), I, C] array per prompt (default: derived from the
+    `<|image|>` tokens). `mesh` defaults to the one the parameters live on; `max_length` (default:
+    the config's max_position_embeddings) bounds the cache. `segments` overrides
+    `default_segments`.
+    """
+    config = model.config
+    tc = config.text
+    inputs.check_method(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k)
+    prompts = inputs.check_prompts(prompts, tc.num_embeddings)
+    stops = inputs.check_stop_tokens(stop_tokens, tc.vocab_size)
+    if pad_id is None:
+        pad_id = tc.pad_token_id if tc.pad_token_id is not None else 0
+    if not 0 <= pad_id < tc.num_embeddings:
+        raise UserError(f"pad_id {pad_id} is outside the model's {tc.num_embeddings} embeddings")
+    max_length = tc.max_position_embeddings if max_length is None else int(max_length)
+    lengths = [len(p) for p in prompts]
+    p_len = inputs.prompt_bucket(max(lengths))
+    inputs.check_cache_length(lengths, p_len, max_new_tokens, max_length)
+
+    graphdef, params = nnx.split(model)
+    mesh = mesh if mesh is not None else mesh_of(params)
+    b = inputs.batch_bucket(len(prompts), batch_devices(mesh))
+    ids, attention = inputs.left_pad(prompts, batch=b, length=p_len, pad_id=pad_id)
+    arrays = {"input_ids": ids, "attention_mask": attention, "row_valid": np.arange(b) < len(prompts)}
+    arrays.update(
+        inputs.image_arrays(
+            config,
+            prompts,
+            batch=b,
+            length=p_len,
+            pixel_values=pixel_values,
+            aspect_ratio_ids=aspect_ratio_ids,
+            aspect_ratio_mask=aspect_ratio_mask,
+            cross_attention_mask=cross_attention_mask,
+        )
+    )
+    if segments is None:
+        segments = default_segments(p_len, max_new_tokens)
+    segments = tuple(int(s) for s in segments)
+    if segments[-1] != p_len + max_new_tokens - 1 or list(segments) != sorted(segments) or segments[0] <= p_len:
+        raise UserError(f"decode segments {segments} must ascend from > {p_len} to {p_len + max_new_tokens - 1}")
+    cfg = SamplerConfig(
+        max_new_tokens=int(max_new_tokens),
+        method=methods.Method(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)),
+        stop_tokens=stops,
+        pad_id=int(pad_id),
+        segments=segments,
+    )
+    key = jax.random.key(seed)
+    with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
+        batch = _device_batch(arrays, mesh)
+        state = _prefill_jit(params, batch, key, graphdef=graphdef, cfg=cfg)
+        if max_new_tokens > 1:
+            weights = prepare_weights(graphdef, params)
+            state = _decode_jit(params, weights, state, graphdef=graphdef, cfg=cfg)
+    n = len(prompts)
+    return GenerateResult(
+        tokens=_host(state.tokens)[:n],
+        lengths=_host(state.lengths)[:n],
+        logprobs=_host(state.logprobs)[:n],
+        logprobs_raw=_host(state.logprobs_raw)[:n],
+        logprobs_temperature=_host(state.logprobs_temperature)[:n],
+        temperature=float(temperature),
+        steps=int(state.step),
+        prompt_length=p_len,
+    )
