@@ -45,8 +45,8 @@ class DemoModel:
 
 @dataclasses.dataclass(frozen=True)
 class DemoSFT:
-    examples: int = 4000  # expert examples generated for SFT (warm-up and the SFT arm)
-    warmup_steps: int = 150  # SFT steps that make the Init checkpoint
+    examples: int = 2000  # expert examples generated for SFT (warm-up and the SFT arm)
+    warmup_steps: int = 120  # SFT steps that make the Init checkpoint
     batch_size: int = 16
     lr: float = 3e-3
     arm_lr: float = 3e-4  # the SFT arm continues from Init with this peak lr
@@ -54,12 +54,12 @@ class DemoSFT:
 
 @dataclasses.dataclass(frozen=True)
 class DemoRL:
-    updates: int = 4
+    updates: int = 2
     num_envs: int = 16
     steps_per_update: int = 8
     samples_per_step: int = 32
-    micro_batch: int = 8
-    epochs: int = 2
+    micro_batch: int = 16
+    epochs: int = 1
     lr: float = 1e-4
     temperature: float = 0.7
     max_new_tokens: int = 64
@@ -70,7 +70,7 @@ class DemoConfig:
     run_dir: str = "runs/demo"
     task: str = "gp-l"
     seed: int = 0
-    eval_episodes: int = 64  # per split and checkpoint (the paper uses 234)
+    eval_episodes: int = 32  # per split and checkpoint (the paper uses 234)
     eval_splits: tuple[str, ...] = ("id", "ood-rule")
     model: DemoModel = dataclasses.field(default_factory=DemoModel)
     sft: DemoSFT = dataclasses.field(default_factory=DemoSFT)
@@ -135,7 +135,7 @@ def _rl_config(cfg: DemoConfig, *, run_dir: str, init: str, d_init: int):
             run_dir=run_dir,
             updates=r.updates,
             steps_per_update=r.steps_per_update,
-            length_buckets=(384, 512, 768, 1024),
+            length_buckets=(384, 768),
             seed=cfg.seed,
             devices=1,
             save_every=r.updates,
