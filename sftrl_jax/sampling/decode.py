@@ -1,17 +1,16 @@
 """One decode step (one new token per row) over the model's own weights and a sampler-owned KV cache.
 
 The prompt goes through the model's regular forward (`model(..., cache=KVCache)`), which also
-computes the cross-attention keys/values of the images once. `from_prefill` then moves that cache
-into the decode layout below, and `step` runs the text decoder for one token per row. It uses the
-same sub-modules and weights as the training forward (norms, projections, RoPE, gates), so the two
-agree to fp32 rounding; what differs is only how attention reads the cache:
+computes the cross-attention keys/values of the images once. `from_prefill` moves that cache into
+the decode layout below, and `step` runs the text decoder for one token per row with the same
+sub-modules and arithmetic as the training forward (norms, RoPE, gates, fp32 softmax and logits), so
+the two agree to fp32 rounding. What differs is only the data layout, chosen for the decode shapes
+(a few rows against all the weights), measured on CPU (docs/BENCHMARKS.md):
 
-- K/V are [B, K, S, H] (kv heads before slots): the per-step score and value products are batched
-  over (B, K) with contiguous [S, H] blocks, so XLA reads the cache without a transposed copy.
-- `attend` (static) bounds the slots a step reads: the sampler sizes the cache to the prompt bucket
-  plus the new tokens, and may split the loop so early steps read only the slots that can be filled.
-- optionally (`fuse`) q/k/v and gate/up projections are concatenated once per call, so each layer
-  does two matmuls fewer per step (small-batch matmuls on CPU are dominated by per-op cost).
+- matmul weights are [out, in] (`DecodeWeights`) and every projection is computed as the [out, B]
+  product: 1.5-3x faster on XLA:CPU for 16 rows than `x @ w` with `w` [in, out];
+- K/V are [B, K, S, H] (kv heads before slots), so attention is a batched product over (B, K) of
+  contiguous [S, H] blocks; the cache holds exactly the padded prompt plus the generated tokens.
 
 Shape legend: B batch, S cache slots, S_x vision keys, D width, F MLP width, N heads, K kv heads,
 G heads per kv head, H head dim, V vocab.
@@ -146,7 +145,7 @@ def _matmul(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None) -> jax.Array:
     return jax.lax.optimization_barrier(y).T
 
 
-def _self_attention_block(layer, x, w, *, index, positions, k_cache, v_cache, key_mask, attend):
+def _self_attention_block(layer, x, w, *, index, positions, k_cache, v_cache, key_mask):
     """`text.DecoderLayer` for one token per row: x [B, D]; w = (qkv, o, gate_up, down) as [out, in].
     Returns (x, k_cache, v_cache)."""
     attn, dtype = layer.self_attn, layer.self_attn.dtype
@@ -159,8 +158,7 @@ def _self_attention_block(layer, x, w, *, index, positions, k_cache, v_cache, ke
     start = (0, 0, index, 0)
     k_cache = constrain(jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype), start), CACHE_NAMES)
     v_cache = constrain(jax.lax.dynamic_update_slice(v_cache, v[:, :, None].astype(v_cache.dtype), start), CACHE_NAMES)
-    k_read, v_read = k_cache[:, :, :attend], v_cache[:, :, :attend]
-    out = _attend(q, k_read.astype(dtype), v_read.astype(dtype), key_mask[:, :attend], attn.scale)  # [B, N, H]
+    out = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), key_mask, attn.scale)  # [B, N, H]
     x = constrain(x + _matmul(w[1], out.reshape(b, n * hd), dtype), ACT)
     gate, up = jnp.split(_matmul(w[2], layer.post_attention_layernorm(x), dtype), 2, axis=-1)
     x = constrain(x + _matmul(w[3], jax.nn.silu(gate) * up, dtype), ACT)
@@ -190,9 +188,8 @@ def step(
     *,
     index: jax.Array,
     positions: jax.Array,
-    attend: int,
 ) -> tuple[jax.Array, DecodeCache]:
-    """Feeds `tokens` [B] at cache slot `index` with RoPE `positions` [B]; reads slots [0, attend).
+    """Feeds `tokens` [B] at cache slot `index` with RoPE `positions` [B].
     Returns fp32 logits [B, V] and the updated cache."""
     tm = text_model(model)
     key_mask = cache.key_mask.at[:, index].set(True)
@@ -216,7 +213,6 @@ def step(
             k_cache=cache.k[j],
             v_cache=cache.v[j],
             key_mask=key_mask,
-            attend=attend,
         )
         new_k.append(k)
         new_v.append(v)

@@ -42,9 +42,6 @@ class SamplerConfig:
     method: methods.Method
     stop_tokens: tuple[int, ...]
     pad_id: int
-    # Decode segments: the loop runs while the written slot < segments[j], reading slots
-    # [0, segments[j]); ascending, the last one is the cache length.
-    segments: tuple[int, ...]
 
 
 @jax.tree_util.register_dataclass
@@ -123,7 +120,8 @@ def _prefill(params, batch: dict[str, jax.Array], key: jax.Array, *, graphdef, c
     m = cfg.max_new_tokens
     zeros = jnp.zeros((b, m), jnp.float32)
     state = State(
-        cache=decode.from_prefill(out.cache, cfg.segments[-1]),
+        # The cache holds the prompt and every generated token but the last (never fed back).
+        cache=decode.from_prefill(out.cache, p + m - 1),
         index=jnp.asarray(p, jnp.int32),
         positions=out.cache.next_position,
         last=jnp.zeros((b,), jnp.int32),
@@ -148,20 +146,16 @@ def _decode(params, weights: decode.DecodeWeights | None, state: State, *, graph
     model = nnx.merge(graphdef, params)
     if weights is None:
         weights = decode.prepare(model)
-    for attend in cfg.segments:
 
-        def cond(s: State, attend=attend) -> jax.Array:
-            return (s.step < cfg.max_new_tokens) & (s.index < attend) & ~jnp.all(s.done)
+    def cond(s: State) -> jax.Array:
+        return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
 
-        def body(s: State, attend=attend) -> State:
-            logits, cache = decode.step(
-                model, weights, s.cache, s.last, index=s.index, positions=s.positions, attend=attend
-            )
-            s = dataclasses.replace(s, cache=cache, index=s.index + 1, positions=s.positions + 1)
-            return _record(s, methods.choose(logits, _keys(s), cfg.method), cfg)
+    def body(s: State) -> State:
+        logits, cache = decode.step(model, weights, s.cache, s.last, index=s.index, positions=s.positions)
+        s = dataclasses.replace(s, cache=cache, index=s.index + 1, positions=s.positions + 1)
+        return _record(s, methods.choose(logits, _keys(s), cfg.method), cfg)
 
-        state = jax.lax.while_loop(cond, body, state)
-    return state
+    return jax.lax.while_loop(cond, body, state)
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cfg"))
@@ -169,20 +163,30 @@ _prepare_jit = jax.jit(_prepare, static_argnames=("graphdef",))
 # The state (above all the KV cache) is donated: the loop rewrites it in place, so XLA reuses the
 # prefill's buffers for the output instead of allocating a second cache and copying into it.
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
+# On CPU the decode loop hands only matmuls to XLA's YNNPACK library: its elementwise and reduction
+# kernels cost ~0.1 ms each for the decode's tiny arrays (thread hand-offs), XLA's own loops far
+# less (docs/BENCHMARKS.md).
+CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
+_decode_jit_cpu = jax.jit(
+    _decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",), compiler_options=CPU_DECODE_OPTIONS
+)
 
 
 def compile_count() -> int:
     """Programs compiled so far by the sampler (prefill + decode), for tests and logs."""
-    return _prefill_jit._cache_size() + _decode_jit._cache_size()
+    return sum(f._cache_size() for f in (_prefill_jit, _decode_jit, _decode_jit_cpu))
+
+
+def on_cpu(params) -> bool:
+    leaves = jax.tree.leaves(params)
+    return bool(leaves) and all(d.platform == "cpu" for d in leaves[0].devices())
 
 
 def prepare_weights(graphdef, params) -> decode.DecodeWeights | None:
     """The decode weights materialised in their [out, in] layout on CPU (where the layout decides
-    the matmul speed); None elsewhere: the decode program then transposes logically, for free."""
-    leaves = jax.tree.leaves(params)
-    if leaves and all(d.platform == "cpu" for d in leaves[0].devices()):
-        return _prepare_jit(params, graphdef=graphdef)
-    return None
+    the matmul speed; a copy for the duration of the call); None elsewhere: the decode program then
+    transposes logically, which XLA folds into the matmuls."""
+    return _prepare_jit(params, graphdef=graphdef) if on_cpu(params) else None
 
 
 # -------------------------------------------------------------------------------------------- host
@@ -202,17 +206,6 @@ def batch_devices(mesh: jax.sharding.Mesh | None) -> int:
     if mesh is None:
         return 1
     return int(np.prod([mesh.shape[a] for a in rules._axes("batch") if a in mesh.shape]))
-
-
-def default_segments(prompt_len: int, max_new_tokens: int) -> tuple[int, ...]:
-    """Decode segments: one loop reading the whole cache for short generations; longer ones in up
-    to four loops whose attention reads grow with the filled slots (each loop compiles the step)."""
-    total = prompt_len + max_new_tokens - 1
-    if max_new_tokens <= 256:
-        return (total,)
-    chunk = -(-max_new_tokens // 4 // 128) * 128
-    cuts = [prompt_len + chunk * j for j in range(1, 4) if prompt_len + chunk * j < total]
-    return (*cuts, total)
 
 
 def _device_batch(arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None) -> dict[str, jax.Array]:
@@ -250,7 +243,6 @@ def generate(
     cross_attention_mask: Sequence[Any] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     max_length: int | None = None,
-    segments: Sequence[int] | None = None,
 ) -> GenerateResult:
     """Samples up to `max_new_tokens` tokens after each prompt (a list of token ids).
 
@@ -259,8 +251,7 @@ def generate(
     [B, I, C, 3, px, px], `aspect_ratio_ids` [B, I], `aspect_ratio_mask` [B, I, C], and optionally
     `cross_attention_mask` as one [len(prompt_b), I, C] array per prompt (default: derived from the
     `<|image|>` tokens). `mesh` defaults to the one the parameters live on; `max_length` (default:
-    the config's max_position_embeddings) bounds the cache. `segments` overrides
-    `default_segments`.
+    the config's max_position_embeddings) bounds the cache.
     """
     config = model.config
     tc = config.text
@@ -293,17 +284,11 @@ def generate(
             cross_attention_mask=cross_attention_mask,
         )
     )
-    if segments is None:
-        segments = default_segments(p_len, max_new_tokens)
-    segments = tuple(int(s) for s in segments)
-    if segments[-1] != p_len + max_new_tokens - 1 or list(segments) != sorted(segments) or segments[0] <= p_len:
-        raise UserError(f"decode segments {segments} must ascend from > {p_len} to {p_len + max_new_tokens - 1}")
     cfg = SamplerConfig(
         max_new_tokens=int(max_new_tokens),
         method=methods.Method(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)),
         stop_tokens=stops,
         pad_id=int(pad_id),
-        segments=segments,
     )
     key = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
@@ -311,7 +296,8 @@ def generate(
         state = _prefill_jit(params, batch, key, graphdef=graphdef, cfg=cfg)
         if max_new_tokens > 1:
             weights = prepare_weights(graphdef, params)
-            state = _decode_jit(params, weights, state, graphdef=graphdef, cfg=cfg)
+            run = _decode_jit_cpu if weights is not None else _decode_jit
+            state = run(params, weights, state, graphdef=graphdef, cfg=cfg)
     n = len(prompts)
     return GenerateResult(
         tokens=_host(state.tokens)[:n],
