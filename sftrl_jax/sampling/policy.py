@@ -1,10 +1,14 @@
-"""The sampler as a rollout policy: `policy(contexts, images) -> [(response_ids, logprobs)]`.
+"""The sampler as a rollout policy (`sftrl_jax.rl.rollout.Policy`): contexts in, responses out.
 
-Used by `rl.rollout.EpisodeRunner` (training rollouts and evaluation). A response runs up to and
-including the first stop token (or `max_new_tokens`). The log-probs are `log_softmax(logits /
-temperature)` over the full vocabulary, the quantity PPO's trainer recomputes teacher-forced (raw
-log-probs when greedy). Each call draws from a fresh seed (`seed + call index`), so a run with a
-fixed seed is reproducible.
+    policy = Policy(model, tokenizer, max_new_tokens=512, temperature=0.2, seed=0,
+                    image_processor=ImageProcessor(tile_size=560, max_tiles=4))
+    [(response_ids, logprobs), ...] = policy(contexts, images)
+
+`response_ids` run up to and including the first stop token (the tokenizer's `stop_ids` by default),
+or are `max_new_tokens` long if none came. `logprobs[i]` is log_softmax(logits / T) of
+`response_ids[i]` over the full vocabulary (T = the sampling temperature; raw log-probs when T = 0):
+exactly the quantity PPO's trainer computes teacher-forced (`sftrl_jax.rl.ppo.forward`), so the
+PPO ratio starts at 1. Each call draws with a fresh seed derived from (seed, call number).
 """
 
 from __future__ import annotations
@@ -14,7 +18,8 @@ from typing import Any
 
 import numpy as np
 
-from sftrl_jax.sampling.sampler import generate
+from sftrl_jax.errors import UserError
+from sftrl_jax.sampling import sampler
 
 
 class Policy:
@@ -29,39 +34,54 @@ class Policy:
         top_k: int = 0,
         seed: int = 0,
         image_processor=None,
+        stop_tokens: Sequence[int] | None = None,
+        mesh=None,
     ):
         self.model = model
         self.tokenizer = tokenizer
-        self.max_new_tokens = max_new_tokens
-        self.temperature = temperature
-        self.top_p = top_p
-        self.top_k = top_k
-        self.seed = seed
+        self.max_new_tokens = int(max_new_tokens)
+        self.temperature = float(temperature)
+        self.top_p = float(top_p)
+        self.top_k = int(top_k)
+        self.seed = int(seed)
         self.image_processor = image_processor
+        self.stop_tokens = tuple(tokenizer.stop_ids if stop_tokens is None else stop_tokens)
+        self.mesh = mesh
         self.calls = 0
+        self.last_result: sampler.GenerateResult | None = None  # for logging (e.g. the log-prob gap)
+
+    def image_inputs(self, images: Sequence[Sequence[Any]]) -> dict[str, np.ndarray]:
+        """Mllama arrays for per-context image lists ({} when no context has an image)."""
+        if not any(len(imgs) for imgs in images):
+            return {}
+        if self.image_processor is None:
+            raise UserError("contexts carry images but the policy has no image_processor (a text-only model?)")
+        arrays = self.image_processor([list(imgs) for imgs in images])
+        return {k: arrays[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
 
     def __call__(
-        self, contexts: Sequence[Sequence[int]], images: Sequence[Sequence[Any]]
+        self, contexts: Sequence[Sequence[int]], images: Sequence[Sequence[Any]] | None = None
     ) -> list[tuple[list[int], list[float]]]:
-        image_inputs = {}
-        if self.image_processor is not None and any(len(i) for i in images):
-            arrays = self.image_processor([list(i) for i in images])
-            image_inputs = {k: arrays[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
-        result = generate(
+        images = [[] for _ in contexts] if images is None else images
+        if len(images) != len(contexts):
+            raise UserError(f"{len(contexts)} contexts but {len(images)} image lists")
+        seed = (self.seed * 1_000_003 + self.calls) % 2**31
+        self.calls += 1
+        result = sampler.generate(
             self.model,
-            [list(c) for c in contexts],
+            contexts,
             max_new_tokens=self.max_new_tokens,
             temperature=self.temperature,
             top_p=self.top_p,
             top_k=self.top_k,
-            stop_tokens=self.tokenizer.stop_ids,
-            seed=self.seed + self.calls,
+            stop_tokens=self.stop_tokens,
+            seed=seed,
             pad_id=self.tokenizer.pad_id,
-            **image_inputs,
+            mesh=self.mesh,
+            **self.image_inputs(images),
         )
-        self.calls += 1
-        logp = result.logprobs_temperature
+        self.last_result = result
         return [
-            (list(map(int, result.tokens[b, :n])), [float(x) for x in np.asarray(logp[b, :n])])
-            for b, n in enumerate(result.lengths)
+            (list(map(int, row[:n])), [float(x) for x in lp[:n]])
+            for row, lp, n in zip(result.tokens, result.logprobs_temperature, result.lengths)
         ]

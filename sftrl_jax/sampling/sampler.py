@@ -40,7 +40,6 @@ class SamplerConfig:
 
     max_new_tokens: int
     method: methods.Method
-    stop_tokens: tuple[int, ...]
     pad_id: int
 
 
@@ -60,6 +59,7 @@ class State:
     logprobs: jax.Array  # [B, M] fp32, processed
     logprobs_raw: jax.Array  # [B, M] fp32
     logprobs_temperature: jax.Array  # [B, M] fp32
+    stop_tokens: jax.Array  # [n] int32, padded with -1 (an array, so new stop sets do not recompile)
     key: jax.Array  # PRNG key of the request
 
 
@@ -91,7 +91,7 @@ def _record(state: State, choice: methods.Choice, cfg: SamplerConfig) -> State:
     def put(buf, value, fill):
         return jax.lax.dynamic_update_slice(buf, jnp.where(live, value, fill).astype(buf.dtype)[:, None], col)
 
-    stop = jnp.isin(choice.token, jnp.asarray(cfg.stop_tokens, jnp.int32)) if cfg.stop_tokens else False
+    stop = jnp.any(choice.token[:, None] == state.stop_tokens[None, :], axis=-1)
     return dataclasses.replace(
         state,
         last=choice.token,
@@ -109,7 +109,9 @@ def _keys(state: State) -> jax.Array:
     return methods.row_keys(state.key, state.step, jnp.arange(state.done.shape[0]))
 
 
-def _prefill(params, batch: dict[str, jax.Array], key: jax.Array, *, graphdef, cfg: SamplerConfig) -> State:
+def _prefill(
+    params, batch: dict[str, jax.Array], stop_tokens: jax.Array, key: jax.Array, *, graphdef, cfg: SamplerConfig
+) -> State:
     """The prompt through the model's forward; the first token; the decode state."""
     model = nnx.merge(graphdef, params)
     ids, row_valid = batch["input_ids"], batch["row_valid"]
@@ -132,6 +134,7 @@ def _prefill(params, batch: dict[str, jax.Array], key: jax.Array, *, graphdef, c
         logprobs=zeros,
         logprobs_raw=zeros,
         logprobs_temperature=zeros,
+        stop_tokens=stop_tokens,
         key=key,
     )
     return _record(state, methods.choose(out.logits[:, -1], _keys(state), cfg.method), cfg)
@@ -206,6 +209,12 @@ def batch_devices(mesh: jax.sharding.Mesh | None) -> int:
     if mesh is None:
         return 1
     return int(np.prod([mesh.shape[a] for a in rules._axes("batch") if a in mesh.shape]))
+
+
+def stop_array(stop_tokens: Sequence[int]) -> np.ndarray:
+    """Stop tokens padded with -1 to a multiple of 4 (at least 4): few distinct shapes."""
+    n = max(4, -(-len(stop_tokens) // 4) * 4)
+    return np.array(list(stop_tokens) + [-1] * (n - len(stop_tokens)), np.int32)
 
 
 def _device_batch(arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None) -> dict[str, jax.Array]:
@@ -287,13 +296,12 @@ def generate(
     cfg = SamplerConfig(
         max_new_tokens=int(max_new_tokens),
         method=methods.Method(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)),
-        stop_tokens=stops,
         pad_id=int(pad_id),
     )
     key = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         batch = _device_batch(arrays, mesh)
-        state = _prefill_jit(params, batch, key, graphdef=graphdef, cfg=cfg)
+        state = _prefill_jit(params, batch, stop_array(stops), key, graphdef=graphdef, cfg=cfg)
         if max_new_tokens > 1:
             weights = prepare_weights(graphdef, params)
             run = _decode_jit_cpu if weights is not None else _decode_jit
