@@ -176,9 +176,26 @@ def bench_sft_cmd(args) -> int:
     return 0
 
 
+def bench_sampler_cmd(args) -> int:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_sampler
+
+    lines, ratio = bench_sampler.bench_sampler(args)
+    for line in lines:
+        print(line)
+    if not args.no_record:
+        command = (
+            f".venv/bin/python tools/bench.py sampler --batch {args.batch} --prompt {args.prompt} "
+            f"--new-tokens {args.new_tokens} --repeats {args.repeats} --rounds {args.rounds}"
+        )
+        record("sampler", command, lines)
+    print(f"sampler speedup vs transformers: {ratio:.2f}x")
+    return 0
+
+
 COMMANDS = {
     "verifier": (bench_verifier, "GeneralPoints verifier throughput on one core, deal and render times"),
-    "sampler": (not_built, "sampler (ours vs transformers, same weights and batch)"),
+    "sampler": (bench_sampler_cmd, "sampler (ours vs transformers, same weights and batch)"),
     "sft": (lambda args: bench_sft_cmd(args), "SFT step (ours vs PyTorch)"),
 }
 
@@ -194,6 +211,15 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--hands", type=int, default=20_000, help="hands (one answer each) in the answer mix")
             p.add_argument("--deals", type=int, default=5_000, help="hands dealt for the long dealing timing")
             p.add_argument("--seed", type=int, default=0)
+        if name == "sampler":
+            p.add_argument("--batch", type=int, default=16)
+            p.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
+            p.add_argument("--new-tokens", type=int, default=128, help="exactly this many new tokens per row")
+            p.add_argument("--repeats", type=int, default=3, help="timed calls per process (after one warm-up)")
+            p.add_argument("--rounds", type=int, default=2, help="alternating processes per side")
+            p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"))
+            p.add_argument("--max-load", type=float, default=2.5, help="wait for the load average to drop below this")
+            p.add_argument("--wait-seconds", type=float, default=900)
         if name == "sft":
             p.add_argument("--batch", type=int, default=8)
             p.add_argument("--length", type=int, default=256)

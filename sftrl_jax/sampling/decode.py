@@ -120,20 +120,42 @@ def from_prefill(cache: kv_cache.KVCache, length: int) -> DecodeCache:
 def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """`layers.attention` for one query per row: q [B, N, H], k/v [B, K, S, H], mask [B, S] -> [B, N, H].
 
-    Scores are computed as [S, G] blocks (keys as the matmul's row operand): on CPU that product
-    is 1.5x faster than the [G, S] one for a handful of query heads (docs/BENCHMARKS.md)."""
+    Scores are computed as [S, G] blocks (keys as the row operand: on CPU 1.5x faster than [G, S]
+    for a handful of query heads), the softmax is normalised after the value product (one op
+    fewer over [S, G]; the decode step is bound by per-op cost as much as by arithmetic)."""
     b, n, h = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, kv_heads, n // kv_heads, h)  # [B, K, G, H]
     scores = jnp.einsum("BKGH,BKSH->BKSG", q, k, preferred_element_type=jnp.float32) * scale
     scores = jnp.where(mask[:, None, :, None], scores, jnp.finfo(jnp.float32).min)
-    probs = jax.nn.softmax(scores, axis=2).astype(v.dtype)
-    return jnp.einsum("BKSG,BKSH->BKGH", probs, v).reshape(b, n, h)
+    e = jnp.exp(scores - jnp.max(scores, axis=2, keepdims=True))
+    e = jax.lax.optimization_barrier(jnp.swapaxes(e, 2, 3))  # [B, K, G, S]: the fast value-product form
+    out = jnp.einsum("BKGS,BKSH->BKGH", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype).reshape(b, n, h)
 
 
-def _rope(x: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
-    """`layers.apply_rope` for x [B, N, H] at positions [B]."""
-    return layers.apply_rope(x[:, None], positions[:, None], inv_freq)[:, 0]
+def _norm(norm: layers.RMSNorm, x: jax.Array) -> jax.Array:
+    """`layers.RMSNorm` of x [B, D] (fp32 statistics); the mean of squares as a matmul with a constant
+    vector: one XLA:CPU op instead of three for a reduction over D."""
+    x32 = x.astype(jnp.float32)
+    d = x.shape[-1]
+    mean_sq = jnp.einsum("BD,D->B", x32 * x32, jnp.full((d,), 1.0 / d, jnp.float32))[:, None]
+    y = x32 * jax.lax.rsqrt(mean_sq + norm.eps)
+    return norm.scale[...].astype(x.dtype) * y.astype(x.dtype)
+
+
+def rope_tables(positions: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [H/2, B] of `layers.apply_rope`'s angles, computed once per step for all layers
+    (left inside each layer's fusion, XLA would evaluate them once per rotated element)."""
+    angles = jnp.asarray(inv_freq, jnp.float32)[:, None] * positions.astype(jnp.float32)[None, :]
+    return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+
+
+def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """`layers.apply_rope` (same fp32 arithmetic) for heads laid out [N, H, B] (the matmul's output)."""
+    x32 = x.astype(jnp.float32)
+    x1, x2 = jnp.split(x32, 2, axis=1)
+    return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1).astype(x.dtype)
 
 
 def _matmul(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None) -> jax.Array:
@@ -145,23 +167,31 @@ def _matmul(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None) -> jax.Array:
     return jax.lax.optimization_barrier(y).T
 
 
-def _self_attention_block(layer, x, w, *, index, positions, k_cache, v_cache, key_mask):
+def _mlp(gate_up: jax.Array, down: jax.Array, x: jax.Array, dtype) -> jax.Array:
+    """SwiGLU of x [B, D] with gate|up [2F, D] and down [D, F]; the hidden layer stays [F, B]."""
+    y = jax.lax.optimization_barrier(jnp.einsum("OI,BI->OB", gate_up.astype(dtype), x))  # [2F, B]
+    f = y.shape[0] // 2
+    h = jax.nn.silu(y[:f]) * y[f:]  # [F, B]
+    return jax.lax.optimization_barrier(jnp.einsum("DF,FB->DB", down.astype(dtype), h)).T
+
+
+def _self_attention_block(layer, x, w, *, index, rope, k_cache, v_cache, key_mask):
     """`text.DecoderLayer` for one token per row: x [B, D]; w = (qkv, o, gate_up, down) as [out, in].
     Returns (x, k_cache, v_cache)."""
     attn, dtype = layer.self_attn, layer.self_attn.dtype
     n, kv, hd = attn.q_proj.shape[1], attn.k_proj.shape[1], attn.q_proj.shape[2]
     b = x.shape[0]
-    qkv = _matmul(w[0], layer.input_layernorm(x), dtype).reshape(b, n + 2 * kv, hd)  # [B, N + 2K, H]
-    q, k, v = qkv[:, :n], qkv[:, n : n + kv], qkv[:, n + kv :]
-    inv_freq = jnp.asarray(attn.inv_freq, jnp.float32)
-    q, k = _rope(q, positions, inv_freq), _rope(k, positions, inv_freq)
+    h = _norm(layer.input_layernorm, x)
+    qkv = jax.lax.optimization_barrier(jnp.einsum("OI,BI->OB", w[0].astype(dtype), h)).reshape(n + 2 * kv, hd, b)
+    q, k, v = qkv[:n], qkv[n : n + kv], qkv[n + kv :]  # [N or K, H, B]: RoPE in the matmul's layout
+    q, k = _rope(q, *rope), _rope(k, *rope)
+    q, k, v = (jnp.transpose(t, (2, 0, 1)) for t in (q, k, v))  # [B, N or K, H]
     start = (0, 0, index, 0)
     k_cache = constrain(jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype), start), CACHE_NAMES)
     v_cache = constrain(jax.lax.dynamic_update_slice(v_cache, v[:, :, None].astype(v_cache.dtype), start), CACHE_NAMES)
     out = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), key_mask, attn.scale)  # [B, N, H]
     x = constrain(x + _matmul(w[1], out.reshape(b, n * hd), dtype), ACT)
-    gate, up = jnp.split(_matmul(w[2], layer.post_attention_layernorm(x), dtype), 2, axis=-1)
-    x = constrain(x + _matmul(w[3], jax.nn.silu(gate) * up, dtype), ACT)
+    x = constrain(x + _mlp(w[2], w[3], _norm(layer.post_attention_layernorm, x), dtype), ACT)
     return x, k_cache, v_cache
 
 
@@ -194,6 +224,8 @@ def step(
     tm = text_model(model)
     key_mask = cache.key_mask.at[:, index].set(True)
     x = constrain(jnp.take(tm.embed_tokens[...], tokens, axis=0).astype(tm.dtype), ACT)  # [B, D]
+    self_layers = self_attention_layers(tm)
+    rope = rope_tables(positions, self_layers[0].self_attn.inv_freq) if self_layers else None
     new_k, new_v = [], []
     n_self = n_cross = 0
     for i, layer in enumerate(tm.layers):
@@ -209,7 +241,7 @@ def step(
             x,
             (weights.qkv[j], weights.o[j], weights.gate_up[j], weights.down[j]),
             index=index,
-            positions=positions,
+            rope=rope,
             k_cache=cache.k[j],
             v_cache=cache.v[j],
             key_mask=key_mask,
@@ -217,6 +249,8 @@ def step(
         new_k.append(k)
         new_v.append(v)
         n_self += 1
-    logits = _matmul(weights.head, tm.norm(x), x.dtype, out_dtype=jnp.float32)  # [B, V] fp32, as `text.lm_logits`
+    logits = _matmul(
+        weights.head, _norm(tm.norm, x), x.dtype, out_dtype=jnp.float32
+    )  # [B, V] fp32, as `text.lm_logits`
     logits = constrain(logits, ("batch", "act_vocab"))
     return logits, dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v), key_mask=key_mask)

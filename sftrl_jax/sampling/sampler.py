@@ -185,11 +185,22 @@ def on_cpu(params) -> bool:
     return bool(leaves) and all(d.platform == "cpu" for d in leaves[0].devices())
 
 
+_PREPARED: dict = {}  # the last prepared weights, keyed by the identity of the parameter arrays
+
+
 def prepare_weights(graphdef, params) -> decode.DecodeWeights | None:
     """The decode weights materialised in their [out, in] layout on CPU (where the layout decides
-    the matmul speed; a copy for the duration of the call); None elsewhere: the decode program then
+    the matmul speed), reused while the same parameter arrays come back (JAX arrays are immutable;
+    the entry keeps them alive, so their ids stay unique); None elsewhere: the decode program then
     transposes logically, which XLA folds into the matmuls."""
-    return _prepare_jit(params, graphdef=graphdef) if on_cpu(params) else None
+    if not on_cpu(params):
+        return None
+    leaves = tuple(jax.tree.leaves(params))
+    key = (graphdef, tuple(map(id, leaves)))
+    if _PREPARED.get("key") != key or any(leaf.is_deleted() for leaf in leaves):
+        _PREPARED.clear()
+        _PREPARED.update(key=key, leaves=leaves, weights=_prepare_jit(params, graphdef=graphdef))
+    return _PREPARED["weights"]
 
 
 # -------------------------------------------------------------------------------------------- host
