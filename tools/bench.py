@@ -220,6 +220,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--dtypes", nargs="+", default=["float32", "bfloat16"], choices=("float32", "bfloat16"))
             p.add_argument("--max-load", type=float, default=2.5, help="wait for the load average to drop below this")
             p.add_argument("--wait-seconds", type=float, default=900)
+            p.add_argument(
+                "--tensor-parallel", action="store_true", help="also time ours on one XLA device per core, tensor=-1"
+            )
         if name == "sft":
             p.add_argument("--batch", type=int, default=8)
             p.add_argument("--length", type=int, default=256)

@@ -93,9 +93,11 @@ def _jax_worker(args) -> dict:
     import jax.numpy as jnp
 
     from sftrl_jax import models, sampling
+    from sftrl_jax.parallel import make_mesh
 
+    mesh = make_mesh(args.mesh) if args.mesh else None
     t0 = time.perf_counter()
-    model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype))
+    model = models.from_pretrained(args.model, dtype=jnp.dtype(args.dtype), mesh=mesh)
     load = time.perf_counter() - t0
     batch = prompts(args.batch, args.prompt)
 
@@ -130,6 +132,7 @@ def worker_main(argv: list[str]) -> int:
     p.add_argument("--prompt", type=int, required=True)
     p.add_argument("--new-tokens", type=int, required=True)
     p.add_argument("--repeats", type=int, required=True)
+    p.add_argument("--mesh", default=None)
     args = p.parse_args(argv)
     out = (_torch_worker if args.impl == "torch" else _jax_worker)(args)
     print("RESULT " + json.dumps(out))
@@ -139,12 +142,25 @@ def worker_main(argv: list[str]) -> int:
 # --------------------------------------------------------------------------------------------- main
 
 
+# Our configurations: name -> (XLA CPU devices, mesh). One device uses XLA's thread pool over every
+# core. (One device per core with the model tensor-parallel over them, "tensor=-1", measured no
+# faster here: see docs/BENCHMARKS.md.)
+OURS = {"jax": (1, None)}
+TENSOR_PARALLEL = ("jax-tp", (os.cpu_count() or 1, "tensor=-1"))
+HEADLINE = "jax"
+
+
 def _run_worker(impl: str, dtype: str, folder: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl, "--dtype", dtype, "--model", folder]
-    cmd += ["--batch", str(args.batch), "--prompt", str(args.prompt), "--new-tokens", str(args.new_tokens)]
-    cmd += ["--repeats", str(args.repeats)]
+    cmd = [sys.executable, os.path.abspath(__file__), "--impl", impl.split("-")[0], "--dtype", dtype]
+    cmd += ["--model", folder, "--batch", str(args.batch), "--prompt", str(args.prompt)]
+    cmd += ["--new-tokens", str(args.new_tokens), "--repeats", str(args.repeats)]
     env = {**os.environ, "JAX_PLATFORMS": "cpu", "TOKENIZERS_PARALLELISM": "false"}
-    env.pop("XLA_FLAGS", None)  # one CPU device, XLA's own thread pool over every core
+    env.pop("XLA_FLAGS", None)
+    if impl in OURS:
+        devices, mesh = OURS[impl]
+        if devices > 1:
+            env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+            cmd += ["--mesh", mesh]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         raise RuntimeError(f"{impl} {dtype} worker failed:\n{proc.stderr[-3000:]}")
@@ -164,6 +180,8 @@ def wait_for_load(max_load: float, wait_seconds: float) -> float:
 
 
 def bench_sampler(args) -> tuple[list[str], float]:
+    if args.tensor_parallel:
+        OURS[TENSOR_PARALLEL[0]] = TENSOR_PARALLEL[1]
     new = args.new_tokens
     n_tokens = args.batch * new
     load_start = wait_for_load(args.max_load, args.wait_seconds)
@@ -171,8 +189,8 @@ def bench_sampler(args) -> tuple[list[str], float]:
     with tempfile.TemporaryDirectory() as folder:
         write_model(folder)
         for dtype in args.dtypes:
-            for _ in range(args.rounds):  # alternate the two sides
-                for impl in ("torch", "jax"):
+            for _ in range(args.rounds):  # alternate the sides
+                for impl in ("torch", *OURS):
                     print(f"running {impl} {dtype} ...", file=sys.stderr, flush=True)
                     runs.setdefault((impl, dtype), []).append(_run_worker(impl, dtype, folder, args))
     load_end = os.getloadavg()[0]
@@ -187,23 +205,28 @@ def bench_sampler(args) -> tuple[list[str], float]:
         f"load average (1 min): {load_start:.2f} at the start, {load_end:.2f} at the end",
     ]
     ratio_fp32 = float("nan")
+    names = {"jax": "ours (1 device)", "jax-tp": f"ours ({TENSOR_PARALLEL[1][0]} devices, tensor-parallel)"}
     for dtype in args.dtypes:
-        t, j = runs[("torch", dtype)], runs[("jax", dtype)]
-        t_med = statistics.median(x for r in t for x in r["times_s"])
-        j_med = statistics.median(x for r in j for x in r["times_s"])
-        j_first = min(r["first_s"] for r in j)
-        same = int(np.sum(np.all(np.asarray(t[0]["tokens"]) == np.asarray(j[0]["tokens"]), axis=1)))
-        ratio = t_med / j_med
-        if dtype == "float32":
-            ratio_fp32 = ratio
-        best_t = min(x for r in t for x in r["times_s"])
-        best_j = min(x for r in j for x in r["times_s"])
-        lines.append(
-            f"**{dtype}**: transformers {n_tokens / t_med:,.0f} tokens/s, ours {n_tokens / j_med:,.0f} tokens/s, "
-            f"**ratio {ratio:.2f}x** (best calls: {n_tokens / best_t:,.0f} vs {n_tokens / best_j:,.0f}, "
-            f"{best_t / best_j:.2f}x); ours: first call {j_first:.1f} s, compile ~{j_first - j_med:.1f} s; "
-            f"greedy rows equal to transformers': {same}/{args.batch}; torch threads {t[0]['threads']}"
-        )
+        t = runs[("torch", dtype)]
+        t_times = [x for r in t for x in r["times_s"]]
+        t_med = statistics.median(t_times)
+        parts = [f"transformers {n_tokens / t_med:,.0f} tokens/s (best call {n_tokens / min(t_times):,.0f})"]
+        for impl in OURS:
+            j = runs[(impl, dtype)]
+            j_times = [x for r in j for x in r["times_s"]]
+            j_med = statistics.median(j_times)
+            j_first = min(r["first_s"] for r in j)
+            same = int(np.sum(np.all(np.asarray(t[0]["tokens"]) == np.asarray(j[0]["tokens"]), axis=1)))
+            ratio = t_med / j_med
+            if dtype == "float32" and impl == HEADLINE:
+                ratio_fp32 = ratio
+            parts.append(
+                f"{names[impl]} {n_tokens / j_med:,.0f} tokens/s (best call {n_tokens / min(j_times):,.0f}), "
+                f"**{ratio:.2f}x**, first call {j_first:.1f} s (compile ~{j_first - j_med:.1f} s), "
+                f"greedy rows equal to transformers' {same}/{args.batch}"
+            )
+        lines.append(f"**{dtype}**: " + "; ".join(parts))
+    lines.append(f"headline ratio: {names[HEADLINE]}, float32, medians")
     return lines, ratio_fp32
 
 

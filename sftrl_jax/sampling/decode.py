@@ -51,16 +51,17 @@ class DecodeCache:
 class DecodeWeights:
     """The decode step's matmul weights as [out, in] (torch's Linear layout), per self-attention layer.
 
-    The step keeps activations feature-major ([D, B]) and computes every projection as
-    `einsum("OI,IB->OB", w, x)`: XLA's CPU matmul is 1.5-3x faster for 16 rows in this form than
-    `x @ w` with `w` [in, out] (see docs/BENCHMARKS.md). On CPU `prepare` materialises these once per
-    request (a copy of the weights for the duration of the call); elsewhere the transposes are
-    logical and folded into the matmuls.
+    Every projection is computed as the [out, B] product `einsum("OI,BI->OB", w, x)`: XLA's CPU
+    matmul is 1.5-3x faster for 16 rows in that form than `x @ w` with `w` [in, out] (see
+    docs/BENCHMARKS.md). On CPU `prepare` materialises these once (a copy of the weights, reused
+    while the parameters stay the same); elsewhere the transposes are logical and folded into the
+    matmuls. Without model parallelism q|k|v and gate|up are stacked into one matmul each; with a
+    `tensor` mesh axis they stay apart, each sharded on its own output axis.
     """
 
-    qkv: tuple[jax.Array, ...]  # [(N + 2K) * H, D]: q, k, v projections stacked
+    qkv: tuple[tuple[jax.Array, ...], ...]  # per layer (q|k|v [(N + 2K) * H, D],) or (q [N*H, D], k, v)
     o: tuple[jax.Array, ...]  # [D, N * H]
-    gate_up: tuple[jax.Array, ...]  # [2F, D]: gate, up stacked
+    gate_up: tuple[tuple[jax.Array, ...], ...]  # per layer (gate|up [2F, D],) or (gate [F, D], up)
     down: tuple[jax.Array, ...]  # [D, F]
     head: jax.Array  # [V, D]
 
@@ -73,14 +74,17 @@ def self_attention_layers(tm: text.TextModel) -> list[text.DecoderLayer]:
     return [layer for i, layer in enumerate(tm.layers) if i not in tm.cross_attention_layers]
 
 
-def prepare(model) -> DecodeWeights:
+def prepare(model, *, stack: bool = True) -> DecodeWeights:
+    """The decode weights of `model` ([out, in]); `stack` fuses q|k|v and gate|up (see `DecodeWeights`)."""
     qkv, o, gate_up, down = [], [], [], []
     for layer in self_attention_layers(text_model(model)):
         a, m = layer.self_attn, layer.mlp
         d = a.q_proj.shape[0]
-        qkv.append(jnp.concatenate([w[...].reshape(d, -1) for w in (a.q_proj, a.k_proj, a.v_proj)], axis=1).T)
+        proj = [w[...].reshape(d, -1).T for w in (a.q_proj, a.k_proj, a.v_proj)]
+        mlp = [m.gate_proj[...].T, m.up_proj[...].T]
+        qkv.append((jnp.concatenate(proj, axis=0),) if stack else tuple(proj))
+        gate_up.append((jnp.concatenate(mlp, axis=0),) if stack else tuple(mlp))
         o.append(a.o_proj[...].reshape(-1, d).T)
-        gate_up.append(jnp.concatenate([m.gate_proj[...], m.up_proj[...]], axis=1).T)
         down.append(m.down_proj[...].T)
     tc = model.config.text
     if tc.tie_word_embeddings:
@@ -144,11 +148,13 @@ def _norm(norm: layers.RMSNorm, x: jax.Array) -> jax.Array:
     return norm.scale[...].astype(x.dtype) * y.astype(x.dtype)
 
 
-def rope_tables(positions: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
-    """cos, sin [H/2, B] of `layers.apply_rope`'s angles, computed once per step for all layers
-    (left inside each layer's fusion, XLA would evaluate them once per rotated element)."""
-    angles = jnp.asarray(inv_freq, jnp.float32)[:, None] * positions.astype(jnp.float32)[None, :]
-    return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
+def rope_tables(model, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """cos, sin [..., H/2, B] of `layers.apply_rope`'s angles for positions [..., B] (the same fp32
+    products). The sampler computes them for every step before the loop: inside the step XLA
+    would fuse them into each layer's RoPE and evaluate them once per rotated element."""
+    inv_freq = jnp.asarray(self_attention_layers(text_model(model))[0].self_attn.inv_freq, jnp.float32)
+    angles = inv_freq[:, None] * positions.astype(jnp.float32)[..., None, :]
+    return jnp.cos(angles), jnp.sin(angles)
 
 
 def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -167,11 +173,20 @@ def _matmul(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None) -> jax.Array:
     return jax.lax.optimization_barrier(y).T
 
 
-def _mlp(gate_up: jax.Array, down: jax.Array, x: jax.Array, dtype) -> jax.Array:
-    """SwiGLU of x [B, D] with gate|up [2F, D] and down [D, F]; the hidden layer stays [F, B]."""
-    y = jax.lax.optimization_barrier(jnp.einsum("OI,BI->OB", gate_up.astype(dtype), x))  # [2F, B]
-    f = y.shape[0] // 2
-    h = jax.nn.silu(y[:f]) * y[f:]  # [F, B]
+def _project(w: jax.Array, x: jax.Array, dtype) -> jax.Array:
+    """w [O, I], x [B, I] -> [O, B]; the barrier keeps XLA from folding a later transpose into the
+    matmul (which would turn it back into the slow [B, O] form)."""
+    return jax.lax.optimization_barrier(jnp.einsum("OI,BI->OB", w.astype(dtype), x))
+
+
+def _mlp(gate_up: tuple[jax.Array, ...], down: jax.Array, x: jax.Array, dtype) -> jax.Array:
+    """SwiGLU of x [B, D] with (gate|up [2F, D],) or (gate, up) and down [D, F]; the hidden layer
+    stays [F, B]."""
+    if len(gate_up) == 1:
+        gate, up = jnp.split(_project(gate_up[0], x, dtype), 2, axis=0)
+    else:
+        gate, up = (_project(w, x, dtype) for w in gate_up)
+    h = jax.nn.silu(gate) * up  # [F, B]
     return jax.lax.optimization_barrier(jnp.einsum("DF,FB->DB", down.astype(dtype), h)).T
 
 
@@ -182,8 +197,11 @@ def _self_attention_block(layer, x, w, *, index, rope, k_cache, v_cache, key_mas
     n, kv, hd = attn.q_proj.shape[1], attn.k_proj.shape[1], attn.q_proj.shape[2]
     b = x.shape[0]
     h = _norm(layer.input_layernorm, x)
-    qkv = jax.lax.optimization_barrier(jnp.einsum("OI,BI->OB", w[0].astype(dtype), h)).reshape(n + 2 * kv, hd, b)
-    q, k, v = qkv[:n], qkv[n : n + kv], qkv[n + kv :]  # [N or K, H, B]: RoPE in the matmul's layout
+    if len(w[0]) == 1:
+        qkv = _project(w[0][0], h, dtype).reshape(n + 2 * kv, hd, b)
+        q, k, v = qkv[:n], qkv[n : n + kv], qkv[n + kv :]  # [N or K, H, B]: RoPE in the matmul's layout
+    else:
+        q, k, v = (_project(wi, h, dtype).reshape(-1, hd, b) for wi in w[0])
     q, k = _rope(q, *rope), _rope(k, *rope)
     q, k, v = (jnp.transpose(t, (2, 0, 1)) for t in (q, k, v))  # [B, N or K, H]
     start = (0, 0, index, 0)
@@ -217,15 +235,13 @@ def step(
     tokens: jax.Array,
     *,
     index: jax.Array,
-    positions: jax.Array,
+    rope: tuple[jax.Array, jax.Array],
 ) -> tuple[jax.Array, DecodeCache]:
-    """Feeds `tokens` [B] at cache slot `index` with RoPE `positions` [B].
+    """Feeds `tokens` [B] at cache slot `index`, rotated by `rope` = `rope_tables` of their positions.
     Returns fp32 logits [B, V] and the updated cache."""
     tm = text_model(model)
     key_mask = cache.key_mask.at[:, index].set(True)
     x = constrain(jnp.take(tm.embed_tokens[...], tokens, axis=0).astype(tm.dtype), ACT)  # [B, D]
-    self_layers = self_attention_layers(tm)
-    rope = rope_tables(positions, self_layers[0].self_attn.inv_freq) if self_layers else None
     new_k, new_v = [], []
     n_self = n_cross = 0
     for i, layer in enumerate(tm.layers):

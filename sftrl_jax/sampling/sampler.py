@@ -41,6 +41,7 @@ class SamplerConfig:
     max_new_tokens: int
     method: methods.Method
     pad_id: int
+    stack_weights: bool = True  # fuse q|k|v and gate|up matmuls (off when a tensor axis shards them)
 
 
 @jax.tree_util.register_dataclass
@@ -140,21 +141,25 @@ def _prefill(
     return _record(state, methods.choose(out.logits[:, -1], _keys(state), cfg.method), cfg)
 
 
-def _prepare(params, *, graphdef) -> decode.DecodeWeights:
-    return decode.prepare(nnx.merge(graphdef, params))
+def _prepare(params, *, graphdef, stack: bool) -> decode.DecodeWeights:
+    return decode.prepare(nnx.merge(graphdef, params), stack=stack)
 
 
 def _decode(params, weights: decode.DecodeWeights | None, state: State, *, graphdef, cfg: SamplerConfig) -> State:
     """Generates columns 1 .. M-1; stops early once every row is done. `weights`: see `prepare_weights`."""
     model = nnx.merge(graphdef, params)
     if weights is None:
-        weights = decode.prepare(model)
+        weights = decode.prepare(model, stack=cfg.stack_weights)
 
     def cond(s: State) -> jax.Array:
         return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
 
+    # RoPE tables of every step's positions, computed once: [M, H/2, B]
+    cos, sin = decode.rope_tables(model, state.positions[None, :] + jnp.arange(-1, cfg.max_new_tokens - 1)[:, None])
+
     def body(s: State) -> State:
-        logits, cache = decode.step(model, weights, s.cache, s.last, index=s.index, positions=s.positions)
+        rope = (cos[s.step], sin[s.step])  # the positions of the token fed at this step
+        logits, cache = decode.step(model, weights, s.cache, s.last, index=s.index, rope=rope)
         s = dataclasses.replace(s, cache=cache, index=s.index + 1, positions=s.positions + 1)
         return _record(s, methods.choose(logits, _keys(s), cfg.method), cfg)
 
@@ -162,7 +167,7 @@ def _decode(params, weights: decode.DecodeWeights | None, state: State, *, graph
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cfg"))
-_prepare_jit = jax.jit(_prepare, static_argnames=("graphdef",))
+_prepare_jit = jax.jit(_prepare, static_argnames=("graphdef", "stack"))
 # The state (above all the KV cache) is donated: the loop rewrites it in place, so XLA reuses the
 # prefill's buffers for the output instead of allocating a second cache and copying into it.
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
@@ -188,7 +193,7 @@ def on_cpu(params) -> bool:
 _PREPARED: dict = {}  # the last prepared weights, keyed by the identity of the parameter arrays
 
 
-def prepare_weights(graphdef, params) -> decode.DecodeWeights | None:
+def prepare_weights(graphdef, params, *, stack: bool = True) -> decode.DecodeWeights | None:
     """The decode weights materialised in their [out, in] layout on CPU (where the layout decides
     the matmul speed), reused while the same parameter arrays come back (JAX arrays are immutable;
     the entry keeps them alive, so their ids stay unique); None elsewhere: the decode program then
@@ -196,10 +201,10 @@ def prepare_weights(graphdef, params) -> decode.DecodeWeights | None:
     if not on_cpu(params):
         return None
     leaves = tuple(jax.tree.leaves(params))
-    key = (graphdef, tuple(map(id, leaves)))
+    key = (graphdef, stack, tuple(map(id, leaves)))
     if _PREPARED.get("key") != key or any(leaf.is_deleted() for leaf in leaves):
         _PREPARED.clear()
-        _PREPARED.update(key=key, leaves=leaves, weights=_prepare_jit(params, graphdef=graphdef))
+        _PREPARED.update(key=key, leaves=leaves, weights=_prepare_jit(params, graphdef=graphdef, stack=stack))
     return _PREPARED["weights"]
 
 
@@ -308,13 +313,14 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         method=methods.Method(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)),
         pad_id=int(pad_id),
+        stack_weights=mesh is None or mesh.shape.get(rules.TENSOR, 1) == 1,
     )
     key = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         batch = _device_batch(arrays, mesh)
         state = _prefill_jit(params, batch, stop_array(stops), key, graphdef=graphdef, cfg=cfg)
         if max_new_tokens > 1:
-            weights = prepare_weights(graphdef, params)
+            weights = prepare_weights(graphdef, params, stack=cfg.stack_weights)
             run = _decode_jit_cpu if weights is not None else _decode_jit
             state = run(params, weights, state, graphdef=graphdef, cfg=cfg)
     n = len(prompts)
