@@ -224,7 +224,9 @@ def batch_devices(mesh: jax.sharding.Mesh | None) -> int:
     """How many ways the batch is split on `mesh`."""
     if mesh is None:
         return 1
-    return int(np.prod([mesh.shape[a] for a in rules._axes("batch") if a in mesh.shape]))
+    axes = rules.RULES["batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
 
 
 def stop_array(stop_tokens: Sequence[int]) -> np.ndarray:
