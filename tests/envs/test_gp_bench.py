@@ -27,12 +27,6 @@ def test_verifier_last_line(bench, capsys):
     assert any(line.startswith("deal ms (CPU) per solvable hand") for line in lines)
 
 
-@pytest.mark.parametrize("name", ["sampler"])
-def test_not_built_yet(bench, capsys, name):
-    assert bench.main([name, "--no-record"]) == 1
-    assert capsys.readouterr().out.strip().splitlines()[-1] == "not built yet"
-
-
 def test_record_appends(bench, tmp_path):
     path = tmp_path / "docs" / "BENCHMARKS.md"
     bench.record("verifier", "python tools/bench.py verifier", ["a: 1"], path=path)
