@@ -22,6 +22,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from sftrl_jax.errors import UserError
+
 
 class Policy(Protocol):
     def __call__(
@@ -57,6 +59,49 @@ def _user(text: str, image: Any) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
 
 
+class RolloutError(UserError):
+    """An environment failed (raised, or returned a malformed observation / reward): the run stops."""
+
+
+def _env_name(env: Any) -> str:
+    return getattr(env, "name", "") or type(env).__name__
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _clip(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n] + "..."
+
+
+def check_observation(obs: Any, *, where: str, allow_empty: bool = False) -> dict[str, Any]:
+    """An observation must be {"text": non-empty str (empty allowed once the episode is over),
+    "image": None or a PIL image / HxWx3 array}; anything else stops the run with a message."""
+    if not isinstance(obs, dict):
+        raise RolloutError(
+            f"{where} returned an observation of type {type(obs).__name__}; expected a dict with 'text' and 'image'"
+        )
+    if "text" not in obs:
+        raise RolloutError(f"{where} returned an observation without 'text' (keys: {sorted(map(str, obs))})")
+    text = obs["text"]
+    if not isinstance(text, str):
+        raise RolloutError(f"{where} returned observation 'text' of type {type(text).__name__}; expected str")
+    if not text and not allow_empty:
+        raise RolloutError(f"{where} returned an empty observation 'text' for an episode that goes on")
+    image = obs.get("image")
+    if image is not None:
+        ok = hasattr(image, "convert") and hasattr(image, "size")  # PIL
+        if isinstance(image, np.ndarray):
+            ok = image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 0
+        if not ok:
+            desc = f"array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
+            raise RolloutError(
+                f"{where} returned observation 'image' {desc}; expected None, a PIL image or an HxWx3 array"
+            )
+    return obs
+
+
 _INFO_KEYS = ("verify_message", "outcome", "is_success", "gt_action", "cards", "numbers", "route_idx", "waypoint_idx")
 
 
@@ -83,6 +128,10 @@ class EpisodeRunner:
         self.episode: list[int] = [-1] * len(self.envs)
         self.turn: list[int] = [0] * len(self.envs)
         self.active: list[bool] = [True] * len(self.envs)
+        # The current episode of each env as its reset arguments + the answers given so far: enough to
+        # rebuild env and conversation exactly (`state` / `load_state`).
+        self.reset_args: list[tuple[int | None, dict[str, Any] | None] | None] = [None] * len(self.envs)
+        self.history: list[list[tuple[str, float]]] = [[] for _ in self.envs]
 
     def _start(self, i: int, *, allow: bool = True) -> None:
         if not allow:
@@ -92,9 +141,37 @@ class EpisodeRunner:
         ep = self.next_episode
         self.next_episode += 1
         seed, options = self.reset_fn(i, ep)
-        obs, _ = self.envs[i].reset(seed=seed, options=options)
+        obs = self._reset_env(i, seed, options)
         self.episode[i], self.turn[i] = ep, 0
+        self.reset_args[i], self.history[i] = (seed, options), []
         self._new_conversation(i, obs)
+
+    def _reset_env(self, i: int, seed, options) -> dict[str, Any]:
+        try:
+            obs, _ = self.envs[i].reset(seed=seed, options=options)
+        except Exception as e:
+            raise RolloutError(
+                f"env {i} ({_env_name(self.envs[i])}) raised in reset(seed={seed}): {_describe(e)}"
+            ) from e
+        return check_observation(obs, where=f"env {i} ({_env_name(self.envs[i])}) reset(seed={seed})")
+
+    def _step_env(self, i: int, text: str):
+        where = f"env {i} ({_env_name(self.envs[i])}) step at episode {self.episode[i]} turn {self.turn[i]}"
+        try:
+            out = self.envs[i].step(text)
+        except Exception as e:
+            raise RolloutError(f"{where} raised while scoring the answer {_clip(text)!r}: {_describe(e)}") from e
+        if not isinstance(out, tuple) or len(out) != 5:
+            raise RolloutError(
+                f"{where} returned {_clip(repr(out))}; expected (obs, reward, terminated, truncated, info)"
+            )
+        obs, reward, terminated, truncated, info = out
+        check_observation(obs, where=where, allow_empty=bool(terminated or truncated))
+        if not isinstance(reward, int | float | np.number) or isinstance(reward, bool) or not np.isfinite(reward):
+            raise RolloutError(f"{where} returned reward {reward!r}; expected a finite number")
+        if not isinstance(info, dict):
+            raise RolloutError(f"{where} returned info of type {type(info).__name__}; expected a dict")
+        return obs, float(reward), bool(terminated), bool(truncated), info
 
     def _new_conversation(self, i: int, obs: dict[str, Any]) -> None:
         image = obs.get("image")
@@ -125,7 +202,7 @@ class EpisodeRunner:
         for (i, context), (response, logprobs) in zip(ctx, outputs):
             response = [int(t) for t in response]
             text = self.tokenizer.decode([t for t in response if t not in self.tokenizer.stop_ids])
-            obs, reward, terminated, truncated, info = self.envs[i].step(text)
+            obs, reward, terminated, truncated, info = self._step_env(i, text)
             turns.append(
                 Turn(
                     env_index=i,
@@ -148,11 +225,78 @@ class EpisodeRunner:
             if terminated or truncated:
                 self.messages[i] = None
                 self._start(i, allow=start_new())
-            elif info.get("new_conversation"):
-                self._new_conversation(i, obs)
             else:
-                self.messages[i] = [*self.messages[i], {"role": "assistant", "content": text}, _user(obs["text"], None)]
+                self._continue(i, text, reward, obs, info)
         return turns
+
+    def _continue(self, i: int, text: str, reward: float, obs: dict[str, Any], info: dict[str, Any]) -> None:
+        """The conversation after a turn that did not end the episode."""
+        self.history[i].append((text, reward))
+        if info.get("new_conversation"):
+            self._new_conversation(i, obs)
+        else:
+            self.messages[i] = [*self.messages[i], {"role": "assistant", "content": text}, _user(obs["text"], None)]
+
+    # -- checkpointing ---------------------------------------------------------------------------
+
+    def state(self) -> dict[str, Any]:
+        """JSON-serialisable state: per env its episode's reset arguments and the answers so far.
+
+        An env's internal state (dealt hand, attempts left, RNG) is a function of its seeded reset and
+        the answers it scored, so replaying them (`load_state`) rebuilds env and conversation exactly;
+        this works for every deterministic env without per-env serialisation code. Episodes must be
+        started with an integer seed (a `reset_fn` returning None cannot be replayed).
+        """
+        envs = []
+        for i in range(len(self.envs)):
+            live = self.active[i] and self.messages[i] is not None
+            row: dict[str, Any] = {"active": self.active[i], "live": live}
+            if live:
+                seed, options = self.reset_args[i]
+                if seed is None or isinstance(seed, bool) or not isinstance(seed, int | np.integer):
+                    raise ValueError(
+                        f"env {i}: its episode was reset with seed {seed!r}; only seeded episodes can be saved"
+                    )
+                row.update(
+                    episode=self.episode[i],
+                    turn=self.turn[i],
+                    seed=int(seed),
+                    options=options,
+                    texts=[t for t, _ in self.history[i]],
+                    rewards=[r for _, r in self.history[i]],
+                )
+            envs.append(row)
+        return {"next_episode": self.next_episode, "envs": envs}
+
+    def load_state(self, state: dict[str, Any]) -> None:
+        """Rebuilds envs and conversations from `state()`, checking every replayed reward."""
+        rows = state["envs"]
+        if len(rows) != len(self.envs):
+            raise UserError(
+                f"the saved rollout state has {len(rows)} envs but this run has {len(self.envs)} (env.num_envs)"
+            )
+        for i, row in enumerate(rows):
+            self.active[i] = bool(row["active"])
+            self.messages[i], self.images[i], self.history[i] = None, [], []
+            if not row["live"]:
+                continue
+            obs = self._reset_env(i, row["seed"], row["options"])
+            self.episode[i], self.turn[i] = int(row["episode"]), 0
+            self.reset_args[i] = (int(row["seed"]), row["options"])
+            self._new_conversation(i, obs)
+            for text, saved in zip(row["texts"], row["rewards"]):
+                obs, reward, terminated, truncated, info = self._step_env(i, text)
+                if reward != saved or terminated or truncated:
+                    raise UserError(
+                        f"resume: env {i} ({_env_name(self.envs[i])}) replayed episode {row['episode']} differently "
+                        f"(reward {reward} vs saved {saved}, done={terminated or truncated}); is the env deterministic "
+                        "given its seed, and unchanged since the checkpoint?"
+                    )
+                self.turn[i] += 1
+                self._continue(i, text, reward, obs, info)
+            if self.turn[i] != int(row["turn"]):
+                raise UserError(f"resume: env {i} replayed {self.turn[i]} turns but the checkpoint says {row['turn']}")
+        self.next_episode = int(state["next_episode"])
 
 
 def collect(runner: EpisodeRunner, n_steps: int) -> list[list[Turn]]:

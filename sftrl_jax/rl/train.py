@@ -9,9 +9,16 @@ episodes of each of `train.prompts_per_update` prompts (same hand / route within
 updates on all their turns with group-normalised advantages.
 
 Resume: the latest checkpoint holds params (policy + value head), optimiser, update count, RNG
-and compute counters. Environments restart fresh episodes on resume (episode seeds derive from the
-run seed and the update index, so a resumed run deals the same hands as an uninterrupted one would
-from that update on). SIGTERM saves and exits 0.
+and compute counters, and (PPO, whose episodes run across updates) the rollout state as JSON: per
+environment the seed and options of its current episode and the answers given so far
+(`rollout.EpisodeRunner.state`). On resume the episodes are replayed to rebuild every env and
+conversation exactly (each replayed reward is checked against the saved one). All other randomness
+derives from (run seed, update index): the sampler's seed, the mini-batch order, the seeds of new
+episodes. So a run killed after the checkpoint of update k and resumed logs the same metrics for
+updates k+1.. as an uninterrupted run (tested with SIGKILL). GRPO plays whole episodes within an
+update, so it has no rollout state. SIGTERM saves and exits 0. An environment that raises or returns
+a malformed observation or reward stops the run with a `rollout.RolloutError` naming the env, the
+episode and the turn; checkpoints already written are kept.
 """
 
 from __future__ import annotations
@@ -205,6 +212,7 @@ class Trainer:
         )
         self.compute = ComputeCounter(n_params=self.n_params, d_init=t.d_init)
         self.update_idx = 0
+        self._rollout_state: dict[str, Any] | None = None  # restored PPO runner state, applied lazily
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(t.run_dir, "checkpoints"), keep=t.keep, every=t.save_every, async_save=t.async_checkpointing
         )
@@ -212,6 +220,7 @@ class Trainer:
             step, self.state, extra = self.checkpointer.restore_latest(abstract_like(self.state))
             self.update_idx = int(step)
             self.compute = ComputeCounter.from_state(extra["compute"])
+            self._rollout_state = extra.get("rollout")
             print(f"rl: resumed {t.run_dir} at update {self.update_idx}")
         algo = cfg.algo_cfg
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
@@ -272,6 +281,9 @@ class Trainer:
             self.runner = rollout.EpisodeRunner(
                 self.envs, self.tokenizer, None, reset_fn=lambda i, ep: (self.episode_seed(ep), None)
             )
+            if self._rollout_state is not None:
+                self.runner.load_state(self._rollout_state)
+                self._rollout_state = None
         self.runner.policy = self.policy()
         buffer = rollout.collect(self.runner, cfg.train.steps_per_update)
         flat = [t for row in buffer for t in row]
@@ -477,6 +489,10 @@ class Trainer:
 
     def save(self) -> None:
         extra = {"compute": self.compute.state()}
+        if self.runner is not None:
+            extra["rollout"] = self.runner.state()
+        elif self._rollout_state is not None:  # resumed but not stepped yet: keep what was restored
+            extra["rollout"] = self._rollout_state
         if self.checkpointer.latest_step() != self.update_idx:
             self.checkpointer.save(self.update_idx, self.state, extra)
 

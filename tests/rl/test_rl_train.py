@@ -1,9 +1,16 @@
 """The RL loop end to end on a tiny random Llama: rollouts through the sampler, PPO and GRPO updates,
-trainer-sampler log-prob gap ~ 0 on the first epoch, checkpoints and resume."""
+trainer-sampler log-prob gap ~ 0 on the first epoch, SIGKILL + resume gives the same metrics and
+params as an uninterrupted run."""
 
 import json
 import os
+import signal
+import subprocess
+import sys
+import textwrap
 
+import jax
+import numpy as np
 import pytest
 
 from sftrl_jax import config
@@ -53,22 +60,87 @@ def make(tmp_path, name, **over):
     return config.load(RLConfig, p)
 
 
-def test_ppo_updates_resume_and_gap(tmp_path):
-    cfg = make(tmp_path, "ppo")
-    trainer = Trainer(cfg)
-    trainer.run(stop_after=1)
-    rows = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))
-    m = rows[-1]
+KILL_AFTER_SAVE = textwrap.dedent("""
+    import os, signal, sys
+    from sftrl_jax import config
+    from sftrl_jax.rl.train import RLConfig, train
+    from sftrl_jax.train import checkpoint
+    save = checkpoint.Checkpointer.save
+    def save_then_die(self, step, *a, **k):
+        out = save(self, step, *a, **k)
+        if step == {kill_step}:
+            self.wait()
+            os.kill(os.getpid(), signal.SIGKILL)  # a hard crash right after the checkpoint landed
+        return out
+    checkpoint.Checkpointer.save = save_then_die
+    train(config.load(RLConfig, sys.argv[1]))
+""")
+
+TIMING = ("time", "train/rollout_tokens_per_s", "train/rollout_seconds", "train/train_seconds")
+
+
+def untimed(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
+
+
+def final_params(run_dir):
+    from flax import nnx
+
+    from sftrl_jax.models.checkpoint import load_checkpoint
+
+    model = load_checkpoint(os.path.join(run_dir, "final"))
+    return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))}
+
+
+@pytest.fixture
+def xla_cache(tmp_path):
+    """A persistent XLA cache for this test: the killed subprocess and the resumed Trainer reuse the
+    uninterrupted run's executables instead of compiling them again (same HLO, same executable)."""
+    from jax.experimental.compilation_cache import compilation_cache
+
+    path = str(tmp_path / "xla_cache")
+    keys = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs")
+    before = {k: getattr(jax.config, k) for k in keys}
+    jax.config.update("jax_compilation_cache_dir", path)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+    compilation_cache.reset_cache()
+    yield {"JAX_COMPILATION_CACHE_DIR": path, "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    for k, v in before.items():
+        jax.config.update(k, v)
+    compilation_cache.reset_cache()
+
+
+def test_ppo_sigkill_resume_gives_identical_metrics(tmp_path, xla_cache):
+    cfg = make(tmp_path, "full")
+    Trainer(cfg).run()
+    full = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in full] == [1, 2]
+    m = full[0]
     assert m["train/turns"] == 8 and m["train/logprob_gap_first_step"] < 1e-5
     assert m["train/trainer_sampler_turn_logp_gap"] < 1e-4, m["train/trainer_sampler_turn_logp_gap"]
     assert m["train/gflops"] > 0 and m["train/finite"] == 1.0
     assert sum(v for k, v in m.items() if k.startswith("train/outcome/")) == 8  # every turn scored
-    trainer2 = Trainer(cfg)  # resumes from update 1
-    assert trainer2.update_idx == 1
-    trainer2.run()
-    rows = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))
-    assert [r["step"] for r in rows] == [1, 2]
-    assert os.path.exists(os.path.join(cfg.train.run_dir, "final", "model_config.json"))
+
+    killed = make(tmp_path, "killed")
+    code = KILL_AFTER_SAVE.format(kill_step=1)
+    path = tmp_path / "killed.yaml"
+    env = dict(os.environ, **xla_cache)
+    proc = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-3000:]
+    assert not os.path.exists(os.path.join(killed.train.run_dir, "final"))
+    trainer = Trainer(killed)  # resumes from update 1
+    assert trainer.update_idx == 1
+    saved = trainer._rollout_state
+    # Episodes were in progress at the checkpoint (2 turns of 4 envs, 5 attempts each): they are replayed.
+    assert saved is not None and any(row["texts"] for row in saved["envs"]), saved
+    trainer.run()
+    resumed = read_jsonl(os.path.join(killed.train.run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in resumed] == [1, 2]
+    assert untimed(resumed) == untimed(full)  # bitwise-equal metrics after the resume
+    a, b = final_params(cfg.train.run_dir), final_params(killed.train.run_dir)
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
 def test_grpo_update(tmp_path):
