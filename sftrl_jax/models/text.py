@@ -45,16 +45,16 @@ class SelfAttention(nnx.Module):
     def __call__(self, x, *, positions, mask, cache_kv=None, cache_index=None):
         """x [B, T, D], positions [B, T], mask [B, T, S]; cache_kv: ([B, S_max, K, H],) * 2 or None."""
         inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj.astype(self.dtype))
-        k = jnp.einsum("BTD,DKH->BTKH", x, self.k_proj.astype(self.dtype))
-        v = jnp.einsum("BTD,DKH->BTKH", x, self.v_proj.astype(self.dtype))
+        q = layers.dense(x, self.q_proj.astype(self.dtype))  # [B, T, N, H]
+        k = layers.dense(x, self.k_proj.astype(self.dtype))  # [B, T, K, H]
+        v = layers.dense(x, self.v_proj.astype(self.dtype))
         q = layers.apply_rope(q, positions, inv_freq)
         k = layers.apply_rope(k, positions, inv_freq)
         if cache_kv is not None:
             k = constrain(kv_cache.write(cache_kv[0], k, cache_index), kv_cache.KV_NAMES)
             v = constrain(kv_cache.write(cache_kv[1], v, cache_index), kv_cache.KV_NAMES)
         out = layers.attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, scale=self.scale)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.astype(self.dtype)), (k, v)
+        return layers.dense(out, self.o_proj.astype(self.dtype), n_in=2), (k, v)  # [B, T, D]
 
 
 class CrossAttention(nnx.Module):
@@ -74,14 +74,14 @@ class CrossAttention(nnx.Module):
 
     def kv(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys/values of the projected vision tokens [B, S_x, D] -> ([B, S_x, K, H],) * 2."""
-        k = jnp.einsum("BSD,DKH->BSKH", states, self.k_proj.astype(self.dtype))
-        v = jnp.einsum("BSD,DKH->BSKH", states, self.v_proj.astype(self.dtype))
+        k = layers.dense(states, self.k_proj.astype(self.dtype))  # [B, S, K, H]
+        v = layers.dense(states, self.v_proj.astype(self.dtype))
         return self.k_norm(k), v
 
     def __call__(self, x, *, kv, mask):
-        q = self.q_norm(jnp.einsum("BTD,DNH->BTNH", x, self.q_proj.astype(self.dtype)))
+        q = self.q_norm(layers.dense(x, self.q_proj.astype(self.dtype)))
         out = layers.attention(q, kv[0].astype(self.dtype), kv[1].astype(self.dtype), mask, scale=self.scale)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.astype(self.dtype))
+        return layers.dense(out, self.o_proj.astype(self.dtype), n_in=2)
 
 
 class DecoderLayer(nnx.Module):
@@ -258,8 +258,8 @@ class TextModel(nnx.Module):
 def lm_logits(hidden: jax.Array, kernel: jax.Array, *, tied: bool) -> jax.Array:
     """hidden [B, T, D] -> fp32 logits [B, T, V]; `kernel` is [D, V] or, if tied, the embedding [V', D]."""
     if tied:
-        return jnp.einsum("BTD,VD->BTV", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
-    return jnp.einsum("BTD,DV->BTV", hidden, kernel.astype(hidden.dtype), preferred_element_type=jnp.float32)
+        return layers.dense(hidden, kernel.astype(hidden.dtype).T, out_dtype=jnp.float32)
+    return layers.dense(hidden, kernel.astype(hidden.dtype), out_dtype=jnp.float32)
 
 
 class LlamaForCausalLM(nnx.Module):
