@@ -172,7 +172,11 @@ def bench_sft_cmd(args) -> int:
 
     lines = bench_sft.bench_sft(args)
     if not args.no_record:
-        record("sft", f"python tools/bench.py sft --batch {args.batch} --length {args.length}", lines)
+        record(
+            "sft",
+            f".venv/bin/python tools/bench.py sft --batch {args.batch} --length {args.length} --steps {args.steps} --rounds {args.rounds}",
+            lines,
+        )
     return 0
 
 
@@ -226,8 +230,11 @@ def main(argv: list[str] | None = None) -> int:
         if name == "sft":
             p.add_argument("--batch", type=int, default=8)
             p.add_argument("--length", type=int, default=256)
-            p.add_argument("--steps", type=int, default=10, help="timed steps (median reported)")
+            p.add_argument("--steps", type=int, default=5, help="timed steps per process (median of all reported)")
             p.add_argument("--warmup", type=int, default=2)
+            p.add_argument("--rounds", type=int, default=2, help="alternating processes per side")
+            p.add_argument("--max-load", type=float, default=1.0, help="wait for the load average to drop below this")
+            p.add_argument("--wait-seconds", type=float, default=900)
     args = parser.parse_args(argv)
     return COMMANDS[args.command][0](args)
 
