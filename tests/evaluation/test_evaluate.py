@@ -106,3 +106,31 @@ def test_virl_expert_and_wrong_policy(tok, tmp_path):
 def test_bad_protocol_arguments(args, match):
     with pytest.raises(UserError, match=match):
         ev.protocol(*args)
+
+
+def test_bad_checkpoints_for_eval(tmp_path, capsys):
+    """A missing folder, a folder that is no checkpoint, another model family, a text model on a -vl task."""
+    from sftrl_jax import cli
+    from sftrl_jax.commands.eval import load_for_eval
+    from sftrl_jax.models import build
+    from sftrl_jax.models import config as config_lib
+    from sftrl_jax.models.checkpoint import save_checkpoint
+
+    with pytest.raises(UserError, match="does not exist"):
+        load_for_eval(str(tmp_path / "nope"), "gp-l")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="neither our checkpoint"):
+        load_for_eval(str(tmp_path / "empty"), "gp-l")
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(
+        json.dumps({"architectures": ["Qwen2VLForConditionalGeneration"], "model_type": "qwen2_vl"})
+    )
+    with pytest.raises(UserError, match="Qwen2VLForConditionalGeneration"):
+        load_for_eval(str(qwen), "gp-l")
+    assert cli.main(["eval", "--ckpt", str(qwen), "--task", "gp-l", "--split", "id"]) == 2
+    assert "Qwen2VLForConditionalGeneration" in capsys.readouterr().err
+    text = tmp_path / "llama"
+    save_checkpoint(build.create_model(config_lib.LlamaConfig.tiny(vocab_size=2048)), str(text))
+    with pytest.raises(UserError, match="task gp-vl shows images, but .* is a text-only LlamaForCausalLM"):
+        load_for_eval(str(text), "gp-vl")
