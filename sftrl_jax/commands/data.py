@@ -9,6 +9,7 @@ from sftrl_jax.errors import UserError
 HELP = "generate SFT data (conversation JSON) from the environments"
 EXAMPLES = """examples:
   sftrl data gp --variant gp-l --split train --n 2000 --out data/gp_l_train.json
+  sftrl data gp --variant gp-l --split train --n 4000 --dealt-order --out data/gp_l_train.json  # tiny models
   sftrl data gp --variant gp-vl --split train --n 500 --out data/gp_vl/train.json   # images beside it
   sftrl data virl --variant virl-l --split train --n 1000 --out data/virl_l_train.json
 
@@ -28,6 +29,12 @@ def add_arguments(parser):
         p.add_argument("--n", type=int, required=True, help="number of examples")
         p.add_argument("--out", required=True, help="output JSON file (images go to <dir>/images/)")
         p.add_argument("--seed", type=int, default=0)
+        if task == "gp":
+            p.add_argument(
+                "--dealt-order",
+                action="store_true",
+                help="prefer formulas that use the numbers in dealt order (easier for small models)",
+            )
 
 
 def run(args) -> int:
@@ -37,6 +44,7 @@ def run(args) -> int:
         from sftrl_jax.data.generate import generate_gp_sft as generate
     else:
         from sftrl_jax.envs.virl.expert import generate_virl_sft as generate
-    stats = generate(args.variant, args.split, args.n, args.out, seed=args.seed)
+    extra = {"dealt_order": args.dealt_order} if args.task == "gp" else {}
+    stats = generate(args.variant, args.split, args.n, args.out, seed=args.seed, **extra)
     print(json.dumps({"out": args.out, **stats}, default=str))
     return 0

@@ -27,8 +27,13 @@ GP_VARIANTS = ("gp-l", "gp-vl")
 IMAGE_MARKER = "<image>"
 
 
-def generate_gp_sft(variant: str, split: str, n: int, out_path: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
-    """Writes `n` GeneralPoints SFT examples to `out_path`; returns counts."""
+def generate_gp_sft(
+    variant: str, split: str, n: int, out_path: str | os.PathLike, seed: int = 0, *, dealt_order: bool = False
+) -> dict[str, Any]:
+    """Writes `n` GeneralPoints SFT examples to `out_path`; returns counts.
+
+    `dealt_order`: the expert prefers formulas that use the numbers in dealt order (see
+    `envs.general_points.expert`; easier for small models, off by default as in the reference)."""
     if variant not in GP_VARIANTS:
         raise EnvError(f"unknown GeneralPoints variant {variant!r}; valid: {', '.join(GP_VARIANTS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
@@ -45,7 +50,9 @@ def generate_gp_sft(variant: str, split: str, n: int, out_path: str | os.PathLik
     for i in tqdm(range(n), desc=f"{variant} {split}", unit="ex", disable=n < 100):
         obs, info = env.reset(seed=seed if i == 0 else None)
         hands.add(tuple(sorted(info["cards"])))
-        answer = expert.expert_answer(info["cards"], info["numbers"], info["target"], rng=choice_rng)
+        answer = expert.expert_answer(
+            info["cards"], info["numbers"], info["target"], rng=choice_rng, dealt_order=dealt_order
+        )
         example: dict[str, Any] = {"id": f"{variant}-{split}-{i:06d}"}
         prompt = obs["text"]
         if vision:
@@ -65,4 +72,5 @@ def generate_gp_sft(variant: str, split: str, n: int, out_path: str | os.PathLik
         "images": n if vision else 0,
         "distinct_hands": len(hands),
         "seed": seed,
+        "dealt_order": dealt_order,
     }

@@ -233,6 +233,29 @@ def test_expert_answers_score_5_exact_and_float():
     )
 
 
+def test_dealt_order_expert_answers_score_5_and_keep_the_order_when_they_can():
+    rng = np.random.default_rng(0)
+    env = envs.make("gp-l", split="train")
+    in_order = 0
+    for i in range(200):
+        _, info = env.reset(seed=i)
+        text = expert.expert_answer(info["cards"], info["numbers"], rng=rng, dealt_order=True)
+        puzzle = verifier.Puzzle(info["numbers"], info["cards"])
+        for exact in (True, False):
+            assert verifier.score(text, puzzle, exact=exact, language_only=False).reward == 5, text
+        formula = text.split('"formula": "')[1].split("=")[0]
+        ordered = [
+            s
+            for s in solver.solutions(tuple(sorted(info["numbers"])), 24)
+            if expert.numbers_in(s) == list(info["numbers"]) and expert.float_exact(s, 24)
+        ]
+        assert (expert.numbers_in(formula) == list(info["numbers"])) == bool(ordered), (text, ordered)
+        in_order += bool(ordered)
+    assert 100 <= in_order <= 140  # about 60% of training hands have a solution in dealt order
+    assert expert.choose_solution([4, 7, 10, 10], dealt_order=True) == "4*(7-10/10)"
+    assert expert.numbers_in("(10*10-4)/4") == [10, 10, 4, 4]
+
+
 def test_metrics():
     episodes = [[-3, -2, 5], [-1, -1, -1, -1, -1, -1], [5]]
     assert metrics.success_rate(episodes) == pytest.approx(2 / 3)

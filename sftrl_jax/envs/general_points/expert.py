@@ -9,11 +9,17 @@
 (The trailing comma and single quotes make it invalid JSON on purpose: the verifier reads it with its
 regexes, as the reference does.) The chosen solution is one the verifier scores +5 both with exact
 arithmetic and with the reference's float `==`, whenever the hand has such a solution (almost always).
+
+`dealt_order=True` prefers solutions that use the numbers in the order of the "number" field
+(e.g. "4*(7-10/10)" for [4, 7, 10, 10]); about 60% of training hands have one. The formula then
+copies the numbers left to right with operators and brackets between them, which a small model
+learns far sooner than a random permutation (the CPU demo and the tiny SFT config use it).
 """
 
 from __future__ import annotations
 
 import functools
+import re
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,16 +47,36 @@ def _preferred(sorted_values: tuple[int, ...], target: int) -> tuple[str, ...]:
     return tuple(s for s in sols if float_exact(s, target)) or sols
 
 
-def choose_solution(values: Sequence[int], target: int = 24, rng: np.random.Generator | None = None) -> str:
-    """A solution string, preferring float-exact ones; random among them with `rng`, else the first."""
+def numbers_in(formula: str) -> list[int]:
+    """The numbers of a formula, left to right: "4*(7-10/10)" -> [4, 7, 10, 10]."""
+    return [int(x) for x in re.findall(r"\d+", formula)]
+
+
+def choose_solution(
+    values: Sequence[int],
+    target: int = 24,
+    rng: np.random.Generator | None = None,
+    *,
+    dealt_order: bool = False,
+) -> str:
+    """A solution string, preferring float-exact ones (and, with `dealt_order`, ones that use the
+    numbers in the order given); random among them with `rng`, else the first."""
     pool = _preferred(tuple(sorted(int(v) for v in values)), int(target))
     if not pool:
         raise ValueError(f"numbers {list(values)} cannot make {target}")
+    if dealt_order:
+        order = [int(v) for v in values]
+        pool = tuple(s for s in pool if numbers_in(s) == order) or pool
     return pool[int(rng.integers(len(pool)))] if rng is not None else pool[0]
 
 
 def expert_answer(
-    symbols: Sequence[str], values: Sequence[int], target: int = 24, rng: np.random.Generator | None = None
+    symbols: Sequence[str],
+    values: Sequence[int],
+    target: int = 24,
+    rng: np.random.Generator | None = None,
+    *,
+    dealt_order: bool = False,
 ) -> str:
     """A full +5 answer for the hand (symbols and values in dealt order)."""
-    return format_answer(symbols, values, choose_solution(values, target, rng), target)
+    return format_answer(symbols, values, choose_solution(values, target, rng, dealt_order=dealt_order), target)
