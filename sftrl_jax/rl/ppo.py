@@ -97,8 +97,8 @@ def build_batch(
     image_processor=None,
     max_images: int = 1,
 ) -> dict[str, np.ndarray]:
-    """Right-padded [B, L] arrays for the PPO forward: `input_ids`, `attention_mask`, `targets`,
-    `resp_mask` (1 where the target is a response token), `weights` (thought_coef or 1 on those),
+    """Right-padded [B, L] arrays for the PPO forward: `input_ids`, `attention_mask`, `targets` (the
+    next token at response positions, 0 elsewhere), `resp_mask` (1 where the target is a response token), `weights` (thought_coef or 1 on those),
     `value_index` [B] (last prompt token), `old_token_logp` [B, L] (sampler log-probs, aligned with
     targets); plus Mllama image arrays when `image_processor` is given."""
     lengths = [len(t.context_ids) + len(t.response_ids) for t in turns]
@@ -116,7 +116,10 @@ def build_batch(
         seq = list(t.context_ids) + list(t.response_ids)
         input_ids[b, : c + r] = seq
         attention[b, : c + r] = 1
-        targets[b, : c + r - 1] = seq[1:]
+        # Targets only where a response token is predicted: prompt positions are never scored, and
+        # one of them predicts <|image|>, which is outside the output vocabulary of Mllama (an extra
+        # embedding row), so its log-prob would be a NaN gather that poisons masked sums and grads.
+        targets[b, c - 1 : c + r - 1] = t.response_ids
         resp_mask[b, c - 1 : c + r - 1] = 1.0
         s = action_start(tokenizer, t.response_ids, cfg.action_keys)
         w = np.where(np.arange(r) < s, cfg.thought_coef, 1.0)

@@ -46,6 +46,7 @@ def test_build_batch_layout(tok):
     assert b["input_ids"].shape == (1, 64) and b["value_index"][0] == c - 1
     assert b["resp_mask"][0].sum() == r and b["resp_mask"][0, c - 1] == 1 and b["resp_mask"][0, c + r - 1] == 0
     np.testing.assert_array_equal(b["targets"][0, c - 1 : c + r - 1], t.response_ids)
+    assert not b["targets"][0, : c - 1].any() and not b["targets"][0, c + r - 1 :].any()  # prompt/pad: unscored
     w = b["weights"][0, c - 1 : c + r - 1]
     assert set(w.tolist()) == {0.5, 1.0} and w[0] == 0.5 and w[-1] == 1.0
 
