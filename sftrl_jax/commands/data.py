@@ -9,7 +9,8 @@ from sftrl_jax.errors import UserError
 HELP = "generate SFT data (conversation JSON) from the environments"
 EXAMPLES = """examples:
   sftrl data gp --variant gp-l --split train --n 2000 --out data/gp_l_train.json
-  sftrl data gp --variant gp-l --split train --n 4000 --dealt-order --out data/gp_l_train.json  # tiny models
+  sftrl data gp --variant gp-l --split train --n 4000 --dealt-order \
+      --template sftrl_jax/envs/general_points/templates/gp_l_short.txt --out data/gp_l_train.json  # tiny models
   sftrl data gp --variant gp-vl --split train --n 500 --out data/gp_vl/train.json   # images beside it
   sftrl data virl --variant virl-l --split train --n 1000 --out data/virl_l_train.json
 
@@ -35,6 +36,7 @@ def add_arguments(parser):
                 action="store_true",
                 help="prefer formulas that use the numbers in dealt order (easier for small models)",
             )
+            p.add_argument("--template", default=None, help="prompt template file (default: ours)")
 
 
 def run(args) -> int:
@@ -44,7 +46,9 @@ def run(args) -> int:
         from sftrl_jax.data.generate import generate_gp_sft as generate
     else:
         from sftrl_jax.envs.virl.expert import generate_virl_sft as generate
-    extra = {"dealt_order": args.dealt_order} if args.task == "gp" else {}
+    extra = {}
+    if args.task == "gp":
+        extra = {"dealt_order": args.dealt_order, "env_options": {"template": args.template} if args.template else None}
     stats = generate(args.variant, args.split, args.n, args.out, seed=args.seed, **extra)
     print(json.dumps({"out": args.out, **stats}, default=str))
     return 0

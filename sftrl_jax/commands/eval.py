@@ -12,6 +12,8 @@ EXAMPLES = """examples:
   sftrl eval --ckpt runs/rl/gp_l_tiny/final --task gp-l --split ood-rule
   sftrl eval --ckpt /ckpts/GP-VL-Init --task gp-vl --split ood-visual --recognition
   sftrl eval --ckpt runs/sft/x/final --task gp-l --split id --episodes 64 --run-dir runs/sft/x --arm sft
+  sftrl eval --ckpt runs/sft/gp_l_tiny/final --task gp-l --split id --episodes 32 \
+      --template sftrl_jax/envs/general_points/templates/gp_l_short.txt
 
 Protocol (SPEC.md §1.8, §2.7, §3.6): GP 234 episodes (seed 42, 5 graded attempts with feedback);
 V-IRL 48 routes (seed 12) or the 18 OOD-city routes, 2 attempts per waypoint; --recognition: one
@@ -35,6 +37,9 @@ def add_arguments(parser):
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's, else the shipped one)"
+    )
+    parser.add_argument(
+        "--template", default=None, help="GP prompt template file the model was trained with (default: ours)"
     )
     parser.add_argument("--out", default=None, help="output folder")
     parser.add_argument("--run-dir", default=None, help="append the result to <run-dir>/evals.jsonl")
@@ -88,7 +93,10 @@ def run(args) -> int:
     out = args.out or os.path.join(
         args.ckpt, "eval", f"{args.task}-{args.split}" + ("-recognition" if args.recognition else "")
     )
-    summary = ev.evaluate(policy, tokenizer, proto, batch_size=args.batch_size, out_dir=out)
+    env_options = {"template": args.template} if args.template else None
+    if env_options and not args.task.startswith("gp"):
+        raise UserError("--template applies to the GeneralPoints tasks (gp-l, gp-vl)")
+    summary = ev.evaluate(policy, tokenizer, proto, batch_size=args.batch_size, out_dir=out, env_options=env_options)
     print(ev.markdown(summary))
     if args.run_dir:
         gflops = args.gflops

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -28,17 +29,25 @@ IMAGE_MARKER = "<image>"
 
 
 def generate_gp_sft(
-    variant: str, split: str, n: int, out_path: str | os.PathLike, seed: int = 0, *, dealt_order: bool = False
+    variant: str,
+    split: str,
+    n: int,
+    out_path: str | os.PathLike,
+    seed: int = 0,
+    *,
+    dealt_order: bool = False,
+    env_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes `n` GeneralPoints SFT examples to `out_path`; returns counts.
 
     `dealt_order`: the expert prefers formulas that use the numbers in dealt order (see
-    `envs.general_points.expert`; easier for small models, off by default as in the reference)."""
+    `envs.general_points.expert`; easier for small models, off by default as in the reference).
+    `env_options`: environment keywords, e.g. `{"template": PATH}` for another prompt wording."""
     if variant not in GP_VARIANTS:
         raise EnvError(f"unknown GeneralPoints variant {variant!r}; valid: {', '.join(GP_VARIANTS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise EnvError(f"the number of examples must be a positive integer, got {n!r}")
-    env = envs.make(variant, split=split)
+    env = envs.make(variant, split=split, **dict(env_options or {}))
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     image_dir = out.parent / "images"

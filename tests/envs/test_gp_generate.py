@@ -41,6 +41,25 @@ def prompt_cards(prompt: str) -> list[str]:
     return [c.strip().strip("'") for c in line[len("Cards: [") : -1].split(",")]
 
 
+def test_short_template_and_dealt_order(tmp_path):
+    from sftrl_jax.envs.general_points import expert, prompts
+
+    out = tmp_path / "short.json"
+    template = str(prompts.TEMPLATE_DIR / "gp_l_short.txt")
+    stats = generate_gp_sft("gp-l", "train", 20, out, seed=0, dealt_order=True, env_options={"template": template})
+    assert stats["dealt_order"] is True
+    in_order = 0
+    for ex in json.loads(out.read_text()):
+        prompt, answer = (turn["value"] for turn in ex["conversations"])
+        assert prompt.startswith("[Input]\nCards: [") and "'J', 'Q', and 'K' count as '10'." in prompt
+        line = prompt.splitlines()[1]
+        cards = [c.strip().strip("'") for c in line[len("Cards: [") : line.index("]")].split(",")]
+        values = [{"A": 1, "J": 10, "Q": 10, "K": 10}.get(c) or int(c) for c in cards]
+        assert verifier.score(answer, verifier.Puzzle(values, cards)).reward == 5
+        in_order += expert.numbers_in(answer.split('"formula": "')[1].split("=")[0]) == values
+    assert in_order >= 8  # ~60% of hands have a solution in dealt order
+
+
 def test_gp_vl_file_with_images(tmp_path):
     out = tmp_path / "vl" / "train.json"
     stats = generate_gp_sft("gp-vl", "train", 3, out, seed=0)
