@@ -4,6 +4,7 @@
     .venv/bin/python tools/bench.py verifier     # last line: verifier answers/s: N
     .venv/bin/python tools/bench.py sampler      # last line: sampler speedup vs transformers: X.XXx
     .venv/bin/python tools/bench.py sft          # last line: sft speedup vs pytorch: X.XXx
+    .venv/bin/python tools/bench.py rollout      # last line: rollout time outside the sampler: X.X%
 """
 
 from __future__ import annotations
@@ -197,10 +198,27 @@ def bench_sampler_cmd(args) -> int:
     return 0
 
 
+def bench_rollout_cmd(args) -> int:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_rollout
+
+    lines, _ = bench_rollout.bench_rollout(args)
+    for line in lines:
+        print(line)
+    if not args.no_record:
+        command = (
+            f"taskset -c 1 .venv/bin/python tools/bench.py rollout --envs {args.envs} --turns {args.turns} "
+            f"--new-tokens {args.new_tokens}"
+        )
+        record("rollout", command, lines)
+    return 0
+
+
 COMMANDS = {
     "verifier": (bench_verifier, "GeneralPoints verifier throughput on one core, deal and render times"),
     "sampler": (bench_sampler_cmd, "sampler (ours vs transformers, same weights and batch)"),
     "sft": (lambda args: bench_sft_cmd(args), "SFT step (ours vs PyTorch)"),
+    "rollout": (bench_rollout_cmd, "GP-L rollout of 64 envs: time in the sampler vs outside it"),
 }
 
 
@@ -227,6 +245,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--tensor-parallel", action="store_true", help="also time ours on one XLA device per core, tensor=-1"
             )
+        if name == "rollout":
+            p.add_argument("--envs", type=int, default=64, help="GP-L environments stepped in lock-step")
+            p.add_argument("--turns", type=int, default=6, help="lock-step turns (6 = a whole failed episode)")
+            p.add_argument("--new-tokens", type=int, default=128, help="max_new_tokens per answer (paper RL: 512)")
+            p.add_argument("--temperature", type=float, default=0.2, help="sampling temperature (paper RL: 0.2)")
+            p.add_argument("--seed", type=int, default=0)
         if name == "sft":
             p.add_argument("--batch", type=int, default=8)
             p.add_argument("--length", type=int, default=256)
