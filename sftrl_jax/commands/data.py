@@ -37,6 +37,12 @@ def add_arguments(parser):
                 help="prefer formulas that use the numbers in dealt order (easier for small models)",
             )
             p.add_argument("--template", default=None, help="prompt template file (default: ours)")
+            p.add_argument(
+                "--revisions",
+                type=float,
+                default=0.0,
+                help="fraction of two-turn examples: a failed try, the verifier's feedback, the answer",
+            )
 
 
 def run(args) -> int:
@@ -48,7 +54,11 @@ def run(args) -> int:
         from sftrl_jax.envs.virl.expert import generate_virl_sft as generate
     extra = {}
     if args.task == "gp":
-        extra = {"dealt_order": args.dealt_order, "env_options": {"template": args.template} if args.template else None}
+        extra = {
+            "dealt_order": args.dealt_order,
+            "revisions": args.revisions,
+            "env_options": {"template": args.template} if args.template else None,
+        }
     stats = generate(args.variant, args.split, args.n, args.out, seed=args.seed, **extra)
     print(json.dumps({"out": args.out, **stats}, default=str))
     return 0

@@ -36,13 +36,17 @@ def generate_gp_sft(
     seed: int = 0,
     *,
     dealt_order: bool = False,
+    revisions: float = 0.0,
     env_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes `n` GeneralPoints SFT examples to `out_path`; returns counts.
 
     `dealt_order`: the expert prefers formulas that use the numbers in dealt order (see
     `envs.general_points.expert`; easier for small models, off by default as in the reference).
-    `env_options`: environment keywords, e.g. `{"template": PATH}` for another prompt wording."""
+    `revisions`: the fraction of examples that are two-turn revisions (a failed attempt with the
+    dealt numbers, the env's "You failed this trial because ..." feedback, then the expert answer;
+    loss on both answers), so that small models learn to answer again after feedback (the paper's
+    SFT data is single-turn: 0). `env_options`: environment keywords, e.g. `{"template": PATH}`."""
     if variant not in GP_VARIANTS:
         raise EnvError(f"unknown GeneralPoints variant {variant!r}; valid: {', '.join(GP_VARIANTS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
@@ -54,8 +58,11 @@ def generate_gp_sft(
     vision = variant == "gp-vl"
     if vision:
         image_dir.mkdir(exist_ok=True)
+    if not 0.0 <= revisions <= 1.0:
+        raise EnvError(f"revisions must be a fraction in [0, 1], got {revisions!r}")
     choice_rng = np.random.default_rng([seed, 1])  # which solution the expert writes
-    examples, hands = [], set()
+    revision_rng = np.random.default_rng([seed, 2])  # which examples are revisions, and their failed tries
+    examples, hands, n_revisions = [], set(), 0
     for i in tqdm(range(n), desc=f"{variant} {split}", unit="ex", disable=n < 100):
         obs, info = env.reset(seed=seed if i == 0 else None)
         hands.add(tuple(sorted(info["cards"])))
@@ -69,7 +76,13 @@ def generate_gp_sft(
             obs["image"].save(out.parent / rel)
             example["image"] = rel
             prompt = f"{IMAGE_MARKER}\n{prompt}"
-        example["conversations"] = [{"from": "human", "value": prompt}, {"from": "gpt", "value": answer}]
+        turns = [{"from": "human", "value": prompt}]
+        if revisions and revision_rng.random() < revisions:
+            failed = expert.failed_attempt(info["cards"], info["numbers"], info["target"], rng=revision_rng)
+            feedback, *_ = env.step(failed)
+            turns += [{"from": "gpt", "value": failed}, {"from": "human", "value": feedback["text"]}]
+            n_revisions += 1
+        example["conversations"] = [*turns, {"from": "gpt", "value": answer}]
         examples.append(example)
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(examples, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
@@ -82,4 +95,5 @@ def generate_gp_sft(
         "distinct_hands": len(hands),
         "seed": seed,
         "dealt_order": dealt_order,
+        "revisions": n_revisions,
     }

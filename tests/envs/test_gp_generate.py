@@ -60,6 +60,36 @@ def test_short_template_and_dealt_order(tmp_path):
     assert in_order >= 8  # ~60% of hands have a solution in dealt order
 
 
+def test_revision_examples_fail_first_then_answer(tmp_path):
+    from sftrl_jax import envs
+
+    out = tmp_path / "rev.json"
+    stats = generate_gp_sft("gp-l", "train", 40, out, seed=1, dealt_order=True, revisions=0.5)
+    examples = json.loads(out.read_text())
+    revised = [e for e in examples if len(e["conversations"]) == 4]
+    assert stats["revisions"] == len(revised) and 10 <= len(revised) <= 30
+    assert all(len(e["conversations"]) in (2, 4) for e in examples)
+    plain = generate_gp_sft("gp-l", "train", 40, tmp_path / "plain.json", seed=1, dealt_order=True)
+    assert plain["revisions"] == 0
+    finals = [e["conversations"][-1]["value"] for e in json.loads((tmp_path / "plain.json").read_text())]
+    assert [e["conversations"][-1]["value"] for e in examples] == finals  # same hands, same expert answers
+    for ex in revised:
+        prompt, failed, feedback, answer = (t["value"] for t in ex["conversations"])
+        assert [t["from"] for t in ex["conversations"]] == ["human", "gpt", "human", "gpt"]
+        cards = prompt_cards(prompt)
+        env = envs.make("gp-l", split="train")
+        env.reset(options={"cards": cards})
+        obs, reward, terminated, truncated, _ = env.step(failed)
+        assert reward == -1 and not terminated and obs["text"] == feedback
+        assert feedback.startswith("You failed this trial because ")
+        assert failed.splitlines()[:3] == answer.splitlines()[:3]  # same cards and numbers, other formula
+        assert failed != answer
+        _, reward, terminated, *_ = env.step(answer)
+        assert reward == 5 and terminated
+    with pytest.raises(EnvError, match="revisions"):
+        generate_gp_sft("gp-l", "train", 2, tmp_path / "x.json", revisions=1.5)
+
+
 def test_gp_vl_file_with_images(tmp_path):
     out = tmp_path / "vl" / "train.json"
     stats = generate_gp_sft("gp-vl", "train", 3, out, seed=0)

@@ -14,6 +14,10 @@ arithmetic and with the reference's float `==`, whenever the hand has such a sol
 (e.g. "4*(7-10/10)" for [4, 7, 10, 10]); about 60% of training hands have one. The formula then
 copies the numbers left to right with operators and brackets between them, which a small model
 learns far sooner than a random permutation (the CPU demo and the tiny SFT config use it).
+
+`failed_attempt` writes a legal answer over exactly the dealt numbers whose value is wrong (the
+verifier's -1), the first turn of a revision example (a failed try, the verifier's feedback, then
+the expert answer), so that a small model also learns to answer again after feedback.
 """
 
 from __future__ import annotations
@@ -80,3 +84,20 @@ def expert_answer(
 ) -> str:
     """A full +5 answer for the hand (symbols and values in dealt order)."""
     return format_answer(symbols, values, choose_solution(values, target, rng, dealt_order=dealt_order), target)
+
+
+def failed_attempt(
+    symbols: Sequence[str], values: Sequence[int], target: int = 24, rng: np.random.Generator | None = None
+) -> str:
+    """A legal answer that uses every dealt number once, in dealt order, and misses `target`
+    (reward -1: random operators and brackets, redrawn until the value is wrong)."""
+    rng = rng if rng is not None else np.random.default_rng(0)
+    puzzle = verifier.Puzzle([int(v) for v in values], [str(s) for s in symbols], target=int(target))
+    for _ in range(200):
+        pattern = solver.PATTERNS[int(rng.integers(len(solver.PATTERNS)))]
+        ops = solver.OP_TRIPLES[int(rng.integers(len(solver.OP_TRIPLES)))]
+        formula = pattern.format(*[int(v) for v in values], o0=ops[0], o1=ops[1], o2=ops[2])
+        text = format_answer(symbols, values, formula, target)
+        if verifier.score(text, puzzle).reward == -1:
+            return text
+    raise ValueError(f"no failed attempt found for {list(values)}")
