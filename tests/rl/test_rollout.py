@@ -86,3 +86,23 @@ def test_run_episodes_runs_exactly_the_quota(tok):
     for ep, ts in table.items():
         assert [t.reward for t in ts] == ([5.0] if ep % 2 == 0 else [-1.0, -1.0, -1.0])
     assert sum(1 for ts in table.values() if ts[-1].terminated) == 4
+
+
+def test_state_round_trip_replays_episodes_in_progress(tok):
+    import json
+
+    answers = lambda ep, fails: "ok" if fails >= ep % 3 else "no"  # noqa: E731
+    policy, _ = scripted(tok, answers)
+    runner = rollout.EpisodeRunner([Countdown(), Countdown()], tok, policy)
+    rollout.collect(runner, 2)
+    state = json.loads(json.dumps(runner.state()))  # what the checkpoint's JSON holds
+    assert any(row["texts"] for row in state["envs"])  # an episode is mid-way: its answers are saved
+    resumed = rollout.EpisodeRunner([Countdown(), Countdown()], tok, scripted(tok, answers)[0])
+    resumed.load_state(state)
+    a, b = rollout.collect(runner, 3), rollout.collect(resumed, 3)
+    key = lambda t: (t.env_index, t.episode, t.turn, t.context_ids, t.response_ids, t.reward, t.done)  # noqa: E731
+    assert [[key(t) for t in row] for row in a] == [[key(t) for t in row] for row in b]
+    # An env that replays differently (not deterministic given its seed) is refused, not silently resumed.
+    state["envs"][[bool(r["texts"]) for r in state["envs"]].index(True)]["rewards"][0] = 99.0
+    with pytest.raises(rollout.UserError, match="replayed episode .* differently"):
+        rollout.EpisodeRunner([Countdown(), Countdown()], tok, policy).load_state(state)
