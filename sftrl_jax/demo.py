@@ -46,7 +46,9 @@ class DemoModel:
 @dataclasses.dataclass(frozen=True)
 class DemoSFT:
     examples: int = 2000  # expert examples generated for SFT (warm-up and the SFT arm)
-    warmup_steps: int = 120  # SFT steps that make the Init checkpoint
+    dealt_order: bool = True  # expert formulas use the numbers in dealt order when they can (learnt sooner)
+    revisions: float = 0.5  # fraction of two-turn examples (failed try, feedback, answer): Init can revise
+    warmup_steps: int = 400  # SFT steps that make the Init checkpoint
     batch_size: int = 16
     lr: float = 3e-3
     arm_lr: float = 3e-4  # the SFT arm continues from Init with this peak lr
@@ -54,14 +56,14 @@ class DemoSFT:
 
 @dataclasses.dataclass(frozen=True)
 class DemoRL:
-    updates: int = 2
+    updates: int = 4
     num_envs: int = 16
-    steps_per_update: int = 8
+    steps_per_update: int = 6  # one whole failed episode (5 graded turns + the truncation turn)
     samples_per_step: int = 32
     micro_batch: int = 16
     epochs: int = 1
     lr: float = 1e-4
-    temperature: float = 0.7
+    temperature: float = 0.3
     max_new_tokens: int = 64
 
 
@@ -72,6 +74,9 @@ class DemoConfig:
     seed: int = 0
     eval_episodes: int = 32  # per split and checkpoint (the paper uses 234)
     eval_splits: tuple[str, ...] = ("id", "ood-rule")
+    # "short": a compact prompt (~90 tokens, envs/general_points/templates/gp_l_short.txt) with the
+    # same cards, rule sentence, answer format and verifier; "paper": our full wording (~220 tokens).
+    prompt: str = "short"
     model: DemoModel = dataclasses.field(default_factory=DemoModel)
     sft: DemoSFT = dataclasses.field(default_factory=DemoSFT)
     rl: DemoRL = dataclasses.field(default_factory=DemoRL)
@@ -80,6 +85,20 @@ class DemoConfig:
     def __post_init__(self):
         if self.task != "gp-l":
             raise ConfigError(f"the CPU demo runs gp-l (text); got task {self.task!r}")
+        if self.prompt not in PROMPT_LENGTHS:
+            raise ConfigError(f"prompt must be one of {', '.join(PROMPT_LENGTHS)}; got {self.prompt!r}")
+
+    def env_options(self) -> dict[str, Any]:
+        """Environment keywords shared by data generation, RL and evaluation (the prompt wording)."""
+        if self.prompt == "paper":
+            return {}
+        from sftrl_jax.envs.general_points import prompts
+
+        return {"template": str(prompts.TEMPLATE_DIR / "gp_l_short.txt")}
+
+
+# Padded lengths: (SFT buckets, RL training buckets) per prompt wording.
+PROMPT_LENGTHS = {"short": ((160, 192, 256), (384, 768)), "paper": ((288, 320, 448), (384, 768))}
 
 
 def _sft_config(cfg: DemoConfig, *, run_dir: str, data: str, steps: int, lr: float, init: str | None, d_init: int):
@@ -96,7 +115,11 @@ def _sft_config(cfg: DemoConfig, *, run_dir: str, data: str, steps: int, lr: flo
     return SFTConfig(
         model=model,
         data=SFTDataConfig(
-            train_files=(data,), max_length=320, buckets=(288, 320), batch_size=cfg.sft.batch_size, seed=cfg.seed
+            train_files=(data,),
+            max_length=PROMPT_LENGTHS[cfg.prompt][0][-1],
+            buckets=PROMPT_LENGTHS[cfg.prompt][0],
+            batch_size=cfg.sft.batch_size,
+            seed=cfg.seed,
         ),
         optim=OptimConfig(lr=lr, warmup_ratio=0.05 if init is None else 0.0, weight_decay=0.0, grad_clip=1.0),
         train=TrainSection(
@@ -124,7 +147,7 @@ def _rl_config(cfg: DemoConfig, *, run_dir: str, init: str, d_init: int):
     return RLConfig(
         model=ModelSection(init=init),
         algo="ppo",
-        env=EnvSection(task=cfg.task, split="train", num_envs=r.num_envs),
+        env=EnvSection(task=cfg.task, split="train", num_envs=r.num_envs, options=cfg.env_options()),
         sampling=SamplingSection(max_new_tokens=r.max_new_tokens, temperature=r.temperature),
         ppo=PPOConfig(
             epochs=r.epochs, samples_per_step=r.samples_per_step, micro_batch=r.micro_batch, temperature=r.temperature
@@ -135,7 +158,7 @@ def _rl_config(cfg: DemoConfig, *, run_dir: str, init: str, d_init: int):
             run_dir=run_dir,
             updates=r.updates,
             steps_per_update=r.steps_per_update,
-            length_buckets=(384, 768),
+            length_buckets=PROMPT_LENGTHS[cfg.prompt][1],
             seed=cfg.seed,
             devices=1,
             save_every=r.updates,
@@ -166,7 +189,13 @@ def _evaluate(cfg: DemoConfig, ckpt: str, run_dir: str, arm: str, step: int, gfl
     for split in cfg.eval_splits:
         proto = ev.protocol(cfg.task, split, n_episodes=cfg.eval_episodes)
         summary = ev.evaluate(
-            policy, tokenizer, proto, batch_size=32, progress=cfg.progress, out_dir=os.path.join(run_dir, "eval", split)
+            policy,
+            tokenizer,
+            proto,
+            batch_size=32,
+            progress=cfg.progress,
+            out_dir=os.path.join(run_dir, "eval", split),
+            env_options=cfg.env_options(),
         )
         rows.append(report.append_eval(run_dir, arm=arm, step=step, gflops=gflops, summary=summary))
     return rows
@@ -196,7 +225,16 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     stage("1/5 data")
     data = os.path.join(cfg.run_dir, "data", "gp_l_train.json")
-    generate_gp_sft(cfg.task, "train", cfg.sft.examples, data, seed=cfg.seed)
+    generate_gp_sft(
+        cfg.task,
+        "train",
+        cfg.sft.examples,
+        data,
+        seed=cfg.seed,
+        dealt_order=cfg.sft.dealt_order,
+        revisions=cfg.sft.revisions,
+        env_options=cfg.env_options(),
+    )
 
     stage("2/5 SFT warm-up -> Init")
     init_dir = os.path.join(cfg.run_dir, "init")
