@@ -194,7 +194,7 @@ def _evaluate(cfg: DemoConfig, ckpt: str, run_dir: str, arm: str, step: int, gfl
             proto,
             batch_size=32,
             progress=cfg.progress,
-            out_dir=os.path.join(run_dir, "eval", split),
+            out_dir=os.path.join(run_dir, "eval", arm, split),
             env_options=cfg.env_options(),
         )
         rows.append(report.append_eval(run_dir, arm=arm, step=step, gflops=gflops, summary=summary))

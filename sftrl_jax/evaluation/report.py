@@ -3,7 +3,7 @@
 A run folder holds `evals.jsonl`, one row per evaluation of one of its checkpoints:
 
     {"arm": "sft" | "rl" | "init", "step": 40, "gflops": 1.2e6, "task": "gp-l", "split": "ood-rule",
-     "metric": "success_rate", "value": 0.15, "stderr": 0.023, "episodes": 234}
+     "metric": "success_rate", "value": 0.15, "stderr": 0.023, "episodes": 234, "reward_mean": -1.9}
 
 `sftrl eval --run-dir`, the SFT/RL loops (periodic eval) and the demo append such rows
 (`append_eval`). `sftrl report RUN_DIR...` reads them all.
@@ -42,6 +42,8 @@ def append_eval(run_dir: str | os.PathLike, *, arm: str, step: int, gflops: floa
         "stderr": stderr,
         "episodes": summary["episodes"],
     }
+    if "reward_mean" in summary:  # mean reward per graded turn: moves before the success rate does
+        row["reward_mean"] = float(summary["reward_mean"])
     os.makedirs(run_dir, exist_ok=True)
     with open(os.path.join(run_dir, EVALS_FILE), "a") as f:
         f.write(json.dumps(row) + "\n")
@@ -78,22 +80,30 @@ def _final(rows: Sequence[dict], arm: str, task: str, split: str) -> dict | None
 
 
 def table(rows: Sequence[dict[str, Any]]) -> str:
-    """Markdown: per task/split, Init and the last SFT / RL evaluation (with the change from Init)."""
+    """Markdown: per task/split, Init and the last SFT / RL evaluation (with the change from Init); a
+    second line gives the mean reward per turn where the rows carry it (small models move it long
+    before they solve a task)."""
     keys = sorted({(r["task"], r["split"], r["metric"]) for r in rows}, key=lambda k: (k[0], k[1] != "id", k[1]))
     out = ["| task | split | metric | Init | RL | SFT |", "|---|---|---|---|---|---|"]
     for task, split, metric in keys:
-        init = _final(rows, "init", task, split)
-        cells = []
-        for arm in ("init", "rl", "sft"):
-            r = _final(rows, arm, task, split)
-            if r is None:
-                cells.append("—")
-                continue
-            text = f"{100 * r['value']:.1f}% ± {100 * r['stderr']:.1f}"
-            if arm != "init" and init is not None:
-                text += f" ({100 * (r['value'] - init['value']):+.1f})"
-            cells.append(text)
-        out.append(f"| {task} | {split} | {metric} | " + " | ".join(cells) + " |")
+        final = {arm: _final(rows, arm, task, split) for arm in ("init", "rl", "sft")}
+        lines = [(metric, "value", lambda v: f"{100 * v:.1f}%", lambda d: f"{100 * d:+.1f}")]
+        if any(r is not None and "reward_mean" in r for r in final.values()):
+            lines.append(("reward per turn", "reward_mean", lambda v: f"{v:.3f}", lambda d: f"{d:+.3f}"))
+        for name, key, fmt, fmt_change in lines:
+            init = final["init"]
+            cells = []
+            for arm, r in final.items():
+                if r is None or key not in r:
+                    cells.append("—")
+                    continue
+                text = fmt(r[key])
+                if key == "value":
+                    text += f" ± {100 * r['stderr']:.1f}"
+                if arm != "init" and init is not None and key in init:
+                    text += f" ({fmt_change(r[key] - init[key])})"
+                cells.append(text)
+            out.append(f"| {task} | {split} | {name} | " + " | ".join(cells) + " |")
     return "\n".join(out) + "\n"
 
 

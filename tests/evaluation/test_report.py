@@ -56,6 +56,18 @@ def test_table_and_plot(tmp_path):
     assert "success vs compute" in open(paths["markdown"]).read()
 
 
+def test_table_reward_line(tmp_path):
+    # Rows that carry the mean turn reward get a second line with it and its change from Init.
+    for arm, step, reward in (("init", 0, -2.75), ("rl", 4, -2.5), ("sft", 9, -2.875)):
+        summary = dict(_summary("gp-l", "id", 0.0, n=32), reward_mean=reward)
+        report.append_eval(tmp_path / "run", arm=arm, step=step, gflops=step, summary=summary)
+    md = report.table(report.load_rows([tmp_path / "run"]))
+    assert "| gp-l | id | success_rate | 0.0% ± 0.0 | 0.0% ± 0.0 (+0.0) | 0.0% ± 0.0 (+0.0) |" in md
+    assert "| gp-l | id | reward per turn | -2.750 | -2.500 (+0.250) | -2.875 (-0.125) |" in md
+    # Rows without it (older runs) give no such line.
+    assert "reward per turn" not in report.table(report.load_rows(make_runs(tmp_path / "old")))
+
+
 def test_report_command(tmp_path, capsys):
     sft, rl = make_runs(tmp_path)
     assert cli.main(["report", str(sft), str(rl), "--out", str(tmp_path / "o")]) == 0
