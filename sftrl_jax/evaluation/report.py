@@ -12,7 +12,6 @@ A run folder holds `evals.jsonl`, one row per evaluation of one of its checkpoin
 from __future__ import annotations
 
 import json
-import math
 import os
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -108,7 +107,8 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
-    """Success vs GFLOPs per task/split (ID and OOD panels), one curve per arm, standard-error bars."""
+    """Success vs GFLOPs per task/split (ID and OOD panels), one curve per arm, standard-error bars;
+    a second row of panels with the mean reward per turn when the rows carry it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -116,36 +116,51 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
 
     panels = sorted({(r["task"], r["split"]) for r in rows}, key=lambda k: (k[0], k[1] != "id", k[1]))
     n = len(panels)
-    fig, axes = plt.subplots(1, n, figsize=(4.2 * n, 3.4), squeeze=False)
-    for ax, (task, split) in zip(axes[0], panels):
-        init = _final(rows, "init", task, split)
-        for arm in ("sft", "rl"):
-            pts = sorted(
-                (r for r in rows if r["arm"] == arm and r["task"] == task and r["split"] == split),
-                key=lambda r: r["gflops"],
-            )
-            if init is not None:
-                pts = [init, *pts]
-            if not pts:
-                continue
-            x = [r["gflops"] for r in pts]
-            y = [100 * r["value"] for r in pts]
-            e = [100 * r["stderr"] for r in pts]
-            ax.errorbar(x, y, yerr=e, marker="o", ms=3, capsize=2, color=_COLORS[arm], label=arm.upper())
-        if init is not None:
-            ax.axhline(100 * init["value"], color=_COLORS["init"], ls="--", lw=1, label="Init")
+    with_reward = any("reward_mean" in r for r in rows)
+    n_rows = 2 if with_reward else 1
+    fig, axes = plt.subplots(n_rows, n, figsize=(4.2 * n, 3.4 * n_rows), squeeze=False)
+    for col, (task, split) in enumerate(panels):
         metric = next(r["metric"] for r in rows if r["task"] == task and r["split"] == split)
-        ax.set_title(f"{task} {split}")
-        ax.set_xlabel("GFLOPs")
-        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
-        ax.grid(alpha=0.3)
-        if not math.isnan(ax.get_ylim()[0]):
-            ax.legend(fontsize=8)
+        lines = [("value", 100.0, f"{metric.replace('_', ' ')} (%)")]
+        if with_reward:
+            lines.append(("reward_mean", 1.0, "reward per turn"))
+        for row, (key, scale, label) in enumerate(lines):
+            ax = axes[row][col]
+            _panel(ax, rows, task, split, key, scale)
+            ax.set_title(f"{task} {split}")
+            ax.set_xlabel("GFLOPs")
+            ax.set_ylabel(label)
+            ax.grid(alpha=0.3)
+            if key == "value":  # a rate: never below 0 on the axis, at least 0-5% shown
+                ax.set_ylim(bottom=0.0, top=max(5.0, ax.get_ylim()[1]))
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return os.fspath(path)
+
+
+def _panel(ax, rows: Sequence[dict[str, Any]], task: str, split: str, key: str, scale: float) -> None:
+    """One curve per arm (starting at Init) of `key` against GFLOPs; error bars for the headline."""
+    init = _final(rows, "init", task, split)
+    init = init if init is not None and key in init else None
+    for arm, marker in (("sft", "s"), ("rl", "o")):  # different markers: equal curves stay visible
+        pts = sorted(
+            (r for r in rows if r["arm"] == arm and r["task"] == task and r["split"] == split and key in r),
+            key=lambda r: r["gflops"],
+        )
+        if not pts:
+            continue
+        if init is not None:
+            pts = [init, *pts]
+        x = [r["gflops"] for r in pts]
+        y = [scale * r[key] for r in pts]
+        e = [scale * r["stderr"] for r in pts] if key == "value" else None
+        ax.errorbar(x, y, yerr=e, marker=marker, ms=4, mfc="none", capsize=2, color=_COLORS[arm], label=arm.upper())
+    if init is not None:
+        ax.axhline(scale * init[key], color=_COLORS["init"], ls="--", lw=1, label="Init")
 
 
 def report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, str]:

@@ -66,6 +66,12 @@ def test_table_reward_line(tmp_path):
     assert "| gp-l | id | reward per turn | -2.750 | -2.500 (+0.250) | -2.875 (-0.125) |" in md
     # Rows without it (older runs) give no such line.
     assert "reward per turn" not in report.table(report.load_rows(make_runs(tmp_path / "old")))
+    # The plot gets a second row of panels (reward vs compute) only when the rows carry the reward.
+    from PIL import Image
+
+    with_reward = Image.open(report.report([tmp_path / "run"], tmp_path / "out")["plot"]).size
+    without = Image.open(report.report(list(make_runs(tmp_path / "old2")), tmp_path / "out2")["plot"]).size
+    assert with_reward[1] == 2 * without[1]
 
 
 def test_report_command(tmp_path, capsys):
