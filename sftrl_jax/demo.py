@@ -94,7 +94,7 @@ class DemoConfig:
             return {}
         from sftrl_jax.envs.general_points import prompts
 
-        return {"template": str(prompts.TEMPLATE_DIR / "gp_l_short.txt")}
+        return {"template": str(prompts.SHORT_TEMPLATE)}
 
 
 # Padded lengths: (SFT buckets, RL training buckets) per prompt wording.
@@ -170,7 +170,9 @@ def _rl_config(cfg: DemoConfig, *, run_dir: str, init: str, d_init: int):
     )
 
 
-def _evaluate(cfg: DemoConfig, ckpt: str, run_dir: str, arm: str, step: int, gflops: float) -> list[dict]:
+def _evaluate(cfg: DemoConfig, ckpt: str, run_dirs: tuple[str, ...], arm: str, step: int, gflops: float) -> None:
+    """Greedy evaluation of `ckpt` on every split (outputs under the first run folder); its rows are
+    appended to each of `run_dirs`."""
     from sftrl_jax.commands.eval import load_for_eval
     from sftrl_jax.evaluation import evaluate as ev
     from sftrl_jax.evaluation import report
@@ -185,7 +187,6 @@ def _evaluate(cfg: DemoConfig, ckpt: str, run_dir: str, arm: str, step: int, gfl
         image_processor=proc,
         temperature=0.0,
     )
-    rows = []
     for split in cfg.eval_splits:
         proto = ev.protocol(cfg.task, split, n_episodes=cfg.eval_episodes)
         summary = ev.evaluate(
@@ -194,11 +195,11 @@ def _evaluate(cfg: DemoConfig, ckpt: str, run_dir: str, arm: str, step: int, gfl
             proto,
             batch_size=32,
             progress=cfg.progress,
-            out_dir=os.path.join(run_dir, "eval", arm, split),
+            out_dir=os.path.join(run_dirs[0], "eval", arm, split),
             env_options=cfg.env_options(),
         )
-        rows.append(report.append_eval(run_dir, arm=arm, step=step, gflops=gflops, summary=summary))
-    return rows
+        for run_dir in run_dirs:
+            report.append_eval(run_dir, arm=arm, step=step, gflops=gflops, summary=summary)
 
 
 def _last(run_dir: str, key: str) -> float:
@@ -262,11 +263,10 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     sft_gflops = _last(sft_dir, "train/gflops")
 
     stage("5/5 evaluation (greedy)")
-    rows = []
-    for run_dir in (rl_dir, sft_dir):  # Init rows go into both arms' folders so each plots from Init
-        rows += _evaluate(cfg, init_ckpt, run_dir, "init", 0, init_gflops)
-    rows += _evaluate(cfg, os.path.join(rl_dir, "final"), rl_dir, "rl", cfg.rl.updates, rl_gflops)
-    rows += _evaluate(cfg, os.path.join(sft_dir, "final"), sft_dir, "sft", arm_steps, sft_gflops)
+    # Init is evaluated once; its rows go into both arms' folders so each plots from Init.
+    _evaluate(cfg, init_ckpt, (rl_dir, sft_dir), "init", 0, init_gflops)
+    _evaluate(cfg, os.path.join(rl_dir, "final"), (rl_dir,), "rl", cfg.rl.updates, rl_gflops)
+    _evaluate(cfg, os.path.join(sft_dir, "final"), (sft_dir,), "sft", arm_steps, sft_gflops)
     paths = report.report([sft_dir, rl_dir], os.path.join(cfg.run_dir, "report"))
     table = report.table(report.load_rows([sft_dir, rl_dir]))
     elapsed = time.time() - t_start

@@ -86,11 +86,11 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     out = ["| task | split | metric | Init | RL | SFT |", "|---|---|---|---|---|---|"]
     for task, split, metric in keys:
         final = {arm: _final(rows, arm, task, split) for arm in ("init", "rl", "sft")}
+        init = final["init"]
         lines = [(metric, "value", lambda v: f"{100 * v:.1f}%", lambda d: f"{100 * d:+.1f}")]
         if any(r is not None and "reward_mean" in r for r in final.values()):
             lines.append(("reward per turn", "reward_mean", lambda v: f"{v:.3f}", lambda d: f"{d:+.3f}"))
         for name, key, fmt, fmt_change in lines:
-            init = final["init"]
             cells = []
             for arm, r in final.items():
                 if r is None or key not in r:

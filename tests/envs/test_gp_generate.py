@@ -45,7 +45,7 @@ def test_short_template_and_dealt_order(tmp_path):
     from sftrl_jax.envs.general_points import expert, prompts
 
     out = tmp_path / "short.json"
-    template = str(prompts.TEMPLATE_DIR / "gp_l_short.txt")
+    template = str(prompts.SHORT_TEMPLATE)
     stats = generate_gp_sft("gp-l", "train", 20, out, seed=0, dealt_order=True, env_options={"template": template})
     assert stats["dealt_order"] is True
     in_order = 0

@@ -13,7 +13,6 @@ import os
 import pytest
 
 from sftrl_jax.demo import DemoConfig, _sft_config
-from sftrl_jax.envs.general_points import prompts
 from sftrl_jax.evaluation import evaluate as ev
 from sftrl_jax.rl.grpo import GRPOConfig
 from sftrl_jax.rl.ppo import PPOConfig
@@ -21,7 +20,7 @@ from sftrl_jax.rl.train import EnvSection, EvalSection, RLConfig, RLTrainSection
 from sftrl_jax.train.optim import OptimConfig
 from sftrl_jax.train.state import ModelSection, load_model, tokenizer_for
 
-SHORT = {"template": str(prompts.TEMPLATE_DIR / "gp_l_short.txt")}
+SHORT = DemoConfig().env_options()  # the demo's compact prompt
 
 
 def greedy_eval(ckpt: str, out_dir: str) -> dict:

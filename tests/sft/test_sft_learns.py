@@ -26,7 +26,7 @@ from sftrl_jax.train.metrics import read_jsonl
 from sftrl_jax.train.state import load_model, tokenizer_for
 
 ROOT = Path(__file__).resolve().parents[2]
-SHORT = {"template": str(prompts.TEMPLATE_DIR / "gp_l_short.txt")}
+SHORT = {"template": str(prompts.SHORT_TEMPLATE)}
 
 
 def greedy_eval(model, tokenizer, out_dir):

@@ -19,6 +19,8 @@ from pathlib import Path
 from sftrl_jax.envs.base import EnvError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
+# The compact GP-L wording (~90 tokens instead of ~220) for CPU-sized models: same fields and format.
+SHORT_TEMPLATE = TEMPLATE_DIR / "gp_l_short.txt"
 DEFAULT_TEMPLATES = {"gp-l": TEMPLATE_DIR / "gp_l.txt", "gp-vl": TEMPLATE_DIR / "gp_vl.txt"}
 REQUIRED_FIELDS = {
     "gp-l": frozenset({"target_number", "face_card_msg", "cards"}),
