@@ -81,6 +81,17 @@ class EnvSection:
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # env options, e.g. verify_iter
 
 
+# Env options that say how the model is prompted and graded (not what a split's rules are): the
+# in-run evaluation uses them too, so a policy trained on another prompt wording is evaluated on it.
+# Rule options (face_cards_as_10, target, verify_iter, ...) stay the evaluation split's own.
+EVAL_ENV_KEYS = ("template", "data_dir", "exact", "reference_card_parsing", "fix_turn_wrap", "fix_intersection_check")
+
+
+def eval_env_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The part of the training env's `options` that evaluation keeps (see `EVAL_ENV_KEYS`)."""
+    return {k: v for k, v in options.items() if k in EVAL_ENV_KEYS}
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplingSection:
     max_new_tokens: int = 512  # paper: 512 during RL
@@ -475,6 +486,7 @@ class Trainer:
                 batch_size=e.batch_size,
                 progress=self.cfg.train.progress,
                 out_dir=os.path.join(self.cfg.train.run_dir, "eval", f"update{self.update_idx}", split),
+                env_options=eval_env_options(self.cfg.env.options),
             )
             row = report_lib.append_eval(
                 self.cfg.train.run_dir,

@@ -137,3 +137,31 @@ def test_vl_task_needs_a_vision_model(tmp_path):
 
     with pytest.raises(ConfigError, match="has no vision tower"):
         Trainer(make(tmp_path, "vl", env__task="gp-vl"))
+
+
+def test_in_run_evaluation_keeps_the_prompt_wording(tmp_path, monkeypatch):
+    """A policy trained on another template is evaluated on it; the split's rules stay the split's."""
+    from sftrl_jax.envs.general_points import prompts
+    from sftrl_jax.rl import train as rl_train
+
+    template = str(prompts.SHORT_TEMPLATE)
+    options = {"template": template, "verify_iter": 3, "face_cards_as_10": True}
+    assert rl_train.eval_env_options(options) == {"template": template}
+    seen = []
+
+    def fake_evaluate(policy, tokenizer, proto, **kw):
+        seen.append((proto.split, kw["env_options"]))
+        return dict(
+            task=proto.task, split=proto.split, recognition=False, episodes=2, success_rate=0.5, success_rate_stderr=0.3
+        )
+
+    monkeypatch.setattr(rl_train.eval_lib, "evaluate", fake_evaluate)
+    trainer = Trainer(make(tmp_path, "ev", env__options=options, eval__splits=["id", "ood-rule"]))
+    rows = trainer.evaluate(_NullWriter())
+    assert seen == [("id", {"template": template}), ("ood-rule", {"template": template})]
+    assert [r["value"] for r in rows] == [0.5, 0.5]
+
+
+class _NullWriter:
+    def write(self, step, metrics, prefix=""):
+        pass
