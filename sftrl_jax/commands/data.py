@@ -41,7 +41,13 @@ def add_arguments(parser):
                 "--revisions",
                 type=float,
                 default=0.0,
-                help="fraction of two-turn examples: a failed try, the verifier's feedback, the answer",
+                help="fraction of revision examples: failed tries, each with the verifier's feedback, then the answer",
+            )
+            p.add_argument(
+                "--max-failed",
+                type=int,
+                default=1,
+                help="failed tries per revision example: 1..N, uniformly (N < the env's verify_iter)",
             )
 
 
@@ -57,6 +63,7 @@ def run(args) -> int:
         extra = {
             "dealt_order": args.dealt_order,
             "revisions": args.revisions,
+            "max_failed": args.max_failed,
             "env_options": {"template": args.template} if args.template else None,
         }
     stats = generate(args.variant, args.split, args.n, args.out, seed=args.seed, **extra)

@@ -37,16 +37,19 @@ def generate_gp_sft(
     *,
     dealt_order: bool = False,
     revisions: float = 0.0,
+    max_failed: int = 1,
     env_options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Writes `n` GeneralPoints SFT examples to `out_path`; returns counts.
 
     `dealt_order`: the expert prefers formulas that use the numbers in dealt order (see
     `envs.general_points.expert`; easier for small models, off by default as in the reference).
-    `revisions`: the fraction of examples that are two-turn revisions (a failed attempt with the
-    dealt numbers, the env's "You failed this trial because ..." feedback, then the expert answer;
-    loss on both answers), so that small models learn to answer again after feedback (the paper's
-    SFT data is single-turn: 0). `env_options`: environment keywords, e.g. `{"template": PATH}`."""
+    `revisions`: the fraction of examples that are revisions (failed attempts with the dealt
+    numbers, each followed by the env's "You failed this trial because ..." feedback, then the
+    expert answer; loss on every answer), so that small models learn to answer again after feedback
+    (the paper's SFT data is single-turn: 0). `max_failed`: a revision has 1..`max_failed` failed
+    attempts, uniformly (at most the env's `verify_iter` - 1, so that the answer is still graded),
+    all different, as the later turns of an evaluation episode look. `env_options`: environment keywords, e.g. `{"template": PATH}`."""
     if variant not in GP_VARIANTS:
         raise EnvError(f"unknown GeneralPoints variant {variant!r}; valid: {', '.join(GP_VARIANTS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
@@ -60,6 +63,10 @@ def generate_gp_sft(
         image_dir.mkdir(exist_ok=True)
     if not 0.0 <= revisions <= 1.0:
         raise EnvError(f"revisions must be a fraction in [0, 1], got {revisions!r}")
+    if isinstance(max_failed, bool) or not isinstance(max_failed, int) or not 1 <= max_failed < env.verify_iter:
+        raise EnvError(
+            f"max_failed must be an integer in 1..{env.verify_iter - 1} (the env's verify_iter - 1), got {max_failed!r}"
+        )
     choice_rng = np.random.default_rng([seed, 1])  # which solution the expert writes
     revision_rng = np.random.default_rng([seed, 2])  # which examples are revisions, and their failed tries
     examples, hands, n_revisions = [], set(), 0
@@ -78,9 +85,15 @@ def generate_gp_sft(
             prompt = f"{IMAGE_MARKER}\n{prompt}"
         turns = [{"from": "human", "value": prompt}]
         if revisions and revision_rng.random() < revisions:
-            failed = expert.failed_attempt(info["cards"], info["numbers"], info["target"], rng=revision_rng)
-            feedback, *_ = env.step(failed)
-            turns += [{"from": "gpt", "value": failed}, {"from": "human", "value": feedback["text"]}]
+            tried: set[str] = set()
+            n_failed = 1 + int(revision_rng.integers(max_failed)) if max_failed > 1 else 1  # (1: the earlier stream)
+            for _ in range(n_failed):
+                failed = expert.failed_attempt(
+                    info["cards"], info["numbers"], info["target"], rng=revision_rng, avoid=tried
+                )
+                tried.add(failed)
+                feedback, *_ = env.step(failed)
+                turns += [{"from": "gpt", "value": failed}, {"from": "human", "value": feedback["text"]}]
             n_revisions += 1
         example["conversations"] = [*turns, {"from": "gpt", "value": answer}]
         examples.append(example)
@@ -96,4 +109,5 @@ def generate_gp_sft(
         "seed": seed,
         "dealt_order": dealt_order,
         "revisions": n_revisions,
+        "max_failed": max_failed,
     }

@@ -90,6 +90,31 @@ def test_revision_examples_fail_first_then_answer(tmp_path):
         generate_gp_sft("gp-l", "train", 2, tmp_path / "x.json", revisions=1.5)
 
 
+def test_revisions_with_several_failed_attempts_replay_in_the_env(tmp_path):
+    from sftrl_jax import envs
+
+    out = tmp_path / "rev4.json"
+    stats = generate_gp_sft("gp-l", "train", 60, out, seed=2, dealt_order=True, revisions=1.0, max_failed=4)
+    examples = json.loads(out.read_text())
+    assert stats["revisions"] == 60 and stats["max_failed"] == 4
+    n_failed = [(len(e["conversations"]) - 2) // 2 for e in examples]
+    assert set(n_failed) == {1, 2, 3, 4}  # uniform over 1..4: all occur in 60 examples
+    for ex in examples:
+        turns = ex["conversations"]
+        assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        env = envs.make("gp-l", split="train")
+        env.reset(options={"cards": prompt_cards(turns[0]["value"])})
+        answers = [t["value"] for t in turns[1::2]]
+        assert len(set(answers)) == len(answers)  # every attempt differs
+        for failed, feedback in zip(answers[:-1], turns[2::2]):
+            obs, reward, terminated, truncated, _ = env.step(failed)  # the env's own feedback, in order
+            assert reward == -1 and not (terminated or truncated) and obs["text"] == feedback["value"]
+        _, reward, terminated, *_ = env.step(answers[-1])
+        assert reward == 5 and terminated
+    with pytest.raises(EnvError, match=r"max_failed must be an integer in 1\.\.4"):
+        generate_gp_sft("gp-l", "train", 2, tmp_path / "x.json", revisions=0.5, max_failed=5)
+
+
 def test_gp_vl_file_with_images(tmp_path):
     out = tmp_path / "vl" / "train.json"
     stats = generate_gp_sft("gp-vl", "train", 3, out, seed=0)

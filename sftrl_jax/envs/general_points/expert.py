@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 import numpy as np
 
@@ -87,10 +87,15 @@ def expert_answer(
 
 
 def failed_attempt(
-    symbols: Sequence[str], values: Sequence[int], target: int = 24, rng: np.random.Generator | None = None
+    symbols: Sequence[str],
+    values: Sequence[int],
+    target: int = 24,
+    rng: np.random.Generator | None = None,
+    avoid: Collection[str] = (),
 ) -> str:
     """A legal answer that uses every dealt number once, in dealt order, and misses `target`
-    (reward -1: random operators and brackets, redrawn until the value is wrong)."""
+    (reward -1: random operators and brackets, redrawn until the value is wrong and the answer is
+    not in `avoid`)."""
     rng = rng if rng is not None else np.random.default_rng(0)
     puzzle = verifier.Puzzle([int(v) for v in values], [str(s) for s in symbols], target=int(target))
     for _ in range(200):
@@ -98,6 +103,6 @@ def failed_attempt(
         ops = solver.OP_TRIPLES[int(rng.integers(len(solver.OP_TRIPLES)))]
         formula = pattern.format(*[int(v) for v in values], o0=ops[0], o1=ops[1], o2=ops[2])
         text = format_answer(symbols, values, formula, target)
-        if verifier.score(text, puzzle).reward == -1:
+        if text not in avoid and verifier.score(text, puzzle).reward == -1:
             return text
     raise ValueError(f"no failed attempt found for {list(values)}")
