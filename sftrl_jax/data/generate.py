@@ -49,7 +49,8 @@ def generate_gp_sft(
     expert answer; loss on every answer), so that small models learn to answer again after feedback
     (the paper's SFT data is single-turn: 0). `max_failed`: a revision has 1..`max_failed` failed
     attempts, uniformly (at most the env's `verify_iter` - 1, so that the answer is still graded),
-    all different, as the later turns of an evaluation episode look. `env_options`: environment keywords, e.g. `{"template": PATH}`."""
+    all different, as the later turns of an evaluation episode look. `env_options`: environment
+    keywords, e.g. `{"template": PATH}`."""
     if variant not in GP_VARIANTS:
         raise EnvError(f"unknown GeneralPoints variant {variant!r}; valid: {', '.join(GP_VARIANTS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
