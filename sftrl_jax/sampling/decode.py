@@ -22,7 +22,9 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+from flax import nnx
 
+from sftrl_jax import kernels
 from sftrl_jax.models import kv_cache, layers, mllama, text
 from sftrl_jax.parallel.rules import constrain
 
@@ -121,12 +123,19 @@ def from_prefill(cache: kv_cache.KVCache, length: int) -> DecodeCache:
     )
 
 
-def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+def _attend(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float, *, filled=None, kernel: bool = False
+) -> jax.Array:
     """`layers.attention` for one query per row: q [B, N, H], k/v [B, K, S, H], mask [B, S] -> [B, N, H].
 
     Scores are computed as [S, G] blocks (keys as the row operand: on CPU 1.5x faster than [G, S]
     for a handful of query heads), the softmax is normalised after the value product (one op
-    fewer over [S, G]; the decode step is bound by per-op cost as much as by arithmetic)."""
+    fewer over [S, G]; the decode step is bound by per-op cost as much as by arithmetic).
+    `kernel`: the same values from the native CPU kernel (`sftrl_jax.kernels`), which reads only
+    the first `filled` slots (all when None; every later slot must be masked)."""
+    if kernel:
+        filled = k.shape[2] if filled is None else filled
+        return kernels.decode_attention(q, k, v, mask, filled, scale=scale)
     b, n, h = q.shape
     kv_heads = k.shape[1]
     q = q.reshape(b, kv_heads, n // kv_heads, h)  # [B, K, G, H]
@@ -136,6 +145,18 @@ def _attend(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: fl
     e = jax.lax.optimization_barrier(jnp.swapaxes(e, 2, 3))  # [B, K, G, S]: the fast value-product form
     out = jnp.einsum("BKGS,BKSH->BKGH", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype).reshape(b, n, h)
+
+
+def use_kernel(model, *, devices: int) -> bool:
+    """Whether the decode step can use the native CPU kernels (attention and projections) for
+    `model`: on CPU, on one device (the kernels are not partitioned), fp32 activations, and the
+    kernels built (`sftrl_jax.kernels`)."""
+    if devices != 1 or jnp.dtype(text_model(model).dtype) != jnp.float32:
+        return False
+    params = jax.tree.leaves(nnx.state(model, nnx.Param))
+    if not params or any(d.platform != "cpu" for d in params[0].devices()):
+        return False
+    return kernels.available()
 
 
 def _norm(norm: layers.RMSNorm, x: jax.Array) -> jax.Array:
@@ -164,62 +185,69 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=1).astype(x.dtype)
 
 
-def _matmul(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None) -> jax.Array:
+def _matmul(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None, kernel: bool = False) -> jax.Array:
     """x [B, I] times w [O, I] -> [B, O], computed as the [O, B] product (see `DecodeWeights`).
 
     The barrier keeps XLA from folding the transpose into the matmul, which would turn it back
     into the slow [B, O] form."""
-    y = jnp.einsum("OI,BI->OB", w.astype(dtype), x, preferred_element_type=out_dtype)
-    return jax.lax.optimization_barrier(y).T
+    return _project(w, x, dtype, out_dtype=out_dtype, kernel=kernel).T
 
 
-def _project(w: jax.Array, x: jax.Array, dtype) -> jax.Array:
+def _project(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None, kernel: bool = False) -> jax.Array:
     """w [O, I], x [B, I] -> [O, B]; the barrier keeps XLA from folding a later transpose into the
-    matmul (which would turn it back into the slow [B, O] form)."""
-    return jax.lax.optimization_barrier(jnp.einsum("OI,BI->OB", w.astype(dtype), x))
+    matmul (which would turn it back into the slow [B, O] form). `kernel`: by the native CPU
+    kernel (`kernels.skinny_matmul`, fp32)."""
+    if kernel:
+        return kernels.skinny_matmul(w.astype(dtype), x)
+    return jax.lax.optimization_barrier(jnp.einsum("OI,BI->OB", w.astype(dtype), x, preferred_element_type=out_dtype))
 
 
-def _mlp(gate_up: tuple[jax.Array, ...], down: jax.Array, x: jax.Array, dtype) -> jax.Array:
+def _mlp(gate_up: tuple[jax.Array, ...], down: jax.Array, x: jax.Array, dtype, *, kernel: bool = False) -> jax.Array:
     """SwiGLU of x [B, D] with (gate|up [2F, D],) or (gate, up) and down [D, F]; the hidden layer
     stays [F, B]."""
     if len(gate_up) == 1:
-        gate, up = jnp.split(_project(gate_up[0], x, dtype), 2, axis=0)
+        gate, up = jnp.split(_project(gate_up[0], x, dtype, kernel=kernel), 2, axis=0)
     else:
-        gate, up = (_project(w, x, dtype) for w in gate_up)
+        gate, up = (_project(w, x, dtype, kernel=kernel) for w in gate_up)
     h = jax.nn.silu(gate) * up  # [F, B]
+    if kernel:
+        return kernels.skinny_matmul(down.astype(dtype), h, x_transposed=True).T
     return jax.lax.optimization_barrier(jnp.einsum("DF,FB->DB", down.astype(dtype), h)).T
 
 
-def _self_attention_block(layer, x, w, *, index, rope, k_cache, v_cache, key_mask):
+def _self_attention_block(layer, x, w, *, index, rope, k_cache, v_cache, key_mask, kernel=False):
     """`text.DecoderLayer` for one token per row: x [B, D]; w = (qkv, o, gate_up, down) as [out, in].
-    Returns (x, k_cache, v_cache)."""
+    Returns (x, k_cache, v_cache). `kernel`: attention and projections by the native CPU kernels."""
     attn, dtype = layer.self_attn, layer.self_attn.dtype
     n, kv, hd = attn.q_proj.shape[1], attn.k_proj.shape[1], attn.q_proj.shape[2]
     b = x.shape[0]
     h = _norm(layer.input_layernorm, x)
     if len(w[0]) == 1:
-        qkv = _project(w[0][0], h, dtype).reshape(n + 2 * kv, hd, b)
+        qkv = _project(w[0][0], h, dtype, kernel=kernel).reshape(n + 2 * kv, hd, b)
         q, k, v = qkv[:n], qkv[n : n + kv], qkv[n + kv :]  # [N or K, H, B]: RoPE in the matmul's layout
     else:
-        q, k, v = (_project(wi, h, dtype).reshape(-1, hd, b) for wi in w[0])
+        q, k, v = (_project(wi, h, dtype, kernel=kernel).reshape(-1, hd, b) for wi in w[0])
     q, k = _rope(q, *rope), _rope(k, *rope)
     q, k, v = (jnp.transpose(t, (2, 0, 1)) for t in (q, k, v))  # [B, N or K, H]
     start = (0, 0, index, 0)
     k_cache = constrain(jax.lax.dynamic_update_slice(k_cache, k[:, :, None].astype(k_cache.dtype), start), CACHE_NAMES)
     v_cache = constrain(jax.lax.dynamic_update_slice(v_cache, v[:, :, None].astype(v_cache.dtype), start), CACHE_NAMES)
-    out = _attend(q, k_cache.astype(dtype), v_cache.astype(dtype), key_mask, attn.scale)  # [B, N, H]
-    x = constrain(x + _matmul(w[1], out.reshape(b, n * hd), dtype), ACT)
-    x = constrain(x + _mlp(w[2], w[3], _norm(layer.post_attention_layernorm, x), dtype), ACT)
+    # [B, N, H]; slots after `index` are empty (masked): the kernel does not read them
+    out = _attend(
+        q, k_cache.astype(dtype), v_cache.astype(dtype), key_mask, attn.scale, filled=index + 1, kernel=kernel
+    )
+    x = constrain(x + _matmul(w[1], out.reshape(b, n * hd), dtype, kernel=kernel), ACT)
+    x = constrain(x + _mlp(w[2], w[3], _norm(layer.post_attention_layernorm, x), dtype, kernel=kernel), ACT)
     return x, k_cache, v_cache
 
 
-def _cross_attention_block(layer, x, *, k, v, mask, row):
+def _cross_attention_block(layer, x, *, k, v, mask, row, kernel=False):
     """`text.CrossAttentionLayer` for one token per row, x [B, D] (weights as stored: cross-attention
     layers are few and only run with images)."""
     xattn, dtype = layer.cross_attn, layer.dtype
     row = row[:, None].astype(dtype)  # [B, 1]
     q = xattn.q_norm(jnp.einsum("BD,DNH->BNH", layer.input_layernorm(x), xattn.q_proj.astype(dtype)))
-    out = _attend(q, k.astype(dtype), v.astype(dtype), mask, xattn.scale)
+    out = _attend(q, k.astype(dtype), v.astype(dtype), mask, xattn.scale, kernel=kernel)
     h = jnp.einsum("BNH,NHD->BD", out, xattn.o_proj.astype(dtype))
     if layer.zero_imageless_rows:
         h = h * row
@@ -236,9 +264,11 @@ def step(
     *,
     index: jax.Array,
     rope: tuple[jax.Array, jax.Array],
+    kernel: bool = False,
 ) -> tuple[jax.Array, DecodeCache]:
     """Feeds `tokens` [B] at cache slot `index`, rotated by `rope` = `rope_tables` of their positions.
-    Returns fp32 logits [B, V] and the updated cache."""
+    Returns fp32 logits [B, V] and the updated cache. `kernel`: attention and projections by the
+    native CPU kernels (fp32, one device; see `use_kernel`)."""
     tm = text_model(model)
     key_mask = cache.key_mask.at[:, index].set(True)
     x = constrain(jnp.take(tm.embed_tokens[...], tokens, axis=0).astype(tm.dtype), ACT)  # [B, D]
@@ -248,7 +278,7 @@ def step(
         if i in tm.cross_attention_layers:
             if cache.cross_k is not None:
                 kv = dict(k=cache.cross_k[n_cross], v=cache.cross_v[n_cross])
-                x = _cross_attention_block(layer, x, **kv, mask=cache.cross_mask, row=cache.cross_row)
+                x = _cross_attention_block(layer, x, **kv, mask=cache.cross_mask, row=cache.cross_row, kernel=kernel)
             n_cross += 1
             continue
         j = n_self
@@ -261,12 +291,12 @@ def step(
             k_cache=cache.k[j],
             v_cache=cache.v[j],
             key_mask=key_mask,
+            kernel=kernel,
         )
         new_k.append(k)
         new_v.append(v)
         n_self += 1
-    logits = _matmul(
-        weights.head, _norm(tm.norm, x), x.dtype, out_dtype=jnp.float32
-    )  # [B, V] fp32, as `text.lm_logits`
+    # [B, V] fp32, as `text.lm_logits`
+    logits = _matmul(weights.head, _norm(tm.norm, x), x.dtype, out_dtype=jnp.float32, kernel=kernel)
     logits = constrain(logits, ("batch", "act_vocab"))
     return logits, dataclasses.replace(cache, k=tuple(new_k), v=tuple(new_v), key_mask=key_mask)

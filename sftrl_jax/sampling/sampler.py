@@ -42,6 +42,7 @@ class SamplerConfig:
     method: methods.Method
     pad_id: int
     stack_weights: bool = True  # fuse q|k|v and gate|up matmuls (off when a tensor axis shards them)
+    cpu_kernel: bool = False  # decode attention by the native CPU kernel (`decode.use_kernel`)
 
 
 @jax.tree_util.register_dataclass
@@ -159,7 +160,7 @@ def _decode(params, weights: decode.DecodeWeights | None, state: State, *, graph
 
     def body(s: State) -> State:
         rope = (cos[s.step], sin[s.step])  # the positions of the token fed at this step
-        logits, cache = decode.step(model, weights, s.cache, s.last, index=s.index, rope=rope)
+        logits, cache = decode.step(model, weights, s.cache, s.last, index=s.index, rope=rope, kernel=cfg.cpu_kernel)
         s = dataclasses.replace(s, cache=cache, index=s.index + 1, positions=s.positions + 1)
         return _record(s, methods.choose(logits, _keys(s), cfg.method), cfg)
 
@@ -316,6 +317,7 @@ def generate(
         method=methods.Method(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)),
         pad_id=int(pad_id),
         stack_weights=mesh is None or mesh.shape.get(rules.TENSOR, 1) == 1,
+        cpu_kernel=decode.use_kernel(model, devices=1 if mesh is None else mesh.size),
     )
     key = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():

@@ -1,0 +1,169 @@
+"""Native XLA:CPU kernels: C++ XLA FFI handlers, compiled on this machine at first use.
+
+    from sftrl_jax import kernels
+    if kernels.available():
+        out = kernels.decode_attention(q, k, v, mask, n, scale=0.125)  # inside or outside jit
+        y = kernels.skinny_matmul(w, x)  # w [O, I], x [B, I] -> [O, B]
+
+Why: the sampler's decode step (a few rows against every weight) is where RL spends its time.
+Its attention is tiny batched products that XLA:CPU runs as dozens of small kernel calls per
+layer, and its static shapes read the whole KV cache every step; a hand-written loop reads only
+the filled slots and runs a layer's attention in one call. Its projections are [O, I] x [I, B]
+products with B ~ 16, where a register-blocked kernel that streams each weight once beats XLA's
+general matmul (docs/BENCHMARKS.md has the measurements). The kernels are an optimisation only:
+without a C++ compiler, or with `SFTRL_CPU_KERNELS=0`, `available()` is False and callers use
+their pure-JAX path, which computes the same values up to fp32 rounding.
+
+Build: the source ships with the package (`decode_kernels.cc`); the first `available()` call of
+a process compiles it with `$CXX` (default `c++`) against the XLA FFI headers jaxlib ships, with
+`-O3 -march=native`, into `$SFTRL_KERNEL_CACHE` (default `~/.cache/sftrl_jax/kernels`), keyed by
+the source, flags, compiler, jaxlib version and CPU, so later processes load it in milliseconds.
+A failed build logs one warning with the compiler's message and falls back.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("decode_kernels.cc")
+TARGETS = {  # FFI target name -> the handler's symbol in the library
+    "sftrl_decode_attention_f32": "SftrlDecodeAttentionF32",
+    "sftrl_skinny_matmul_f32": "SftrlSkinnyMatmulF32",
+}
+FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+COMPILE_TIMEOUT_S = 300
+
+_lock = threading.Lock()
+_state: dict = {}  # "ok": bool once decided; "error": why not; "path": the shared library
+_registered: dict = {}  # the library whose handlers this process registered with XLA
+
+
+def enabled() -> bool:
+    """False when `SFTRL_CPU_KERNELS` is 0/false/off/no."""
+    return os.environ.get("SFTRL_CPU_KERNELS", "1").strip().lower() not in ("0", "false", "off", "no")
+
+
+def cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "sftrl_jax" / "kernels"
+    return Path(os.environ.get("SFTRL_KERNEL_CACHE", default))
+
+
+def _cpu_id() -> str:
+    """The CPU's model and feature flags (a library built with -march=native runs only on its like)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return platform.processor() or platform.machine()
+    keep = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+    return "\n".join(keep) or platform.machine()
+
+
+def _compiler() -> tuple[str, str]:
+    cxx = os.environ.get("CXX", "c++")
+    path = shutil.which(cxx)
+    if path is None:
+        raise RuntimeError(f"no C++ compiler: {cxx!r} is not on PATH (set CXX)")
+    version = subprocess.run([path, "--version"], capture_output=True, text=True, timeout=60).stdout
+    return path, version.splitlines()[0] if version else ""
+
+
+def _build() -> Path:
+    cxx, version = _compiler()
+    include = jax.ffi.include_dir()
+    digest = hashlib.sha256()
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), jax.__version__.encode()):
+        digest.update(part)
+    digest.update(_cpu_id().encode())
+    out = cache_dir() / f"decode_kernels-{digest.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    # Build to a temporary name, then rename: concurrent processes never load a half-written file.
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+        run = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
+        if run.returncode != 0:
+            raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return out
+
+
+def available() -> bool:
+    """Whether the CPU kernels are built and registered in this process (builds them on first call)."""
+    if not enabled():
+        return False
+    with _lock:
+        if "ok" not in _state:
+            try:
+                path = _build()
+                if not _registered:  # XLA takes one registration per target and process
+                    lib = ctypes.cdll.LoadLibrary(str(path))
+                    for target, symbol in TARGETS.items():
+                        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+                    _registered.update(path=path, lib=lib)
+                _state.update(ok=True, path=path)
+            except Exception as e:  # any failure means "use the JAX path", said once
+                _state.update(ok=False, error=f"{type(e).__name__}: {e}")
+                log.warning("sftrl_jax CPU kernels unavailable, using the JAX path: %s", _state["error"])
+        return _state["ok"]
+
+
+def error() -> str | None:
+    """Why `available()` is False (None when it is True or was not asked yet)."""
+    return _state.get("error")
+
+
+def decode_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, n: jax.Array, *, scale: float, threads: int = 0
+) -> jax.Array:
+    """Attention of one query per row: q [B, N, H], k/v [B, K, S, H], mask [B, S] bool, n [] int32
+    (slots >= n are not read and must be masked) -> [B, N, H], all fp32, on CPU.
+
+    The values of `sftrl_jax.sampling.decode._attend` (fp32 rounding aside). `threads` caps the
+    threads used (0: all of XLA's intra-op pool). Call `available()` first."""
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype != np.float32:
+            raise TypeError(f"decode_attention: {name} must be float32, got {x.dtype}")
+    b, heads, h = q.shape
+    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h or heads % k.shape[1]:
+        raise ValueError(f"decode_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit [B,N,H], [B,K,S,H]")
+    if mask.shape != (b, k.shape[2]):
+        raise ValueError(f"decode_attention: mask {mask.shape} is not [B, S] = {(b, k.shape[2])}")
+    call = jax.ffi.ffi_call("sftrl_decode_attention_f32", jax.ShapeDtypeStruct(q.shape, q.dtype))
+    n = jnp.asarray(n, jnp.int32).reshape(())
+    return call(q, k, v, mask.astype(bool), n, scale=np.float32(scale), threads=np.int64(threads or 1 << 20))
+
+
+def skinny_matmul(w: jax.Array, x: jax.Array, *, x_transposed: bool = False, threads: int = 0) -> jax.Array:
+    """w [O, I] times x [B, I] (or x [I, B] with `x_transposed`) -> [O, B], fp32, on CPU: the
+    product `einsum("OI,BI->OB", w, x)` for a handful of rows B (each weight is read once).
+    `threads` caps the threads used (0: all of XLA's intra-op pool). Call `available()` first."""
+    for name, a in (("w", w), ("x", x)):
+        if a.dtype != np.float32 or a.ndim != 2:
+            raise TypeError(f"skinny_matmul: {name} must be a 2-D float32 array, got {a.dtype} {a.shape}")
+    inner, b = (x.shape[0], x.shape[1]) if x_transposed else (x.shape[1], x.shape[0])
+    if inner != w.shape[1]:
+        layout = "[I, B]" if x_transposed else "[B, I]"
+        raise ValueError(f"skinny_matmul: w {w.shape} is [O, I] but x {x.shape} is not {layout} with I = {w.shape[1]}")
+    call = jax.ffi.ffi_call("sftrl_skinny_matmul_f32", jax.ShapeDtypeStruct((w.shape[0], b), jnp.float32))
+    return call(w, x, x_transposed=np.int64(bool(x_transposed)), threads=np.int64(threads or 1 << 20))
