@@ -41,6 +41,10 @@ class GRPOConfig:
     samples_per_step: int = 64  # turns per optimiser step
     micro_batch: int = 8
     temperature: float = 1.0
+    # Where the ratio's old token log-probs come from: "trainer" = one forward of the training
+    # function over the rollout before the first step (the ratio starts at 1 up to the padding of
+    # two batches); "sampler" = the sampler's log-probs (equal to fp32 rounding, no extra forward).
+    old_logp: str = "trainer"
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -55,6 +59,8 @@ class GRPOConfig:
             raise ConfigError(f"grpo.return_mode must be 'sum' or 'success', got {self.return_mode!r}")
         if self.samples_per_step % self.micro_batch:
             raise ConfigError("grpo.samples_per_step must be a multiple of grpo.micro_batch")
+        if self.old_logp not in ("trainer", "sampler"):
+            raise ConfigError(f"grpo.old_logp must be 'trainer' or 'sampler', got {self.old_logp!r}")
 
 
 def episode_advantages(episodes: Sequence[Sequence[Turn]], groups: Sequence[int], cfg: GRPOConfig) -> np.ndarray:
@@ -77,16 +83,29 @@ def episode_advantages(episodes: Sequence[Sequence[Turn]], groups: Sequence[int]
     return adv
 
 
+def _token_logp(model, mb, temperature: float) -> jax.Array:
+    inputs = {k: mb[k] for k in IMAGE_KEYS if k in mb}
+    out = model(mb["input_ids"], attention_mask=mb["attention_mask"], **inputs)
+    return token_logprobs(out.logits.astype(jnp.float32) / temperature, mb["targets"])
+
+
+def make_logp_fn(graphdef, rest, temperature: float):
+    """(params, batch) -> token log-probs [B, L] of the targets (logits / temperature), no gradients:
+    the loss's own forward, for the old log-probs of `GRPOConfig.old_logp` = "trainer"."""
+
+    def logp_fn(params, batch):
+        return _token_logp(nnx.merge(graphdef, params, rest), batch, temperature)
+
+    return logp_fn
+
+
 def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: GRPOConfig, *, lr_fn):
     """Pure GRPO optimiser step; batch = `ppo.build_batch` arrays + `advantages` [B]
     (+ `ref_token_logp` [B, L] when kl_coef > 0)."""
     n_micro = cfg.samples_per_step // cfg.micro_batch
 
     def loss_fn(params, mb):
-        model = nnx.merge(graphdef, params, rest)
-        inputs = {k: mb[k] for k in IMAGE_KEYS if k in mb}
-        out = model(mb["input_ids"], attention_mask=mb["attention_mask"], **inputs)
-        logp = token_logprobs(out.logits.astype(jnp.float32) / cfg.temperature, mb["targets"])
+        logp = _token_logp(nnx.merge(graphdef, params, rest), mb, cfg.temperature)
         loss, aux = losses.grpo_loss(
             logp,
             mb["old_token_logp"],

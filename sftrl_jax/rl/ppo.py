@@ -47,6 +47,12 @@ class PPOConfig:
     action_keys: tuple[str, ...] = ('"formula"', '"action"')
     normalize_advantages: bool = True
     temperature: float = 0.2  # the sampling temperature: log-probs use logits / temperature
+    # Where the ratio's old turn log-probs come from: "trainer" = the training forward over the
+    # rollout's turns (the pass that computes the values), as the reference does (RL4VLM's
+    # llava_evaluate after llava_generate), so the first step's ratio is 1 up to the padding of
+    # two batches; "sampler" = the log-probs the sampler returned (they differ from the training
+    # forward by fp32 rounding: the `logprob_gap_first_step` metric).
+    old_logp: str = "trainer"
 
     def __post_init__(self):
         if self.samples_per_step % self.micro_batch:
@@ -57,6 +63,8 @@ class PPOConfig:
             raise ConfigError(f"ppo.gamma must be in (0, 1] and ppo.lam in [0, 1], got {self.gamma}, {self.lam}")
         if self.temperature <= 0:
             raise ConfigError(f"ppo.temperature must be positive, got {self.temperature}")
+        if self.old_logp not in ("trainer", "sampler"):
+            raise ConfigError(f"ppo.old_logp must be 'trainer' or 'sampler', got {self.old_logp!r}")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -202,7 +210,9 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
         vl, v_aux = losses.value_loss(values, mb["old_values"], mb["returns"], clip=cfg.value_clip)
         loss = pg + cfg.value_coef * vl
         gap = jnp.abs((logp_tok - mb["old_token_logp"]) * mb["resp_mask"]).max()
-        return loss, {"loss": loss, "policy_loss": pg, "value_loss": vl, **pg_aux, **v_aux, "logprob_gap_max": gap}
+        ratio_dev = jnp.abs(jnp.exp(logp - mb["old_logp"]) - 1.0).max()
+        aux = {"loss": loss, "policy_loss": pg, "value_loss": vl, **pg_aux, **v_aux}
+        return loss, {**aux, "logprob_gap_max": gap, "ratio_dev_max": ratio_dev}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 

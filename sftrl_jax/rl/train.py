@@ -243,6 +243,8 @@ class Trainer:
         )
         if cfg.algo == "ppo":
             self.value_fn = jax.jit(ppo_lib.make_value_fn(self.graphdef, self.rest, algo.temperature))
+        else:
+            self.logp_fn = jax.jit(grpo_lib.make_logp_fn(self.graphdef, self.rest, algo.temperature))
         self.envs = [envs.make(cfg.env.task, split=cfg.env.split, **cfg.env.options) for _ in range(cfg.env.num_envs)]
         self.runner = None
 
@@ -340,6 +342,7 @@ class Trainer:
         adv, ret = ppo_lib.advantages_for(rewards, values.reshape(T, E), dones, last, pcfg)
         adv, ret = adv.reshape(-1), ret.reshape(-1)
         sampler_logp = np.array([self._sampler_turn_logp(t) for t in flat], np.float32)
+        old_logp = trainer_logp.astype(np.float32) if pcfg.old_logp == "trainer" else sampler_logp
         rng = np.random.default_rng([cfg.train.seed, self.update_idx])
         metrics: list[dict] = []
         t1 = time.perf_counter()
@@ -349,7 +352,7 @@ class Trainer:
                 idx = order[s : s + pcfg.samples_per_step]
                 batch = self._build([flat[i] for i in idx])
                 batch.update(
-                    old_logp=sampler_logp[idx],
+                    old_logp=old_logp[idx],
                     old_values=values[idx].astype(np.float32),
                     advantages=adv[idx].astype(np.float32),
                     returns=ret[idx].astype(np.float32),
@@ -363,8 +366,10 @@ class Trainer:
                 )
         t_train = time.perf_counter() - t1
         out = _mean_metrics(metrics)
-        # Before the first optimiser step the trainer must reproduce the sampler's log-probs.
+        # Before the first optimiser step the trainer must reproduce the sampler's log-probs
+        # (token level), and the ratio must be 1 (turn level, against `ppo.old_logp`).
         out["logprob_gap_first_step"] = metrics[0]["logprob_gap_max"]
+        out["ratio_dev_first_step"] = metrics[0]["ratio_dev_max"]
         out["value_explained_variance"] = float(_explained_variance(values, ret))
         out["trainer_sampler_turn_logp_gap"] = float(np.max(np.abs(trainer_logp - sampler_logp)))
         out.update(self._rollout_stats(flat, t_roll, t_train))
@@ -393,6 +398,18 @@ class Trainer:
         episodes = [table[e] for e in sorted(table)]
         adv = grpo_lib.episode_advantages(episodes, [e // G for e in sorted(table)], gcfg)
         samples = [(t, a) for ep, a in zip(episodes, adv) for t in ep]
+        # The trainer's token log-probs of every turn under the rollout's parameters: the
+        # trainer-sampler gap, and the ratio's old log-probs when grpo.old_logp is "trainer".
+        trainer_logp = self.token_logps_of([t for t, _ in samples])
+        sampler_gap = max(
+            (
+                float(np.abs(lp - np.asarray(t.logprobs[: len(lp)], np.float32)).max())
+                for (t, _), lp in zip(samples, trainer_logp)
+                if len(lp)
+            ),
+            default=0.0,
+        )
+        old_of = {id(t): lp for (t, _), lp in zip(samples, trainer_logp)} if gcfg.old_logp == "trainer" else None
         S = gcfg.samples_per_step
         rng = np.random.default_rng([cfg.train.seed, self.update_idx])
         metrics = []
@@ -410,6 +427,10 @@ class Trainer:
                     adv_step.append(0.0)
                 batch = self._build([t for t, _ in chosen])
                 batch["advantages"] = np.array(adv_step, np.float32)
+                if old_of is not None:
+                    for b, (t, _) in enumerate(chosen):
+                        c = len(t.context_ids)
+                        batch["old_token_logp"][b, c - 1 : c - 1 + len(t.response_ids)] = old_of[id(t)]
                 self.state, m = self.update_fn(self.state, self._device_batch(batch))
                 m = {k: float(v) for k, v in m.items()}
                 m["epoch"] = epoch
@@ -417,8 +438,23 @@ class Trainer:
                 self.compute.add_train(int(batch["attention_mask"].sum()))
         t_train = time.perf_counter() - t1
         out = _mean_metrics(metrics)
-        out["logprob_gap_first_step"] = metrics[0]["logprob_gap_max"]
+        # trainer vs sampler, token level, before any step; and the first step's |log ratio| (token level)
+        out["logprob_gap_first_step"] = sampler_gap
+        out["log_ratio_dev_first_step"] = metrics[0]["logprob_gap_max"]
         out.update(self._rollout_stats(turns, t_roll, t_train))
+        return out
+
+    def token_logps_of(self, turns) -> list[np.ndarray]:
+        """The training forward's token log-probs of each turn's response (GRPO), in micro-batches."""
+        mb = self.cfg.grpo.micro_batch
+        out = []
+        for i in range(0, len(turns), mb):
+            chunk = turns[i : i + mb]
+            batch = self._build(chunk + [chunk[-1]] * (mb - len(chunk)))
+            logp = np.asarray(self.logp_fn(self.state.params, self._device_batch(batch)))
+            for b, t in enumerate(chunk):
+                c = len(t.context_ids)
+                out.append(logp[b, c - 1 : c - 1 + len(t.response_ids)].astype(np.float32))
         return out
 
     def _group_reset(self, seed: int):

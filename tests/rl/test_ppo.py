@@ -85,3 +85,15 @@ def test_update_moves_logprobs_with_the_advantage(tok):
     diff = np.asarray(new_logp) - np.asarray(old_logp)
     assert np.all(diff[adv > 0] > 0) and np.all(diff[adv < 0] < 0), diff
     assert np.all(np.abs(np.asarray(new_values) - 2.0) < np.abs(np.asarray(values) - 2.0))
+
+
+def test_config_refuses_an_unknown_old_logp_source():
+    from sftrl_jax.config import ConfigError
+
+    assert ppo.PPOConfig().old_logp == "trainer"
+    with pytest.raises(ConfigError, match="ppo.old_logp must be 'trainer' or 'sampler', got 'policy'"):
+        ppo.PPOConfig(old_logp="policy")
+    from sftrl_jax.rl import grpo
+
+    with pytest.raises(ConfigError, match="grpo.old_logp must be 'trainer' or 'sampler', got 'x'"):
+        grpo.GRPOConfig(old_logp="x")

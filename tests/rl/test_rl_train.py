@@ -100,6 +100,8 @@ def test_ppo_sigkill_resume_gives_identical_metrics(tmp_path, xla_cache):
     m = full[0]
     assert m["train/turns"] == 8 and m["train/logprob_gap_first_step"] < 1e-5
     assert m["train/trainer_sampler_turn_logp_gap"] < 1e-4, m["train/trainer_sampler_turn_logp_gap"]
+    # the old log-probs come from the training forward (ppo.old_logp: trainer): the ratio is 1
+    assert m["train/ratio_dev_first_step"] < 1e-6, m["train/ratio_dev_first_step"]
     assert m["train/gflops"] > 0 and m["train/finite"] == 1.0
     assert sum(v for k, v in m.items() if k.startswith("train/outcome/")) == 8  # every turn scored
 
@@ -130,6 +132,8 @@ def test_grpo_update(tmp_path):
     Trainer(cfg).run(stop_after=1)
     m = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))[-1]
     assert m["train/episodes_finished"] == 4 and m["train/logprob_gap_first_step"] < 1e-5
+    # old log-probs from the training forward (grpo.old_logp: trainer): the first step's ratio is 1
+    assert m["train/log_ratio_dev_first_step"] < 1e-6, m["train/log_ratio_dev_first_step"]
 
 
 def test_vl_task_needs_a_vision_model(tmp_path):
