@@ -41,10 +41,11 @@ class GRPOConfig:
     samples_per_step: int = 64  # turns per optimiser step
     micro_batch: int = 8
     temperature: float = 1.0
-    # Where the ratio's old token log-probs come from: "trainer" = one forward of the training
-    # function over the rollout before the first step (the ratio starts at 1 up to the padding of
-    # two batches); "sampler" = the sampler's log-probs (equal to fp32 rounding, no extra forward).
-    old_logp: str = "trainer"
+    # Where the ratio's old token log-probs come from: "sampler" = the sampler's log-probs (no extra
+    # forward); "trainer" = one forward of the training function over the rollout before the first
+    # step. Both equal the first step's log-probs to fp32 rounding: the training forward of the same
+    # turns in two batch layouts differs by as much as the sampler does (docs/RESULTS.md).
+    old_logp: str = "sampler"
 
     def __post_init__(self):
         if self.group_size < 2:

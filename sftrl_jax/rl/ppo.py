@@ -48,10 +48,10 @@ class PPOConfig:
     normalize_advantages: bool = True
     temperature: float = 0.2  # the sampling temperature: log-probs use logits / temperature
     # Where the ratio's old turn log-probs come from: "trainer" = the training forward over the
-    # rollout's turns (the pass that computes the values), as the reference does (RL4VLM's
-    # llava_evaluate after llava_generate), so the first step's ratio is 1 up to the padding of
-    # two batches; "sampler" = the log-probs the sampler returned (they differ from the training
-    # forward by fp32 rounding: the `logprob_gap_first_step` metric).
+    # rollout's turns (the pass that computes the values, so it costs nothing), as the reference
+    # does (RL4VLM's llava_evaluate after llava_generate); "sampler" = the sampler's log-probs.
+    # Both equal the first step's log-probs to fp32 rounding only: the training forward of the same
+    # turns in two batch layouts differs by as much as the sampler does (docs/RESULTS.md).
     old_logp: str = "trainer"
 
     def __post_init__(self):

@@ -398,18 +398,20 @@ class Trainer:
         episodes = [table[e] for e in sorted(table)]
         adv = grpo_lib.episode_advantages(episodes, [e // G for e in sorted(table)], gcfg)
         samples = [(t, a) for ep, a in zip(episodes, adv) for t in ep]
-        # The trainer's token log-probs of every turn under the rollout's parameters: the
-        # trainer-sampler gap, and the ratio's old log-probs when grpo.old_logp is "trainer".
-        trainer_logp = self.token_logps_of([t for t, _ in samples])
-        sampler_gap = max(
-            (
-                float(np.abs(lp - np.asarray(t.logprobs[: len(lp)], np.float32)).max())
-                for (t, _), lp in zip(samples, trainer_logp)
-                if len(lp)
-            ),
-            default=0.0,
-        )
-        old_of = {id(t): lp for (t, _), lp in zip(samples, trainer_logp)} if gcfg.old_logp == "trainer" else None
+        # grpo.old_logp "trainer": the training forward's token log-probs of every turn under the
+        # rollout's parameters become the ratio's old log-probs (and give the trainer-sampler gap).
+        old_of, sampler_gap = None, None
+        if gcfg.old_logp == "trainer":
+            trainer_logp = self.token_logps_of([t for t, _ in samples])
+            old_of = {id(t): lp for (t, _), lp in zip(samples, trainer_logp)}
+            sampler_gap = max(
+                (
+                    float(np.abs(lp - np.asarray(t.logprobs[: len(lp)], np.float32)).max())
+                    for (t, _), lp in zip(samples, trainer_logp)
+                    if len(lp)
+                ),
+                default=0.0,
+            )
         S = gcfg.samples_per_step
         rng = np.random.default_rng([cfg.train.seed, self.update_idx])
         metrics = []
@@ -438,9 +440,10 @@ class Trainer:
                 self.compute.add_train(int(batch["attention_mask"].sum()))
         t_train = time.perf_counter() - t1
         out = _mean_metrics(metrics)
-        # trainer vs sampler, token level, before any step; and the first step's |log ratio| (token level)
-        out["logprob_gap_first_step"] = sampler_gap
-        out["log_ratio_dev_first_step"] = metrics[0]["logprob_gap_max"]
+        # trainer vs sampler, token level, before any step; and the first step's max |log ratio|
+        first = metrics[0]["logprob_gap_max"]  # |first step's log-probs - old log-probs|, token level
+        out["logprob_gap_first_step"] = first if sampler_gap is None else sampler_gap
+        out["log_ratio_dev_first_step"] = first
         out.update(self._rollout_stats(turns, t_roll, t_train))
         return out
 

@@ -127,13 +127,16 @@ def test_ppo_sigkill_resume_gives_identical_metrics(tmp_path, xla_cache):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-def test_grpo_update(tmp_path):
-    cfg = make(tmp_path, "grpo", algo__="grpo")
+@pytest.mark.parametrize("old_logp", ["sampler", "trainer"])
+def test_grpo_update(tmp_path, old_logp):
+    cfg = make(tmp_path, "grpo", algo__="grpo", grpo__old_logp=old_logp)
     Trainer(cfg).run(stop_after=1)
     m = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))[-1]
     assert m["train/episodes_finished"] == 4 and m["train/logprob_gap_first_step"] < 1e-5
-    # old log-probs from the training forward (grpo.old_logp: trainer): the first step's ratio is 1
-    assert m["train/log_ratio_dev_first_step"] < 1e-6, m["train/log_ratio_dev_first_step"]
+    if old_logp == "trainer":  # old log-probs from the training forward (same batch layout here): ratio 1
+        assert m["train/log_ratio_dev_first_step"] < 1e-6, m["train/log_ratio_dev_first_step"]
+    else:  # the sampler's log-probs: the first step's |log ratio| is the trainer-sampler gap
+        assert m["train/log_ratio_dev_first_step"] == m["train/logprob_gap_first_step"] > 0
 
 
 def test_vl_task_needs_a_vision_model(tmp_path):
