@@ -47,6 +47,10 @@ TARGETS = {  # FFI target name -> the handler's symbol in the library
 }
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 COMPILE_TIMEOUT_S = 300
+# `skinny_matmul` beats XLA's matmul up to this many rows and loses beyond (docs/BENCHMARKS.md:
+# 8 decode layers + head of the sampler benchmark's model, 10.0 vs 11.0 ms at 16 rows, 17.8 vs
+# 18.7 at 32, 42.1 vs 32.4 at 64): callers use it for at most this many.
+SKINNY_MAX_ROWS = 32
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once decided; "error": why not; "path": the shared library

@@ -200,8 +200,8 @@ def _matmul(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None, kernel: bool =
 def _project(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None, kernel: bool = False) -> jax.Array:
     """w [O, I], x [B, I] -> [O, B]; the barrier keeps XLA from folding a later transpose into the
     matmul (which would turn it back into the slow [B, O] form). `kernel`: by the native CPU
-    kernel (`kernels.skinny_matmul`, fp32)."""
-    if kernel:
+    kernel (`kernels.skinny_matmul`, fp32), when B is small enough for it to win."""
+    if kernel and x.shape[0] <= kernels.SKINNY_MAX_ROWS:
         return kernels.skinny_matmul(w.astype(dtype), x)
     return jax.lax.optimization_barrier(jnp.einsum("OI,BI->OB", w.astype(dtype), x, preferred_element_type=out_dtype))
 
@@ -214,7 +214,7 @@ def _mlp(gate_up: tuple[jax.Array, ...], down: jax.Array, x: jax.Array, dtype, *
     else:
         gate, up = (_project(w, x, dtype, kernel=kernel) for w in gate_up)
     h = jax.nn.silu(gate) * up  # [F, B]
-    if kernel:
+    if kernel and h.shape[1] <= kernels.SKINNY_MAX_ROWS:
         return kernels.skinny_matmul(down.astype(dtype), h, x_transposed=True).T
     return jax.lax.optimization_barrier(jnp.einsum("DF,FB->DB", down.astype(dtype), h)).T
 

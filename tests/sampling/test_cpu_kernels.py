@@ -97,10 +97,11 @@ def test_kernels_refuse_bad_input(built):
 
 
 @needs_kernels
-@pytest.mark.parametrize("head_dim", [16, 64])
-def test_sampler_with_kernels_equals_the_jax_decode(built, monkeypatch, head_dim):
+@pytest.mark.parametrize("head_dim,rows", [(16, 3), (64, 3), (16, 40)])  # 40 rows: XLA's matmul, kernel attention
+def test_sampler_with_kernels_equals_the_jax_decode(built, monkeypatch, head_dim, rows):
     model = peaked_model(config_lib.LlamaConfig.tiny(head_dim=head_dim), seed=3)
-    prompts = [[1, 5, 9, 22, 7], [1, 7], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13]]
+    rng = np.random.default_rng(rows)
+    prompts = [[1, *rng.integers(3, 256, size=int(rng.integers(1, 12))).tolist()] for _ in range(rows)]
     assert decode.use_kernel(model, devices=1)
     kw = dict(max_new_tokens=12, temperature=0.7, top_k=8, seed=4, stop_tokens=())
     with_kernels = sampling.generate(model, prompts, **kw)
