@@ -181,6 +181,17 @@ def bench_sft_cmd(args) -> int:
     return 0
 
 
+def affinity_prefix() -> str:
+    """`taskset -c LIST ` when this process is pinned to fewer CPUs than the machine has, else ""."""
+    try:
+        cpus = sorted(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return ""
+    if len(cpus) >= (os.cpu_count() or len(cpus)):
+        return ""
+    return f"taskset -c {','.join(map(str, cpus))} "
+
+
 def bench_sampler_cmd(args) -> int:
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_sampler
@@ -207,7 +218,7 @@ def bench_rollout_cmd(args) -> int:
         print(line)
     if not args.no_record:
         command = (
-            f"taskset -c 1 .venv/bin/python tools/bench.py rollout --envs {args.envs} --turns {args.turns} "
+            f"{affinity_prefix()}.venv/bin/python tools/bench.py rollout --envs {args.envs} --turns {args.turns} "
             f"--new-tokens {args.new_tokens}"
         )
         record("rollout", command, lines)
