@@ -305,16 +305,19 @@ class Trainer:
 
     def values_of(self, turns) -> tuple[np.ndarray, np.ndarray]:
         """(values, trainer turn log-probs) of turns, in micro-batches."""
-        mb = self.cfg.ppo.micro_batch
         values, logps = [], []
-        for i in range(0, len(turns), mb):
-            chunk = turns[i : i + mb]
-            pad = mb - len(chunk)
-            batch = self._build(chunk + [chunk[-1]] * pad)
-            v, lp, _ = self.value_fn(self.state.params, self._device_batch(batch))
+        for chunk, batch in self._micro_batches(turns, self.cfg.ppo.micro_batch):
+            v, lp, _ = self.value_fn(self.state.params, batch)
             values.append(np.asarray(v)[: len(chunk)])
             logps.append(np.asarray(lp)[: len(chunk)])
         return np.concatenate(values), np.concatenate(logps)
+
+    def _micro_batches(self, turns, mb: int):
+        """(chunk, device batch) per `mb` turns; the last chunk's batch is padded with copies of its
+        last turn (one compiled shape), the chunk itself is not."""
+        for i in range(0, len(turns), mb):
+            chunk = turns[i : i + mb]
+            yield chunk, self._device_batch(self._build(chunk + [chunk[-1]] * (mb - len(chunk))))
 
     def next_values(self) -> np.ndarray:
         """V of each env's next context (bootstrap for GAE); 0 where no episode is in progress."""
@@ -449,12 +452,9 @@ class Trainer:
 
     def token_logps_of(self, turns) -> list[np.ndarray]:
         """The training forward's token log-probs of each turn's response (GRPO), in micro-batches."""
-        mb = self.cfg.grpo.micro_batch
         out = []
-        for i in range(0, len(turns), mb):
-            chunk = turns[i : i + mb]
-            batch = self._build(chunk + [chunk[-1]] * (mb - len(chunk)))
-            logp = np.asarray(self.logp_fn(self.state.params, self._device_batch(batch)))
+        for chunk, batch in self._micro_batches(turns, self.cfg.grpo.micro_batch):
+            logp = np.asarray(self.logp_fn(self.state.params, batch))
             for b, t in enumerate(chunk):
                 c = len(t.context_ids)
                 out.append(logp[b, c - 1 : c - 1 + len(t.response_ids)].astype(np.float32))

@@ -151,14 +151,15 @@ def _attend(
     return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype).reshape(b, n, h)
 
 
-def use_kernel(model, *, devices: int) -> bool:
+def use_kernel(model, *, devices: int, params=None) -> bool:
     """Whether the decode step can use the native CPU kernels (attention and projections) for
     `model`: on CPU, on one device (the kernels are not partitioned), fp32 activations, and the
-    kernels built (`sftrl_jax.kernels`)."""
+    kernels built (`sftrl_jax.kernels`). `params`: the model's split parameters, when the caller
+    has them (saves walking the model again)."""
     if devices != 1 or jnp.dtype(text_model(model).dtype) != jnp.float32:
         return False
-    params = jax.tree.leaves(nnx.state(model, nnx.Param))
-    if not params or any(d.platform != "cpu" for d in params[0].devices()):
+    leaves = jax.tree.leaves(nnx.state(model, nnx.Param) if params is None else params)
+    if not leaves or any(d.platform != "cpu" for d in leaves[0].devices()):
         return False
     return kernels.available()
 
@@ -190,10 +191,8 @@ def _rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def _matmul(w: jax.Array, x: jax.Array, dtype, *, out_dtype=None, kernel: bool = False) -> jax.Array:
-    """x [B, I] times w [O, I] -> [B, O], computed as the [O, B] product (see `DecodeWeights`).
-
-    The barrier keeps XLA from folding the transpose into the matmul, which would turn it back
-    into the slow [B, O] form."""
+    """x [B, I] times w [O, I] -> [B, O], computed as the [O, B] product (see `DecodeWeights`,
+    `_project`) and transposed."""
     return _project(w, x, dtype, out_dtype=out_dtype, kernel=kernel).T
 
 

@@ -317,7 +317,7 @@ def generate(
         method=methods.Method(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)),
         pad_id=int(pad_id),
         stack_weights=mesh is None or mesh.shape.get(rules.TENSOR, 1) == 1,
-        cpu_kernel=decode.use_kernel(model, devices=1 if mesh is None else mesh.size),
+        cpu_kernel=decode.use_kernel(model, devices=1 if mesh is None else mesh.size, params=params),
     )
     key = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
