@@ -69,6 +69,7 @@ def our_step(hf_dir: str, ids: np.ndarray):
     import jax.numpy as jnp
     from flax import nnx
 
+    from sftrl_jax import kernels
     from sftrl_jax.models import from_pretrained
     from sftrl_jax.sft.train import make_train_step
     from sftrl_jax.train import optim
@@ -81,7 +82,10 @@ def our_step(hf_dir: str, ids: np.ndarray):
     tx = optim.make_optimizer(cfg, params, total_steps=1000)
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng_data(0))
     train_step = jax.jit(
-        make_train_step(graphdef, rest, tx, grad_accum=1, lr_fn=optim.schedule(cfg, 10)), donate_argnums=0
+        make_train_step(
+            graphdef, rest, tx, grad_accum=1, lr_fn=optim.schedule(cfg, 10), cpu_gemm=kernels.gemm_available()
+        ),
+        donate_argnums=0,
     )
     # Same objective as transformers' labels=input_ids: predict token t+1 at every position t < T-1.
     B, T = ids.shape

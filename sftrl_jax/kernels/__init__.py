@@ -40,11 +40,17 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCE = Path(__file__).with_name("decode_kernels.cc")
+SOURCES = (Path(__file__).with_name("decode_kernels.cc"), Path(__file__).with_name("blas_gemm.cc"))
 TARGETS = {  # FFI target name -> the handler's symbol in the library
     "sftrl_decode_attention_f32": "SftrlDecodeAttentionF32",
     "sftrl_skinny_matmul_f32": "SftrlSkinnyMatmulF32",
+    "sftrl_gemm_f32": "SftrlGemmF32",
 }
+# The BLAS behind `gemm`: the ILP64 OpenBLAS of the `scipy-openblas64` wheel (a private copy, so
+# setting its thread count does not touch numpy's), and its symbols.
+BLAS_MODULE = "scipy_openblas64"
+BLAS_SGEMM = "scipy_cblas_sgemm64_"
+BLAS_SET_THREADS = "scipy_openblas_set_num_threads64_"
 FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
 COMPILE_TIMEOUT_S = 300
 # `skinny_matmul` beats XLA's matmul up to this many rows and loses beyond (docs/BENCHMARKS.md:
@@ -90,10 +96,11 @@ def _build() -> Path:
     cxx, version = _compiler()
     include = jax.ffi.include_dir()
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), jax.__version__.encode()):
+    for part in (*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode(), version.encode()):
         digest.update(part)
+    digest.update(jax.__version__.encode())
     digest.update(_cpu_id().encode())
-    out = cache_dir() / f"decode_kernels-{digest.hexdigest()[:16]}.so"
+    out = cache_dir() / f"cpu_kernels-{digest.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -101,7 +108,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:
-        cmd = [cxx, *FLAGS, f"-I{include}", str(SOURCE), "-o", tmp]
+        cmd = [cxx, *FLAGS, f"-I{include}", *map(str, SOURCES), "-o", tmp]
         run = subprocess.run(cmd, capture_output=True, text=True, timeout=COMPILE_TIMEOUT_S)
         if run.returncode != 0:
             raise RuntimeError(f"`{' '.join(cmd)}` failed (exit {run.returncode}):\n{run.stderr[-2000:]}")
@@ -130,6 +137,39 @@ def available() -> bool:
                 _state.update(ok=False, error=f"{type(e).__name__}: {e}")
                 log.warning("sftrl_jax CPU kernels unavailable, using the JAX path: %s", _state["error"])
         return _state["ok"]
+
+
+def _load_blas() -> None:
+    """Hands the BLAS's sgemm to the library and makes the BLAS single-threaded (the kernel splits
+    the work over XLA's threads itself)."""
+    import importlib
+
+    module = importlib.import_module(BLAS_MODULE)
+    blas = ctypes.CDLL(str(Path(module.get_lib_dir()) / f"lib{module.get_library()}.so"))
+    set_threads = getattr(blas, BLAS_SET_THREADS)
+    set_threads.argtypes = [ctypes.c_int]
+    set_threads(1)
+    setter = _registered["lib"].SftrlSetSgemm
+    setter.argtypes = [ctypes.c_void_p]
+    setter(ctypes.cast(getattr(blas, BLAS_SGEMM), ctypes.c_void_p))
+    _registered["blas"] = blas
+
+
+def gemm_available() -> bool:
+    """Whether `gemm` can run: the kernels are available and the OpenBLAS of the `scipy-openblas64`
+    wheel loads (`SFTRL_CPU_GEMM=0` turns `gemm` off alone)."""
+    if os.environ.get("SFTRL_CPU_GEMM", "1").strip().lower() in ("0", "false", "off", "no") or not available():
+        return False
+    with _lock:
+        if "gemm" not in _state:
+            try:
+                if "blas" not in _registered:
+                    _load_blas()
+                _state["gemm"] = True
+            except Exception as e:
+                _state.update(gemm=False, gemm_error=f"{type(e).__name__}: {e}")
+                log.warning("sftrl_jax BLAS matmul unavailable, using XLA's: %s", _state["gemm_error"])
+        return _state["gemm"]
 
 
 def error() -> str | None:
@@ -171,3 +211,22 @@ def skinny_matmul(w: jax.Array, x: jax.Array, *, x_transposed: bool = False, thr
         raise ValueError(f"skinny_matmul: w {w.shape} is [O, I] but x {x.shape} is not {layout} with I = {w.shape[1]}")
     call = jax.ffi.ffi_call("sftrl_skinny_matmul_f32", jax.ShapeDtypeStruct((w.shape[0], b), jnp.float32))
     return call(w, x, x_transposed=np.int64(bool(x_transposed)), threads=np.int64(threads or 1 << 20))
+
+
+def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False, threads: int = 0) -> jax.Array:
+    """op(a) @ op(b) in fp32 on CPU through OpenBLAS's sgemm: a [M, K] (or [K, M] with `trans_a`),
+    b [K, N] (or [N, K] with `trans_b`) -> [M, N]. The transposed operand is read in place (no copy).
+    The work is split over XLA's intra-op threads (`threads` caps them; 0: all), one
+    single-threaded BLAS call per part. Inside `jit` on one CPU device (XLA does not partition the
+    call: on a mesh of several devices it would gather the operands). Call `gemm_available()` first."""
+    for name, x in (("a", a), ("b", b)):
+        if x.dtype != np.float32 or x.ndim != 2:
+            raise TypeError(f"gemm: {name} must be a 2-D float32 array, got {x.dtype} {x.shape}")
+    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
+    kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+    if k != kb:
+        raise ValueError(f"gemm: op(a) is {(m, k)} and op(b) is {(kb, n)}: inner sizes differ")
+    call = jax.ffi.ffi_call("sftrl_gemm_f32", jax.ShapeDtypeStruct((m, n), jnp.float32))
+    return call(
+        a, b, trans_a=np.int64(bool(trans_a)), trans_b=np.int64(bool(trans_b)), threads=np.int64(threads or 1 << 20)
+    )

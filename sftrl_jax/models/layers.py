@@ -10,8 +10,10 @@ needs a mesh; shardings are applied when the state is created or loaded (see `mo
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import functools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +68,43 @@ def param(rngs: nnx.Rngs | KeyGen, init: str, shape: Sequence[int], names: Seque
 # Dense projections
 
 
+_CPU_GEMM = contextvars.ContextVar("sftrl_cpu_gemm", default=False)
+
+
+@contextlib.contextmanager
+def cpu_gemm(enabled: bool = True) -> Iterator[None]:
+    """While tracing under this context, fp32 `dense` products (forward and backward) run as
+    `kernels.gemm` (OpenBLAS) instead of XLA's matmul; a no-op when the kernel is unavailable.
+    Only for a computation on one CPU device (XLA would gather a sharded operand for the call).
+    The trace-time switch of `sft.train.make_train_step(..., cpu_gemm=True)` and the RL steps."""
+    token = _CPU_GEMM.set(bool(enabled))
+    try:
+        yield
+    finally:
+        _CPU_GEMM.reset(token)
+
+
+def with_cpu_gemm(fn, enabled: bool):
+    """`fn` traced under `cpu_gemm(enabled)` (wrap a step function before `jax.jit`)."""
+
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        with cpu_gemm(enabled):
+            return fn(*args, **kwargs)
+
+    return wrapped
+
+
+def _use_gemm(x: jax.Array, w: jax.Array, out_dtype) -> bool:
+    if not _CPU_GEMM.get() or x.dtype != jnp.float32 or w.dtype != jnp.float32:
+        return False
+    if out_dtype is not None and jnp.dtype(out_dtype) != jnp.float32:
+        return False
+    from sftrl_jax import kernels
+
+    return kernels.gemm_available()
+
+
 def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, out_dtype=None) -> jax.Array:
     """Contract the last `n_in` axes of x with the first `n_in` axes of w: [..., *in] x [*in, *out] -> [..., *out].
 
@@ -76,25 +115,34 @@ def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, out_dtype=None) -> jax.A
     smaller operand, x [M, K] -> [K, M], behind an optimization barrier (so the simplifier does not
     fold it back into the dot), and computes dW = x^T @ g as a plain row-major matmul. On GPU/TPU the
     cost is one transpose of the activations per projection. `out_dtype`: the matmul's result type
-    (e.g. fp32 logits from bf16 inputs).
+    (e.g. fp32 logits from bf16 inputs). Under `cpu_gemm()` the fp32 products (forward, dx = g w^T
+    and dW = x^T g, the last two without any transpose copy) run as OpenBLAS calls instead.
     """
     lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
     k = int(np.prod(w.shape[:n_in]))
-    y = _matmul(x.reshape(-1, k), w.reshape(k, -1), out_dtype)
+    y = _matmul(x.reshape(-1, k), w.reshape(k, -1), out_dtype, _use_gemm(x, w, out_dtype))
     return y.reshape(*lead, *out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
-def _matmul(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _matmul(x: jax.Array, w: jax.Array, out_dtype, blas: bool) -> jax.Array:
+    if blas:
+        from sftrl_jax import kernels
+
+        return kernels.gemm(x, w)
     return jnp.matmul(x, w, preferred_element_type=out_dtype)
 
 
-def _matmul_fwd(x, w, out_dtype):
-    return _matmul(x, w, out_dtype), (x, w)
+def _matmul_fwd(x, w, out_dtype, blas):
+    return _matmul(x, w, out_dtype, blas), (x, w)
 
 
-def _matmul_bwd(out_dtype, res, g):
+def _matmul_bwd(out_dtype, blas, res, g):
     x, w = res
+    if blas:
+        from sftrl_jax import kernels
+
+        return kernels.gemm(g, w, trans_b=True), kernels.gemm(x, g, trans_a=True)
     dx = jnp.matmul(g.astype(x.dtype), w.T, preferred_element_type=x.dtype)
     x_t = jax.lax.optimization_barrier(x.T)
     dw = jnp.matmul(x_t, g.astype(w.dtype), preferred_element_type=w.dtype)

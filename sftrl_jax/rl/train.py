@@ -41,13 +41,14 @@ from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation import evaluate as eval_lib
 from sftrl_jax.evaluation import report as report_lib
 from sftrl_jax.evaluation.compute import LAMBDA, ComputeCounter
+from sftrl_jax.models.layers import with_cpu_gemm
 from sftrl_jax.parallel import distributed
 from sftrl_jax.parallel import mesh as mesh_lib
 from sftrl_jax.rl import grpo as grpo_lib
 from sftrl_jax.rl import ppo as ppo_lib
 from sftrl_jax.rl import rollout
 from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
-from sftrl_jax.sft.train import global_batch, on_mesh, param_count
+from sftrl_jax.sft.train import global_batch, on_mesh, param_count, use_cpu_gemm
 from sftrl_jax.train import checkpoint as ckpt_lib
 from sftrl_jax.train import metrics as metrics_lib
 from sftrl_jax.train import optim as optim_lib
@@ -236,15 +237,20 @@ class Trainer:
         algo = cfg.algo_cfg
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         make = ppo_lib.make_update_step if cfg.algo == "ppo" else grpo_lib.make_update_step
+        gemm = use_cpu_gemm(self.mesh)  # fp32 projections of the training passes on OpenBLAS (one CPU device)
         self.update_fn = jax.jit(
-            make(self.graphdef, self.rest, self.tx, algo, lr_fn=self.lr_fn),
+            with_cpu_gemm(make(self.graphdef, self.rest, self.tx, algo, lr_fn=self.lr_fn), gemm),
             donate_argnums=0,
             out_shardings=(state_shardings, None),
         )
         if cfg.algo == "ppo":
-            self.value_fn = jax.jit(ppo_lib.make_value_fn(self.graphdef, self.rest, algo.temperature))
+            self.value_fn = jax.jit(
+                with_cpu_gemm(ppo_lib.make_value_fn(self.graphdef, self.rest, algo.temperature), gemm)
+            )
         else:
-            self.logp_fn = jax.jit(grpo_lib.make_logp_fn(self.graphdef, self.rest, algo.temperature))
+            self.logp_fn = jax.jit(
+                with_cpu_gemm(grpo_lib.make_logp_fn(self.graphdef, self.rest, algo.temperature), gemm)
+            )
         self.envs = [envs.make(cfg.env.task, split=cfg.env.split, **cfg.env.options) for _ in range(cfg.env.num_envs)]
         self.runner = None
 

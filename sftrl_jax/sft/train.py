@@ -29,6 +29,7 @@ from sftrl_jax.data import processor
 from sftrl_jax.data.sft import SFTData, SFTDataConfig
 from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation.compute import ComputeCounter
+from sftrl_jax.models import layers
 from sftrl_jax.parallel import distributed, rules
 from sftrl_jax.parallel import mesh as mesh_lib
 from sftrl_jax.sft.losses import sft_loss
@@ -93,8 +94,21 @@ def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
-def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_accum: int, lr_fn):
-    """The pure SFT step over (TrainState, batch); `rest` = the model's non-trainable variables."""
+def use_cpu_gemm(mesh: jax.sharding.Mesh) -> bool:
+    """Whether steps on `mesh` run their fp32 projections on OpenBLAS (`layers.cpu_gemm`): on a
+    one-device CPU mesh when the kernel builds (`SFTRL_CPU_GEMM=0` or `SFTRL_CPU_KERNELS=0` turn
+    it off). A custom call is not partitioned by XLA, so meshes of several devices keep XLA's dot."""
+    from sftrl_jax import kernels
+
+    return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu" and kernels.gemm_available()
+
+
+def make_train_step(
+    graphdef, rest, tx: optax.GradientTransformation, *, grad_accum: int, lr_fn, cpu_gemm: bool = False
+):
+    """The pure SFT step over (TrainState, batch); `rest` = the model's non-trainable variables.
+    `cpu_gemm`: the fp32 projections run on OpenBLAS (`layers.cpu_gemm`; for one CPU device only,
+    see `use_cpu_gemm`)."""
 
     def loss_fn(params, mb):
         model = nnx.merge(graphdef, params, rest)
@@ -135,17 +149,17 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_ac
         }
         return new_state, metrics
 
-    return train_step
+    return layers.with_cpu_gemm(train_step, cpu_gemm)
 
 
-def make_eval_step(graphdef, rest):
+def make_eval_step(graphdef, rest, *, cpu_gemm: bool = False):
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params, rest)
         out = model(batch["input_ids"], **model_inputs(batch))
         _, aux = sft_loss(out.logits, batch["targets"], batch["loss_mask"])
         return aux["nll_sum"], aux["tokens"]
 
-    return eval_step
+    return layers.with_cpu_gemm(eval_step, cpu_gemm)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -239,12 +253,13 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         start = int(step0)
         print(f"sft: resumed {t.run_dir} at step {start}")
 
+    gemm = use_cpu_gemm(mesh)
     step_fn = jax.jit(
-        make_train_step(graphdef, rest, tx, grad_accum=t.grad_accum, lr_fn=lr_fn),
+        make_train_step(graphdef, rest, tx, grad_accum=t.grad_accum, lr_fn=lr_fn, cpu_gemm=gemm),
         donate_argnums=0,
         out_shardings=(state_shardings, None),
     )
-    eval_fn = jax.jit(make_eval_step(graphdef, rest))
+    eval_fn = jax.jit(make_eval_step(graphdef, rest, cpu_gemm=gemm))
 
     def extra_state() -> dict[str, Any]:
         return {"data": _jsonable(iterator.get_state()), "compute": compute.state()}

@@ -132,7 +132,7 @@ def test_kernels_build_into_the_cache_once(monkeypatch, tmp_path):
     monkeypatch.setattr(kernels, "_state", {})
     monkeypatch.setenv("SFTRL_KERNEL_CACHE", str(tmp_path))
     assert kernels.available(), kernels.error()
-    built_files = list(tmp_path.glob("decode_kernels-*.so"))
+    built_files = list(tmp_path.glob("cpu_kernels-*.so"))
     assert len(built_files) == 1 and kernels._state["path"] == built_files[0]
     stamp = built_files[0].stat().st_mtime_ns
     monkeypatch.setattr(kernels, "_state", {})

@@ -1,0 +1,119 @@
+// fp32 matrix product for XLA:CPU through OpenBLAS, as an XLA FFI handler (built with
+// decode_kernels.cc by `sftrl_jax/kernels/__init__.py`).
+//
+// SftrlGemmF32: c [M, N] = op(a) . op(b), with op(a) = a [M, K] (attribute trans_a = 0) or a^T for
+// a [K, M] (= 1), and op(b) = b [K, N] (trans_b = 0) or b^T for b [N, K] (= 1). All row-major fp32.
+// The transposed forms are what a training step's backward pass needs (dx = g . w^T, dw = x^T . g):
+// the BLAS reads the operand transposed, no copy is made.
+//
+// Why: on the CPUs measured (docs/BENCHMARKS.md) OpenBLAS's sgemm runs the shapes of a training
+// step 10-80% faster than XLA:CPU's own matmul. The BLAS is the private copy of the
+// `scipy-openblas64` wheel (not numpy's), loaded by Python, which hands its `cblas_sgemm` to
+// `SftrlSetSgemm` below and sets its thread count to 1: the work is split here over the calling
+// thread and XLA's intra-op pool (one single-threaded BLAS call per part, along the longer of M
+// and N), so it shares XLA's threads instead of starting a second pool. The split is fixed by the
+// shape and `threads`, so a given program computes the same bits every run.
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <thread>
+#include <utility>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// cblas_sgemm with 64-bit integers (the ILP64 `scipy_cblas_sgemm64_`).
+using SgemmFn = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
+                         const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
+                         int64_t ldc);
+constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
+std::atomic<SgemmFn> g_sgemm{nullptr};
+
+// Below this many multiply-adds per part a split costs more than it saves.
+constexpr int64_t kMinWorkPerPart = int64_t{1} << 21;
+
+template <typename Fn>
+void run_parts(ffi::ThreadPool& pool, int64_t parts, Fn fn) {
+  struct Shared {
+    explicit Shared(Fn f, int64_t n) : fn(std::move(f)), parts(n) {}
+    Fn fn;
+    int64_t parts;
+    std::atomic<int64_t> next{0};
+    std::atomic<int64_t> finished{0};
+    void work() {
+      int64_t done = 0;
+      for (int64_t p; (p = next.fetch_add(1)) < parts;) {
+        fn(p);
+        ++done;
+      }
+      if (done) finished.fetch_add(done);
+    }
+  };
+  auto sh = std::make_shared<Shared>(std::move(fn), parts);
+  for (int64_t t = 0; t < parts - 1; ++t) pool.Schedule([sh] { sh->work(); });
+  sh->work();
+  while (sh->finished.load() < sh->parts) std::this_thread::yield();
+}
+
+ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, int64_t trans_a,
+                int64_t trans_b, int64_t threads, ffi::ResultBuffer<ffi::F32> c) {
+  SgemmFn sgemm = g_sgemm.load();
+  if (sgemm == nullptr) return ffi::Error::Internal("gemm: no BLAS was set (SftrlSetSgemm was not called)");
+  auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  if (ad.size() != 2 || bd.size() != 2 || cd.size() != 2) {
+    return ffi::Error::InvalidArgument("gemm: a, b and c must be 2-D");
+  }
+  const int64_t m = trans_a ? ad[1] : ad[0], k = trans_a ? ad[0] : ad[1];
+  const int64_t kb = trans_b ? bd[1] : bd[0], n = trans_b ? bd[0] : bd[1];
+  if (k != kb || cd[0] != m || cd[1] != n) {
+    return ffi::Error::InvalidArgument("gemm: the shapes of a, b and c do not agree");
+  }
+  if (m == 0 || n == 0) return ffi::Error::Success();
+  const float* ap = a.typed_data();
+  const float* bp = b.typed_data();
+  float* cp = c->typed_data();
+  const int64_t lda = ad[1], ldb = bd[1], ldc = n;
+  const int ta = trans_a ? kTrans : kNoTrans, tb = trans_b ? kTrans : kNoTrans;
+  if (k == 0) {
+    std::fill(cp, cp + m * n, 0.0f);
+    return ffi::Error::Success();
+  }
+  const int64_t avail = std::max<int64_t>(1, std::min<int64_t>(threads, pool.num_threads()));
+  const int64_t by_work = std::max<int64_t>(1, m * n * k / kMinWorkPerPart);
+  const bool split_m = m >= n;
+  const int64_t len = split_m ? m : n;
+  // Parts of whole 16-element panels, so each part's BLAS call keeps its full-width kernels.
+  const int64_t parts = std::max<int64_t>(1, std::min({avail, by_work, (len + 15) / 16}));
+  const int64_t step = ((len + parts - 1) / parts + 15) / 16 * 16;
+  run_parts(pool, parts, [=](int64_t p) {
+    const int64_t lo = p * step, hi = std::min(len, lo + step);
+    if (lo >= hi) return;
+    if (split_m) {  // rows lo..hi of c: rows of op(a)
+      const float* a0 = trans_a ? ap + lo : ap + lo * lda;
+      sgemm(kRowMajor, ta, tb, hi - lo, n, k, 1.0f, a0, lda, bp, ldb, 0.0f, cp + lo * ldc, ldc);
+    } else {  // columns lo..hi of c: columns of op(b)
+      const float* b0 = trans_b ? bp + lo * ldb : bp + lo;
+      sgemm(kRowMajor, ta, tb, m, hi - lo, k, 1.0f, ap, lda, b0, ldb, 0.0f, cp + lo, ldc);
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+extern "C" void SftrlSetSgemm(void* fn) { g_sgemm.store(reinterpret_cast<SgemmFn>(fn)); }
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SftrlGemmF32, Gemm,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("trans_a")
+                                  .Attr<int64_t>("trans_b")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
