@@ -134,6 +134,9 @@ def worker_main(argv: list[str]) -> int:
     if args.side == "ours":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         step, out["compile_s"], out["n_params"] = our_step(args.model, ids)
+        from sftrl_jax import kernels
+
+        out["matmul"] = "OpenBLAS sgemm (kernels.gemm)" if kernels.gemm_available() else "XLA dot"
     else:
         import torch
         from transformers import LlamaForCausalLM
@@ -191,7 +194,8 @@ def bench_sft(args) -> list[str]:
         f"load average (1 min): {load0:.2f} at the start, {load1:.2f} at the end (this run's own threads count up to 2)",
         f"machine fp32 matmul peak (2048^3, one device): {peak / 1e9:.1f} GFLOP/s",
         f"ours (jax {_version('jax')}): {ours_tps:,.0f} tokens/s, {statistics.median(ours) * 1e3:.0f} ms/step "
-        f"(best {min(ours) * 1e3:.0f}), MFU {6 * n_params * ours_tps / peak:.1%}, compile {compile_s:.1f} s",
+        f"(best {min(ours) * 1e3:.0f}), MFU {6 * n_params * ours_tps / peak:.1%}, compile {compile_s:.1f} s, "
+        f"projections on {runs['ours'][0]['matmul']}",
         f"pytorch (torch {_version('torch')}, transformers {_version('transformers')}): {torch_tps:,.0f} tokens/s, "
         f"{statistics.median(theirs) * 1e3:.0f} ms/step (best {min(theirs) * 1e3:.0f}), MFU {6 * n_params * torch_tps / peak:.1%}",
         f"sft speedup vs pytorch: {ours_tps / torch_tps:.2f}x",

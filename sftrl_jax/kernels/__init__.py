@@ -4,6 +4,8 @@
     if kernels.available():
         out = kernels.decode_attention(q, k, v, mask, n, scale=0.125)  # inside or outside jit
         y = kernels.skinny_matmul(w, x)  # w [O, I], x [B, I] -> [O, B]
+    if kernels.gemm_available():
+        c = kernels.gemm(a, b, trans_b=True)  # a [M, K] @ b[N, K]^T on OpenBLAS
 
 Why: the sampler's decode step (a few rows against every weight) is where RL spends its time.
 Its attention is tiny batched products that XLA:CPU runs as dozens of small kernel calls per
@@ -14,7 +16,11 @@ general matmul (docs/BENCHMARKS.md has the measurements). The kernels are an opt
 without a C++ compiler, or with `SFTRL_CPU_KERNELS=0`, `available()` is False and callers use
 their pure-JAX path, which computes the same values up to fp32 rounding.
 
-Build: the source ships with the package (`decode_kernels.cc`); the first `available()` call of
+`gemm` (blas_gemm.cc) is for training steps: fp32 products of any shape through the sgemm of the
+`scipy-openblas64` wheel, the transposed operands of a backward pass read in place; `layers.cpu_gemm`
+routes `dense` to it (docs/BENCHMARKS.md: ~9% faster SFT steps on the benchmark model).
+
+Build: the sources ship with the package (`decode_kernels.cc`, `blas_gemm.cc`); the first `available()` call of
 a process compiles it with `$CXX` (default `c++`) against the XLA FFI headers jaxlib ships, with
 `-O3 -march=native`, into `$SFTRL_KERNEL_CACHE` (default `~/.cache/sftrl_jax/kernels`), keyed by
 the source, flags, compiler, jaxlib version and CPU, so later processes load it in milliseconds.

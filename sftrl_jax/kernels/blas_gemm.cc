@@ -6,8 +6,9 @@
 // The transposed forms are what a training step's backward pass needs (dx = g . w^T, dw = x^T . g):
 // the BLAS reads the operand transposed, no copy is made.
 //
-// Why: on the CPUs measured (docs/BENCHMARKS.md) OpenBLAS's sgemm runs the shapes of a training
-// step 10-80% faster than XLA:CPU's own matmul. The BLAS is the private copy of the
+// Why: on the 2-core x86-64 machine measured (docs/BENCHMARKS.md) OpenBLAS's sgemm ran most shapes
+// of a training step faster than XLA:CPU's own matmul, most of all the weight gradients x^T . g
+// (XLA transposes x first), and the whole SFT step of the benchmark model ~9% faster. The BLAS is the private copy of the
 // `scipy-openblas64` wheel (not numpy's), loaded by Python, which hands its `cblas_sgemm` to
 // `SftrlSetSgemm` below and sets its thread count to 1: the work is split here over the calling
 // thread and XLA's intra-op pool (one single-threaded BLAS call per part, along the longer of M
