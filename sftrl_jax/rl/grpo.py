@@ -33,7 +33,7 @@ class GRPOConfig:
     group_size: int = 8  # G: episodes per prompt (same dealt hand / route)
     clip: float = 0.2
     clip_high: float | None = None  # asymmetric upper clip (DAPO); None = `clip`
-    kl_coef: float = 0.0  # beta; > 0 needs a reference model
+    kl_coef: float = 0.0  # beta; > 0: `sftrl rl` keeps the starting policy (model.init) as the frozen reference
     aggregation: str = "token_mean"  # token_mean | seq_mean | seq_sum_norm
     std_normalize: bool = True  # False: Dr. GRPO (centred rewards only)
     return_mode: str = "sum"  # "sum" of turn rewards or "success" (1 if the episode succeeded)
@@ -52,6 +52,8 @@ class GRPOConfig:
             raise ConfigError(
                 f"grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
+        if self.kl_coef < 0:
+            raise ConfigError(f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
         if self.aggregation not in ("token_mean", "seq_mean", "seq_sum_norm"):
             raise ConfigError(
                 f"grpo.aggregation must be token_mean, seq_mean or seq_sum_norm, got {self.aggregation!r}"
@@ -124,6 +126,10 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: GRPO
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def update(state, batch):
+        if cfg.kl_coef > 0 and "ref_token_logp" not in batch:
+            raise ValueError(
+                f"grpo.kl_coef = {cfg.kl_coef} needs the reference's token log-probs in the batch (ref_token_logp)"
+            )
         micro = jax.tree.map(lambda x: x.reshape(n_micro, cfg.micro_batch, *x.shape[1:]), batch)
 
         def accumulate(grads, mb):

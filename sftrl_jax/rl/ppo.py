@@ -53,8 +53,17 @@ class PPOConfig:
     # Both equal the first step's log-probs to fp32 rounding only: the training forward of the same
     # turns in two batch layouts differs by as much as the sampler does (docs/RESULTS.md).
     old_logp: str = "trainer"
+    # Off in the paper. kl_coef beta: + beta * KL(pi || pi_ref), the k3 estimator per response token
+    # (mean over the step's tokens), pi_ref = the policy the run started from (model.init, frozen).
+    # entropy_coef: - coef * the mean entropy of the next-token distribution over response tokens.
+    kl_coef: float = 0.0
+    entropy_coef: float = 0.0
 
     def __post_init__(self):
+        if self.kl_coef < 0 or self.entropy_coef < 0:
+            raise ConfigError(
+                f"ppo.kl_coef and ppo.entropy_coef must be >= 0, got {self.kl_coef} and {self.entropy_coef}"
+            )
         if self.samples_per_step % self.micro_batch:
             raise ConfigError(
                 f"ppo.samples_per_step ({self.samples_per_step}) must be a multiple of ppo.micro_batch ({self.micro_batch})"
@@ -168,12 +177,16 @@ def build_batch(
 # Device side
 
 
-def forward(policy, batch: dict[str, jax.Array], temperature: float):
-    """Token log-probs [B, L] (logits / temperature, fp32) and values [B]."""
+def forward(policy, batch: dict[str, jax.Array], temperature: float, *, entropy: bool = False):
+    """Token log-probs [B, L] (logits / temperature, fp32) and values [B]; with `entropy`, also the
+    token entropies [B, L] of the tempered distribution."""
     model_inputs = {k: batch[k] for k in IMAGE_KEYS if k in batch}
     out = policy.model(batch["input_ids"], attention_mask=batch["attention_mask"], **model_inputs)
-    logp = token_logprobs(out.logits.astype(jnp.float32) / temperature, batch["targets"])
+    z = out.logits.astype(jnp.float32) / temperature
+    logp = token_logprobs(z, batch["targets"])
     h = jnp.take_along_axis(out.hidden_states, batch["value_index"][:, None, None], axis=1)[:, 0]
+    if entropy:
+        return logp, policy.value_head(h), losses.token_entropy(z)
     return logp, policy.value_head(h)
 
 
@@ -196,27 +209,40 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
     """Pure PPO optimiser step over `samples_per_step` turns, scanned in `micro_batch` chunks.
 
     batch (leading dim = samples_per_step): the arrays of `build_batch` plus `old_logp` [B] (turn
-    log-probs at rollout time), `old_values` [B], `advantages` [B], `returns` [B].
+    log-probs at rollout time), `old_values` [B], `advantages` [B], `returns` [B]; and, when
+    `cfg.kl_coef` > 0, `ref_token_logp` [B, L] (the reference policy's token log-probs).
     """
     n_micro = cfg.samples_per_step // cfg.micro_batch
+    use_entropy = cfg.entropy_coef > 0
 
     def loss_fn(params, mb):
         policy = nnx.merge(graphdef, params, rest)
-        logp_tok, values = forward(policy, mb, cfg.temperature)
+        logp_tok, values, *ent = forward(policy, mb, cfg.temperature, entropy=use_entropy)
         logp = turn_logp(logp_tok, mb)
         pg, pg_aux = losses.ppo_policy_loss(
             logp, mb["old_logp"], mb["advantages"], clip=cfg.clip, max_ratio=cfg.max_ratio
         )
         vl, v_aux = losses.value_loss(values, mb["old_values"], mb["returns"], clip=cfg.value_clip)
         loss = pg + cfg.value_coef * vl
+        extra = {}
+        if cfg.kl_coef > 0:
+            extra["ref_kl"] = losses.masked_mean(losses.kl_k3(logp_tok, mb["ref_token_logp"]), mb["resp_mask"])
+            loss = loss + cfg.kl_coef * extra["ref_kl"]
+        if use_entropy:
+            extra["entropy"] = losses.masked_mean(ent[0], mb["resp_mask"])
+            loss = loss - cfg.entropy_coef * extra["entropy"]
         gap = jnp.abs((logp_tok - mb["old_token_logp"]) * mb["resp_mask"]).max()
         ratio_dev = jnp.abs(jnp.exp(logp - mb["old_logp"]) - 1.0).max()
-        aux = {"loss": loss, "policy_loss": pg, "value_loss": vl, **pg_aux, **v_aux}
+        aux = {"loss": loss, "policy_loss": pg, "value_loss": vl, **pg_aux, **v_aux, **extra}
         return loss, {**aux, "logprob_gap_max": gap, "ratio_dev_max": ratio_dev}
 
     grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
 
     def update(state, batch):
+        if cfg.kl_coef > 0 and "ref_token_logp" not in batch:
+            raise ValueError(
+                f"ppo.kl_coef = {cfg.kl_coef} needs the reference's token log-probs in the batch (ref_token_logp)"
+            )
         micro = jax.tree.map(lambda x: x.reshape(n_micro, cfg.micro_batch, *x.shape[1:]), batch)
 
         def accumulate(grads, mb):

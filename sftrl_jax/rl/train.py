@@ -213,6 +213,9 @@ class Trainer:
         policy = PolicyWithValue(model, head) if cfg.algo == "ppo" else model
         self.graphdef, params, self.rest = nnx.split(policy, nnx.Param, ...)
         params = on_mesh(params, self.mesh)
+        # The frozen reference of the KL penalty (`ppo.kl_coef` / `grpo.kl_coef` > 0): the policy the
+        # run starts from (model.init), copied before a resume replaces the parameters.
+        self.ref_params = jax.tree.map(jnp.copy, params) if cfg.algo_cfg.kl_coef > 0 else None
         self.n_params = param_count(params)
         total = t.updates * cfg.updates_steps()
         self.lr_fn = optim_lib.schedule(cfg.optim, total)
@@ -352,6 +355,7 @@ class Trainer:
         adv, ret = adv.reshape(-1), ret.reshape(-1)
         sampler_logp = np.array([self._sampler_turn_logp(t) for t in flat], np.float32)
         old_logp = trainer_logp.astype(np.float32) if pcfg.old_logp == "trainer" else sampler_logp
+        ref_of = self._ref_table(flat)
         rng = np.random.default_rng([cfg.train.seed, self.update_idx])
         metrics: list[dict] = []
         t1 = time.perf_counter()
@@ -366,6 +370,8 @@ class Trainer:
                     advantages=adv[idx].astype(np.float32),
                     returns=ret[idx].astype(np.float32),
                 )
+                if ref_of is not None:
+                    self._put_token_logp(batch, "ref_token_logp", [flat[i] for i in idx], ref_of)
                 self.state, m = self.update_fn(self.state, self._device_batch(batch))
                 m = {k: float(v) for k, v in m.items()}
                 m["epoch"] = epoch
@@ -379,6 +385,8 @@ class Trainer:
         # (token level), and the ratio must be 1 (turn level, against `ppo.old_logp`).
         out["logprob_gap_first_step"] = metrics[0]["logprob_gap_max"]
         out["ratio_dev_first_step"] = metrics[0]["ratio_dev_max"]
+        if ref_of is not None:  # 0 up to rounding while the policy is still the reference
+            out["ref_kl_first_step"] = metrics[0]["ref_kl"]
         out["value_explained_variance"] = float(_explained_variance(values, ret))
         out["trainer_sampler_turn_logp_gap"] = float(np.max(np.abs(trainer_logp - sampler_logp)))
         out.update(self._rollout_stats(flat, t_roll, t_train))
@@ -421,6 +429,7 @@ class Trainer:
                 ),
                 default=0.0,
             )
+        ref_of = self._ref_table([t for t, _ in samples])
         S = gcfg.samples_per_step
         rng = np.random.default_rng([cfg.train.seed, self.update_idx])
         metrics = []
@@ -439,9 +448,9 @@ class Trainer:
                 batch = self._build([t for t, _ in chosen])
                 batch["advantages"] = np.array(adv_step, np.float32)
                 if old_of is not None:
-                    for b, (t, _) in enumerate(chosen):
-                        c = len(t.context_ids)
-                        batch["old_token_logp"][b, c - 1 : c - 1 + len(t.response_ids)] = old_of[id(t)]
+                    self._put_token_logp(batch, "old_token_logp", [t for t, _ in chosen], old_of)
+                if ref_of is not None:
+                    self._put_token_logp(batch, "ref_token_logp", [t for t, _ in chosen], ref_of)
                 self.state, m = self.update_fn(self.state, self._device_batch(batch))
                 m = {k: float(v) for k, v in m.items()}
                 m["epoch"] = epoch
@@ -453,18 +462,40 @@ class Trainer:
         first = metrics[0]["logprob_gap_max"]  # |first step's log-probs - old log-probs|, token level
         out["logprob_gap_first_step"] = first if sampler_gap is None else sampler_gap
         out["log_ratio_dev_first_step"] = first
+        if ref_of is not None:  # 0 up to rounding while the policy is still the reference
+            out["ref_kl_first_step"] = metrics[0]["ref_kl"]
         out.update(self._rollout_stats(turns, t_roll, t_train))
         return out
 
-    def token_logps_of(self, turns) -> list[np.ndarray]:
-        """The training forward's token log-probs of each turn's response (GRPO), in micro-batches."""
+    def token_logps_of(self, turns, params=None) -> list[np.ndarray]:
+        """The training forward's token log-probs of each turn's response under `params` (default: the
+        current ones; `self.ref_params` for the KL reference), in micro-batches."""
+        params = self.state.params if params is None else params
         out = []
-        for chunk, batch in self._micro_batches(turns, self.cfg.grpo.micro_batch):
-            logp = np.asarray(self.logp_fn(self.state.params, batch))
+        for chunk, batch in self._micro_batches(turns, self.cfg.algo_cfg.micro_batch):
+            if self.cfg.algo == "ppo":
+                logp = np.asarray(self.value_fn(params, batch)[2])
+            else:
+                logp = np.asarray(self.logp_fn(params, batch))
             for b, t in enumerate(chunk):
                 c = len(t.context_ids)
                 out.append(logp[b, c - 1 : c - 1 + len(t.response_ids)].astype(np.float32))
         return out
+
+    def _ref_table(self, turns) -> dict[int, np.ndarray] | None:
+        """id(turn) -> the reference policy's token log-probs (None without a KL penalty)."""
+        if self.ref_params is None:
+            return None
+        return {id(t): lp for t, lp in zip(turns, self.token_logps_of(turns, self.ref_params))}
+
+    @staticmethod
+    def _put_token_logp(batch, key: str, turns, table: dict[int, np.ndarray]) -> None:
+        """batch[key] [B, L]: each turn's response token log-probs from `table`, aligned with targets."""
+        out = np.zeros_like(batch["old_token_logp"])
+        for b, t in enumerate(turns):
+            c = len(t.context_ids)
+            out[b, c - 1 : c - 1 + len(t.response_ids)] = table[id(t)]
+        batch[key] = out
 
     def _group_reset(self, seed: int):
         if self.cfg.env.task.startswith("virl"):

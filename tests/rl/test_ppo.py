@@ -97,3 +97,57 @@ def test_config_refuses_an_unknown_old_logp_source():
 
     with pytest.raises(ConfigError, match="grpo.old_logp must be 'trainer' or 'sampler', got 'x'"):
         grpo.GRPOConfig(old_logp="x")
+
+
+def test_kl_to_the_reference_and_entropy_bonus(tok):
+    """ppo.kl_coef / ppo.entropy_coef: the k3 KL is 0 while the policy is the reference and grows
+    once it moves; the entropy term is the mean next-token entropy over the response tokens."""
+    config = LlamaConfig.tiny(
+        vocab_size=2048, hidden_size=64, intermediate_size=128, num_layers=1, num_heads=2, num_kv_heads=1, head_dim=32
+    )
+    policy = PolicyWithValue(create_model(config), ValueHead(64, hidden=(32, 16), rngs=nnx.Rngs(1)))
+    graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
+    cfg = ppo.PPOConfig(samples_per_step=4, micro_batch=2, temperature=0.7, kl_coef=0.5, entropy_coef=0.01)
+    turns = [turn(tok, f"question {i}", ans) for i, ans in enumerate(["good answer", "bad answer"] * 2)]
+    batch = ppo.build_batch(turns, tok, cfg, buckets=(64,))
+    values, old_logp, tok_logp = jax.jit(ppo.make_value_fn(graphdef, rest, cfg.temperature))(params, batch)
+    batch.update(
+        old_token_logp=np.asarray(tok_logp),
+        old_logp=np.asarray(old_logp),
+        old_values=np.asarray(values),
+        advantages=np.array([1.0, -1.0, 1.0, -1.0], np.float32),
+        returns=np.full(4, 2.0, np.float32),
+    )
+    # the entropy the step must report: softmax entropy of logits / T at the response positions, float64
+    logits = nnx.merge(graphdef, params, rest).model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    z = np.asarray(logits, np.float64) / cfg.temperature
+    p = np.exp(z - z.max(-1, keepdims=True))
+    p /= p.sum(-1, keepdims=True)
+    ent = -(p * np.log(np.maximum(p, 1e-300))).sum(-1)
+    want_entropy = (ent * batch["resp_mask"]).sum() / batch["resp_mask"].sum()
+
+    ocfg = optim.OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant", grad_clip=None)
+    tx = optim.make_optimizer(ocfg, params, total_steps=10)
+    state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng_data(0))
+    step = jax.jit(ppo.make_update_step(graphdef, rest, tx, cfg, lr_fn=optim.schedule(ocfg, 10)))
+    with pytest.raises(ValueError, match="ppo.kl_coef = 0.5 needs the reference's token log-probs"):
+        step(state, batch)
+    batch["ref_token_logp"] = np.asarray(tok_logp)  # the reference is the starting policy
+    state, m = step(state, batch)
+    assert float(m["ref_kl"]) == pytest.approx(0.0, abs=1e-9)
+    assert float(m["entropy"]) == pytest.approx(want_entropy, rel=1e-5)
+    # loss = policy + value_coef * value + kl_coef * KL - entropy_coef * H
+    want = float(m["policy_loss"]) + cfg.value_coef * float(m["value_loss"]) - cfg.entropy_coef * want_entropy
+    assert float(m["loss"]) == pytest.approx(want, rel=1e-5)
+    state, m = step(state, batch)
+    assert float(m["ref_kl"]) > 1e-6  # the policy has moved away from the reference
+
+
+def test_config_refuses_negative_kl_or_entropy_coefficients():
+    from sftrl_jax.config import ConfigError
+    from sftrl_jax.rl import grpo
+
+    with pytest.raises(ConfigError, match="ppo.kl_coef and ppo.entropy_coef must be >= 0, got -0.1 and 0.0"):
+        ppo.PPOConfig(kl_coef=-0.1)
+    with pytest.raises(ConfigError, match="grpo.kl_coef must be >= 0, got -1"):
+        grpo.GRPOConfig(kl_coef=-1)

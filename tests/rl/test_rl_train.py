@@ -172,3 +172,24 @@ def test_in_run_evaluation_keeps_the_prompt_wording(tmp_path, monkeypatch):
 class _NullWriter:
     def write(self, step, metrics, prefix=""):
         pass
+
+
+@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+def test_kl_penalty_uses_the_starting_policy_as_reference(tmp_path, algo):
+    """`<algo>.kl_coef` > 0: the reference's token log-probs reach the loss (KL 0 at the first step,
+    where the policy is the reference; > 0 in the next update), and a resumed run keeps the starting
+    policy as its reference, not the checkpoint's parameters."""
+    over = {f"{algo}__kl_coef": 0.5, "algo__": algo, "train__save_every": 1}
+    cfg = make(tmp_path, f"{algo}_kl", **over)
+    Trainer(cfg).run()  # 2 updates
+    rows = [r for r in read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl")) if "train/ref_kl" in r]
+    assert len(rows) == 2
+    assert rows[0]["train/ref_kl_first_step"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[1]["train/ref_kl_first_step"] > 1e-7
+    resumed = Trainer(cfg)
+    fresh = Trainer(make(tmp_path, f"{algo}_fresh", **over))
+    assert resumed.update_idx == 2
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), resumed.ref_params, fresh.state.params)
+    assert all(jax.tree.leaves(same))
+    moved = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), resumed.ref_params, resumed.state.params)
+    assert not all(jax.tree.leaves(moved))
