@@ -32,7 +32,7 @@ def main(argv=None) -> int:
 
     import jax
     import jax.numpy as jnp
-    from bench_sft import BENCH_CONFIG, torch_model
+    from bench_sft import BENCH_CONFIG, lm_batch, torch_model
     from flax import nnx
 
     from sftrl_jax import kernels
@@ -46,15 +46,7 @@ def main(argv=None) -> int:
         return 1
     B, T = args.batch, args.length
     ids = np.random.default_rng(0).integers(0, BENCH_CONFIG["vocab_size"], size=(B, T), dtype=np.int64)
-    targets = np.concatenate([ids[:, 1:], np.zeros((B, 1), ids.dtype)], axis=1)
-    mask = np.ones((B, T), np.float32)
-    mask[:, -1] = 0
-    batch = {
-        "input_ids": jnp.asarray(ids, jnp.int32),
-        "attention_mask": jnp.ones((B, T), jnp.int32),
-        "targets": jnp.asarray(targets, jnp.int32),
-        "loss_mask": jnp.asarray(mask),
-    }
+    batch = lm_batch(ids)
     steps, states = {}, {}
     with tempfile.TemporaryDirectory() as folder:
         torch_model().save_pretrained(folder, safe_serialization=True)

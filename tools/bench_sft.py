@@ -63,6 +63,23 @@ def torch_step(model, ids: np.ndarray):
     return step
 
 
+def lm_batch(ids: np.ndarray) -> dict:
+    """Our SFT batch for token ids [B, T] with the objective of transformers' labels=input_ids:
+    predict token t+1 at every position t < T-1."""
+    import jax.numpy as jnp
+
+    B, T = ids.shape
+    targets = np.concatenate([ids[:, 1:], np.zeros((B, 1), ids.dtype)], axis=1)
+    mask = np.ones((B, T), np.float32)
+    mask[:, -1] = 0
+    return {
+        "input_ids": jnp.asarray(ids, jnp.int32),
+        "attention_mask": jnp.ones((B, T), jnp.int32),
+        "targets": jnp.asarray(targets, jnp.int32),
+        "loss_mask": jnp.asarray(mask),
+    }
+
+
 def our_step(hf_dir: str, ids: np.ndarray):
     """Our jitted SFT step on the same weights and batch -> (closure, compile seconds, parameter count)."""
     import jax
@@ -87,17 +104,7 @@ def our_step(hf_dir: str, ids: np.ndarray):
         ),
         donate_argnums=0,
     )
-    # Same objective as transformers' labels=input_ids: predict token t+1 at every position t < T-1.
-    B, T = ids.shape
-    targets = np.concatenate([ids[:, 1:], np.zeros((B, 1), ids.dtype)], axis=1)
-    mask = np.ones((B, T), np.float32)
-    mask[:, -1] = 0
-    batch = {
-        "input_ids": jnp.asarray(ids, jnp.int32),
-        "attention_mask": jnp.ones((B, T), jnp.int32),
-        "targets": jnp.asarray(targets, jnp.int32),
-        "loss_mask": jnp.asarray(mask),
-    }
+    batch = lm_batch(ids)
     box = [state]
 
     def step():

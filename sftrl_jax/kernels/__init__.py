@@ -47,6 +47,7 @@ import numpy as np
 log = logging.getLogger(__name__)
 
 SOURCES = (Path(__file__).with_name("decode_kernels.cc"), Path(__file__).with_name("blas_gemm.cc"))
+HEADERS = (Path(__file__).with_name("parallel_for.h"),)  # included by the sources (part of the build key)
 TARGETS = {  # FFI target name -> the handler's symbol in the library
     "sftrl_decode_attention_f32": "SftrlDecodeAttentionF32",
     "sftrl_skinny_matmul_f32": "SftrlSkinnyMatmulF32",
@@ -102,7 +103,7 @@ def _build() -> Path:
     cxx, version = _compiler()
     include = jax.ffi.include_dir()
     digest = hashlib.sha256()
-    for part in (*(src.read_bytes() for src in SOURCES), " ".join(FLAGS).encode(), version.encode()):
+    for part in (*(f.read_bytes() for f in SOURCES + HEADERS), " ".join(FLAGS).encode(), version.encode()):
         digest.update(part)
     digest.update(jax.__version__.encode())
     digest.update(_cpu_id().encode())

@@ -18,11 +18,9 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdint>
-#include <memory>
-#include <thread>
-#include <utility>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
@@ -37,29 +35,6 @@ std::atomic<SgemmFn> g_sgemm{nullptr};
 
 // Below this many multiply-adds per part a split costs more than it saves.
 constexpr int64_t kMinWorkPerPart = int64_t{1} << 21;
-
-template <typename Fn>
-void run_parts(ffi::ThreadPool& pool, int64_t parts, Fn fn) {
-  struct Shared {
-    explicit Shared(Fn f, int64_t n) : fn(std::move(f)), parts(n) {}
-    Fn fn;
-    int64_t parts;
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> finished{0};
-    void work() {
-      int64_t done = 0;
-      for (int64_t p; (p = next.fetch_add(1)) < parts;) {
-        fn(p);
-        ++done;
-      }
-      if (done) finished.fetch_add(done);
-    }
-  };
-  auto sh = std::make_shared<Shared>(std::move(fn), parts);
-  for (int64_t t = 0; t < parts - 1; ++t) pool.Schedule([sh] { sh->work(); });
-  sh->work();
-  while (sh->finished.load() < sh->parts) std::this_thread::yield();
-}
 
 ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::F32> b, int64_t trans_a,
                 int64_t trans_b, int64_t threads, ffi::ResultBuffer<ffi::F32> c) {
@@ -91,7 +66,7 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
   // Parts of whole 16-element panels, so each part's BLAS call keeps its full-width kernels.
   const int64_t parts = std::max<int64_t>(1, std::min({avail, by_work, (len + 15) / 16}));
   const int64_t step = ((len + parts - 1) / parts + 15) / 16 * 16;
-  run_parts(pool, parts, [=](int64_t p) {
+  sftrl::parallel_for(pool, parts, parts, [=](int64_t p) {
     const int64_t lo = p * step, hi = std::min(len, lo + step);
     if (lo >= hi) return;
     if (split_m) {  // rows lo..hi of c: rows of op(a)

@@ -18,20 +18,17 @@
 //    registers, broadcasting one weight at a time against 16 packed x values (one fused
 //    multiply-add per weight and row). Sums run over i in order, one per output.
 //
-// Work is split in blocks over the calling thread and XLA's intra-op pool; blocks are claimed
-// from an atomic counter, so a pool task that starts after the caller has done all the work finds
-// nothing left and never touches the buffers (which XLA may free once the handler returns).
+// Work is split in blocks over the calling thread and XLA's intra-op pool (parallel_for.h).
 
 #include <algorithm>
 #include <atomic>
 #include <cfloat>
 #include <cmath>
 #include <cstdint>
-#include <memory>
-#include <thread>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
+#include "parallel_for.h"
 
 namespace ffi = xla::ffi;
 
@@ -165,31 +162,6 @@ void block(const Problem& p, int64_t blk, std::vector<float>& scores) {
   }
 }
 
-// Runs fn(block) for block in [0, blocks) on the caller and up to `threads` - 1 pool threads.
-template <typename Fn>
-void parallel_for(ffi::ThreadPool& pool, int64_t blocks, int64_t threads, Fn fn) {
-  struct Shared {
-    explicit Shared(Fn f, int64_t n) : fn(std::move(f)), blocks(n) {}
-    Fn fn;
-    int64_t blocks;
-    std::atomic<int64_t> next{0};
-    std::atomic<int64_t> finished{0};
-    void work() {
-      int64_t done = 0;
-      for (int64_t blk; (blk = next.fetch_add(1)) < blocks;) {
-        fn(blk);
-        ++done;
-      }
-      if (done) finished.fetch_add(done);
-    }
-  };
-  auto sh = std::make_shared<Shared>(std::move(fn), blocks);
-  const int64_t helpers = std::min<int64_t>(std::min<int64_t>(threads, pool.num_threads()), blocks) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule([sh] { sh->work(); });
-  sh->work();
-  while (sh->finished.load() < sh->blocks) std::this_thread::yield();
-}
-
 ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::PRED> mask,
                            ffi::BufferR0<ffi::S32> n, float scale, int64_t threads,
@@ -217,7 +189,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       mask.dimensions()[0] != p.b || mask.dimensions()[1] != p.slots) {
     return ffi::Error::InvalidArgument("decode_attention: shapes of q, k, v and mask do not agree");
   }
-  parallel_for(pool, p.b * p.kv_heads, threads, [p](int64_t blk) {
+  sftrl::parallel_for(pool, p.b * p.kv_heads, threads, [p](int64_t blk) {
     thread_local std::vector<float> scores;
     block(p, blk, scores);
   });
@@ -308,7 +280,7 @@ ffi::Error SkinnyMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> w, ffi::Buff
   const float* xp = packed.data();
   float* yp = y->typed_data();
   const int64_t blocks = (out + kRowsPerBlock - 1) / kRowsPerBlock;
-  parallel_for(pool, blocks, threads, [=](int64_t blk) {
+  sftrl::parallel_for(pool, blocks, threads, [=](int64_t blk) {
     const int64_t o0 = blk * kRowsPerBlock;
     rows(wp, in, xp, bp, o0, std::min(out, o0 + kRowsPerBlock), yp, b);
   });
