@@ -221,19 +221,23 @@ def skinny_matmul(w: jax.Array, x: jax.Array, *, x_transposed: bool = False, thr
 
 
 def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False, threads: int = 0) -> jax.Array:
-    """op(a) @ op(b) in fp32 on CPU through OpenBLAS's sgemm: a [M, K] (or [K, M] with `trans_a`),
-    b [K, N] (or [N, K] with `trans_b`) -> [M, N]. The transposed operand is read in place (no copy).
-    The work is split over XLA's intra-op threads (`threads` caps them; 0: all), one
-    single-threaded BLAS call per part. Inside `jit` on one CPU device (XLA does not partition the
-    call: on a mesh of several devices it would gather the operands). Call `gemm_available()` first."""
+    """op(a) @ op(b) in fp32 on CPU through OpenBLAS's sgemm: a [..., M, K] (or [..., K, M] with
+    `trans_a`), b [..., K, N] (or [..., N, K] with `trans_b`) -> [..., M, N], the leading (batch)
+    axes equal in a and b. The transposed operand is read in place (no copy). The work is split over
+    XLA's intra-op threads (`threads` caps them; 0: all): by batch index, or within a product when
+    there are fewer products than threads, one single-threaded BLAS call per part. Inside `jit` on
+    one CPU device (XLA does not partition the call: on a mesh of several devices it would gather
+    the operands). Call `gemm_available()` first."""
     for name, x in (("a", a), ("b", b)):
-        if x.dtype != np.float32 or x.ndim != 2:
-            raise TypeError(f"gemm: {name} must be a 2-D float32 array, got {x.dtype} {x.shape}")
-    m, k = (a.shape[1], a.shape[0]) if trans_a else a.shape
-    kb, n = (b.shape[1], b.shape[0]) if trans_b else b.shape
+        if x.dtype != np.float32 or x.ndim < 2:
+            raise TypeError(f"gemm: {name} must be a float32 array of 2 or more axes, got {x.dtype} {x.shape}")
+    if a.shape[:-2] != b.shape[:-2]:
+        raise ValueError(f"gemm: the batch axes of a {a.shape} and b {b.shape} differ")
+    m, k = (a.shape[-1], a.shape[-2]) if trans_a else a.shape[-2:]
+    kb, n = (b.shape[-1], b.shape[-2]) if trans_b else b.shape[-2:]
     if k != kb:
         raise ValueError(f"gemm: op(a) is {(m, k)} and op(b) is {(kb, n)}: inner sizes differ")
-    call = jax.ffi.ffi_call("sftrl_gemm_f32", jax.ShapeDtypeStruct((m, n), jnp.float32))
+    call = jax.ffi.ffi_call("sftrl_gemm_f32", jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32))
     return call(
         a, b, trans_a=np.int64(bool(trans_a)), trans_b=np.int64(bool(trans_b)), threads=np.int64(threads or 1 << 20)
     )

@@ -73,8 +73,8 @@ _CPU_GEMM = contextvars.ContextVar("sftrl_cpu_gemm", default=False)
 
 @contextlib.contextmanager
 def cpu_gemm(enabled: bool = True) -> Iterator[None]:
-    """While tracing under this context, fp32 `dense` products (forward and backward) run as
-    `kernels.gemm` (OpenBLAS) instead of XLA's matmul; a no-op when the kernel is unavailable.
+    """While tracing under this context, fp32 `dense` and `attention` products (forward and backward)
+    run as `kernels.gemm` (OpenBLAS) instead of XLA's matmul; a no-op when the kernel is unavailable.
     Only for a computation on one CPU device (XLA would gather a sharded operand for the call).
     The trace-time switch of `sft.train.make_train_step(..., cpu_gemm=True)` and the RL steps."""
     token = _CPU_GEMM.set(bool(enabled))
@@ -150,6 +150,38 @@ def _matmul_bwd(out_dtype, blas, res, g):
 
 
 _matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
+def _blas_bmm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
+    """op(a) @ op(b) over leading batch axes as `kernels.gemm` calls, the backward pass too (each
+    gradient is one more product with transposes read in place: no transpose copies)."""
+    from sftrl_jax import kernels
+
+    return kernels.gemm(a, b, trans_a=trans_a, trans_b=trans_b)
+
+
+def _blas_bmm_fwd(a, b, trans_a, trans_b):
+    return _blas_bmm(a, b, trans_a, trans_b), (a, b)
+
+
+def _blas_bmm_bwd(trans_a, trans_b, res, g):
+    from sftrl_jax import kernels
+
+    a, b = res
+    # c = op(a) op(b): d op(a) = g op(b)^T, d op(b) = op(a)^T g, each laid out like a and b.
+    if trans_a:
+        da = kernels.gemm(b, g, trans_a=trans_b, trans_b=True)
+    else:
+        da = kernels.gemm(g, b, trans_b=not trans_b)
+    if trans_b:
+        db = kernels.gemm(g, a, trans_a=True, trans_b=trans_a)
+    else:
+        db = kernels.gemm(a, g, trans_a=not trans_a)
+    return da, db
+
+
+_blas_bmm.defvjp(_blas_bmm_fwd, _blas_bmm_bwd)
 
 
 class RMSNorm(nnx.Module):
@@ -251,10 +283,15 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, 
     q = q.reshape(b, t, kv_heads, g, h).transpose(0, 2, 3, 1, 4).reshape(b, kv_heads, g * t, h)  # [B, K, G*T, H]
     k = k.transpose(0, 2, 1, 3)  # [B, K, S, H]
     v = v.transpose(0, 2, 1, 3)
-    scores = jnp.einsum("BKQH,BKSH->BKQS", q, k, preferred_element_type=jnp.float32) * scale  # Q = G*T
+    # Under `cpu_gemm()` the fp32 products of both passes run as batched OpenBLAS calls.
+    blas = _use_gemm(q, k, None) and v.dtype == jnp.float32
+    if blas:
+        scores = _blas_bmm(q, k, False, True) * scale
+    else:
+        scores = jnp.einsum("BKQH,BKSH->BKQS", q, k, preferred_element_type=jnp.float32) * scale  # Q = G*T
     if mask is not None:
         m = jnp.broadcast_to(mask[:, None, None, :, :], (b, 1, g, t, s)).reshape(b, 1, g * t, s)
         scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("BKQS,BKSH->BKQH", probs, v)  # [B, K, G*T, H]
+    out = _blas_bmm(probs, v, False, False) if blas else jnp.einsum("BKQS,BKSH->BKQH", probs, v)  # [B, K, G*T, H]
     return out.reshape(b, kv_heads, g, t, h).transpose(0, 3, 1, 2, 4).reshape(b, t, n, h)

@@ -95,7 +95,7 @@ def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
 
 
 def use_cpu_gemm(mesh: jax.sharding.Mesh) -> bool:
-    """Whether steps on `mesh` run their fp32 projections on OpenBLAS (`layers.cpu_gemm`): on a
+    """Whether steps on `mesh` run their fp32 projections and attention products on OpenBLAS (`layers.cpu_gemm`): on a
     one-device CPU mesh when the kernel builds (`SFTRL_CPU_GEMM=0` or `SFTRL_CPU_KERNELS=0` turn
     it off). A custom call is not partitioned by XLA, so meshes of several devices keep XLA's dot."""
     from sftrl_jax import kernels
@@ -107,7 +107,7 @@ def make_train_step(
     graphdef, rest, tx: optax.GradientTransformation, *, grad_accum: int, lr_fn, cpu_gemm: bool = False
 ):
     """The pure SFT step over (TrainState, batch); `rest` = the model's non-trainable variables.
-    `cpu_gemm`: the fp32 projections run on OpenBLAS (`layers.cpu_gemm`; for one CPU device only,
+    `cpu_gemm`: the fp32 matrix products run on OpenBLAS (`layers.cpu_gemm`; for one CPU device only,
     see `use_cpu_gemm`)."""
 
     def loss_fn(params, mb):

@@ -53,12 +53,65 @@ def test_gemm_with_an_empty_inner_axis_is_zero(built):
 
 
 def test_gemm_refuses_bad_input(built):
-    with pytest.raises(TypeError, match="a must be a 2-D float32"):
+    with pytest.raises(TypeError, match=r"a must be a float32 array of 2 or more axes, got float16 \(2, 3\)"):
         kernels.gemm(np.ones((2, 3), np.float16), np.ones((3, 2), np.float32))
-    with pytest.raises(TypeError, match="b must be a 2-D float32"):
-        kernels.gemm(np.ones((2, 3), np.float32), np.ones((3, 2, 1), np.float32))
+    with pytest.raises(TypeError, match=r"b must be a float32 array of 2 or more axes, got float32 \(3,\)"):
+        kernels.gemm(np.ones((2, 3), np.float32), np.ones((3,), np.float32))
     with pytest.raises(ValueError, match=r"op\(a\) is \(2, 3\) and op\(b\) is \(4, 2\)"):
         kernels.gemm(np.ones((2, 3), np.float32), np.ones((4, 2), np.float32))
+    with pytest.raises(ValueError, match=r"batch axes of a \(2, 2, 3\) and b \(3, 3, 2\) differ"):
+        kernels.gemm(np.ones((2, 2, 3), np.float32), np.ones((3, 3, 2), np.float32))
+
+
+@pytest.mark.parametrize("ta,tb", [(0, 0), (1, 0), (0, 1), (1, 1)])
+@pytest.mark.parametrize(
+    "batch,m,k,n", [((1,), 300, 64, 40), ((3,), 40, 64, 300), ((2, 3), 33, 17, 65), ((5,), 1, 8, 1)]
+)
+def test_batched_gemm_is_one_product_per_leading_index(built, batch, m, k, n, ta, tb):
+    """Leading axes are a batch: fewer products than threads (each split), more (one call each)."""
+    rng = np.random.default_rng(m * n + k)
+    a = rng.standard_normal((*batch, *((k, m) if ta else (m, k)))).astype(np.float32)
+    b = rng.standard_normal((*batch, *((n, k) if tb else (k, n)))).astype(np.float32)
+    op_a = np.swapaxes(a, -1, -2) if ta else a
+    op_b = np.swapaxes(b, -1, -2) if tb else b
+    exact = op_a.astype(np.float64) @ op_b.astype(np.float64)
+    got = np.asarray(jax.jit(lambda a, b: kernels.gemm(a, b, trans_a=bool(ta), trans_b=bool(tb)))(a, b))
+    assert got.shape == (*batch, m, n)
+    bound = k * np.finfo(np.float32).eps * (np.abs(a).max() * np.abs(b).max() * k)
+    np.testing.assert_allclose(got, exact, rtol=0, atol=bound)
+    # each product alone gives the same values as inside the batch
+    flat_a, flat_b = a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:])
+    for i in range(flat_a.shape[0]):
+        alone = np.asarray(
+            kernels.gemm(jnp.asarray(flat_a[i]), jnp.asarray(flat_b[i]), trans_a=bool(ta), trans_b=bool(tb))
+        )
+        np.testing.assert_allclose(got.reshape(-1, m, n)[i], alone, rtol=1e-6, atol=1e-6 * np.abs(exact).max())
+
+
+@pytest.mark.parametrize("n_heads,kv_heads", [(4, 2), (2, 2)])
+def test_attention_under_cpu_gemm_equals_xla_value_and_gradients(built, n_heads, kv_heads):
+    """q k^T and p v (and their four gradient products) as batched OpenBLAS calls; a padded row that
+    attends to nothing keeps transformers' uniform weights."""
+    b, t, h = 2, 7, 8
+    kq, kk, kv, kg = jax.random.split(jax.random.key(1), 4)
+    q = jax.random.normal(kq, (b, t, n_heads, h))
+    k = jax.random.normal(kk, (b, t, kv_heads, h))
+    v = jax.random.normal(kv, (b, t, kv_heads, h))
+    g = jax.random.normal(kg, (b, t, n_heads, h))
+    mask = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0).at[1, 0].set(False)  # row 0 of example 1: nothing
+
+    def loss(q, k, v):
+        return jnp.sum(layers.attention(q, k, v, mask, scale=h**-0.5) * g)
+
+    fn = jax.value_and_grad(loss, (0, 1, 2))
+    blas, xla = jax.jit(layers.with_cpu_gemm(fn, True)), jax.jit(fn)
+    assert blas.lower(q, k, v).as_text().count("sftrl_gemm_f32") == 6  # 2 forward + 4 backward
+    assert "sftrl_gemm_f32" not in xla.lower(q, k, v).as_text()
+    (v1, g1), (v2, g2) = blas(q, k, v), xla(q, k, v)
+    np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-5)
+    for a, c in zip(g1, g2):
+        assert a.shape == c.shape and a.dtype == c.dtype
+        np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
 
 
 CASES = [  # (x shape, w shape, n_in)
