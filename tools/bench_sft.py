@@ -202,7 +202,7 @@ def bench_sft(args) -> list[str]:
         f"machine fp32 matmul peak (2048^3, one device): {peak / 1e9:.1f} GFLOP/s",
         f"ours (jax {_version('jax')}): {ours_tps:,.0f} tokens/s, {statistics.median(ours) * 1e3:.0f} ms/step "
         f"(best {min(ours) * 1e3:.0f}), MFU {6 * n_params * ours_tps / peak:.1%}, compile {compile_s:.1f} s, "
-        f"projections on {runs['ours'][0]['matmul']}",
+        f"matrix products on {runs['ours'][0]['matmul']}",
         f"pytorch (torch {_version('torch')}, transformers {_version('transformers')}): {torch_tps:,.0f} tokens/s, "
         f"{statistics.median(theirs) * 1e3:.0f} ms/step (best {min(theirs) * 1e3:.0f}), MFU {6 * n_params * torch_tps / peak:.1%}",
         f"sft speedup vs pytorch: {ours_tps / torch_tps:.2f}x",

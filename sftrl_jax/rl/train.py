@@ -312,21 +312,37 @@ class Trainer:
         self._count_generation(flat)
         return buffer, flat
 
-    def values_of(self, turns) -> tuple[np.ndarray, np.ndarray]:
-        """(values, trainer turn log-probs) of turns, in micro-batches."""
-        values, logps = [], []
-        for chunk, batch in self._micro_batches(turns, self.cfg.ppo.micro_batch):
-            v, lp, _ = self.value_fn(self.state.params, batch)
-            values.append(np.asarray(v)[: len(chunk)])
-            logps.append(np.asarray(lp)[: len(chunk)])
-        return np.concatenate(values), np.concatenate(logps)
+    def values_of(self, turns, steps=None) -> tuple[np.ndarray, np.ndarray]:
+        """(values, trainer turn log-probs) of turns, in micro-batches (laid out as `steps`, see
+        `_rows_of`)."""
+        rows = self._rows_of(turns, self.cfg.ppo.micro_batch, lambda b: self.value_fn(self.state.params, b)[:2], steps)
+        return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
 
-    def _micro_batches(self, turns, mb: int):
-        """(chunk, device batch) per `mb` turns; the last chunk's batch is padded with copies of its
-        last turn (one compiled shape), the chunk itself is not."""
-        for i in range(0, len(turns), mb):
-            chunk = turns[i : i + mb]
-            yield chunk, self._device_batch(self._build(chunk + [chunk[-1]] * (mb - len(chunk))))
+    def _rows_of(self, turns, mb: int, fn, steps=None) -> list[tuple[np.ndarray, ...]]:
+        """fn(device micro-batch) -> arrays with a leading row axis; returns each turn's rows.
+
+        `steps` (lists of indices into `turns`, each a multiple of `mb` long) are the optimiser steps
+        of the first epoch: each is built as one padded batch and cut into micro-batches exactly as
+        the update step does, so this forward sees every turn in the layout (companions, padded
+        length, row) of the first step's forward and computes the same bits: the first step's ratio
+        is 1 and its reference KL 0, not just 1 and 0 up to fp32 rounding. Turns in no step follow
+        in chunks of `mb` (the last one padded with copies of its last turn)."""
+        out: list = [None] * len(turns)
+        layout = [[int(i) for i in s] for s in steps or []]
+        covered = {i for s in layout for i in s}
+        rest = [i for i in range(len(turns)) if i not in covered]
+        for lo in range(0, len(rest), mb):
+            chunk = rest[lo : lo + mb]
+            layout.append(chunk + [chunk[-1]] * (mb - len(chunk)))
+        for idx in layout:
+            batch = self._build([turns[i] for i in idx])
+            for lo in range(0, len(idx), mb):
+                res = fn(self._device_batch({k: v[lo : lo + mb] for k, v in batch.items() if k in BATCH_KEYS}))
+                res = [np.asarray(r) for r in res]
+                for r, i in enumerate(idx[lo : lo + mb]):
+                    if out[i] is None:
+                        out[i] = tuple(x[r] for x in res)
+        return out
 
     def next_values(self) -> np.ndarray:
         """V of each env's next context (bootstrap for GAE); 0 where no episode is in progress."""
@@ -349,18 +365,20 @@ class Trainer:
         t_roll = time.perf_counter() - t0
         T, E = len(buffer), len(buffer[0])
         rewards, dones = rollout.rewards_array(buffer)
-        values, trainer_logp = self.values_of(flat)
+        rng = np.random.default_rng([cfg.train.seed, self.update_idx])
+        orders = [rng.permutation(len(flat)) for _ in range(pcfg.epochs)]
+        S = pcfg.samples_per_step
+        first_steps = [orders[0][s : s + S] for s in range(0, len(flat), S)]
+        values, trainer_logp = self.values_of(flat, first_steps)
         last = self.next_values()
         adv, ret = ppo_lib.advantages_for(rewards, values.reshape(T, E), dones, last, pcfg)
         adv, ret = adv.reshape(-1), ret.reshape(-1)
         sampler_logp = np.array([self._sampler_turn_logp(t) for t in flat], np.float32)
         old_logp = trainer_logp.astype(np.float32) if pcfg.old_logp == "trainer" else sampler_logp
-        ref_of = self._ref_table(flat)
-        rng = np.random.default_rng([cfg.train.seed, self.update_idx])
+        ref_of = self._ref_table(flat, first_steps)
         metrics: list[dict] = []
         t1 = time.perf_counter()
-        for epoch in range(pcfg.epochs):
-            order = rng.permutation(len(flat))
+        for epoch, order in enumerate(orders):
             for s in range(0, len(order), pcfg.samples_per_step):
                 idx = order[s : s + pcfg.samples_per_step]
                 batch = self._build([flat[i] for i in idx])
@@ -417,9 +435,13 @@ class Trainer:
         samples = [(t, a) for ep, a in zip(episodes, adv) for t in ep]
         # grpo.old_logp "trainer": the training forward's token log-probs of every turn under the
         # rollout's parameters become the ratio's old log-probs (and give the trainer-sampler gap).
+        S = gcfg.samples_per_step
+        rng = np.random.default_rng([cfg.train.seed, self.update_idx])
+        epoch_steps = [self._grpo_steps(rng.permutation(len(samples)), S) for _ in range(gcfg.epochs)]
+        first_steps = epoch_steps[0]
         old_of, sampler_gap = None, None
         if gcfg.old_logp == "trainer":
-            trainer_logp = self.token_logps_of([t for t, _ in samples])
+            trainer_logp = self.token_logps_of([t for t, _ in samples], steps=first_steps)
             old_of = {id(t): lp for (t, _), lp in zip(samples, trainer_logp)}
             sampler_gap = max(
                 (
@@ -429,22 +451,14 @@ class Trainer:
                 ),
                 default=0.0,
             )
-        ref_of = self._ref_table([t for t, _ in samples])
-        S = gcfg.samples_per_step
-        rng = np.random.default_rng([cfg.train.seed, self.update_idx])
+        ref_of = self._ref_table([t for t, _ in samples], first_steps)
         metrics = []
         t1 = time.perf_counter()
-        for epoch in range(gcfg.epochs):
-            order = list(rng.permutation(len(samples)))
-            chunks = [order[s : s + S] for s in range(0, len(order), S)]
-            if len(chunks) > 1 and len(chunks[-1]) < S:
-                chunks.pop()  # a partial last step is dropped (its turns are in the next shuffle's steps)
-            for idx in chunks:
+        for epoch, steps in enumerate(epoch_steps):
+            for idx in steps:
                 chosen = [samples[i] for i in idx]
-                adv_step = [a for _, a in chosen]
-                while len(chosen) < S:  # fewer turns than one step: pad with zero-advantage copies
-                    chosen.append(chosen[len(chosen) % len(idx)])
-                    adv_step.append(0.0)
+                # fewer turns than one step: the step repeats them, with zero advantage
+                adv_step = [a if k < len(set(idx)) else 0.0 for k, (_, a) in enumerate(chosen)]
                 batch = self._build([t for t, _ in chosen])
                 batch["advantages"] = np.array(adv_step, np.float32)
                 if old_of is not None:
@@ -467,26 +481,38 @@ class Trainer:
         out.update(self._rollout_stats(turns, t_roll, t_train))
         return out
 
-    def token_logps_of(self, turns, params=None) -> list[np.ndarray]:
+    def token_logps_of(self, turns, params=None, steps=None) -> list[np.ndarray]:
         """The training forward's token log-probs of each turn's response under `params` (default: the
-        current ones; `self.ref_params` for the KL reference), in micro-batches."""
+        current ones; `self.ref_params` for the KL reference), in micro-batches (laid out as `steps`,
+        see `_rows_of`)."""
         params = self.state.params if params is None else params
+        if self.cfg.algo == "ppo":
+            fn = lambda b: self.value_fn(params, b)[2:]  # noqa: E731
+        else:
+            fn = lambda b: (self.logp_fn(params, b),)  # noqa: E731
+        rows = self._rows_of(turns, self.cfg.algo_cfg.micro_batch, fn, steps)
         out = []
-        for chunk, batch in self._micro_batches(turns, self.cfg.algo_cfg.micro_batch):
-            if self.cfg.algo == "ppo":
-                logp = np.asarray(self.value_fn(params, batch)[2])
-            else:
-                logp = np.asarray(self.logp_fn(params, batch))
-            for b, t in enumerate(chunk):
-                c = len(t.context_ids)
-                out.append(logp[b, c - 1 : c - 1 + len(t.response_ids)].astype(np.float32))
+        for t, (logp,) in zip(turns, rows):
+            c = len(t.context_ids)
+            out.append(logp[c - 1 : c - 1 + len(t.response_ids)].astype(np.float32))
         return out
 
-    def _ref_table(self, turns) -> dict[int, np.ndarray] | None:
+    def _ref_table(self, turns, steps=None) -> dict[int, np.ndarray] | None:
         """id(turn) -> the reference policy's token log-probs (None without a KL penalty)."""
         if self.ref_params is None:
             return None
-        return {id(t): lp for t, lp in zip(turns, self.token_logps_of(turns, self.ref_params))}
+        return {id(t): lp for t, lp in zip(turns, self.token_logps_of(turns, self.ref_params, steps))}
+
+    @staticmethod
+    def _grpo_steps(order: np.ndarray, S: int) -> list[list[int]]:
+        """One epoch's optimiser steps over the shuffled `order`: chunks of S; a partial last chunk is
+        dropped (its turns are in the next shuffle's steps), unless it is the only one: then it is
+        repeated up to S (the repeats get zero advantage)."""
+        order = [int(i) for i in order]
+        steps = [order[s : s + S] for s in range(0, len(order), S)]
+        if len(steps) > 1 and len(steps[-1]) < S:
+            steps.pop()
+        return [(idx * (S // len(idx) + 1))[:S] for idx in steps]
 
     @staticmethod
     def _put_token_logp(batch, key: str, turns, table: dict[int, np.ndarray]) -> None:

@@ -100,8 +100,9 @@ def test_ppo_sigkill_resume_gives_identical_metrics(tmp_path, xla_cache):
     m = full[0]
     assert m["train/turns"] == 8 and m["train/logprob_gap_first_step"] < 1e-5
     assert m["train/trainer_sampler_turn_logp_gap"] < 1e-4, m["train/trainer_sampler_turn_logp_gap"]
-    # the old log-probs come from the training forward (ppo.old_logp: trainer): the ratio is 1
-    assert m["train/ratio_dev_first_step"] < 1e-6, m["train/ratio_dev_first_step"]
+    # the old log-probs come from the training forward (ppo.old_logp: trainer), computed in the
+    # first step's own batch layout: the first step's ratio is exactly 1
+    assert m["train/ratio_dev_first_step"] == 0.0, m["train/ratio_dev_first_step"]
     assert m["train/gflops"] > 0 and m["train/finite"] == 1.0
     assert sum(v for k, v in m.items() if k.startswith("train/outcome/")) == 8  # every turn scored
 
@@ -133,10 +134,35 @@ def test_grpo_update(tmp_path, old_logp):
     Trainer(cfg).run(stop_after=1)
     m = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))[-1]
     assert m["train/episodes_finished"] == 4 and m["train/logprob_gap_first_step"] < 1e-5
-    if old_logp == "trainer":  # old log-probs from the training forward (same batch layout here): ratio 1
-        assert m["train/log_ratio_dev_first_step"] < 1e-6, m["train/log_ratio_dev_first_step"]
+    if old_logp == "trainer":  # old log-probs from the training forward in the step's layout: ratio 1
+        assert m["train/log_ratio_dev_first_step"] == 0.0, m["train/log_ratio_dev_first_step"]
     else:  # the sampler's log-probs: the first step's |log ratio| is the trainer-sampler gap
         assert m["train/log_ratio_dev_first_step"] == m["train/logprob_gap_first_step"] > 0
+
+
+def test_ppo_first_step_sees_its_old_log_probs_bit_for_bit(tmp_path):
+    """The values pass (old log-probs, values) and the reference pass run each turn in the layout of
+    the first optimiser step (same companions, padded length and micro-batch row), so the first
+    step's ratio is exactly 1 and its reference KL exactly 0, with micro-batches smaller than a step
+    and turns of several lengths."""
+    cfg = make(
+        tmp_path,
+        "layout",
+        ppo__samples_per_step=8,
+        ppo__micro_batch=2,
+        ppo__kl_coef=0.1,
+        train__length_buckets=list(range(64, 1025, 4)),
+    )
+    Trainer(cfg).run(stop_after=1)
+    m = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))[-1]
+    assert m["train/ratio_dev_first_step"] == 0.0, m["train/ratio_dev_first_step"]
+    assert m["train/ref_kl_first_step"] == 0.0, m["train/ref_kl_first_step"]
+
+
+def test_grpo_steps_cover_an_epoch():
+    steps = Trainer._grpo_steps(np.array([5, 2, 7, 0, 1, 3, 6, 4, 8]), 4)
+    assert steps == [[5, 2, 7, 0], [1, 3, 6, 4]]  # the partial last step is dropped
+    assert Trainer._grpo_steps(np.array([2, 0, 1]), 4) == [[2, 0, 1, 2]]  # one short step: repeated up to S
 
 
 def test_vl_task_needs_a_vision_model(tmp_path):
@@ -175,16 +201,23 @@ class _NullWriter:
 
 
 @pytest.mark.parametrize("algo", ["ppo", "grpo"])
-def test_kl_penalty_uses_the_starting_policy_as_reference(tmp_path, algo):
+def test_kl_penalty_uses_the_starting_policy_as_reference(tmp_path, algo, monkeypatch):
     """`<algo>.kl_coef` > 0: the reference's token log-probs reach the loss (KL 0 at the first step,
     where the policy is the reference; > 0 in the next update), and a resumed run keeps the starting
     policy as its reference, not the checkpoint's parameters."""
+    from sftrl_jax.rl import train as rl_train
+
+    # A random policy fails every episode alike: equal returns, zero group advantages, and (now that
+    # the first step's KL gradient is exactly 0) no update at all. Give the episodes +-1 instead.
+    monkeypatch.setattr(
+        rl_train.grpo_lib, "episode_advantages", lambda eps, groups, cfg: np.resize([1.0, -1.0], len(eps))
+    )
     over = {f"{algo}__kl_coef": 0.5, "algo__": algo, "train__save_every": 1}
     cfg = make(tmp_path, f"{algo}_kl", **over)
     Trainer(cfg).run()  # 2 updates
     rows = [r for r in read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl")) if "train/ref_kl" in r]
     assert len(rows) == 2
-    assert rows[0]["train/ref_kl_first_step"] == pytest.approx(0.0, abs=1e-9)
+    assert rows[0]["train/ref_kl_first_step"] == 0.0  # the reference pass runs in the first step's layout
     assert rows[1]["train/ref_kl_first_step"] > 1e-7
     resumed = Trainer(cfg)
     fresh = Trainer(make(tmp_path, f"{algo}_fresh", **over))
