@@ -50,8 +50,9 @@ class PPOConfig:
     # Where the ratio's old turn log-probs come from: "trainer" = the training forward over the
     # rollout's turns (the pass that computes the values, so it costs nothing), as the reference
     # does (RL4VLM's llava_evaluate after llava_generate); "sampler" = the sampler's log-probs.
-    # Both equal the first step's log-probs to fp32 rounding only: the training forward of the same
-    # turns in two batch layouts differs by as much as the sampler does (docs/RESULTS.md).
+    # "trainer" runs each turn in the first optimiser step's batch layout, so the first step's ratio
+    # is exactly 1; the sampler's log-probs differ from the training forward's by fp32 rounding of
+    # another computation order (~1e-5 to 7e-5 on trained tiny models, docs/RESULTS.md).
     old_logp: str = "trainer"
     # Off in the paper. kl_coef beta: + beta * KL(pi || pi_ref), the k3 estimator per response token
     # (mean over the step's tokens), pi_ref = the policy the run started from (model.init, frozen).
