@@ -43,8 +43,8 @@ class GRPOConfig:
     temperature: float = 1.0
     # Where the ratio's old token log-probs come from: "sampler" = the sampler's log-probs (no extra
     # forward); "trainer" = one forward of the training function over the rollout before the first
-    # step, each turn in that step's batch layout: the first step's ratio is exactly 1. The sampler's
-    # log-probs differ from it by fp32 rounding of another computation order (docs/RESULTS.md).
+    # step, each turn in that step's batch layout: the first step's ratio is exactly 1 in the tests'
+    # settings, not always on trained models (XLA may round the update's own forward differently).
     old_logp: str = "sampler"
 
     def __post_init__(self):

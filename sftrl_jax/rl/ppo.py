@@ -50,9 +50,10 @@ class PPOConfig:
     # Where the ratio's old turn log-probs come from: "trainer" = the training forward over the
     # rollout's turns (the pass that computes the values, so it costs nothing), as the reference
     # does (RL4VLM's llava_evaluate after llava_generate); "sampler" = the sampler's log-probs.
-    # "trainer" runs each turn in the first optimiser step's batch layout, so the first step's ratio
-    # is exactly 1; the sampler's log-probs differ from the training forward's by fp32 rounding of
-    # another computation order (~1e-5 to 7e-5 on trained tiny models, docs/RESULTS.md).
+    # "trainer" runs each turn in the first optimiser step's batch layout: the first step's ratio is
+    # exactly 1 in the tests' settings, while on trained tiny models the update's own forward still
+    # differs from it by up to ~4e-5 (XLA compiles the two programs differently), about as much as
+    # the sampler's log-probs do (docs/RESULTS.md).
     old_logp: str = "trainer"
     # Off in the paper. kl_coef beta: + beta * KL(pi || pi_ref), the k3 estimator per response token
     # (mean over the step's tokens), pi_ref = the policy the run started from (model.init, frozen).
@@ -209,9 +210,12 @@ def make_value_fn(graphdef, rest, temperature: float):
 def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOConfig, *, lr_fn):
     """Pure PPO optimiser step over `samples_per_step` turns, scanned in `micro_batch` chunks.
 
-    batch (leading dim = samples_per_step): the arrays of `build_batch` plus `old_logp` [B] (turn
-    log-probs at rollout time), `old_values` [B], `advantages` [B], `returns` [B]; and, when
-    `cfg.kl_coef` > 0, `ref_token_logp` [B, L] (the reference policy's token log-probs).
+    batch (leading dim = samples_per_step): the arrays of `build_batch`, with `old_token_logp` [B, L]
+    the token log-probs the ratio is taken against (`PPOConfig.old_logp`: the sampler's, as built,
+    or the trainer's), plus `old_values` [B], `advantages` [B], `returns` [B]; and, when
+    `cfg.kl_coef` > 0, `ref_token_logp` [B, L] (the reference policy's token log-probs). The turn
+    ratio is exp(sum_t w_t (log pi(a_t) - old_token_logp_t)) over the response tokens, w_t the
+    `thought_coef` weights: the ratio of the turn-level action probabilities of `turn_logp`.
     """
     n_micro = cfg.samples_per_step // cfg.micro_batch
     use_entropy = cfg.entropy_coef > 0
@@ -219,9 +223,12 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
     def loss_fn(params, mb):
         policy = nnx.merge(graphdef, params, rest)
         logp_tok, values, *ent = forward(policy, mb, cfg.temperature, entropy=use_entropy)
-        logp = turn_logp(logp_tok, mb)
+        # The turn's log ratio as the weighted sum of its token log ratios, not as the difference of
+        # two turn log-probs: those sums reach hundreds at low temperature, where one fp32 ulp is
+        # ~3e-5, so equal token log-probs could give a ratio off by that much.
+        log_ratio = turn_logp(logp_tok - mb["old_token_logp"], mb)
         pg, pg_aux = losses.ppo_policy_loss(
-            logp, mb["old_logp"], mb["advantages"], clip=cfg.clip, max_ratio=cfg.max_ratio
+            log_ratio, jnp.zeros_like(log_ratio), mb["advantages"], clip=cfg.clip, max_ratio=cfg.max_ratio
         )
         vl, v_aux = losses.value_loss(values, mb["old_values"], mb["returns"], clip=cfg.value_clip)
         loss = pg + cfg.value_coef * vl
@@ -233,7 +240,7 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
             extra["entropy"] = losses.masked_mean(ent[0], mb["resp_mask"])
             loss = loss - cfg.entropy_coef * extra["entropy"]
         gap = jnp.abs((logp_tok - mb["old_token_logp"]) * mb["resp_mask"]).max()
-        ratio_dev = jnp.abs(jnp.exp(logp - mb["old_logp"]) - 1.0).max()
+        ratio_dev = jnp.abs(jnp.exp(log_ratio) - 1.0).max()
         aux = {"loss": loss, "policy_loss": pg, "value_loss": vl, **pg_aux, **v_aux, **extra}
         return loss, {**aux, "logprob_gap_max": gap, "ratio_dev_max": ratio_dev}
 

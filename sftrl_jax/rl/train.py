@@ -62,7 +62,6 @@ BATCH_KEYS = (
     "weights",
     "old_token_logp",
     "value_index",
-    "old_logp",
     "old_values",
     "advantages",
     "returns",
@@ -183,6 +182,25 @@ def make_policy(model, tokenizer, cfg: SamplingSection, *, seed: int, image_proc
         top_k=cfg.top_k,
         seed=seed,
         image_processor=image_processor,
+    )
+
+
+def _response_row(turn, row: np.ndarray) -> np.ndarray:
+    """The response tokens' entries of a [L] row aligned with `targets` (position c - 1 predicts the
+    first response token)."""
+    c = len(turn.context_ids)
+    return row[c - 1 : c - 1 + len(turn.response_ids)].astype(np.float32)
+
+
+def _token_gap(turns, trainer_logps) -> float:
+    """max |trainer - sampler| over the response tokens of turns (the sampler's own log-probs)."""
+    return max(
+        (
+            float(np.abs(lp - np.asarray(t.logprobs[: len(lp)], np.float32)).max())
+            for t, lp in zip(turns, trainer_logps)
+            if len(lp)
+        ),
+        default=0.0,
     )
 
 
@@ -312,11 +330,12 @@ class Trainer:
         self._count_generation(flat)
         return buffer, flat
 
-    def values_of(self, turns, steps=None) -> tuple[np.ndarray, np.ndarray]:
-        """(values, trainer turn log-probs) of turns, in micro-batches (laid out as `steps`, see
-        `_rows_of`)."""
-        rows = self._rows_of(turns, self.cfg.ppo.micro_batch, lambda b: self.value_fn(self.state.params, b)[:2], steps)
-        return np.array([r[0] for r in rows]), np.array([r[1] for r in rows])
+    def values_of(self, turns, steps=None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(values, trainer turn log-probs, trainer token log-probs of each response) of turns, in
+        micro-batches (laid out as `steps`, see `_rows_of`)."""
+        rows = self._rows_of(turns, self.cfg.ppo.micro_batch, lambda b: self.value_fn(self.state.params, b), steps)
+        tokens = [_response_row(t, r[2]) for t, r in zip(turns, rows)]
+        return np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), tokens
 
     def _rows_of(self, turns, mb: int, fn, steps=None) -> list[tuple[np.ndarray, ...]]:
         """fn(device micro-batch) -> arrays with a leading row axis; returns each turn's rows.
@@ -353,7 +372,7 @@ class Trainer:
         fake = [
             rollout.Turn(i, -1, 0, c, [], [], "", 0.0, False, False, list(self.runner.images[i]), {}) for i, c in ctx
         ]
-        values, _ = self.values_of(fake)
+        values, _, _ = self.values_of(fake)
         for (i, _), v in zip(ctx, values):
             out[i] = v
         return out
@@ -369,12 +388,15 @@ class Trainer:
         orders = [rng.permutation(len(flat)) for _ in range(pcfg.epochs)]
         S = pcfg.samples_per_step
         first_steps = [orders[0][s : s + S] for s in range(0, len(flat), S)]
-        values, trainer_logp = self.values_of(flat, first_steps)
+        values, trainer_logp, trainer_tokens = self.values_of(flat, first_steps)
         last = self.next_values()
         adv, ret = ppo_lib.advantages_for(rewards, values.reshape(T, E), dones, last, pcfg)
         adv, ret = adv.reshape(-1), ret.reshape(-1)
         sampler_logp = np.array([self._sampler_turn_logp(t) for t in flat], np.float32)
-        old_logp = trainer_logp.astype(np.float32) if pcfg.old_logp == "trainer" else sampler_logp
+        # ppo.old_logp "trainer": the ratio's old token log-probs are the values pass's (else the
+        # sampler's, which `_build` puts in old_token_logp)
+        old_of = {id(t): lp for t, lp in zip(flat, trainer_tokens)} if pcfg.old_logp == "trainer" else None
+        sampler_gap = _token_gap(flat, trainer_tokens)
         ref_of = self._ref_table(flat, first_steps)
         metrics: list[dict] = []
         t1 = time.perf_counter()
@@ -382,8 +404,9 @@ class Trainer:
             for s in range(0, len(order), pcfg.samples_per_step):
                 idx = order[s : s + pcfg.samples_per_step]
                 batch = self._build([flat[i] for i in idx])
+                if old_of is not None:
+                    self._put_token_logp(batch, "old_token_logp", [flat[i] for i in idx], old_of)
                 batch.update(
-                    old_logp=old_logp[idx],
                     old_values=values[idx].astype(np.float32),
                     advantages=adv[idx].astype(np.float32),
                     returns=ret[idx].astype(np.float32),
@@ -399,9 +422,9 @@ class Trainer:
                 )
         t_train = time.perf_counter() - t1
         out = _mean_metrics(metrics)
-        # Before the first optimiser step the trainer must reproduce the sampler's log-probs
-        # (token level), and the ratio must be 1 (turn level, against `ppo.old_logp`).
-        out["logprob_gap_first_step"] = metrics[0]["logprob_gap_max"]
+        # Before the first optimiser step: the trainer-sampler gap (token level, the values pass vs
+        # the sampler), and the first step's ratio (turn level, against `ppo.old_logp`).
+        out["logprob_gap_first_step"] = sampler_gap
         out["ratio_dev_first_step"] = metrics[0]["ratio_dev_max"]
         if ref_of is not None:  # 0 up to rounding while the policy is still the reference
             out["ref_kl_first_step"] = metrics[0]["ref_kl"]
@@ -443,14 +466,7 @@ class Trainer:
         if gcfg.old_logp == "trainer":
             trainer_logp = self.token_logps_of([t for t, _ in samples], steps=first_steps)
             old_of = {id(t): lp for (t, _), lp in zip(samples, trainer_logp)}
-            sampler_gap = max(
-                (
-                    float(np.abs(lp - np.asarray(t.logprobs[: len(lp)], np.float32)).max())
-                    for (t, _), lp in zip(samples, trainer_logp)
-                    if len(lp)
-                ),
-                default=0.0,
-            )
+            sampler_gap = _token_gap([t for t, _ in samples], trainer_logp)
         ref_of = self._ref_table([t for t, _ in samples], first_steps)
         metrics = []
         t1 = time.perf_counter()
@@ -491,11 +507,7 @@ class Trainer:
         else:
             fn = lambda b: (self.logp_fn(params, b),)  # noqa: E731
         rows = self._rows_of(turns, self.cfg.algo_cfg.micro_batch, fn, steps)
-        out = []
-        for t, (logp,) in zip(turns, rows):
-            c = len(t.context_ids)
-            out.append(logp[c - 1 : c - 1 + len(t.response_ids)].astype(np.float32))
-        return out
+        return [_response_row(t, logp) for t, (logp,) in zip(turns, rows)]
 
     def _ref_table(self, turns, steps=None) -> dict[int, np.ndarray] | None:
         """id(turn) -> the reference policy's token log-probs (None without a KL penalty)."""
