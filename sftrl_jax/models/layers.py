@@ -120,29 +120,22 @@ def dense(x: jax.Array, w: jax.Array, *, n_in: int = 1, out_dtype=None) -> jax.A
     """
     lead, out = x.shape[: x.ndim - n_in], w.shape[n_in:]
     k = int(np.prod(w.shape[:n_in]))
-    y = _matmul(x.reshape(-1, k), w.reshape(k, -1), out_dtype, _use_gemm(x, w, out_dtype))
+    x2, w2 = x.reshape(-1, k), w.reshape(k, -1)
+    y = _blas_bmm(x2, w2, False, False) if _use_gemm(x, w, out_dtype) else _matmul(x2, w2, out_dtype)
     return y.reshape(*lead, *out)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _matmul(x: jax.Array, w: jax.Array, out_dtype, blas: bool) -> jax.Array:
-    if blas:
-        from sftrl_jax import kernels
-
-        return kernels.gemm(x, w)
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul(x: jax.Array, w: jax.Array, out_dtype) -> jax.Array:
     return jnp.matmul(x, w, preferred_element_type=out_dtype)
 
 
-def _matmul_fwd(x, w, out_dtype, blas):
-    return _matmul(x, w, out_dtype, blas), (x, w)
+def _matmul_fwd(x, w, out_dtype):
+    return _matmul(x, w, out_dtype), (x, w)
 
 
-def _matmul_bwd(out_dtype, blas, res, g):
+def _matmul_bwd(out_dtype, res, g):
     x, w = res
-    if blas:
-        from sftrl_jax import kernels
-
-        return kernels.gemm(g, w, trans_b=True), kernels.gemm(x, g, trans_a=True)
     dx = jnp.matmul(g.astype(x.dtype), w.T, preferred_element_type=x.dtype)
     x_t = jax.lax.optimization_barrier(x.T)
     dw = jnp.matmul(x_t, g.astype(w.dtype), preferred_element_type=w.dtype)
@@ -154,8 +147,9 @@ _matmul.defvjp(_matmul_fwd, _matmul_bwd)
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _blas_bmm(a: jax.Array, b: jax.Array, trans_a: bool, trans_b: bool) -> jax.Array:
-    """op(a) @ op(b) over leading batch axes as `kernels.gemm` calls, the backward pass too (each
-    gradient is one more product with transposes read in place: no transpose copies)."""
+    """op(a) @ op(b) (over any leading batch axes) as `kernels.gemm` calls, the backward pass too
+    (each gradient is one more product with transposes read in place: no transpose copies). The
+    OpenBLAS path of `dense` and `attention` under `cpu_gemm()`."""
     from sftrl_jax import kernels
 
     return kernels.gemm(a, b, trans_a=trans_a, trans_b=trans_b)

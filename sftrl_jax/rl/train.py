@@ -473,8 +473,8 @@ class Trainer:
         for epoch, steps in enumerate(epoch_steps):
             for idx in steps:
                 chosen = [samples[i] for i in idx]
-                # fewer turns than one step: the step repeats them, with zero advantage
-                adv_step = [a if k < len(set(idx)) else 0.0 for k, (_, a) in enumerate(chosen)]
+                real = len(set(idx))  # fewer turns than one step: the step repeats them, with zero advantage
+                adv_step = [a if k < real else 0.0 for k, (_, a) in enumerate(chosen)]
                 batch = self._build([t for t, _ in chosen])
                 batch["advantages"] = np.array(adv_step, np.float32)
                 if old_of is not None:
