@@ -263,12 +263,49 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 # Attention
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float) -> jax.Array:
+def causal_block(t: int) -> int:
+    """Query rows per block of `attention(..., causal=True)` for T = t: 64, and 128 from 1024 on
+    (one layer's attention, forward and backward, on this 2-core CPU: T 1024 158.6 ms unblocked,
+    95.3 ms in blocks of 64, 88.1 in blocks of 128; T 2048 353.2, 192.9 in 128, 198.4 in 256)."""
+    return 64 if t < 1024 else 128
+
+
+def attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float, causal: bool = False
+) -> jax.Array:
     """Softmax attention with grouped kv heads; scores and softmax in fp32.
 
     q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] bool (True = attend) or None -> [B, T, N, H].
     A row with nothing to attend gets uniform weights (as transformers' additive finfo.min mask does).
+
+    `causal=True` promises that query i attends no key j > i (T == S, the mask within the causal
+    pattern by index; a None mask then means exactly that pattern). The queries then run in blocks
+    of `causal_block(T)` rows, each against the keys up to its last row only: the same result (up
+    to fp32 rounding order) with about (n + 1) / 2n of the products' FLOPs for n blocks (62.5% at
+    T = 256, where one layer's forward and backward took 34 instead of 50 ms on this CPU; 1.8x
+    faster at T = 1024 and 2048).
     """
+    b, t = q.shape[:2]
+    if not causal or k.shape[1] != t or causal_block(t) >= t:
+        if causal and mask is None:
+            mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t))
+        return _attention(q, k, v, mask, scale)
+    if mask is None:
+        mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t))
+    c = causal_block(t)
+    blocks = []
+    for start in range(0, t, c):
+        end = min(start + c, t)
+        blocks.append(_attention(q[:, start:end], k[:, :end], v[:, :end], mask[:, start:end, :end], scale))
+    out = jnp.concatenate(blocks, axis=1)
+    # A row with no key at all attends uniformly to all S keys, not only to its block's prefix.
+    g = q.shape[2] // k.shape[2]
+    uniform = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), g, axis=1).astype(out.dtype)  # [B, N, H]
+    return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, uniform[:, None])
+
+
+def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+    """`attention` over every key: q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S] or None."""
     b, t, n, h = q.shape
     s, kv_heads = k.shape[1], k.shape[2]
     g = n // kv_heads

@@ -53,7 +53,10 @@ class SelfAttention(nnx.Module):
         if cache_kv is not None:
             k = constrain(kv_cache.write(cache_kv[0], k, cache_index), kv_cache.KV_NAMES)
             v = constrain(kv_cache.write(cache_kv[1], v, cache_index), kv_cache.KV_NAMES)
-        out = layers.attention(q, k.astype(self.dtype), v.astype(self.dtype), mask, scale=self.scale)
+        # Without a cache the model's mask is causal by index: key blocks above the diagonal are skipped.
+        out = layers.attention(
+            q, k.astype(self.dtype), v.astype(self.dtype), mask, scale=self.scale, causal=cache_kv is None
+        )
         return layers.dense(out, self.o_proj.astype(self.dtype), n_in=2), (k, v)  # [B, T, D]
 
 

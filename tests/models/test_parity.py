@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from sftrl_jax.models import config as config_lib
-from sftrl_jax.models import convert, text
+from sftrl_jax.models import convert, layers, text
 from tests.models import hf_helpers as H
 
 torch = pytest.importorskip("torch")
@@ -56,14 +56,17 @@ def test_llama_end_to_end(tmp_path, name, overrides):
     hf = H.hf_model(cfg)
     ours = convert.from_pretrained(H.save_hf(hf, str(tmp_path)))
     rng = np.random.default_rng(0)
-    batch = dict(input_ids=rng.integers(0, cfg.text.vocab_size, (2, 24)), attention_mask=np.ones((2, 24), np.int64))
-    batch["attention_mask"][1, :5] = 0  # left padding
+    # 150 tokens: the self-attention runs in causal blocks of 64, 64 and 22 query rows.
+    t = 150
+    assert layers.causal_block(t) < t
+    batch = dict(input_ids=rng.integers(0, cfg.text.vocab_size, (2, t)), attention_mask=np.ones((2, t), np.int64))
+    batch["attention_mask"][1, :70] = 0  # left padding beyond the first block
     ref = _hf_logits(hf, batch)
     got = np.asarray(H.jit_forward(ours)(**_jnp(batch)).logits)
     real = batch["attention_mask"].astype(bool)
     assert H.rel_diff(got[real], ref[real]) < TOL
     # positions far beyond original_max_position exercise every band of the llama3 frequency scaling
-    pos = np.arange(24)[None].repeat(2, 0) * 17 + 3
+    pos = np.arange(t)[None].repeat(2, 0) * 17 + 3
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(batch["input_ids"]), position_ids=torch.tensor(pos)).logits.numpy()
     got = np.asarray(H.jit_forward(ours)(jnp.asarray(batch["input_ids"]), position_ids=jnp.asarray(pos)).logits)
