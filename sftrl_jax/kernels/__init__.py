@@ -19,8 +19,12 @@ their pure-JAX path, which computes the same values up to fp32 rounding.
 `gemm` (blas_gemm.cc) is for training steps: fp32 products of any shape through the sgemm of the
 `scipy-openblas64` wheel, the transposed operands of a backward pass read in place; `layers.cpu_gemm`
 routes `dense` to it (docs/BENCHMARKS.md: ~9% faster SFT steps on the benchmark model).
+`causal_attention` / `causal_attention_grad` (causal_attention.cc) are a training step's causal
+self-attention, forward and backward, in query blocks against the keys up to each block's end, the
+softmax between two sgemm calls on a block's scores in cache and no [T, T] probabilities kept for
+the backward pass (`layers.attention(..., causal=True)` under `cpu_gemm`).
 
-Build: the sources ship with the package (`decode_kernels.cc`, `blas_gemm.cc`); the first `available()` call of
+Build: the sources ship with the package (`decode_kernels.cc`, `blas_gemm.cc`, `causal_attention.cc`); the first `available()` call of
 a process compiles it with `$CXX` (default `c++`) against the XLA FFI headers jaxlib ships, with
 `-O3 -march=native`, into `$SFTRL_KERNEL_CACHE` (default `~/.cache/sftrl_jax/kernels`), keyed by
 the source, flags, compiler, jaxlib version and CPU, so later processes load it in milliseconds.
@@ -46,19 +50,23 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCES = (Path(__file__).with_name("decode_kernels.cc"), Path(__file__).with_name("blas_gemm.cc"))
-HEADERS = (Path(__file__).with_name("parallel_for.h"),)  # included by the sources (part of the build key)
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("decode_kernels.cc", "blas_gemm.cc", "causal_attention.cc"))
+# Included by the sources (part of the build key).
+HEADERS = (Path(__file__).with_name("parallel_for.h"), Path(__file__).with_name("blas.h"))
 TARGETS = {  # FFI target name -> the handler's symbol in the library
     "sftrl_decode_attention_f32": "SftrlDecodeAttentionF32",
     "sftrl_skinny_matmul_f32": "SftrlSkinnyMatmulF32",
     "sftrl_gemm_f32": "SftrlGemmF32",
+    "sftrl_causal_attention_fwd_f32": "SftrlCausalAttentionFwdF32",
+    "sftrl_causal_attention_bwd_f32": "SftrlCausalAttentionBwdF32",
 }
 # The BLAS behind `gemm`: the ILP64 OpenBLAS of the `scipy-openblas64` wheel (a private copy, so
 # setting its thread count does not touch numpy's), and its symbols.
 BLAS_MODULE = "scipy_openblas64"
 BLAS_SGEMM = "scipy_cblas_sgemm64_"
 BLAS_SET_THREADS = "scipy_openblas_set_num_threads64_"
-FLAGS = ("-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-w")
+# -fno-trapping-math: loops with selects (masks, clamps) vectorise; no value changes (no reassociation).
+FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
 COMPILE_TIMEOUT_S = 300
 # `skinny_matmul` beats XLA's matmul up to this many rows and loses beyond (docs/BENCHMARKS.md:
 # 8 decode layers + head of the sampler benchmark's model, 10.0 vs 11.0 ms at 16 rows, 17.8 vs
@@ -240,4 +248,76 @@ def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = F
     call = jax.ffi.ffi_call("sftrl_gemm_f32", jax.ShapeDtypeStruct((*a.shape[:-2], m, n), jnp.float32))
     return call(
         a, b, trans_a=np.int64(bool(trans_a)), trans_b=np.int64(bool(trans_b)), threads=np.int64(threads or 1 << 20)
+    )
+
+
+def _attention_args(q, k, v, mask, groups):
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if x.dtype != np.float32 or x.ndim != 3:
+            raise TypeError(f"causal_attention: {name} must be a 3-D float32 array, got {x.dtype} {x.shape}")
+    u, rows, h = q.shape
+    if k.shape != v.shape or k.shape[0] != u or k.shape[2] != h or rows != k.shape[1] * groups:
+        raise ValueError(
+            f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit [U, T*G, H], [U, T, H] with G = {groups}"
+        )
+    t = k.shape[1]
+    if mask.ndim != 3 or mask.shape[1:] != (t, t) or u % mask.shape[0]:
+        raise ValueError(
+            f"causal_attention: mask {mask.shape} is not [B, T, T] with T = {t} and U = {u} a multiple of B"
+        )
+    return mask.astype(bool)
+
+
+def causal_attention(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array,
+    *,
+    scale: float,
+    groups: int,
+    block: int,
+    threads: int = 0,
+) -> tuple[jax.Array, jax.Array]:
+    """Causal attention of a training step on CPU (causal_attention.cc): q [U, T*G, H] with U = B*K
+    units (batch row, kv head) and rows t*G + g, k/v [U, T, H], mask [B, T, T] bool within the
+    causal pattern -> (out [U, T*G, H], lse [U, T*G]); the queries in blocks of `block` positions
+    against the keys up to each block's end. Call `gemm_available()` first."""
+    mask = _attention_args(q, k, v, mask, groups)
+    call = jax.ffi.ffi_call(
+        "sftrl_causal_attention_fwd_f32",
+        (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32)),
+    )
+    return call(
+        q,
+        k,
+        v,
+        mask,
+        scale=np.float32(scale),
+        groups=np.int64(groups),
+        block=np.int64(block),
+        threads=np.int64(threads or 1 << 20),
+    )
+
+
+def causal_attention_grad(
+    q, k, v, mask, out, lse, dout, *, scale: float, groups: int, block: int, threads: int = 0
+) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """The gradients (dq, dk, dv) of `causal_attention` for the output cotangent `dout`, from its
+    inputs and its (out, lse)."""
+    mask = _attention_args(q, k, v, mask, groups)
+    shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
+    call = jax.ffi.ffi_call("sftrl_causal_attention_bwd_f32", shapes)
+    return call(
+        q,
+        k,
+        v,
+        mask,
+        out,
+        lse,
+        dout,
+        scale=np.float32(scale),
+        groups=np.int64(groups),
+        block=np.int64(block),
+        threads=np.int64(threads or 1 << 20),
     )

@@ -21,18 +21,18 @@
 #include <atomic>
 #include <cstdint>
 
-#include "xla/ffi/api/ffi.h"
+#include "blas.h"
 #include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using sftrl::kNoTrans;
+using sftrl::kRowMajor;
+using sftrl::kTrans;
+using sftrl::SgemmFn;
 
 namespace {
 
-// cblas_sgemm with 64-bit integers (the ILP64 `scipy_cblas_sgemm64_`).
-using SgemmFn = void (*)(int order, int trans_a, int trans_b, int64_t m, int64_t n, int64_t k, float alpha,
-                         const float* a, int64_t lda, const float* b, int64_t ldb, float beta, float* c,
-                         int64_t ldc);
-constexpr int kRowMajor = 101, kNoTrans = 111, kTrans = 112;
 std::atomic<SgemmFn> g_sgemm{nullptr};
 
 // Below this many multiply-adds per part a split costs more than it saves.
@@ -100,6 +100,8 @@ ffi::Error Gemm(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer<ffi::
 }  // namespace
 
 extern "C" void SftrlSetSgemm(void* fn) { g_sgemm.store(reinterpret_cast<SgemmFn>(fn)); }
+
+sftrl::SgemmFn sftrl::CurrentSgemm() { return g_sgemm.load(); }
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SftrlGemmF32, Gemm,
                               ffi::Ffi::Bind()

@@ -283,9 +283,15 @@ def attention(
     of `causal_block(T)` rows, each against the keys up to its last row only: the same result (up
     to fp32 rounding order) with about (n + 1) / 2n of the products' FLOPs for n blocks (62.5% at
     T = 256, where one layer's forward and backward took 34 instead of 50 ms on this CPU; 1.8x
-    faster at T = 1024 and 2048).
+    faster at T = 1024 and 2048). In fp32 under `cpu_gemm()` the blocks run inside one native call
+    per pass (`kernels.causal_attention`, flash-style: the backward pass recomputes the
+    probabilities from the row log-sum-exp instead of keeping [B, N, T, T] of them).
     """
     b, t = q.shape[:2]
+    if causal and k.shape[1] == t and _use_gemm(q, k, None) and v.dtype == jnp.float32:
+        if mask is None:
+            mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t))
+        return _causal_kernel(q, k, v, mask, float(scale))
     if not causal or k.shape[1] != t or causal_block(t) >= t:
         if causal and mask is None:
             mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t))
@@ -302,6 +308,54 @@ def attention(
     g = q.shape[2] // k.shape[2]
     uniform = jnp.repeat(jnp.mean(v.astype(jnp.float32), axis=1), g, axis=1).astype(out.dtype)  # [B, N, H]
     return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, uniform[:, None])
+
+
+def _unit_rows(x: jax.Array, kv_heads: int) -> jax.Array:
+    """[B, T, N, H] -> [B*K, T*G, H]: one unit per (batch row, kv head), rows t*G + g."""
+    b, t, n, h = x.shape
+    g = n // kv_heads
+    return x.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, t * g, h)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
+def _causal_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
+    """`attention(..., causal=True)` in fp32 under `cpu_gemm()`: `kernels.causal_attention`, forward
+    and backward (one call each per layer)."""
+    return _causal_kernel_fwd(q, k, v, mask, scale)[0]
+
+
+def _causal_kernel_fwd(q, k, v, mask, scale):
+    from sftrl_jax import kernels
+
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    qu, ku, vu = _unit_rows(q, kv_heads), _unit_rows(k, kv_heads), _unit_rows(v, kv_heads)
+    block = causal_block(t)
+    out, lse = kernels.causal_attention(qu, ku, vu, mask, scale=scale, groups=n // kv_heads, block=block)
+    y = out.reshape(b, kv_heads, t, n // kv_heads, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
+    return y, (qu, ku, vu, mask, out, lse)
+
+
+def _causal_kernel_bwd(scale, res, g):
+    from sftrl_jax import kernels
+
+    qu, ku, vu, mask, out, lse = res
+    b, t, n, h = g.shape
+    kv_heads = ku.shape[0] // b
+    dq, dk, dv = kernels.causal_attention_grad(
+        qu, ku, vu, mask, out, lse, _unit_rows(g, kv_heads), scale=scale, groups=n // kv_heads, block=causal_block(t)
+    )
+    back = lambda x, heads: (
+        x.reshape(b, kv_heads, t, heads // kv_heads, h)
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(  # noqa: E731
+            b, t, heads, h
+        )
+    )
+    return back(dq, n), back(dk, kv_heads), back(dv, kv_heads), None
+
+
+_causal_kernel.defvjp(_causal_kernel_fwd, _causal_kernel_bwd)
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:

@@ -72,3 +72,48 @@ def test_no_mask_means_the_causal_pattern():
     np.testing.assert_allclose(short, layers.attention(q[:, :40], k[:, :40], v[:, :40], tri[:, :40, :40], scale=0.25))
     cached = lambda q, k, v: layers.attention(q, k, v, mask[:, :, :100], scale=0.25, causal=True)  # noqa: E731
     assert _n_dots(cached, q, k[:, :100], v[:, :100]) == 2
+
+
+needs_gemm = pytest.mark.skipif(not kernels.gemm_available(), reason="no OpenBLAS gemm kernel here")
+
+
+@needs_gemm
+def test_cpu_gemm_runs_the_causal_kernel_forward_and_backward():
+    q, k, v, g, mask = _inputs()
+    hlo = _grad_fn(mask, True, True).lower(q, k, v, g).as_text()
+    assert hlo.count("sftrl_causal_attention_fwd_f32") == 1 and hlo.count("sftrl_causal_attention_bwd_f32") == 1
+    assert "sftrl_gemm_f32" not in hlo  # no separate score products
+    # Without causal=True (or with a KV cache's S != T) the products are batched gemm calls instead.
+    assert "sftrl_causal_attention" not in _grad_fn(mask, False, True).lower(q, k, v, g).as_text()
+
+
+@needs_gemm
+def test_causal_kernel_same_bits_for_any_thread_count():
+    q, k, v, g, mask = _inputs()
+    u = lambda x: x.reshape(B, T, K, -1, H).transpose(0, 2, 1, 3, 4).reshape(B * K, -1, H)  # noqa: E731
+    args = (u(q), u(k), u(v), mask)
+    kw = dict(scale=0.25, groups=N // K, block=64)
+    one = jax.jit(lambda *a: kernels.causal_attention(*a, **kw, threads=1))(*args)
+    every = jax.jit(lambda *a: kernels.causal_attention(*a, **kw))(*args)
+    for a, c in zip(one, every):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+    out, lse = every
+    assert np.isinf(np.asarray(lse)).reshape(B, K, T, -1)[1, :, :70].all()  # rows with no key
+    grads = [
+        jax.jit(lambda *a, t=t: kernels.causal_attention_grad(*a, out, lse, u(g), **kw, threads=t))(*args)
+        for t in (1, 0)
+    ]
+    for a, c in zip(*grads):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
+
+
+@needs_gemm
+def test_causal_kernel_bad_input():
+    q, k, v, _, mask = _inputs()
+    u = lambda x: x.reshape(B, T, K, -1, H).transpose(0, 2, 1, 3, 4).reshape(B * K, -1, H)  # noqa: E731
+    with pytest.raises(TypeError, match="q must be a 3-D float32 array"):
+        kernels.causal_attention(q, u(k), u(v), mask, scale=1.0, groups=2, block=64)
+    with pytest.raises(ValueError, match=r"do not fit \[U, T\*G, H\], \[U, T, H\] with G = 3"):
+        kernels.causal_attention(u(q), u(k), u(v), mask, scale=1.0, groups=3, block=64)
+    with pytest.raises(ValueError, match=r"mask \(3, 150, 100\) is not \[B, T, T\]"):
+        kernels.causal_attention(u(q), u(k), u(v), mask[:, :, :100], scale=1.0, groups=2, block=64)

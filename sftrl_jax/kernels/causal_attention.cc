@@ -1,0 +1,300 @@
+// Causal self-attention of a training step (forward and backward) for XLA:CPU, as XLA FFI handlers
+// (built with the other kernels of this folder by `sftrl_jax/kernels/__init__.py`).
+//
+// Layout: a "unit" u is one (batch row b, kv head) pair, U = B * K units; its G query heads are
+// folded into the rows, row r = t * G + g for query position t. q, out, dout [U, T*G, H];
+// k, v [U, T, H]; mask [B, T, T] bool (True = attend), known to be within the causal pattern
+// (query t attends no key s > t); lse [U, T*G] the log-sum-exp of a row's scaled scores.
+//
+// The queries of a unit run in blocks of `block` positions, each against the keys up to its last
+// position only (the products above the diagonal are skipped), with the scores of a block in a
+// scratch buffer: S = Q K^T, the row softmax, O = P V as single-threaded sgemm calls (the BLAS of
+// blas_gemm.cc); the backward pass recomputes P from lse (no [T, T] probabilities are stored),
+// then dP = dO V^T, dS = P (dP - rowsum(dO O)) scale, dQ = dS K, dK += dS^T Q, dV += P^T dO.
+// Units are spread over the calling thread and XLA's intra-op pool; each unit is computed by one
+// thread from start to end, so the result does not depend on the thread count.
+//
+// A row with no key to attend (a padding position) attends uniformly to all T keys (transformers'
+// additive-mask convention, and `layers.attention`'s): its output is the mean of v, its lse +inf.
+//
+// Why: the blocked attention of XLA ops (`layers.attention`) runs these products as batched BLAS
+// calls with the softmax, masking, slicing of the key prefixes and the summing of the gradients of
+// those prefixes as separate passes over [B, heads, T, T] arrays; here a block's scores stay in
+// cache between its products and softmax.
+
+#include <algorithm>
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <limits>
+#include <vector>
+
+#include "blas.h"
+#include "parallel_for.h"
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+using sftrl::kNoTrans;
+using sftrl::kRowMajor;
+using sftrl::kTrans;
+
+namespace {
+
+constexpr float kNegInf = -std::numeric_limits<float>::infinity();
+
+// exp(x) for x <= 0 (x = -inf gives 0), branch-free so that the loops calling it vectorise:
+// x = n ln2 + r, |r| <= ln2 / 2, exp(r) by its degree-7 Taylor polynomial (truncation below 1e-8;
+// the result within a few float ulps of std::exp), 2^n from the exponent bits.
+inline float ExpNonPositive(float x) {
+  x = x > -87.0f ? x : -87.0f;
+  const float n = (x * 1.44269504088896341f + 12582912.0f) - 12582912.0f;  // round to nearest (1.5 * 2^23)
+  const float r = std::fma(n, -0.693145751953125f, std::fma(n, -1.428606765330187e-06f, x));
+  float p = 1.0f / 5040;
+  p = std::fma(p, r, 1.0f / 720);
+  p = std::fma(p, r, 1.0f / 120);
+  p = std::fma(p, r, 1.0f / 24);
+  p = std::fma(p, r, 1.0f / 6);
+  p = std::fma(p, r, 0.5f);
+  p = std::fma(p, r, 1.0f);
+  p = std::fma(p, r, 1.0f);
+  const int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof scale);
+  return p * scale;
+}
+
+// Sum of x[0..n) in kLanes interleaved partial sums (so the loop vectorises without -ffast-math).
+constexpr int kLanes = 16;
+inline float Sum(const float* x, int64_t n) {
+  float acc[kLanes] = {};
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] += x[j + l];
+  float total = 0.0f;
+  for (; j < n; ++j) total += x[j];
+  for (int l = 0; l < kLanes; ++l) total += acc[l];
+  return total;
+}
+
+// Largest of x[0..n) (-inf for n = 0), in kLanes interleaved maxima.
+inline float Max(const float* x, int64_t n) {
+  float acc[kLanes];
+  for (int l = 0; l < kLanes; ++l) acc[l] = kNegInf;
+  int64_t j = 0;
+  for (; j + kLanes <= n; j += kLanes)
+    for (int l = 0; l < kLanes; ++l) acc[l] = acc[l] > x[j + l] ? acc[l] : x[j + l];
+  float best = kNegInf;
+  for (; j < n; ++j) best = best > x[j] ? best : x[j];
+  for (int l = 0; l < kLanes; ++l) best = best > acc[l] ? best : acc[l];
+  return best;
+}
+
+struct Dims {
+  int64_t units, rows, t, h, g, kv_heads, block;
+};
+
+ffi::Error CheckDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
+                     ffi::Buffer<ffi::PRED>& mask, int64_t groups, int64_t block, Dims* d) {
+  auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
+  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3) {
+    return ffi::Error::InvalidArgument("causal_attention: expected q [U,T*G,H], k/v [U,T,H], mask [B,T,T]");
+  }
+  d->units = qd[0];
+  d->rows = qd[1];
+  d->h = qd[2];
+  d->t = kd[1];
+  d->g = groups;
+  d->block = block;
+  if (groups < 1 || block < 1 || d->rows != d->t * groups || kd[0] != d->units || kd[2] != d->h ||
+      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || md[1] != d->t || md[2] != d->t || md[0] < 1 ||
+      d->units % md[0] != 0) {
+    return ffi::Error::InvalidArgument("causal_attention: the shapes of q, k, v and mask do not agree");
+  }
+  d->kv_heads = d->units / md[0];
+  return ffi::Error::Success();
+}
+
+// Masked, scaled scores of rows [r0, r0 + nr) against keys [0, end) (in `s`, leading dim `end`) ->
+// their softmax probabilities in place; returns lse per row (+inf: no key, row of zeros).
+void SoftmaxRows(float* s, int64_t nr, int64_t end, int64_t t0, int64_t g, const uint8_t* mask_b, int64_t t,
+                 float scale, float* lse) {
+  for (int64_t i = 0; i < nr; ++i) {
+    float* row = s + i * end;
+    const uint8_t* m = mask_b + (t0 + i / g) * t;
+    for (int64_t j = 0; j < end; ++j) {
+      const float x = row[j] * scale;
+      row[j] = m[j] ? x : kNegInf;
+    }
+    const float mx = Max(row, end);
+    if (mx == kNegInf) {
+      std::fill(row, row + end, 0.0f);
+      lse[i] = std::numeric_limits<float>::infinity();
+      continue;
+    }
+    for (int64_t j = 0; j < end; ++j) {
+      const float e = ExpNonPositive(row[j] - mx);
+      row[j] = row[j] > kNegInf ? e : 0.0f;
+    }
+    const float sum = Sum(row, end);
+    const float inv = 1.0f / sum;
+    for (int64_t j = 0; j < end; ++j) row[j] *= inv;
+    lse[i] = mx + std::log(sum);
+  }
+}
+
+ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                   ffi::Buffer<ffi::PRED> mask, float scale, int64_t groups, int64_t block, int64_t threads,
+                   ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
+  sftrl::SgemmFn sgemm = sftrl::CurrentSgemm();
+  if (sgemm == nullptr) return ffi::Error::Internal("causal_attention: no BLAS was set");
+  Dims d;
+  if (auto err = CheckDims(q, k, v, mask, groups, block, &d); err.failure()) return err;
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.typed_data());
+  float* op = out->typed_data();
+  float* lp = lse->typed_data();
+  const int64_t t = d.t, h = d.h, g = d.g;
+  sftrl::parallel_for(pool, d.units, threads, [=](int64_t u) {
+    const float* qu = qp + u * d.rows * h;
+    const float* ku = kp + u * t * h;
+    const float* vu = vp + u * t * h;
+    const uint8_t* mb = mp + (u / d.kv_heads) * t * t;
+    float* ou = op + u * d.rows * h;
+    float* lu = lp + u * d.rows;
+    std::vector<float> s(static_cast<size_t>(std::min(block, t) * g * t));
+    std::vector<float> mean;  // of v over all keys, for rows with no key
+    for (int64_t t0 = 0; t0 < t; t0 += block) {
+      const int64_t end = std::min(t, t0 + block), nr = (end - t0) * g, r0 = t0 * g;
+      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qu + r0 * h, h, ku, h, 0.0f, s.data(), end);
+      SoftmaxRows(s.data(), nr, end, t0, g, mb, t, scale, lu + r0);
+      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, s.data(), end, vu, h, 0.0f, ou + r0 * h, h);
+      for (int64_t i = 0; i < nr; ++i) {
+        if (!std::isinf(lu[r0 + i])) continue;
+        if (mean.empty()) {
+          mean.assign(h, 0.0f);
+          for (int64_t j = 0; j < t; ++j)
+            for (int64_t c = 0; c < h; ++c) mean[c] += vu[j * h + c];
+          for (auto& x : mean) x /= static_cast<float>(t);
+        }
+        std::copy(mean.begin(), mean.end(), ou + (r0 + i) * h);
+      }
+    }
+  });
+  return ffi::Error::Success();
+}
+
+ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
+                    ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
+                    ffi::Buffer<ffi::F32> dout, float scale, int64_t groups, int64_t block, int64_t threads,
+                    ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
+  sftrl::SgemmFn sgemm = sftrl::CurrentSgemm();
+  if (sgemm == nullptr) return ffi::Error::Internal("causal_attention: no BLAS was set");
+  Dims d;
+  if (auto err = CheckDims(q, k, v, mask, groups, block, &d); err.failure()) return err;
+  if (out.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
+      lse.element_count() != d.units * d.rows) {
+    return ffi::Error::InvalidArgument("causal_attention: out, dout or lse do not fit q");
+  }
+  const float* qp = q.typed_data();
+  const float* kp = k.typed_data();
+  const float* vp = v.typed_data();
+  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.typed_data());
+  const float* op = out.typed_data();
+  const float* lp = lse.typed_data();
+  const float* gp = dout.typed_data();
+  float* dqp = dq->typed_data();
+  float* dkp = dk->typed_data();
+  float* dvp = dv->typed_data();
+  const int64_t t = d.t, h = d.h, g = d.g;
+  sftrl::parallel_for(pool, d.units, threads, [=](int64_t u) {
+    const float* qu = qp + u * d.rows * h;
+    const float* ku = kp + u * t * h;
+    const float* vu = vp + u * t * h;
+    const uint8_t* mb = mp + (u / d.kv_heads) * t * t;
+    const float* ou = op + u * d.rows * h;
+    const float* lu = lp + u * d.rows;
+    const float* gu = gp + u * d.rows * h;
+    float* dqu = dqp + u * d.rows * h;
+    float* dku = dkp + u * t * h;
+    float* dvu = dvp + u * t * h;
+    std::fill(dku, dku + t * h, 0.0f);
+    std::fill(dvu, dvu + t * h, 0.0f);
+    const size_t scratch = static_cast<size_t>(std::min(block, t) * g * t);
+    std::vector<float> p(scratch), dp(scratch), delta(d.rows);
+    for (int64_t r = 0; r < d.rows; ++r) {  // rowsum(dO * O)
+      float acc = 0.0f;
+      for (int64_t c = 0; c < h; ++c) acc += gu[r * h + c] * ou[r * h + c];
+      delta[r] = acc;
+    }
+    std::vector<float> uniform;  // sum of dO over rows with no key, / T: their share of every dV row
+    for (int64_t t0 = 0; t0 < t; t0 += block) {
+      const int64_t end = std::min(t, t0 + block), nr = (end - t0) * g, r0 = t0 * g;
+      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qu + r0 * h, h, ku, h, 0.0f, p.data(), end);
+      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, gu + r0 * h, h, vu, h, 0.0f, dp.data(), end);
+      for (int64_t i = 0; i < nr; ++i) {
+        float* pr = p.data() + i * end;
+        float* dr = dp.data() + i * end;
+        const uint8_t* m = mb + (t0 + i / g) * t;
+        const float l = lu[r0 + i], dl = delta[r0 + i];
+        if (std::isinf(l)) {
+          std::fill(pr, pr + end, 0.0f);
+          std::fill(dr, dr + end, 0.0f);
+          if (uniform.empty()) uniform.assign(h, 0.0f);
+          for (int64_t c = 0; c < h; ++c) uniform[c] += gu[(r0 + i) * h + c];
+          continue;
+        }
+        for (int64_t j = 0; j < end; ++j) {
+          const float e = ExpNonPositive(std::min(pr[j] * scale - l, 0.0f));
+          const float x = m[j] ? e : 0.0f;
+          pr[j] = x;
+          dr[j] = x * (dr[j] - dl) * scale;
+        }
+      }
+      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, dp.data(), end, ku, h, 0.0f, dqu + r0 * h, h);
+      sgemm(kRowMajor, kTrans, kNoTrans, end, h, nr, 1.0f, dp.data(), end, qu + r0 * h, h, 1.0f, dku, h);
+      sgemm(kRowMajor, kTrans, kNoTrans, end, h, nr, 1.0f, p.data(), end, gu + r0 * h, h, 1.0f, dvu, h);
+    }
+    if (!uniform.empty()) {
+      for (auto& x : uniform) x /= static_cast<float>(t);
+      for (int64_t j = 0; j < t; ++j)
+        for (int64_t c = 0; c < h; ++c) dvu[j * h + c] += uniform[c];
+    }
+  });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SftrlCausalAttentionFwdF32, Forward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(SftrlCausalAttentionBwdF32, Backward,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<float>("scale")
+                                  .Attr<int64_t>("groups")
+                                  .Attr<int64_t>("block")
+                                  .Attr<int64_t>("threads")
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>());
