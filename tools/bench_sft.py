@@ -143,7 +143,11 @@ def worker_main(argv: list[str]) -> int:
         step, out["compile_s"], out["n_params"] = our_step(args.model, ids)
         from sftrl_jax import kernels
 
-        out["matmul"] = "OpenBLAS sgemm (kernels.gemm)" if kernels.gemm_available() else "XLA dot"
+        out["matmul"] = (
+            "OpenBLAS sgemm (kernels.gemm; causal attention: kernels.causal_attention)"
+            if kernels.gemm_available()
+            else "XLA dot"
+        )
     else:
         import torch
         from transformers import LlamaForCausalLM

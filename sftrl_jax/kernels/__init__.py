@@ -251,61 +251,46 @@ def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = F
     )
 
 
-def _attention_args(q, k, v, mask, groups):
+def _attention_args(q, k, v, mask):
     for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype != np.float32 or x.ndim != 3:
-            raise TypeError(f"causal_attention: {name} must be a 3-D float32 array, got {x.dtype} {x.shape}")
-    u, rows, h = q.shape
-    if k.shape != v.shape or k.shape[0] != u or k.shape[2] != h or rows != k.shape[1] * groups:
+        if x.dtype != np.float32 or x.ndim != 4:
+            raise TypeError(f"causal_attention: {name} must be a 4-D float32 array, got {x.dtype} {x.shape}")
+    b, t, n, h = q.shape
+    if k.shape != v.shape or k.shape[:2] != (b, t) or k.shape[3] != h or n % k.shape[2]:
         raise ValueError(
-            f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit [U, T*G, H], [U, T, H] with G = {groups}"
+            f"causal_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit [B, T, N, H], [B, T, K, H] "
+            "with N a multiple of K"
         )
-    t = k.shape[1]
-    if mask.ndim != 3 or mask.shape[1:] != (t, t) or u % mask.shape[0]:
-        raise ValueError(
-            f"causal_attention: mask {mask.shape} is not [B, T, T] with T = {t} and U = {u} a multiple of B"
-        )
+    if mask.shape != (b, t, t):
+        raise ValueError(f"causal_attention: mask {mask.shape} is not [B, T, T] = {(b, t, t)}")
     return mask.astype(bool)
 
 
 def causal_attention(
-    q: jax.Array,
-    k: jax.Array,
-    v: jax.Array,
-    mask: jax.Array,
-    *,
-    scale: float,
-    groups: int,
-    block: int,
-    threads: int = 0,
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, *, scale: float, block: int, threads: int = 0
 ) -> tuple[jax.Array, jax.Array]:
-    """Causal attention of a training step on CPU (causal_attention.cc): q [U, T*G, H] with U = B*K
-    units (batch row, kv head) and rows t*G + g, k/v [U, T, H], mask [B, T, T] bool within the
-    causal pattern -> (out [U, T*G, H], lse [U, T*G]); the queries in blocks of `block` positions
-    against the keys up to each block's end. Call `gemm_available()` first."""
-    mask = _attention_args(q, k, v, mask, groups)
-    call = jax.ffi.ffi_call(
-        "sftrl_causal_attention_fwd_f32",
-        (jax.ShapeDtypeStruct(q.shape, jnp.float32), jax.ShapeDtypeStruct(q.shape[:2], jnp.float32)),
+    """Causal self-attention of a training step on CPU (causal_attention.cc): q [B, T, N, H], k/v
+    [B, T, K, H] (N = K * G), mask [B, T, T] bool within the causal pattern -> (out [B, T, N, H],
+    lse [B, K, T * G], the rows' log-sum-exp, +inf for a row with no key, which attends uniformly to
+    all keys); the queries in blocks of `block` positions against the keys up to each block's end.
+    `threads` caps the threads used (0: all of XLA's intra-op pool); the result does not depend on
+    it. Call `gemm_available()` first."""
+    mask = _attention_args(q, k, v, mask)
+    b, t, n, _ = q.shape
+    shapes = (
+        jax.ShapeDtypeStruct(q.shape, jnp.float32),
+        jax.ShapeDtypeStruct((b, k.shape[2], t * n // k.shape[2]), jnp.float32),
     )
-    return call(
-        q,
-        k,
-        v,
-        mask,
-        scale=np.float32(scale),
-        groups=np.int64(groups),
-        block=np.int64(block),
-        threads=np.int64(threads or 1 << 20),
-    )
+    call = jax.ffi.ffi_call("sftrl_causal_attention_fwd_f32", shapes)
+    return call(q, k, v, mask, scale=np.float32(scale), block=np.int64(block), threads=np.int64(threads or 1 << 20))
 
 
 def causal_attention_grad(
-    q, k, v, mask, out, lse, dout, *, scale: float, groups: int, block: int, threads: int = 0
+    q, k, v, mask, out, lse, dout, *, scale: float, block: int, threads: int = 0
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """The gradients (dq, dk, dv) of `causal_attention` for the output cotangent `dout`, from its
-    inputs and its (out, lse)."""
-    mask = _attention_args(q, k, v, mask, groups)
+    inputs and its (out, lse); the probabilities are recomputed from lse."""
+    mask = _attention_args(q, k, v, mask)
     shapes = tuple(jax.ShapeDtypeStruct(x.shape, jnp.float32) for x in (q, k, v))
     call = jax.ffi.ffi_call("sftrl_causal_attention_bwd_f32", shapes)
     return call(
@@ -317,7 +302,6 @@ def causal_attention_grad(
         lse,
         dout,
         scale=np.float32(scale),
-        groups=np.int64(groups),
         block=np.int64(block),
         threads=np.int64(threads or 1 << 20),
     )

@@ -1,10 +1,12 @@
 // Causal self-attention of a training step (forward and backward) for XLA:CPU, as XLA FFI handlers
 // (built with the other kernels of this folder by `sftrl_jax/kernels/__init__.py`).
 //
-// Layout: a "unit" u is one (batch row b, kv head) pair, U = B * K units; its G query heads are
-// folded into the rows, row r = t * G + g for query position t. q, out, dout [U, T*G, H];
-// k, v [U, T, H]; mask [B, T, T] bool (True = attend), known to be within the causal pattern
-// (query t attends no key s > t); lse [U, T*G] the log-sum-exp of a row's scaled scores.
+// Layout: the model's own, q, out, dout [B, T, N, H], k, v [B, T, K, H] (N = K * G query heads, head
+// k * G + g of kv head k); mask [B, T, T] bool (True = attend), known to be within the causal
+// pattern (query t attends no key s > t); lse [B, K, T * G] the log-sum-exp of a row's scaled scores.
+// A "unit" is one (batch row b, kv head k) pair; its G query heads are folded into the rows of its
+// products, row (t - t0) * G + g of a block starting at position t0 (packed from q's G heads of
+// each position, a copy of G * H floats per position); k and v rows are read in place (stride K * H).
 //
 // The queries of a unit run in blocks of `block` positions, each against the keys up to its last
 // position only (the products above the diagonal are skipped), with the scores of a block in a
@@ -90,32 +92,48 @@ inline float Max(const float* x, int64_t n) {
 }
 
 struct Dims {
-  int64_t units, rows, t, h, g, kv_heads, block;
+  int64_t b, t, n, kv, h, g, block;
 };
 
 ffi::Error CheckDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
-                     ffi::Buffer<ffi::PRED>& mask, int64_t groups, int64_t block, Dims* d) {
+                     ffi::Buffer<ffi::PRED>& mask, int64_t block, Dims* d) {
   auto qd = q.dimensions(), kd = k.dimensions(), vd = v.dimensions(), md = mask.dimensions();
-  if (qd.size() != 3 || kd.size() != 3 || vd.size() != 3 || md.size() != 3) {
-    return ffi::Error::InvalidArgument("causal_attention: expected q [U,T*G,H], k/v [U,T,H], mask [B,T,T]");
+  if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3) {
+    return ffi::Error::InvalidArgument("causal_attention: expected q [B,T,N,H], k/v [B,T,K,H], mask [B,T,T]");
   }
-  d->units = qd[0];
-  d->rows = qd[1];
-  d->h = qd[2];
-  d->t = kd[1];
-  d->g = groups;
-  d->block = block;
-  if (groups < 1 || block < 1 || d->rows != d->t * groups || kd[0] != d->units || kd[2] != d->h ||
-      vd[0] != kd[0] || vd[1] != kd[1] || vd[2] != kd[2] || md[1] != d->t || md[2] != d->t || md[0] < 1 ||
-      d->units % md[0] != 0) {
+  *d = Dims{qd[0], qd[1], qd[2], kd[2], qd[3], 0, block};
+  for (int i = 0; i < 4; ++i) {
+    if (vd[i] != kd[i]) return ffi::Error::InvalidArgument("causal_attention: k and v differ in shape");
+  }
+  if (d->kv < 1 || d->n % d->kv != 0 || kd[0] != d->b || kd[1] != d->t || kd[3] != d->h || md[0] != d->b ||
+      md[1] != d->t || md[2] != d->t || block < 1) {
     return ffi::Error::InvalidArgument("causal_attention: the shapes of q, k, v and mask do not agree");
   }
-  d->kv_heads = d->units / md[0];
+  d->g = d->n / d->kv;
   return ffi::Error::Success();
 }
 
-// Masked, scaled scores of rows [r0, r0 + nr) against keys [0, end) (in `s`, leading dim `end`) ->
-// their softmax probabilities in place; returns lse per row (+inf: no key, row of zeros).
+// One unit's view of the [B, T, heads, H] arrays.
+struct Unit {
+  Unit(const Dims& d, int64_t u) : d(d), b(u / d.kv), k(u % d.kv) {}
+  // Offset of q's (or out's) row (t, g) of this unit, and of k's (v's) row s.
+  int64_t QRow(int64_t t) const { return ((b * d.t + t) * d.n + k * d.g) * d.h; }
+  int64_t KRow(int64_t s) const { return ((b * d.t + s) * d.kv + k) * d.h; }
+  // Rows of positions [t0, t1) of the unit's G heads from x [B, T, N, H] into dst [(t1-t0)*G, H] and back.
+  void Pack(const float* x, int64_t t0, int64_t t1, float* dst) const {
+    const int64_t span = d.g * d.h;
+    for (int64_t t = t0; t < t1; ++t) std::copy(x + QRow(t), x + QRow(t) + span, dst + (t - t0) * span);
+  }
+  void Unpack(const float* src, int64_t t0, int64_t t1, float* x) const {
+    const int64_t span = d.g * d.h;
+    for (int64_t t = t0; t < t1; ++t) std::copy(src + (t - t0) * span, src + (t - t0 + 1) * span, x + QRow(t));
+  }
+  const Dims& d;
+  const int64_t b, k;
+};
+
+// Masked, scaled scores of block rows (positions t0.., G per position) against keys [0, end) (in `s`,
+// leading dim `end`) -> their softmax probabilities in place; lse per row (+inf: no key, row of zeros).
 void SoftmaxRows(float* s, int64_t nr, int64_t end, int64_t t0, int64_t g, const uint8_t* mask_b, int64_t t,
                  float scale, float* lse) {
   for (int64_t i = 0; i < nr; ++i) {
@@ -143,43 +161,45 @@ void SoftmaxRows(float* s, int64_t nr, int64_t end, int64_t t0, int64_t g, const
 }
 
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
-                   ffi::Buffer<ffi::PRED> mask, float scale, int64_t groups, int64_t block, int64_t threads,
+                   ffi::Buffer<ffi::PRED> mask, float scale, int64_t block, int64_t threads,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
   sftrl::SgemmFn sgemm = sftrl::CurrentSgemm();
   if (sgemm == nullptr) return ffi::Error::Internal("causal_attention: no BLAS was set");
   Dims d;
-  if (auto err = CheckDims(q, k, v, mask, groups, block, &d); err.failure()) return err;
+  if (auto err = CheckDims(q, k, v, mask, block, &d); err.failure()) return err;
   const float* qp = q.typed_data();
   const float* kp = k.typed_data();
   const float* vp = v.typed_data();
   const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.typed_data());
   float* op = out->typed_data();
   float* lp = lse->typed_data();
-  const int64_t t = d.t, h = d.h, g = d.g;
-  sftrl::parallel_for(pool, d.units, threads, [=](int64_t u) {
-    const float* qu = qp + u * d.rows * h;
-    const float* ku = kp + u * t * h;
-    const float* vu = vp + u * t * h;
-    const uint8_t* mb = mp + (u / d.kv_heads) * t * t;
-    float* ou = op + u * d.rows * h;
-    float* lu = lp + u * d.rows;
-    std::vector<float> s(static_cast<size_t>(std::min(block, t) * g * t));
+  const int64_t t = d.t, h = d.h, g = d.g, ldk = d.kv * d.h, rows = t * g;
+  sftrl::parallel_for(pool, d.b * d.kv, threads, [=](int64_t u) {
+    const Unit unit(d, u);
+    const float* ku = kp + unit.KRow(0);
+    const float* vu = vp + unit.KRow(0);
+    const uint8_t* mb = mp + unit.b * t * t;
+    float* lu = lp + u * rows;
+    const int64_t most = std::min(block, t) * g;
+    std::vector<float> s(static_cast<size_t>(most * t)), qb(most * h), ob(most * h);
     std::vector<float> mean;  // of v over all keys, for rows with no key
     for (int64_t t0 = 0; t0 < t; t0 += block) {
       const int64_t end = std::min(t, t0 + block), nr = (end - t0) * g, r0 = t0 * g;
-      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qu + r0 * h, h, ku, h, 0.0f, s.data(), end);
+      unit.Pack(qp, t0, end, qb.data());
+      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qb.data(), h, ku, ldk, 0.0f, s.data(), end);
       SoftmaxRows(s.data(), nr, end, t0, g, mb, t, scale, lu + r0);
-      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, s.data(), end, vu, h, 0.0f, ou + r0 * h, h);
+      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, s.data(), end, vu, ldk, 0.0f, ob.data(), h);
       for (int64_t i = 0; i < nr; ++i) {
         if (!std::isinf(lu[r0 + i])) continue;
         if (mean.empty()) {
           mean.assign(h, 0.0f);
           for (int64_t j = 0; j < t; ++j)
-            for (int64_t c = 0; c < h; ++c) mean[c] += vu[j * h + c];
+            for (int64_t c = 0; c < h; ++c) mean[c] += vu[j * ldk + c];
           for (auto& x : mean) x /= static_cast<float>(t);
         }
-        std::copy(mean.begin(), mean.end(), ou + (r0 + i) * h);
+        std::copy(mean.begin(), mean.end(), ob.data() + i * h);
       }
+      unit.Unpack(ob.data(), t0, end, op);
     }
   });
   return ffi::Error::Success();
@@ -187,14 +207,14 @@ ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ff
 
 ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                     ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
-                    ffi::Buffer<ffi::F32> dout, float scale, int64_t groups, int64_t block, int64_t threads,
+                    ffi::Buffer<ffi::F32> dout, float scale, int64_t block, int64_t threads,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
   sftrl::SgemmFn sgemm = sftrl::CurrentSgemm();
   if (sgemm == nullptr) return ffi::Error::Internal("causal_attention: no BLAS was set");
   Dims d;
-  if (auto err = CheckDims(q, k, v, mask, groups, block, &d); err.failure()) return err;
+  if (auto err = CheckDims(q, k, v, mask, block, &d); err.failure()) return err;
   if (out.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
-      lse.element_count() != d.units * d.rows) {
+      lse.element_count() != d.b * d.n * d.t) {
     return ffi::Error::InvalidArgument("causal_attention: out, dout or lse do not fit q");
   }
   const float* qp = q.typed_data();
@@ -207,44 +227,44 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   float* dqp = dq->typed_data();
   float* dkp = dk->typed_data();
   float* dvp = dv->typed_data();
-  const int64_t t = d.t, h = d.h, g = d.g;
-  sftrl::parallel_for(pool, d.units, threads, [=](int64_t u) {
-    const float* qu = qp + u * d.rows * h;
-    const float* ku = kp + u * t * h;
-    const float* vu = vp + u * t * h;
-    const uint8_t* mb = mp + (u / d.kv_heads) * t * t;
-    const float* ou = op + u * d.rows * h;
-    const float* lu = lp + u * d.rows;
-    const float* gu = gp + u * d.rows * h;
-    float* dqu = dqp + u * d.rows * h;
-    float* dku = dkp + u * t * h;
-    float* dvu = dvp + u * t * h;
-    std::fill(dku, dku + t * h, 0.0f);
-    std::fill(dvu, dvu + t * h, 0.0f);
-    const size_t scratch = static_cast<size_t>(std::min(block, t) * g * t);
-    std::vector<float> p(scratch), dp(scratch), delta(d.rows);
-    for (int64_t r = 0; r < d.rows; ++r) {  // rowsum(dO * O)
-      float acc = 0.0f;
-      for (int64_t c = 0; c < h; ++c) acc += gu[r * h + c] * ou[r * h + c];
-      delta[r] = acc;
+  const int64_t t = d.t, h = d.h, g = d.g, ldk = d.kv * d.h, rows = t * g;
+  sftrl::parallel_for(pool, d.b * d.kv, threads, [=](int64_t u) {
+    const Unit unit(d, u);
+    const float* ku = kp + unit.KRow(0);
+    const float* vu = vp + unit.KRow(0);
+    float* dku = dkp + unit.KRow(0);
+    float* dvu = dvp + unit.KRow(0);
+    const uint8_t* mb = mp + unit.b * t * t;
+    const float* lu = lp + u * rows;
+    for (int64_t j = 0; j < t; ++j) {
+      std::fill(dku + j * ldk, dku + j * ldk + h, 0.0f);
+      std::fill(dvu + j * ldk, dvu + j * ldk + h, 0.0f);
     }
+    const int64_t most = std::min(block, t) * g;
+    std::vector<float> p(static_cast<size_t>(most * t)), dp(p.size()), qb(most * h), gb(most * h), ob(most * h);
     std::vector<float> uniform;  // sum of dO over rows with no key, / T: their share of every dV row
     for (int64_t t0 = 0; t0 < t; t0 += block) {
       const int64_t end = std::min(t, t0 + block), nr = (end - t0) * g, r0 = t0 * g;
-      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qu + r0 * h, h, ku, h, 0.0f, p.data(), end);
-      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, gu + r0 * h, h, vu, h, 0.0f, dp.data(), end);
+      unit.Pack(qp, t0, end, qb.data());
+      unit.Pack(gp, t0, end, gb.data());
+      unit.Pack(op, t0, end, ob.data());
+      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qb.data(), h, ku, ldk, 0.0f, p.data(), end);
+      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, gb.data(), h, vu, ldk, 0.0f, dp.data(), end);
       for (int64_t i = 0; i < nr; ++i) {
         float* pr = p.data() + i * end;
         float* dr = dp.data() + i * end;
+        const float* gi = gb.data() + i * h;
         const uint8_t* m = mb + (t0 + i / g) * t;
-        const float l = lu[r0 + i], dl = delta[r0 + i];
+        const float l = lu[r0 + i];
         if (std::isinf(l)) {
           std::fill(pr, pr + end, 0.0f);
           std::fill(dr, dr + end, 0.0f);
           if (uniform.empty()) uniform.assign(h, 0.0f);
-          for (int64_t c = 0; c < h; ++c) uniform[c] += gu[(r0 + i) * h + c];
+          for (int64_t c = 0; c < h; ++c) uniform[c] += gi[c];
           continue;
         }
+        float dl = 0.0f;  // rowsum(dO * O)
+        for (int64_t c = 0; c < h; ++c) dl += gi[c] * ob[i * h + c];
         for (int64_t j = 0; j < end; ++j) {
           const float e = ExpNonPositive(std::min(pr[j] * scale - l, 0.0f));
           const float x = m[j] ? e : 0.0f;
@@ -252,14 +272,15 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
           dr[j] = x * (dr[j] - dl) * scale;
         }
       }
-      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, dp.data(), end, ku, h, 0.0f, dqu + r0 * h, h);
-      sgemm(kRowMajor, kTrans, kNoTrans, end, h, nr, 1.0f, dp.data(), end, qu + r0 * h, h, 1.0f, dku, h);
-      sgemm(kRowMajor, kTrans, kNoTrans, end, h, nr, 1.0f, p.data(), end, gu + r0 * h, h, 1.0f, dvu, h);
+      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, dp.data(), end, ku, ldk, 0.0f, ob.data(), h);
+      unit.Unpack(ob.data(), t0, end, dqp);
+      sgemm(kRowMajor, kTrans, kNoTrans, end, h, nr, 1.0f, dp.data(), end, qb.data(), h, 1.0f, dku, ldk);
+      sgemm(kRowMajor, kTrans, kNoTrans, end, h, nr, 1.0f, p.data(), end, gb.data(), h, 1.0f, dvu, ldk);
     }
     if (!uniform.empty()) {
       for (auto& x : uniform) x /= static_cast<float>(t);
       for (int64_t j = 0; j < t; ++j)
-        for (int64_t c = 0; c < h; ++c) dvu[j * h + c] += uniform[c];
+        for (int64_t c = 0; c < h; ++c) dvu[j * ldk + c] += uniform[c];
     }
   });
   return ffi::Error::Success();
@@ -275,7 +296,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SftrlCausalAttentionFwdF32, Forward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::PRED>>()
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("groups")
                                   .Attr<int64_t>("block")
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>()
@@ -292,7 +312,6 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(SftrlCausalAttentionBwdF32, Backward,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Attr<float>("scale")
-                                  .Attr<int64_t>("groups")
                                   .Attr<int64_t>("block")
                                   .Attr<int64_t>("threads")
                                   .Ret<ffi::Buffer<ffi::F32>>()

@@ -69,27 +69,32 @@ def param(rngs: nnx.Rngs | KeyGen, init: str, shape: Sequence[int], names: Seque
 
 
 _CPU_GEMM = contextvars.ContextVar("sftrl_cpu_gemm", default=False)
+_CAUSAL_KERNEL = contextvars.ContextVar("sftrl_causal_kernel", default=True)
 
 
 @contextlib.contextmanager
-def cpu_gemm(enabled: bool = True) -> Iterator[None]:
+def cpu_gemm(enabled: bool = True, *, causal_kernel: bool = True) -> Iterator[None]:
     """While tracing under this context, fp32 `dense` and `attention` products (forward and backward)
-    run as `kernels.gemm` (OpenBLAS) instead of XLA's matmul; a no-op when the kernel is unavailable.
-    Only for a computation on one CPU device (XLA would gather a sharded operand for the call).
-    The trace-time switch of `sft.train.make_train_step(..., cpu_gemm=True)` and the RL steps."""
+    run as `kernels.gemm` (OpenBLAS) instead of XLA's matmul, and `attention(..., causal=True)` as
+    `kernels.causal_attention` unless `causal_kernel` is False; a no-op when the kernels are
+    unavailable. Only for a computation on one CPU device (XLA would gather a sharded operand for
+    the call). The trace-time switch of `sft.train.make_train_step(..., cpu_gemm=True)` and the RL
+    steps (which keep the causal attention in XLA ops, see `rl.train`)."""
     token = _CPU_GEMM.set(bool(enabled))
+    token_causal = _CAUSAL_KERNEL.set(bool(causal_kernel))
     try:
         yield
     finally:
+        _CAUSAL_KERNEL.reset(token_causal)
         _CPU_GEMM.reset(token)
 
 
-def with_cpu_gemm(fn, enabled: bool):
-    """`fn` traced under `cpu_gemm(enabled)` (wrap a step function before `jax.jit`)."""
+def with_cpu_gemm(fn, enabled: bool, *, causal_kernel: bool = True):
+    """`fn` traced under `cpu_gemm(enabled, causal_kernel=...)` (wrap a step function before `jax.jit`)."""
 
     @functools.wraps(fn)
     def wrapped(*args, **kwargs):
-        with cpu_gemm(enabled):
+        with cpu_gemm(enabled, causal_kernel=causal_kernel):
             return fn(*args, **kwargs)
 
     return wrapped
@@ -288,7 +293,7 @@ def attention(
     probabilities from the row log-sum-exp instead of keeping [B, N, T, T] of them).
     """
     b, t = q.shape[:2]
-    if causal and k.shape[1] == t and _use_gemm(q, k, None) and v.dtype == jnp.float32:
+    if causal and k.shape[1] == t and _CAUSAL_KERNEL.get() and _use_gemm(q, k, None) and v.dtype == jnp.float32:
         if mask is None:
             mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t))
         return _causal_kernel(q, k, v, mask, float(scale))
@@ -310,49 +315,26 @@ def attention(
     return jnp.where(jnp.any(mask, axis=-1)[:, :, None, None], out, uniform[:, None])
 
 
-def _unit_rows(x: jax.Array, kv_heads: int) -> jax.Array:
-    """[B, T, N, H] -> [B*K, T*G, H]: one unit per (batch row, kv head), rows t*G + g."""
-    b, t, n, h = x.shape
-    g = n // kv_heads
-    return x.reshape(b, t, kv_heads, g, h).transpose(0, 2, 1, 3, 4).reshape(b * kv_heads, t * g, h)
-
-
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4,))
 def _causal_kernel(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, scale: float) -> jax.Array:
     """`attention(..., causal=True)` in fp32 under `cpu_gemm()`: `kernels.causal_attention`, forward
-    and backward (one call each per layer)."""
+    and backward (one call each per layer, on the model's own [B, T, heads, H] layout)."""
     return _causal_kernel_fwd(q, k, v, mask, scale)[0]
 
 
 def _causal_kernel_fwd(q, k, v, mask, scale):
     from sftrl_jax import kernels
 
-    b, t, n, h = q.shape
-    kv_heads = k.shape[2]
-    qu, ku, vu = _unit_rows(q, kv_heads), _unit_rows(k, kv_heads), _unit_rows(v, kv_heads)
-    block = causal_block(t)
-    out, lse = kernels.causal_attention(qu, ku, vu, mask, scale=scale, groups=n // kv_heads, block=block)
-    y = out.reshape(b, kv_heads, t, n // kv_heads, h).transpose(0, 2, 1, 3, 4).reshape(b, t, n, h)
-    return y, (qu, ku, vu, mask, out, lse)
+    out, lse = kernels.causal_attention(q, k, v, mask, scale=scale, block=causal_block(q.shape[1]))
+    return out, (q, k, v, mask, out, lse)
 
 
 def _causal_kernel_bwd(scale, res, g):
     from sftrl_jax import kernels
 
-    qu, ku, vu, mask, out, lse = res
-    b, t, n, h = g.shape
-    kv_heads = ku.shape[0] // b
-    dq, dk, dv = kernels.causal_attention_grad(
-        qu, ku, vu, mask, out, lse, _unit_rows(g, kv_heads), scale=scale, groups=n // kv_heads, block=causal_block(t)
-    )
-    back = lambda x, heads: (
-        x.reshape(b, kv_heads, t, heads // kv_heads, h)
-        .transpose(0, 2, 1, 3, 4)
-        .reshape(  # noqa: E731
-            b, t, heads, h
-        )
-    )
-    return back(dq, n), back(dk, kv_heads), back(dv, kv_heads), None
+    q, k, v, mask, out, lse = res
+    dq, dk, dv = kernels.causal_attention_grad(q, k, v, mask, out, lse, g, scale=scale, block=causal_block(q.shape[1]))
+    return dq, dk, dv, None
 
 
 _causal_kernel.defvjp(_causal_kernel_fwd, _causal_kernel_bwd)

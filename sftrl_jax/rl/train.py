@@ -24,6 +24,7 @@ episode and the turn; checkpoints already written are kept.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import time
 from typing import Any, Literal
@@ -258,20 +259,22 @@ class Trainer:
         algo = cfg.algo_cfg
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         make = ppo_lib.make_update_step if cfg.algo == "ppo" else grpo_lib.make_update_step
-        gemm = use_cpu_gemm(self.mesh)  # fp32 projections of the training passes on OpenBLAS (one CPU device)
+        # The fp32 products of the training passes on OpenBLAS (one CPU device), the causal attention
+        # in XLA ops rather than `kernels.causal_attention`: with the kernel, the update step's first
+        # log-probs were no longer bitwise those of the passes that gave the ratio's old log-probs
+        # (ratio 1 +- 2.4e-7 in tests/rl/test_rl_train.py's layout test instead of exactly 1; the
+        # attention outputs themselves were bitwise equal; the op that differs was not found).
+        gemm = use_cpu_gemm(self.mesh)
+        rl_gemm = functools.partial(with_cpu_gemm, enabled=gemm, causal_kernel=False)
         self.update_fn = jax.jit(
-            with_cpu_gemm(make(self.graphdef, self.rest, self.tx, algo, lr_fn=self.lr_fn), gemm),
+            rl_gemm(make(self.graphdef, self.rest, self.tx, algo, lr_fn=self.lr_fn)),
             donate_argnums=0,
             out_shardings=(state_shardings, None),
         )
         if cfg.algo == "ppo":
-            self.value_fn = jax.jit(
-                with_cpu_gemm(ppo_lib.make_value_fn(self.graphdef, self.rest, algo.temperature), gemm)
-            )
+            self.value_fn = jax.jit(rl_gemm(ppo_lib.make_value_fn(self.graphdef, self.rest, algo.temperature)))
         else:
-            self.logp_fn = jax.jit(
-                with_cpu_gemm(grpo_lib.make_logp_fn(self.graphdef, self.rest, algo.temperature), gemm)
-            )
+            self.logp_fn = jax.jit(rl_gemm(grpo_lib.make_logp_fn(self.graphdef, self.rest, algo.temperature)))
         self.envs = [envs.make(cfg.env.task, split=cfg.env.split, **cfg.env.options) for _ in range(cfg.env.num_envs)]
         self.runner = None
 

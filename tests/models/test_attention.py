@@ -90,17 +90,17 @@ def test_cpu_gemm_runs_the_causal_kernel_forward_and_backward():
 @needs_gemm
 def test_causal_kernel_same_bits_for_any_thread_count():
     q, k, v, g, mask = _inputs()
-    u = lambda x: x.reshape(B, T, K, -1, H).transpose(0, 2, 1, 3, 4).reshape(B * K, -1, H)  # noqa: E731
-    args = (u(q), u(k), u(v), mask)
-    kw = dict(scale=0.25, groups=N // K, block=64)
-    one = jax.jit(lambda *a: kernels.causal_attention(*a, **kw, threads=1))(*args)
-    every = jax.jit(lambda *a: kernels.causal_attention(*a, **kw))(*args)
+    kw = dict(scale=0.25, block=64)
+    one = jax.jit(lambda *a: kernels.causal_attention(*a, **kw, threads=1))(q, k, v, mask)
+    every = jax.jit(lambda *a: kernels.causal_attention(*a, **kw))(q, k, v, mask)
     for a, c in zip(one, every):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(c))
     out, lse = every
+    assert lse.shape == (B, K, T * N // K)
     assert np.isinf(np.asarray(lse)).reshape(B, K, T, -1)[1, :, :70].all()  # rows with no key
+    assert np.isfinite(np.asarray(lse)).reshape(B, K, T, -1)[1, :, 70:].all()
     grads = [
-        jax.jit(lambda *a, t=t: kernels.causal_attention_grad(*a, out, lse, u(g), **kw, threads=t))(*args)
+        jax.jit(lambda *a, t=t: kernels.causal_attention_grad(*a, out, lse, g, **kw, threads=t))(q, k, v, mask)
         for t in (1, 0)
     ]
     for a, c in zip(*grads):
@@ -110,10 +110,9 @@ def test_causal_kernel_same_bits_for_any_thread_count():
 @needs_gemm
 def test_causal_kernel_bad_input():
     q, k, v, _, mask = _inputs()
-    u = lambda x: x.reshape(B, T, K, -1, H).transpose(0, 2, 1, 3, 4).reshape(B * K, -1, H)  # noqa: E731
-    with pytest.raises(TypeError, match="q must be a 3-D float32 array"):
-        kernels.causal_attention(q, u(k), u(v), mask, scale=1.0, groups=2, block=64)
-    with pytest.raises(ValueError, match=r"do not fit \[U, T\*G, H\], \[U, T, H\] with G = 3"):
-        kernels.causal_attention(u(q), u(k), u(v), mask, scale=1.0, groups=3, block=64)
-    with pytest.raises(ValueError, match=r"mask \(3, 150, 100\) is not \[B, T, T\]"):
-        kernels.causal_attention(u(q), u(k), u(v), mask[:, :, :100], scale=1.0, groups=2, block=64)
+    with pytest.raises(TypeError, match="q must be a 4-D float32 array"):
+        kernels.causal_attention(q[0], k, v, mask, scale=1.0, block=64)
+    with pytest.raises(ValueError, match=r"do not fit \[B, T, N, H\], \[B, T, K, H\] with N a multiple of K"):
+        kernels.causal_attention(q[:, :, :3], k, v, mask, scale=1.0, block=64)
+    with pytest.raises(ValueError, match=r"mask \(3, 150, 100\) is not \[B, T, T\] = \(3, 150, 150\)"):
+        kernels.causal_attention(q, k, v, mask[:, :, :100], scale=1.0, block=64)
