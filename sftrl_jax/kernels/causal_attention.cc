@@ -92,7 +92,7 @@ inline float Max(const float* x, int64_t n) {
 }
 
 struct Dims {
-  int64_t b, t, n, kv, h, g, block;
+  int64_t b, t, n, kv, h, g;
 };
 
 ffi::Error CheckDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
@@ -101,7 +101,7 @@ ffi::Error CheckDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Bu
   if (qd.size() != 4 || kd.size() != 4 || vd.size() != 4 || md.size() != 3) {
     return ffi::Error::InvalidArgument("causal_attention: expected q [B,T,N,H], k/v [B,T,K,H], mask [B,T,T]");
   }
-  *d = Dims{qd[0], qd[1], qd[2], kd[2], qd[3], 0, block};
+  *d = Dims{qd[0], qd[1], qd[2], kd[2], qd[3], 0};
   for (int i = 0; i < 4; ++i) {
     if (vd[i] != kd[i]) return ffi::Error::InvalidArgument("causal_attention: k and v differ in shape");
   }

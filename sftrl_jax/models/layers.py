@@ -293,16 +293,12 @@ def attention(
     probabilities from the row log-sum-exp instead of keeping [B, N, T, T] of them).
     """
     b, t = q.shape[:2]
+    if causal and mask is None:
+        mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t))
     if causal and k.shape[1] == t and _CAUSAL_KERNEL.get() and _use_gemm(q, k, None) and v.dtype == jnp.float32:
-        if mask is None:
-            mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t))
         return _causal_kernel(q, k, v, mask, float(scale))
     if not causal or k.shape[1] != t or causal_block(t) >= t:
-        if causal and mask is None:
-            mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t))
         return _attention(q, k, v, mask, scale)
-    if mask is None:
-        mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (b, t, t))
     c = causal_block(t)
     blocks = []
     for start in range(0, t, c):
