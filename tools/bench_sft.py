@@ -144,7 +144,8 @@ def worker_main(argv: list[str]) -> int:
         from sftrl_jax import kernels
 
         out["matmul"] = (
-            "OpenBLAS sgemm (kernels.gemm; causal attention: kernels.causal_attention)"
+            "OpenBLAS sgemm (kernels.gemm, q|k|v and gate|up fused; causal attention: "
+            "kernels.causal_attention; RoPE: kernels.rope)"
             if kernels.gemm_available()
             else "XLA dot"
         )

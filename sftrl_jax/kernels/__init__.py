@@ -50,7 +50,9 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(Path(__file__).with_name(f) for f in ("decode_kernels.cc", "blas_gemm.cc", "causal_attention.cc"))
+SOURCES = tuple(
+    Path(__file__).with_name(f) for f in ("decode_kernels.cc", "blas_gemm.cc", "causal_attention.cc", "rope.cc")
+)
 # Included by the sources (part of the build key).
 HEADERS = (Path(__file__).with_name("parallel_for.h"), Path(__file__).with_name("blas.h"))
 TARGETS = {  # FFI target name -> the handler's symbol in the library
@@ -59,6 +61,7 @@ TARGETS = {  # FFI target name -> the handler's symbol in the library
     "sftrl_gemm_f32": "SftrlGemmF32",
     "sftrl_causal_attention_fwd_f32": "SftrlCausalAttentionFwdF32",
     "sftrl_causal_attention_bwd_f32": "SftrlCausalAttentionBwdF32",
+    "sftrl_rope_f32": "SftrlRopeF32",
 }
 # The BLAS behind `gemm`: the ILP64 OpenBLAS of the `scipy-openblas64` wheel (a private copy, so
 # setting its thread count does not touch numpy's), and its symbols.
@@ -305,3 +308,19 @@ def causal_attention_grad(
         block=np.int64(block),
         threads=np.int64(threads or 1 << 20),
     )
+
+
+def rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, inverse: bool = False, threads: int = 0) -> jax.Array:
+    """RoPE of x [B, T, N, H] (fp32, CPU; rope.cc) with cos, sin [B, T, H/2] (`layers.rope_cos_sin`):
+    y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin over the halves of H, the values of `layers.rotate`;
+    `inverse` rotates by the opposite angle (the transpose: the backward pass). `threads` caps the
+    threads used (0: all of XLA's intra-op pool); the result does not depend on it. Call
+    `available()` first."""
+    if x.dtype != np.float32 or x.ndim != 4 or x.shape[3] % 2:
+        raise TypeError(f"rope: x must be a [B, T, N, H] float32 array with H even, got {x.dtype} {x.shape}")
+    table = (*x.shape[:2], x.shape[3] // 2)
+    for name, c in (("cos", cos), ("sin", sin)):
+        if c.dtype != np.float32 or c.shape != table:
+            raise ValueError(f"rope: {name} {c.dtype} {c.shape} is not float32 [B, T, H/2] = {table} for x {x.shape}")
+    call = jax.ffi.ffi_call("sftrl_rope_f32", jax.ShapeDtypeStruct(x.shape, jnp.float32))
+    return call(x, cos, sin, inverse=np.int64(bool(inverse)), threads=np.int64(threads or 1 << 20))

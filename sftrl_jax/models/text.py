@@ -42,14 +42,12 @@ class SelfAttention(nnx.Module):
         self.dtype = dtype
         self.scale = h**-0.5
 
-    def __call__(self, x, *, positions, mask, cache_kv=None, cache_index=None):
-        """x [B, T, D], positions [B, T], mask [B, T, S]; cache_kv: ([B, S_max, K, H],) * 2 or None."""
-        inv_freq = jnp.asarray(self.inv_freq, jnp.float32)
-        q = layers.dense(x, self.q_proj.astype(self.dtype))  # [B, T, N, H]
-        k = layers.dense(x, self.k_proj.astype(self.dtype))  # [B, T, K, H]
-        v = layers.dense(x, self.v_proj.astype(self.dtype))
-        q = layers.apply_rope(q, positions, inv_freq)
-        k = layers.apply_rope(k, positions, inv_freq)
+    def __call__(self, x, *, rope, mask, cache_kv=None, cache_index=None):
+        """x [B, T, D], rope: `layers.rope_cos_sin` of the positions ([B, T, H/2] * 2), mask [B, T, S];
+        cache_kv: ([B, S_max, K, H],) * 2 or None."""
+        # [B, T, N, H], [B, T, K, H] * 2
+        q, k, v = layers.dense_fused(x, [p.astype(self.dtype) for p in (self.q_proj, self.k_proj, self.v_proj)])
+        q, k = layers.rotate(q, *rope), layers.rotate(k, *rope)
         if cache_kv is not None:
             k = constrain(kv_cache.write(cache_kv[0], k, cache_index), kv_cache.KV_NAMES)
             v = constrain(kv_cache.write(cache_kv[1], v, cache_index), kv_cache.KV_NAMES)
@@ -97,9 +95,9 @@ class DecoderLayer(nnx.Module):
         self.post_attention_layernorm = layers.RMSNorm(d, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
         self.mlp = layers.SwiGLU(d, cfg.intermediate_size, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
-    def __call__(self, x, *, positions, mask, cache_kv=None, cache_index=None):
+    def __call__(self, x, *, rope, mask, cache_kv=None, cache_index=None):
         h, kv = self.self_attn(
-            self.input_layernorm(x), positions=positions, mask=mask, cache_kv=cache_kv, cache_index=cache_index
+            self.input_layernorm(x), rope=rope, mask=mask, cache_kv=cache_kv, cache_index=cache_index
         )
         x = constrain(x + h, ACT)
         x = constrain(x + self.mlp(self.post_attention_layernorm(x)), ACT)
@@ -221,6 +219,8 @@ class TextModel(nnx.Module):
         if cross_kv is not None:
             xmask, row_mask = _cross_masks(tile_mask, cross_kv[0][0].shape[1])
 
+        self_layers = [layer for i, layer in enumerate(self.layers) if i not in self.cross_attention_layers]
+        rope = layers.rope_cos_sin(positions, self_layers[0].self_attn.inv_freq) if self_layers else None
         new_k, new_v = [], []
         n_self = n_cross = 0
         for i, layer in enumerate(self.layers):
@@ -231,7 +231,7 @@ class TextModel(nnx.Module):
                 continue
             cache_kv = None if cache is None else (cache.k[n_self], cache.v[n_self])
             index = None if cache is None else cache.index
-            x, (k, v) = self._call(layer, x, positions=positions, mask=mask, cache_kv=cache_kv, cache_index=index)
+            x, (k, v) = self._call(layer, x, rope=rope, mask=mask, cache_kv=cache_kv, cache_index=index)
             new_k.append(k)
             new_v.append(v)
             n_self += 1

@@ -260,10 +260,12 @@ class Trainer:
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         make = ppo_lib.make_update_step if cfg.algo == "ppo" else grpo_lib.make_update_step
         # The fp32 products of the training passes on OpenBLAS (one CPU device), the causal attention
-        # in XLA ops rather than `kernels.causal_attention`: with the kernel, the update step's first
-        # log-probs were no longer bitwise those of the passes that gave the ratio's old log-probs
-        # (ratio 1 +- 2.4e-7 in tests/rl/test_rl_train.py's layout test instead of exactly 1; the
-        # attention outputs themselves were bitwise equal; the op that differs was not found).
+        # in XLA ops rather than `kernels.causal_attention` (and RoPE and the q/k/v, gate/up
+        # projections as in `layers.cpu_gemm(causal_kernel=False)`): with the kernel, the update
+        # step's first log-probs were no longer bitwise those of the passes that gave the ratio's old
+        # log-probs (ratio 1 +- 2.4e-7 in tests/rl/test_rl_train.py's layout test instead of exactly
+        # 1; the attention outputs themselves were bitwise equal; the op that differs was not found);
+        # the same with the fused projections (test_grpo_update[trainer] fails).
         gemm = use_cpu_gemm(self.mesh)
         rl_gemm = functools.partial(with_cpu_gemm, enabled=gemm, causal_kernel=False)
         self.update_fn = jax.jit(

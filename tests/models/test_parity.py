@@ -123,7 +123,9 @@ def test_self_attention_layer(mllama):
         ref = hf_text.layers[0](torch.tensor(x), attention_mask=bias, position_embeddings=emb)
         ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
     mask = jnp.asarray(np.broadcast_to(causal, (2, 10, 10)))
-    got, _ = ours.language_model.layers[0](jnp.asarray(x), positions=jnp.asarray(pos), mask=mask)
+    layer = ours.language_model.layers[0]
+    rope = layers.rope_cos_sin(jnp.asarray(pos), layer.self_attn.inv_freq)
+    got, _ = layer(jnp.asarray(x), rope=rope, mask=mask)
     assert H.rel_diff(got, ref) < TOL
 
 
