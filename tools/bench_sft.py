@@ -204,7 +204,7 @@ def bench_sft(args) -> list[str]:
         f"AdamW + clip 1.0; each side in its own process, {args.rounds} alternating processes per side, "
         f"median of {args.steps} steps per process after {args.warmup} warm-up",
         f"load average (1 min): {load0:.2f} at the start, {load1:.2f} at the end (this run's own threads count up to 2)",
-        f"machine fp32 matmul peak (2048^3, one device): {peak / 1e9:.1f} GFLOP/s",
+        f"machine fp32 matmul peak (2048^3, one device, best of XLA dot and OpenBLAS): {peak / 1e9:.1f} GFLOP/s",
         f"ours (jax {_version('jax')}): {ours_tps:,.0f} tokens/s, {statistics.median(ours) * 1e3:.0f} ms/step "
         f"(best {min(ours) * 1e3:.0f}), MFU {6 * n_params * ours_tps / peak:.1%}, compile {compile_s:.1f} s, "
         f"matrix products on {runs['ours'][0]['matmul']}",

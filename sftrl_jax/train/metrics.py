@@ -92,7 +92,10 @@ _PEAK: dict[str, float] = {}
 def peak_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float:
     """Measured matmul FLOP/s of one device of this machine (cached): the denominator of MFU.
 
-    Taken as the best of `repeats` timed [n, n] @ [n, n] products after a warm-up compile.
+    Taken as the best of `repeats` timed [n, n] @ [n, n] products after a warm-up compile, over
+    XLA's dot and, for fp32 on a CPU with the OpenBLAS kernel (`kernels.gemm_available()`), that
+    kernel too: the steps run their products on it, and XLA's dot alone measured 112-139 GF/s here
+    where the kernel's products run at ~150, which made MFU exceed 100%.
     """
     key = f"{n}:{dtype}"
     if key not in _PEAK:
@@ -100,12 +103,18 @@ def peak_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float
         import jax.numpy as jnp
 
         a = jnp.ones((n, n), dtype)
-        f = jax.jit(lambda x: x @ x)
-        f(a).block_until_ready()
+        products = [jax.jit(lambda x: x @ x)]
+        if jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu":
+            from sftrl_jax import kernels
+
+            if kernels.gemm_available():
+                products.append(jax.jit(lambda x: kernels.gemm(x, x)))
         best = float("inf")
-        for _ in range(repeats):
-            t0 = time.perf_counter()
+        for f in products:
             f(a).block_until_ready()
-            best = min(best, time.perf_counter() - t0)
+            for _ in range(repeats):
+                t0 = time.perf_counter()
+                f(a).block_until_ready()
+                best = min(best, time.perf_counter() - t0)
         _PEAK[key] = 2.0 * n**3 / best
     return _PEAK[key]
