@@ -265,7 +265,9 @@ class Trainer:
         # step's first log-probs were no longer bitwise those of the passes that gave the ratio's old
         # log-probs (ratio 1 +- 2.4e-7 in tests/rl/test_rl_train.py's layout test instead of exactly
         # 1; the attention outputs themselves were bitwise equal; the op that differs was not found);
-        # the same with the fused projections (test_grpo_update[trainer] fails).
+        # the same with the fused projections (test_grpo_update[trainer] fails; it passes with them
+        # under XLA_FLAGS=--xla_cpu_max_isa=AVX: XLA:CPU contracts mul+add into FMA in some fusions
+        # and not others, so a program that also takes gradients rounds its forward differently).
         gemm = use_cpu_gemm(self.mesh)
         rl_gemm = functools.partial(with_cpu_gemm, enabled=gemm, causal_kernel=False)
         self.update_fn = jax.jit(
