@@ -129,6 +129,9 @@ class RLTrainSection:
     distributed: bool = False
     d_init: int = 0  # tokens of the SFT that produced model.init (compute axis)
     async_checkpointing: bool = True
+    # CPU: the training passes compiled without YNNPACK fusions, so the first update's ratio is
+    # exactly 1 (`rl_compiler_options`); false: ~20-35% faster passes at the tiny configs' sizes.
+    exact_cpu_passes: bool = True
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,6 +208,21 @@ def _token_gap(turns, trainer_logps) -> float:
     )
 
 
+def rl_compiler_options(enabled: bool = True) -> dict | None:
+    """XLA options of the RL training passes (update step, values / log-prob pass, reference pass)
+    on CPU: no YNNPACK fusions. Why: XLA:CPU hands some elementwise and reduction fusions to
+    YNNPACK, and which ones depends on the whole program, so the update step (which also takes
+    gradients) rounded its first forward differently from the pass that gave the ratio's old
+    log-probs: on the 17.9% warm-up model of docs/RESULTS.md one PPO update's first-step
+    |ratio - 1| was 4.0e-5 with them and exactly 0 without (XLA's own loops). The products of
+    these passes run on OpenBLAS (`cpu_gemm`) either way; XLA's own loops made one PPO update's
+    training passes of that run 20-35% slower (6.5-7.6 vs 5.4-5.5 s). None on other backends or
+    when not `enabled` (`train.exact_cpu_passes`)."""
+    if not enabled or jax.default_backend() != "cpu":
+        return None
+    return {"xla_cpu_experimental_ynn_fusion_type": ""}
+
+
 class Trainer:
     """Holds the run's state; `run()` does the updates."""
 
@@ -268,17 +286,23 @@ class Trainer:
         # the same with the fused projections (test_grpo_update[trainer] fails; it passes with them
         # under XLA_FLAGS=--xla_cpu_max_isa=AVX: XLA:CPU contracts mul+add into FMA in some fusions
         # and not others, so a program that also takes gradients rounds its forward differently).
+        # The passes are compiled without YNNPACK fusions (`rl_compiler_options`): with them the
+        # first-step ratio on trained models was 1 +- 4e-5.
         gemm = use_cpu_gemm(self.mesh)
         rl_gemm = functools.partial(with_cpu_gemm, enabled=gemm, causal_kernel=False)
+        options = rl_compiler_options(cfg.train.exact_cpu_passes)
         self.update_fn = jax.jit(
             rl_gemm(make(self.graphdef, self.rest, self.tx, algo, lr_fn=self.lr_fn)),
             donate_argnums=0,
             out_shardings=(state_shardings, None),
+            compiler_options=options,
         )
         if cfg.algo == "ppo":
-            self.value_fn = jax.jit(rl_gemm(ppo_lib.make_value_fn(self.graphdef, self.rest, algo.temperature)))
+            fn = ppo_lib.make_value_fn(self.graphdef, self.rest, algo.temperature)
+            self.value_fn = jax.jit(rl_gemm(fn), compiler_options=options)
         else:
-            self.logp_fn = jax.jit(rl_gemm(grpo_lib.make_logp_fn(self.graphdef, self.rest, algo.temperature)))
+            fn = grpo_lib.make_logp_fn(self.graphdef, self.rest, algo.temperature)
+            self.logp_fn = jax.jit(rl_gemm(fn), compiler_options=options)
         self.envs = [envs.make(cfg.env.task, split=cfg.env.split, **cfg.env.options) for _ in range(cfg.env.num_envs)]
         self.runner = None
 

@@ -226,3 +226,30 @@ def test_kl_penalty_uses_the_starting_policy_as_reference(tmp_path, algo, monkey
     assert all(jax.tree.leaves(same))
     moved = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), resumed.ref_params, resumed.state.params)
     assert not all(jax.tree.leaves(moved))
+
+
+def test_exact_cpu_passes_compile_without_ynnpack_fusions(tmp_path, monkeypatch):
+    """The RL passes are compiled without YNNPACK fusions on CPU (`train.exact_cpu_passes`, on by
+    default): which fusions XLA hands to YNNPACK depends on the whole program, and with them the
+    update step's first forward rounded differently from the values pass on a trained model
+    (first-step |ratio - 1| 4.0e-5 -> exactly 0 without them, docs/RESULTS.md session 9)."""
+    import jax.numpy as jnp
+
+    from sftrl_jax.rl import train as rl_train
+
+    def f(x, w):
+        h = x @ w
+        return jnp.sum(jax.nn.log_softmax(h * jax.lax.rsqrt(jnp.mean(h * h, -1, keepdims=True) + 1e-6), -1))
+
+    x, w = jnp.ones((64, 128)), jnp.ones((128, 256))
+    compiled = lambda opts: jax.jit(jax.value_and_grad(f, 1), compiler_options=opts).lower(x, w).compile().as_text()  # noqa: E731
+    assert "ynn_fusion" in compiled(rl_train.rl_compiler_options(False))  # XLA's default here: YNNPACK fusions
+    assert "ynn_fusion" not in compiled(rl_train.rl_compiler_options(True))
+    assert rl_train.rl_compiler_options(False) is None
+
+    seen = []
+    real = rl_train.rl_compiler_options
+    monkeypatch.setattr(rl_train, "rl_compiler_options", lambda enabled: seen.append(enabled) or real(enabled))
+    Trainer(make(tmp_path, "exact"))
+    Trainer(make(tmp_path, "fast", train__exact_cpu_passes=False))
+    assert seen == [True, False]
