@@ -3,8 +3,8 @@
 //
 // x, y [B, T, N, H]; cos, sin [B, T, H/2] (`layers.rope_cos_sin`). Per (b, t, n), with halves
 // x1 = x[..., :H/2], x2 = x[..., H/2:]: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, the arithmetic of
-// `layers.rotate`. `inverse` rotates by the opposite angle
-// (sin -> -sin), the transpose of the rotation: the backward pass.
+// `layers.rotate`. `inverse` rotates by the opposite angle (sin -> -sin), the transpose of the
+// rotation: the backward pass.
 //
 // Why: XLA:CPU fuses the trigonometry of the angles into the rotation's loop over [B, T, N, H] and
 // evaluates it for every head and half (4.4 ms for one q at 8 x 256 x 8 x 64); with the tables

@@ -139,8 +139,7 @@ def dense_fused(x: jax.Array, ws: Sequence[jax.Array]) -> list[jax.Array]:
     than one wide one: the Llama q/k/v and gate/up projections. Why: at batch 8 x 256 tokens and
     D 512, the k and v products (N 256) run at ~130 GF/s on OpenBLAS, the fused q|k|v (N 1024) at
     ~150, and the backward's dx becomes one product with K 1024 instead of three summed (one layer's
-    q/k/v forward and backward: 51 -> 45 ms). Each output column is the same dot product either way.
-    Outside `cpu_gemm()` (XLA's matmuls, sharded weights) the products stay separate, so no
+    q/k/v forward and backward: 51 -> 45 ms). Outside `cpu_gemm()` (XLA's matmuls, sharded weights) the products stay separate, so no
     concatenation crosses a sharded axis."""
     if len(ws) < 2 or not _CAUSAL_KERNEL.get() or not all(_use_gemm(x, w, None) for w in ws):
         return [dense(x, w) for w in ws]
@@ -277,11 +276,8 @@ def rope_inv_freq(cfg: config_lib.TextConfig) -> np.ndarray:
 
 
 def rope_cos_sin(positions: jax.Array, inv_freq) -> tuple[jax.Array, jax.Array]:
-    """cos and sin [B, T, H/2] (fp32) of the RoPE angles positions [B, T] x inv_freq [H/2]: computed once
-    per forward by the text model and shared by every layer's q and k. Why: inside one layer's
-    rotation XLA:CPU fuses the trigonometry into the elementwise loop over [B, T, N, H] and evaluates
-    it again for every head and half (q's rotation at 8 x 256 x 8 x 64: 4.4 ms instead of 0.5 with
-    the table as an input); a table with many consumers is computed once."""
+    """cos and sin [B, T, H/2] (fp32) of the RoPE angles positions [B, T] x inv_freq [H/2], computed once
+    per forward by the text model and shared by every layer's q and k (`rotate`)."""
     angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)  # [B, T, H/2]
     return jnp.cos(angles), jnp.sin(angles)
 
@@ -290,7 +286,8 @@ def rotate(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     """RoPE of x [B, T, N, H] with `rope_cos_sin`'s tables [B, T, H/2]: rotate halves of the head dim.
     Under `cpu_gemm()` (with its causal kernel) an fp32 rotation runs as `kernels.rope`, forward and
     backward: XLA:CPU fuses the tables' trigonometry into this loop and evaluates it for every head
-    and half, even with the tables computed once (4.4 ms vs 0.5 for q at 8 x 256 x 8 x 64)."""
+    and half, even with the tables computed once and shared (4.4 ms for q at 8 x 256 x 8 x 64; 0.54
+    with the tables as inputs of the program; the kernel 0.25)."""
     if x.dtype == jnp.float32 and _CPU_GEMM.get() and _CAUSAL_KERNEL.get():
         from sftrl_jax import kernels
 

@@ -277,17 +277,14 @@ class Trainer:
         algo = cfg.algo_cfg
         state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         make = ppo_lib.make_update_step if cfg.algo == "ppo" else grpo_lib.make_update_step
-        # The fp32 products of the training passes on OpenBLAS (one CPU device), the causal attention
-        # in XLA ops rather than `kernels.causal_attention` (and RoPE and the q/k/v, gate/up
-        # projections as in `layers.cpu_gemm(causal_kernel=False)`): with the kernel, the update
-        # step's first log-probs were no longer bitwise those of the passes that gave the ratio's old
-        # log-probs (ratio 1 +- 2.4e-7 in tests/rl/test_rl_train.py's layout test instead of exactly
-        # 1; the attention outputs themselves were bitwise equal; the op that differs was not found);
-        # the same with the fused projections (test_grpo_update[trainer] fails; it passes with them
-        # under XLA_FLAGS=--xla_cpu_max_isa=AVX: XLA:CPU contracts mul+add into FMA in some fusions
-        # and not others, so a program that also takes gradients rounds its forward differently).
-        # The passes are compiled without YNNPACK fusions (`rl_compiler_options`): with them the
-        # first-step ratio on trained models was 1 +- 4e-5.
+        # The fp32 products of the training passes on OpenBLAS (one CPU device); the causal attention,
+        # RoPE and the q/k/v, gate/up projections stay XLA ops / separate products
+        # (`cpu_gemm(causal_kernel=False)`): with the SFT step's kernels and fused products the
+        # update step's first log-probs were no longer bitwise those of the passes that gave the
+        # ratio's old log-probs (tests/rl/test_rl_train.py's layout tests: ratio 1 +- 2.4e-7). One
+        # cause: XLA:CPU contracts mul+add into FMA in some fusions and not others (the fused
+        # projections pass those tests under XLA_FLAGS=--xla_cpu_max_isa=AVX). The passes are also
+        # compiled without YNNPACK fusions (`rl_compiler_options`).
         gemm = use_cpu_gemm(self.mesh)
         rl_gemm = functools.partial(with_cpu_gemm, enabled=gemm, causal_kernel=False)
         options = rl_compiler_options(cfg.train.exact_cpu_passes)
