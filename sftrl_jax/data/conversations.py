@@ -4,6 +4,10 @@ Reference format (one JSON array in a file; DESIGN.md): `{"image": "rel/path.png
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`.
 A human turn starting with `<image>\\n` marks where the image goes: the marker is removed and an
 image item is put first in that user message.
+
+An assistant turn may carry `"loss": false`: it stays in the context but is not a training target
+(the failed tries of a revision example are written so: the model should learn the answer that
+follows the verifier's feedback, not how to fail). Without the key every assistant turn is a target.
 """
 
 from __future__ import annotations
@@ -31,6 +35,14 @@ def to_messages(example: dict[str, Any], *, where: str = "example") -> list[dict
                 f"{where}: conversations[{i}] has unknown speaker {turn['from']!r} (expected one of {sorted(_ROLES)})"
             )
         value = str(turn["value"])
+        loss = turn.get("loss", True)
+        if not isinstance(loss, bool):
+            raise UserError(f"{where}: conversations[{i}]['loss'] must be true or false, got {loss!r}"[:300])
+        if not loss and role != "assistant":
+            raise UserError(
+                f"{where}: conversations[{i}] is a {turn['from']!r} turn with 'loss': false; only assistant "
+                "turns are training targets"
+            )
         if role == "user" and value.startswith(IMAGE_MARKER):
             if not example.get("image"):
                 raise UserError(
@@ -40,6 +52,8 @@ def to_messages(example: dict[str, Any], *, where: str = "example") -> list[dict
             messages.append({"role": role, "content": [{"type": "image"}, {"type": "text", "text": text}]})
         else:
             messages.append({"role": role, "content": value})
+        if not loss:
+            messages[-1]["loss"] = False
     return messages
 
 
@@ -55,6 +69,8 @@ def from_messages(messages: list[dict[str, Any]], *, image: str | None = None) -
                 text = f"{IMAGE_MARKER}\n{text}"
             content = text
         turns.append({"from": back[m["role"]], "value": content})
+        if m.get("loss", True) is False:
+            turns[-1]["loss"] = False
     out: dict[str, Any] = {"conversations": turns}
     if image is not None:
         out = {"image": image, **out}

@@ -46,7 +46,8 @@ def generate_gp_sft(
     `envs.general_points.expert`; easier for small models, off by default as in the reference).
     `revisions`: the fraction of examples that are revisions (failed attempts with the dealt
     numbers, each followed by the env's "You failed this trial because ..." feedback, then the
-    expert answer; loss on every answer), so that small models learn to answer again after feedback
+    expert answer; the failed tries are context, `"loss": false`, the loss is on the answer), so that
+    small models learn to answer again, differently, after feedback
     (the paper's SFT data is single-turn: 0). `max_failed`: a revision has 1..`max_failed` failed
     attempts, uniformly (at most the env's `verify_iter` - 1, so that the answer is still graded),
     all different, as the later turns of an evaluation episode look. `env_options`: environment
@@ -94,7 +95,7 @@ def generate_gp_sft(
                 )
                 tried.add(failed)
                 feedback, *_ = env.step(failed)
-                turns += [{"from": "gpt", "value": failed}, {"from": "human", "value": feedback["text"]}]
+                turns += [{"from": "gpt", "value": failed, "loss": False}, {"from": "human", "value": feedback["text"]}]
             n_revisions += 1
         example["conversations"] = [*turns, {"from": "gpt", "value": answer}]
         examples.append(example)

@@ -45,6 +45,12 @@ def test_loss_mask_covers_every_assistant_turn_and_nothing_else(tok):
     ids, mask = tok.encode_conversation(msgs)
     learned = [i for i, m in zip(ids, mask) if m]
     assert tok.decode(learned, skip_special_tokens=False) == "b1<|eot_id|>c2<|eot_id|>"
+    # a turn marked loss: False stays in the ids (context) but is not a target
+    ids2, mask2 = tok.encode_conversation([msgs[0], {**msgs[1], "loss": False}, *msgs[2:]])
+    assert ids2 == ids
+    learned = [i for i, m in zip(ids2, mask2) if m]
+    assert tok.decode(learned, skip_special_tokens=False) == "c2<|eot_id|>"
+    assert "b1" in tok.decode(ids2, skip_special_tokens=False)
 
 
 @pytest.mark.parametrize("name", ["gp-l", "virl-l"])

@@ -76,6 +76,7 @@ def test_revision_examples_fail_first_then_answer(tmp_path):
     for ex in revised:
         prompt, failed, feedback, answer = (t["value"] for t in ex["conversations"])
         assert [t["from"] for t in ex["conversations"]] == ["human", "gpt", "human", "gpt"]
+        assert [t.get("loss", True) for t in ex["conversations"]] == [True, False, True, True]  # the try is context
         cards = prompt_cards(prompt)
         env = envs.make("gp-l", split="train")
         env.reset(options={"cards": cards})
@@ -102,6 +103,7 @@ def test_revisions_with_several_failed_attempts_replay_in_the_env(tmp_path):
     for ex in examples:
         turns = ex["conversations"]
         assert [t["from"] for t in turns] == ["human", "gpt"] * (len(turns) // 2)
+        assert [t.get("loss", True) for t in turns[1::2]] == [False] * (len(turns) // 2 - 1) + [True]
         env = envs.make("gp-l", split="train")
         env.reset(options={"cards": prompt_cards(turns[0]["value"])})
         answers = [t["value"] for t in turns[1::2]]
