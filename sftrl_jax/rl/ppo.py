@@ -60,8 +60,16 @@ class PPOConfig:
     # entropy_coef: - coef * the mean entropy of the next-token distribution over response tokens.
     kl_coef: float = 0.0
     entropy_coef: float = 0.0
+    # The per-turn reward GAE sees: "env" = the environment's (the paper's table, SPEC.md 1.6);
+    # "success" = 1 on the turn that solves the task, 0 on every other turn (GRPO's
+    # return_mode="success" for PPO). With the paper's table a policy can raise its return without
+    # solving more: a legal wrong answer (-1) repeated on every revision turn is safer than a new try
+    # that may be illegal (-3); measured on the tiny GP-L model, docs/RESULTS.md.
+    reward_mode: str = "env"
 
     def __post_init__(self):
+        if self.reward_mode not in ("env", "success"):
+            raise ConfigError(f"ppo.reward_mode must be 'env' or 'success', got {self.reward_mode!r}")
         if self.kl_coef < 0 or self.entropy_coef < 0:
             raise ConfigError(
                 f"ppo.kl_coef and ppo.entropy_coef must be >= 0, got {self.kl_coef} and {self.entropy_coef}"

@@ -333,8 +333,16 @@ def episode_table(turns: Sequence[Turn]) -> dict[int, list[Turn]]:
     return out
 
 
-def rewards_array(buffer: Sequence[Sequence[Turn]]) -> tuple[np.ndarray, np.ndarray]:
-    """[T][E] turns -> rewards [T, E] and dones [T, E] (truncation counts as done, as in the paper)."""
-    rewards = np.array([[t.reward for t in row] for row in buffer], np.float32)
+def rewards_array(buffer: Sequence[Sequence[Turn]], mode: str = "env") -> tuple[np.ndarray, np.ndarray]:
+    """[T][E] turns -> rewards [T, E] and dones [T, E] (truncation counts as done, as in the paper).
+
+    `mode` "env": the environment's rewards; "success": 1 on a turn that ends its episode with a
+    positive reward (solved), else 0."""
+    if mode == "env":
+        rewards = np.array([[t.reward for t in row] for row in buffer], np.float32)
+    elif mode == "success":
+        rewards = np.array([[float(t.terminated and t.reward > 0) for t in row] for row in buffer], np.float32)
+    else:
+        raise ValueError(f"reward mode must be 'env' or 'success', got {mode!r}")
     dones = np.array([[float(t.done) for t in row] for row in buffer], np.float32)
     return rewards, dones

@@ -411,7 +411,7 @@ class Trainer:
         buffer, flat = self.collect_ppo()
         t_roll = time.perf_counter() - t0
         T, E = len(buffer), len(buffer[0])
-        rewards, dones = rollout.rewards_array(buffer)
+        rewards, dones = rollout.rewards_array(buffer, pcfg.reward_mode)
         rng = np.random.default_rng([cfg.train.seed, self.update_idx])
         orders = [rng.permutation(len(flat)) for _ in range(pcfg.epochs)]
         S = pcfg.samples_per_step

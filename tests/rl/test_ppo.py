@@ -97,6 +97,9 @@ def test_config_refuses_an_unknown_old_logp_source():
 
     with pytest.raises(ConfigError, match="grpo.old_logp must be 'trainer' or 'sampler', got 'x'"):
         grpo.GRPOConfig(old_logp="x")
+    assert ppo.PPOConfig().reward_mode == "env"
+    with pytest.raises(ConfigError, match="ppo.reward_mode must be 'env' or 'success', got 'sum'"):
+        ppo.PPOConfig(reward_mode="sum")
 
 
 def test_kl_to_the_reference_and_entropy_bonus(tok):

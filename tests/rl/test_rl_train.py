@@ -253,3 +253,32 @@ def test_exact_cpu_passes_compile_without_ynnpack_fusions(tmp_path, monkeypatch)
     Trainer(make(tmp_path, "exact"))
     Trainer(make(tmp_path, "fast", train__exact_cpu_passes=False))
     assert seen == [True, False]
+
+
+def test_ppo_success_reward_mode_reaches_gae(tmp_path, monkeypatch):
+    """ppo.reward_mode="success": GAE sees 1 on solved turns and 0 elsewhere (not the env's table);
+    the logged rewards stay the environment's."""
+    from sftrl_jax.rl import ppo as ppo_lib
+    from sftrl_jax.rl import rollout
+
+    seen = {}
+    real_rewards, real_adv = rollout.rewards_array, ppo_lib.advantages_for
+
+    def rewards_spy(buffer, mode="env"):
+        seen["mode"], seen["env"] = mode, real_rewards(buffer)[0]
+        seen["solved"] = np.array([[float(t.terminated and t.reward > 0) for t in row] for row in buffer])
+        return real_rewards(buffer, mode)
+
+    def adv_spy(rewards, *a, **k):
+        seen["gae"] = np.asarray(rewards)
+        return real_adv(rewards, *a, **k)
+
+    monkeypatch.setattr(rollout, "rewards_array", rewards_spy)
+    monkeypatch.setattr(ppo_lib, "advantages_for", adv_spy)
+    cfg = make(tmp_path, "succ", ppo__reward_mode="success")
+    Trainer(cfg).run(stop_after=1)
+    assert seen["mode"] == "success"
+    assert seen["env"].min() < 0  # a random policy's answers are penalised by the env's table ...
+    np.testing.assert_array_equal(seen["gae"], seen["solved"])  # ... GAE sees only the solved turns
+    m = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))[-1]
+    assert m["train/reward_mean"] == pytest.approx(float(seen["env"].mean()), abs=1e-6)

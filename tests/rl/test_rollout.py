@@ -59,6 +59,10 @@ def test_feedback_is_appended_and_episodes_reset(tok):
     # env0: ep0 ok | ep2 no,no,trunc ; env1: ep1 no,ok | ep3 no
     assert rewards.tolist() == [[5.0, -1.0], [-1.0, 5.0], [-1.0, -1.0], [-1.0, -1.0]]
     assert dones.tolist() == [[1, 0], [0, 1], [0, 0], [1, 0]]
+    success, dones2 = rollout.rewards_array(buffer, "success")  # ppo.reward_mode="success"
+    assert success.tolist() == [[1.0, 0.0], [0.0, 1.0], [0.0, 0.0], [0.0, 0.0]] and (dones2 == dones).all()
+    with pytest.raises(ValueError, match="'env' or 'success'"):
+        rollout.rewards_array(buffer, "sum")
     assert buffer[2][0].truncated is False and buffer[3][0].truncated is True
     ctx = tok.decode(buffer[1][1].context_ids, skip_special_tokens=False)
     assert ctx.endswith("<|start_header_id|>assistant<|end_header_id|>\n\n")
