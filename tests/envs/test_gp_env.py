@@ -106,6 +106,22 @@ def test_five_wrong_then_truncation():
     assert env.step("x")[4]["turn"] == 1
 
 
+@pytest.mark.parametrize("penalty", [0.0, -2.0])
+def test_repeat_penalty_adds_to_repeated_graded_answers_only(penalty):
+    env = envs.make("gp-l", repeat_penalty=penalty)
+    _, info = env.reset(options={"cards": ["A", "A", "3", "6"]})
+    wrong, other = answer(info, "6*3+1+1"), answer(info, "6*3+1-1")  # -1 each: legal, wrong value
+    steps = [env.step(a) for a in (wrong, wrong, "no formula", "no formula", other, wrong)]
+    rewards = [s[1] for s in steps]
+    assert [s[4]["repeated"] for s in steps] == [False, True, False, False, False, False]  # 6th: ungraded
+    assert rewards == [-1, -1 + penalty, -3, -3, -1, -1]  # 6th call: the step limit, not graded
+    assert steps[1][0]["text"] == steps[0][0]["text"]  # the feedback is the verifier's, unchanged
+    breakdown = steps[1][4]["reward_breakdown"]
+    assert (breakdown[-1] == (penalty, "repeated an earlier answer")) == bool(penalty)
+    _, info = env.reset(options={"cards": ["A", "A", "3", "6"]})
+    assert env.step(wrong)[1] == -1  # a new episode forgets the earlier answers
+
+
 def test_verify_iter_and_target_options():
     env = envs.make("gp-l", verify_iter=1, target=10)
     _, info = env.reset(options={"cards": ["A", "2", "3", "4"]})
@@ -170,6 +186,9 @@ def test_bad_construction_errors():
         envs.make("gp-vl", language_only=True)
     with pytest.raises(EnvError, match="'exact' must be true or false"):
         envs.make("gp-l", exact="yes")
+    for bad in (0.5, "-1", True):
+        with pytest.raises(EnvError, match="'repeat_penalty' must be a number in \\[-100, 0\\]"):
+            envs.make("gp-l", repeat_penalty=bad)
 
 
 def test_custom_template_file(tmp_path):

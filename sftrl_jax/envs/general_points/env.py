@@ -40,6 +40,7 @@ _SPLIT_RULES = {
 }
 _VL_COLORS = {"train": "black", "id": "black", "ood-rule": "black", "ood-visual": "red"}
 _RESET_OPTIONS = ("cards", "allow_unsolvable")
+REPEAT_MESSAGE = "repeated an earlier answer"  # reward_breakdown entry of `repeat_penalty`
 
 
 class GeneralPointsEnv(Env):
@@ -51,7 +52,9 @@ class GeneralPointsEnv(Env):
     'mixed' | 'black' | 'red' (all suits, despite the reference's name), `template` (path of a prompt
     template file; None = ours), `face_card_msg` (rule sentence; None = the reference's), `exact`
     (exact rational check; False = the reference's float `==`), `reference_card_parsing` (read card
-    lists exactly as the reference does, quirks included).
+    lists exactly as the reference does, quirks included), `repeat_penalty` (ours, not in the paper; 0 =
+    the paper's rewards: added to the reward of a graded answer whose formula was already answered in
+    the episode; the feedback text is unchanged; `info["repeated"]` says whether it was a repeat).
     """
 
     def __init__(
@@ -69,6 +72,7 @@ class GeneralPointsEnv(Env):
         face_card_msg: str | None = None,
         exact: bool = True,
         reference_card_parsing: bool = False,
+        repeat_penalty: float = 0.0,
     ):
         for key, val in dict(
             language_only=language_only,
@@ -84,12 +88,19 @@ class GeneralPointsEnv(Env):
         if isinstance(verify_iter, bool) or not isinstance(verify_iter, int | np.integer) or verify_iter < 1:
             raise EnvError(f"option 'verify_iter' must be an integer >= 1, got {verify_iter!r}")
         cards_lib.suits_for(color)  # validates
+        if (
+            isinstance(repeat_penalty, bool)
+            or not isinstance(repeat_penalty, int | float | np.integer | np.floating)
+            or not -100.0 <= repeat_penalty <= 0.0
+        ):
+            raise EnvError(f"option 'repeat_penalty' must be a number in [-100, 0], got {repeat_penalty!r}")
         if face_card_msg is not None and not isinstance(face_card_msg, str):
             raise EnvError(f"option 'face_card_msg' must be a string, got {face_card_msg!r}")
         self.name, self.split = name, split
         self.language_only, self.target, self.verify_iter = bool(language_only), int(target), int(verify_iter)
         self.face_cards_as_10, self.ood, self.color = bool(face_cards_as_10), bool(ood), color
         self.exact, self.reference_card_parsing = bool(exact), bool(reference_card_parsing)
+        self.repeat_penalty = float(repeat_penalty)
         self.template = prompts.load_template(template, variant="gp-l" if self.language_only else "gp-vl")
         self.face_card_msg = face_card_msg if face_card_msg is not None else prompts.face_card_message(face_cards_as_10)
         self._rng = np.random.default_rng()
@@ -99,6 +110,7 @@ class GeneralPointsEnv(Env):
         self._turn = 0
         self._success = False
         self._over = True
+        self._tried: set[str] = set()
 
     # ------------------------------------------------------------------------------------------- API
     def reset(self, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[Obs, Info]:
@@ -123,6 +135,7 @@ class GeneralPointsEnv(Env):
         self.hand = hand
         self.puzzle = verifier.Puzzle(hand.values(face_cards_as_10=self.face_cards_as_10), hand.symbols, self.target)
         self._remaining, self._turn, self._success, self._over = self.verify_iter, 0, False, False
+        self._tried = set()
         text = self.template.render(
             target=self.target, face_card_msg=self.face_card_msg, cards=hand.symbols if self.language_only else None
         )
@@ -159,8 +172,18 @@ class GeneralPointsEnv(Env):
         self._success = self._success or terminated
         self._over = terminated
         info = self._info(verdict)
+        reward = verdict.reward
+        formula = verdict.answer.formula
+        has_formula = formula not in (None, "None")  # the parser's "missing field" value
+        info["repeated"] = not terminated and has_formula and formula in self._tried
+        if has_formula:
+            self._tried.add(formula)
+        if info["repeated"] and self.repeat_penalty:
+            # reward shaping, not in the paper: the feedback text stays the verifier's
+            reward += self.repeat_penalty
+            info["reward_breakdown"].append((self.repeat_penalty, REPEAT_MESSAGE))
         obs_text = "" if terminated else prompts.feedback(verdict.message)
-        return {"text": obs_text, "image": None}, verdict.reward, terminated, False, info
+        return {"text": obs_text, "image": None}, reward, terminated, False, info
 
     def render(self) -> Image.Image:
         """The table image of the current hand (also for gp-l, whose observations carry no image)."""
@@ -185,6 +208,7 @@ class GeneralPointsEnv(Env):
             "reward_breakdown": [] if verdict is None else list(verdict.penalties),
             "formula": None if verdict is None else verdict.answer.formula,
             "recognized_cards": None if verdict is None else list(verdict.answer.cards),
+            "repeated": False,
         }
 
 
