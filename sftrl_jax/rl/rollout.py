@@ -102,7 +102,17 @@ def check_observation(obs: Any, *, where: str, allow_empty: bool = False) -> dic
     return obs
 
 
-_INFO_KEYS = ("verify_message", "outcome", "is_success", "gt_action", "cards", "numbers", "route_idx", "waypoint_idx")
+_INFO_KEYS = (
+    "verify_message",
+    "outcome",
+    "is_success",
+    "gt_action",
+    "cards",
+    "numbers",
+    "route_idx",
+    "waypoint_idx",
+    "repeated",
+)
 
 
 class EpisodeRunner:

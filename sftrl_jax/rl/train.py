@@ -606,6 +606,9 @@ class Trainer:
             n = sum(1 for t in turns if t.info.get("outcome") == name)
             if n:
                 out[f"outcome/{name}"] = n
+        graded = [t for t in turns if "repeated" in t.info and t.info.get("outcome") not in (None, "STEP_LIMIT")]
+        if graded:  # GP: graded answers that repeat an earlier formula of their episode
+            out["repeated_answers"] = sum(1 for t in graded if t.info["repeated"]) / len(graded)
         return out
 
     def evaluate(self, writer) -> list[dict]:

@@ -267,6 +267,8 @@ def test_ppo_success_reward_mode_reaches_gae(tmp_path, monkeypatch):
     def rewards_spy(buffer, mode="env"):
         seen["mode"], seen["env"] = mode, real_rewards(buffer)[0]
         seen["solved"] = np.array([[float(t.terminated and t.reward > 0) for t in row] for row in buffer])
+        graded = [t for row in buffer for t in row if t.info["outcome"] not in (None, "STEP_LIMIT")]
+        seen["repeated"] = sum(t.info["repeated"] for t in graded) / len(graded)
         return real_rewards(buffer, mode)
 
     def adv_spy(rewards, *a, **k):
@@ -282,3 +284,4 @@ def test_ppo_success_reward_mode_reaches_gae(tmp_path, monkeypatch):
     np.testing.assert_array_equal(seen["gae"], seen["solved"])  # ... GAE sees only the solved turns
     m = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))[-1]
     assert m["train/reward_mean"] == pytest.approx(float(seen["env"].mean()), abs=1e-6)
+    assert m["train/repeated_answers"] == pytest.approx(seen["repeated"])  # GP's repeat metric
