@@ -80,9 +80,17 @@ def explained_variance(values: jax.Array, returns: jax.Array) -> jax.Array:
     return jnp.where(var_r > 0, 1.0 - jnp.var(returns - values) / var_r, jnp.nan)
 
 
-def kl_k3(logp: jax.Array, ref_logp: jax.Array) -> jax.Array:
-    """Per-token k3 estimator of KL(pi || pi_ref):  exp(ref - logp) - (ref - logp) - 1  (>= 0)."""
+def kl_k3(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array | None = None) -> jax.Array:
+    """Per-token k3 estimator of KL(pi || pi_ref):  exp(ref - logp) - (ref - logp) - 1  (>= 0).
+
+    `mask` (1 on the tokens that count): the difference is set to 0 elsewhere *before* the exp. Batches
+    carry 0 as the reference log-prob off the response, where the policy's log-prob of a context
+    token divided by a low temperature can be below -88: exp(ref - logp) overflows to inf, and inf x 0
+    in a masked mean (or its gradient) is NaN. Measured: PPO with kl_coef 0.1 at temperature 0.2 (the
+    paper's) on the tiny GP-L model stopped after 3 updates of non-finite gradients."""
     d = jnp.asarray(ref_logp, jnp.float32) - jnp.asarray(logp, jnp.float32)
+    if mask is not None:
+        d = jnp.where(mask > 0, d, 0.0)
     return jnp.exp(d) - d - 1.0
 
 
@@ -129,7 +137,7 @@ def grpo_loss(
     per = -jnp.minimum(ratio * adv, jnp.clip(ratio, 1.0 - clip, 1.0 + hi) * adv)
     kl = None
     if ref_logp is not None:
-        kl = kl_k3(logp, ref_logp)
+        kl = kl_k3(logp, ref_logp, mask)
         per = per + kl_coef * kl
     if aggregation == "token_mean":
         loss = (per * mask).sum() / jnp.maximum(mask.sum(), 1.0)

@@ -242,7 +242,9 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
         loss = pg + cfg.value_coef * vl
         extra = {}
         if cfg.kl_coef > 0:
-            extra["ref_kl"] = losses.masked_mean(losses.kl_k3(logp_tok, mb["ref_token_logp"]), mb["resp_mask"])
+            extra["ref_kl"] = losses.masked_mean(
+                losses.kl_k3(logp_tok, mb["ref_token_logp"], mb["resp_mask"]), mb["resp_mask"]
+            )
             loss = loss + cfg.kl_coef * extra["ref_kl"]
         if use_entropy:
             extra["entropy"] = losses.masked_mean(ent[0], mb["resp_mask"])

@@ -112,6 +112,31 @@ def test_grpo_loss_aggregations_and_kl():
         losses.grpo_loss(logp, old, adv, mask, aggregation="bogus")
 
 
+def test_reference_kl_ignores_overflow_off_the_response():
+    """Off the response the batch's reference log-prob is 0 and the policy's can be far below -88 at a
+    low temperature: exp(ref - logp) is inf there. Loss, metric and gradients must stay finite and
+    equal those of the response tokens alone."""
+    import jax
+    import jax.numpy as jnp
+
+    logp = jnp.array([[-300.0, -0.5, -1.0, -200.0]])  # context, response, response, padding
+    ref = jnp.array([[0.0, -0.7, -0.9, 0.0]])
+    mask = jnp.array([[0.0, 1.0, 1.0, 0.0]])
+    kl = np.asarray(losses.kl_k3(logp, ref, mask))
+    assert kl[0, 0] == 0.0 and kl[0, 3] == 0.0
+    np.testing.assert_allclose(kl[0, 1:3], [np.exp(-0.2) + 0.2 - 1, np.exp(0.1) - 0.1 - 1], rtol=1e-5)
+    assert np.isinf(np.asarray(losses.kl_k3(logp, ref))[0, 0])  # unmasked: the overflow the mask prevents
+
+    def loss(lp):
+        out, aux = losses.grpo_loss(lp, ref, jnp.array([1.0]), mask, ref_logp=ref, kl_coef=0.1)
+        return out, aux["ref_kl"]
+
+    (value, ref_kl), grad = jax.value_and_grad(loss, has_aux=True)(logp)
+    assert np.isfinite(float(value)) and np.isfinite(np.asarray(grad)).all()
+    assert float(ref_kl) == pytest.approx(kl[0, 1:3].mean(), rel=1e-5)
+    assert np.asarray(grad)[0, 0] == 0.0 and np.asarray(grad)[0, 3] == 0.0
+
+
 def test_turn_logprob_weights_thought_tokens():
     lp = np.array([[-1.0, -2.0, -3.0, -4.0]])
     out = losses.turn_logprob(lp, np.array([[1, 1, 1, 0]]), np.array([2]), thought_coef=0.5)
