@@ -102,8 +102,9 @@ class Tokenizer:
     def encode_conversation(self, messages: Sequence[Message]) -> tuple[list[int], list[int]]:
         """Ids of the whole chat and a mask that is 1 on assistant tokens (their content and end token).
 
-        An assistant message with `"loss": False` is context only (mask 0). The header `<|start_header_id|>assistant<|end_header_id|>\\n\\n` is prompt (mask 0): at
-        inference it is what `add_generation_prompt` appends.
+        An assistant message with `"loss": False` is context only (mask 0). The header
+        `<|start_header_id|>assistant<|end_header_id|>\\n\\n` is prompt (mask 0): at inference it is what
+        `add_generation_prompt` appends.
         """
         messages = list(messages)
         ids = self.chat_ids(messages)
