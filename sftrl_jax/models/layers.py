@@ -139,8 +139,8 @@ def dense_fused(x: jax.Array, ws: Sequence[jax.Array]) -> list[jax.Array]:
     than one wide one: the Llama q/k/v and gate/up projections. Why: at batch 8 x 256 tokens and
     D 512, the k and v products (N 256) run at ~130 GF/s on OpenBLAS, the fused q|k|v (N 1024) at
     ~150, and the backward's dx becomes one product with K 1024 instead of three summed (one layer's
-    q/k/v forward and backward: 51 -> 45 ms). Outside `cpu_gemm()` (XLA's matmuls, sharded weights) the products stay separate, so no
-    concatenation crosses a sharded axis."""
+    q/k/v forward and backward: 51 -> 45 ms). Outside `cpu_gemm()` (XLA's matmuls, sharded weights)
+    the products stay separate, so no concatenation crosses a sharded axis."""
     if len(ws) < 2 or not _CAUSAL_KERNEL.get() or not all(_use_gemm(x, w, None) for w in ws):
         return [dense(x, w) for w in ws]
     d = x.shape[-1]

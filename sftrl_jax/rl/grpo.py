@@ -72,7 +72,7 @@ def episode_advantages(episodes: Sequence[Sequence[Turn]], groups: Sequence[int]
     if cfg.return_mode == "sum":
         returns = np.array([sum(t.reward for t in ep) for ep in episodes], np.float32)
     else:
-        returns = np.array([float(any(t.terminated and t.reward > 0 for t in ep)) for ep in episodes], np.float32)
+        returns = np.array([float(any(t.solved for t in ep)) for ep in episodes], np.float32)
     groups = np.asarray(groups)
     order = np.argsort(groups, kind="stable")
     G = cfg.group_size

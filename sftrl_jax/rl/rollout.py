@@ -52,6 +52,11 @@ class Turn:
     def done(self) -> bool:
         return self.terminated or self.truncated
 
+    @property
+    def solved(self) -> bool:
+        """The turn ended its episode with a positive reward (the task was solved)."""
+        return self.terminated and self.reward > 0
+
 
 def _user(text: str, image: Any) -> dict[str, Any]:
     if image is None:
@@ -351,7 +356,7 @@ def rewards_array(buffer: Sequence[Sequence[Turn]], mode: str = "env") -> tuple[
     if mode == "env":
         rewards = np.array([[t.reward for t in row] for row in buffer], np.float32)
     elif mode == "success":
-        rewards = np.array([[float(t.terminated and t.reward > 0) for t in row] for row in buffer], np.float32)
+        rewards = np.array([[float(t.solved) for t in row] for row in buffer], np.float32)
     else:
         raise ValueError(f"reward mode must be 'env' or 'success', got {mode!r}")
     dones = np.array([[float(t.done) for t in row] for row in buffer], np.float32)

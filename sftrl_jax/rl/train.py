@@ -578,9 +578,7 @@ class Trainer:
         out = {
             "turns": len(turns),
             "episodes_finished": len(done),
-            "success_rate": (sum(1 for t in done if t.terminated and t.reward > 0) / len(done))
-            if done
-            else float("nan"),
+            "success_rate": (sum(1 for t in done if t.solved) / len(done)) if done else float("nan"),
             "reward_mean": float(np.mean(rewards)),
             "response_tokens_mean": gen_tokens / max(len(turns), 1),
             "rollout_tokens_per_s": gen_tokens / max(t_roll, 1e-9),
