@@ -100,6 +100,7 @@ def _postfix(tokens: Sequence[str]) -> tuple[str, ...]:
 # formula shape (digits replaced by '0') -> postfix program (a tuple), or why it cannot be parsed (a str)
 _PLANS: dict[str, tuple[str, ...] | str] = {}
 _PLANS_MAX = 1 << 14
+_CACHED_SHAPE_CHARS = 256  # longer shapes are parsed each time: 16K cached 1 MB keys would be 16 GB
 _SHAPE_TABLE = str.maketrans("0123456789", "0000000000")
 
 
@@ -109,12 +110,14 @@ def plan_of(formula: str, tokens: Sequence[str] | None = None) -> tuple[str, ...
     plan = _PLANS.get(shape)
     if plan is None:
         try:
-            plan = _postfix(TOKEN.findall(formula) if tokens is None else tokens)
+            # tokens lazily: the parse stops at the first error (e.g. 201 open parentheses of 1 MB)
+            plan = _postfix((m.group() for m in TOKEN.finditer(formula)) if tokens is None else tokens)
         except Unparsable as e:
             plan = str(e)
-        if len(_PLANS) >= _PLANS_MAX:
-            _PLANS.clear()
-        _PLANS[shape] = plan
+        if len(shape) <= _CACHED_SHAPE_CHARS:
+            if len(_PLANS) >= _PLANS_MAX:
+                _PLANS.clear()
+            _PLANS[shape] = plan
     if plan.__class__ is str:
         raise Unparsable(plan)
     return plan

@@ -54,7 +54,9 @@ class GeneralPointsEnv(Env):
     (exact rational check; False = the reference's float `==`), `reference_card_parsing` (read card
     lists exactly as the reference does, quirks included), `repeat_penalty` (ours, not in the paper; 0 =
     the paper's rewards: added to the reward of a graded answer whose formula was already answered in
-    the episode; the feedback text is unchanged; `info["repeated"]` says whether it was a repeat).
+    the episode; the feedback text is unchanged; `info["repeated"]` says whether it was a repeat),
+    `reward_floor` (ours, not in the paper; None = the paper's unbounded sums; a number <= -3 bounds the
+    verifier's reward from below, before `repeat_penalty` is added: `verifier.score`'s docstring).
     """
 
     def __init__(
@@ -73,6 +75,7 @@ class GeneralPointsEnv(Env):
         exact: bool = True,
         reference_card_parsing: bool = False,
         repeat_penalty: float = 0.0,
+        reward_floor: float | None = None,
     ):
         for key, val in dict(
             language_only=language_only,
@@ -94,6 +97,14 @@ class GeneralPointsEnv(Env):
             or not -100.0 <= repeat_penalty <= 0.0
         ):
             raise EnvError(f"option 'repeat_penalty' must be a number in [-100, 0], got {repeat_penalty!r}")
+        if reward_floor is not None:
+            try:
+                verifier.check_reward_floor(reward_floor)
+            except ValueError:
+                raise EnvError(
+                    f"option 'reward_floor' must be a finite number <= -3 (or null for the paper's rewards), "
+                    f"got {reward_floor!r}"
+                ) from None
         if face_card_msg is not None and not isinstance(face_card_msg, str):
             raise EnvError(f"option 'face_card_msg' must be a string, got {face_card_msg!r}")
         self.name, self.split = name, split
@@ -101,6 +112,7 @@ class GeneralPointsEnv(Env):
         self.face_cards_as_10, self.ood, self.color = bool(face_cards_as_10), bool(ood), color
         self.exact, self.reference_card_parsing = bool(exact), bool(reference_card_parsing)
         self.repeat_penalty = float(repeat_penalty)
+        self.reward_floor = None if reward_floor is None else float(reward_floor)
         self.template = prompts.load_template(template, variant="gp-l" if self.language_only else "gp-vl")
         self.face_card_msg = face_card_msg if face_card_msg is not None else prompts.face_card_message(face_cards_as_10)
         self._rng = np.random.default_rng()
@@ -167,6 +179,7 @@ class GeneralPointsEnv(Env):
             language_only=self.language_only,
             exact=self.exact,
             reference_card_parsing=self.reference_card_parsing,
+            reward_floor=self.reward_floor,
         )
         terminated = verdict.is_correct
         self._success = self._success or terminated

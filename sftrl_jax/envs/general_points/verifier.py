@@ -16,7 +16,26 @@ its rewards and messages:
    prefix of a solution string -> +1 "partial solution". Otherwise walk the token prefixes: the first
    one that no solution string starts with -> -1; if there is none the reward stays 0 with message ".".
 
-Messages are joined with ", " and end with ".". Deliberate differences from the reference code
+Messages are joined with ", " and end with ".".
+
+The reward of a turn is the sum of its penalties, unbounded as in the paper and the reference (1 MB of
+operators scores -3 x 2**20). What is bounded, for untrusted text, is the work and the text (not in the
+reference, which listed every violation: 34.6 MB of feedback for 1 MB of operators):
+
+* `penalties` lists at most `MAX_LISTED_PENALTIES` items in order; beyond that, one last item
+  (sum of the rewards of the rest, "and N more errors", or "and 1 more error") stands for the rest, so the
+  sum is unchanged;
+* a number list in a message shows at most `MAX_LISTED_NUMBERS` numbers ("[1, 2, ...]") and a number of
+  more than `MAX_NUMBER_DIGITS` digits by its first digits and "..."; up to those sizes the messages are
+  the reference's, character for character;
+* the message is at most `MAX_MESSAGE_CHARS` characters (a longer one is cut and ends in "...").
+
+`reward_floor` (ours, off by default = the paper's rewards; an env option of gp-l/gp-vl): when set, a
+number <= -3 and the turn's reward is below it, the reward is `reward_floor` and one more penalties item
+(reward_floor - sum, "reward floor") keeps the sum equal to the reward. It only changes accumulated
+totals: no single entry of the table is below -3. `outcome` and `message` stay the unfloored ones.
+
+Deliberate differences from the reference code
 (docs/GENERAL_POINTS.md): evaluation is exact over rationals (`exact=False` restores its float `==`,
 under which e.g. "8/(3-8/3)" is never correct); unquoted integer card lists, JSON lists and
 double-quoted symbols are read as cards (`reference_card_parsing=True` restores the reference, which
@@ -26,13 +45,14 @@ reads all three as no cards at all); a non-string JSON "formula" scores -3 (the 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections import Counter
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 from sftrl_jax.envs.general_points import answer as answer_lib
-from sftrl_jax.envs.general_points import arithmetic, solver
+from sftrl_jax.envs.general_points import arithmetic, grammar, solver
 
 REWARDS = {
     "CORRECT": 5.0,
@@ -48,6 +68,12 @@ OUTCOMES = (*REWARDS, "AGGREGATED_ERROR", "STEP_LIMIT")
 _OUTCOME_OF = {v: k for k, v in REWARDS.items()}
 
 _FAST_GRAMMAR_CHARS = 512  # longer formulas take the plain linear grammar loop
+_LOOP_GRAMMAR_CHARS = 2048  # longer ones the vectorised pass (grammar.py): 1 MB in ~20 ms, not ~0.3 s
+MAX_LISTED_PENALTIES = 10  # items of `penalties` (and messages) listed one by one
+MAX_LISTED_NUMBERS = 8  # numbers shown in a message's list
+MAX_NUMBER_DIGITS = 12  # digits shown of a longer number
+MAX_MESSAGE_CHARS = 512  # the verify message, and so the feedback turn, is at most this long
+FLOOR_MESSAGE = "reward floor"
 _CACHED_FORMULA_CHARS = 256  # only short formulas go into the per-hand result cache
 # Token sequences with no grammar violation (parentheses matched separately): prefixes of
 # operand (op operand)* where an operand is `(* number )*`.
@@ -175,14 +201,22 @@ def _int_token(tok: str) -> int | str:
     return int(tok) if len(tok) <= 4300 else _LongNumber(tok)
 
 
-_list_text = repr  # "[4, 10]", as the reference prints its int lists
+def _list_text(numbers: list) -> str:
+    """ "[4, 10]", as the reference prints its int lists, bounded: "[4, 10, ...]", "[123456789012...]"."""
+    shown = []
+    for n in numbers[:MAX_LISTED_NUMBERS]:
+        text = str(n)
+        shown.append(text if len(text) <= MAX_NUMBER_DIGITS else text[:MAX_NUMBER_DIGITS] + "...")
+    if len(numbers) > MAX_LISTED_NUMBERS:
+        shown.append("...")
+    return "[" + ", ".join(shown) + "]"
 
 
 def _number_penalties(numbers: list[str], puzzle: Puzzle) -> list[tuple[float, str]]:
     used: dict[int | str, int] = {}
-    for tok in numbers:
+    for tok, k in Counter(numbers).items():  # distinct texts first: int() of each text once
         n = _int_token(tok)
-        used[n] = used.get(n, 0) + 1
+        used[n] = used.get(n, 0) + k  # "01" and "1" are one number, counted in order of first use
     available = puzzle._available
     penalty = REWARDS["INCORRECT_NUMBER"]
     out = []
@@ -202,7 +236,8 @@ def _number_penalties(numbers: list[str], puzzle: Puzzle) -> list[tuple[float, s
 def _prefix_walk(formula: str, prefixes: frozenset[str]) -> tuple[tuple[float, str], ...]:
     """The reference's walk over token prefixes: the first one no solution string starts with -> -1."""
     register = ""
-    for tok in arithmetic.TOKEN.findall(formula):
+    for match in arithmetic.TOKEN.finditer(formula):  # stops at the first miss: never walks a long formula
+        tok = match.group()
         previous, register = register, register + tok
         if register not in prefixes:
             if previous:
@@ -213,6 +248,16 @@ def _prefix_walk(formula: str, prefixes: frozenset[str]) -> tuple[tuple[float, s
     return ()
 
 
+def _grammar_head(formula: str) -> tuple[list[tuple[float, str]], int]:
+    """(the first grammar penalties, at least MAX_LISTED_PENALTIES of them if there are, their count)."""
+    if len(formula) <= _LOOP_GRAMMAR_CHARS:
+        penalties = _grammar_penalties(formula)
+        return penalties, len(penalties)
+    rules = grammar.violations(formula)
+    penalty = REWARDS["ILLEGAL_FORMULA"]
+    return [(penalty, grammar.MESSAGES[r]) for r in rules[:MAX_LISTED_PENALTIES].tolist()], len(rules)
+
+
 def _penalties(formula: str | None, puzzle: Puzzle, exact: bool) -> tuple[tuple[float, str], ...]:
     """The reference's `step_rewards` after the card check: the (reward, message) items of one formula."""
     if formula is None:
@@ -221,11 +266,21 @@ def _penalties(formula: str | None, puzzle: Puzzle, exact: bool) -> tuple[tuple[
         return ((REWARDS["CORRECT"], "Correct solution"),)
     if not arithmetic.LEGAL.fullmatch(formula):
         return ((REWARDS["ILLEGAL_FORMULA"], "illegal characters"),)
-    penalties = _grammar_penalties(formula)
+    penalties, count = _grammar_head(formula)
     numbers = arithmetic.NUMBER.findall(formula)
-    plain = sorted(numbers) == puzzle._value_texts  # exactly the card numbers, written plainly
+    # exactly the card numbers, written plainly
+    plain = len(numbers) == len(puzzle._value_texts) and sorted(numbers) == puzzle._value_texts
     if not plain:
-        penalties += _number_penalties(numbers, puzzle)
+        extra = _number_penalties(numbers, puzzle)
+        total = REWARDS["ILLEGAL_FORMULA"] * count + sum([r for r, _ in extra])
+        penalties, count = penalties + extra, count + len(extra)
+    else:
+        total = REWARDS["ILLEGAL_FORMULA"] * count
+    if count > MAX_LISTED_PENALTIES:
+        listed = penalties[:MAX_LISTED_PENALTIES]
+        more = count - MAX_LISTED_PENALTIES
+        rest = (total - sum([r for r, _ in listed]), f"and {more} more error{'s' if more > 1 else ''}")
+        return (*listed, rest)
     if penalties:
         return tuple(penalties)
     try:
@@ -258,7 +313,10 @@ def _result(penalties: tuple[tuple[float, str], ...]) -> tuple[float, str, str, 
         reward, message = penalties[0]
         return reward, message + ".", _OUTCOME_OF.get(reward, "AGGREGATED_ERROR"), penalties
     reward = float(sum([r for r, _ in penalties]))
-    return reward, ", ".join([m for _, m in penalties]) + ".", outcome_of(reward), penalties
+    message = ", ".join([m for _, m in penalties]) + "."
+    if len(message) > MAX_MESSAGE_CHARS:
+        message = message[: MAX_MESSAGE_CHARS - 3] + "..."
+    return reward, message, outcome_of(reward), penalties
 
 
 def check_formula(formula: str | None, puzzle: Puzzle, *, exact: bool = True) -> tuple[float, str, str, tuple]:
@@ -287,12 +345,27 @@ def score(
     language_only: bool = True,
     exact: bool = True,
     reference_card_parsing: bool = False,
+    reward_floor: float | None = None,
 ) -> Verdict:
-    """Scores one model turn. Never raises on any text."""
+    """Scores one model turn. Never raises on any text; `reward_floor` (None = the paper's rewards, else
+    a number <= -3) bounds the reward from below, as the module docstring says."""
     answer = parse_answer(text, reference_card_parsing=reference_card_parsing)
     if not language_only and sorted(answer.cards) != puzzle._sorted_symbols:
         return Verdict(_VISION[0], _VISION[1], "INCORRECT_VISION", (_VISION,), answer)
-    return Verdict(*check_formula(answer.formula, puzzle, exact=exact), answer)
+    verdict = Verdict(*check_formula(answer.formula, puzzle, exact=exact), answer)
+    if reward_floor is not None:
+        check_reward_floor(reward_floor)
+        if verdict.reward < reward_floor:
+            floor = (float(reward_floor) - verdict.reward, FLOOR_MESSAGE)
+            verdict = verdict._replace(reward=float(reward_floor), penalties=(*verdict.penalties, floor))
+    return verdict
+
+
+def check_reward_floor(value: Any) -> None:
+    """A floor must be a finite number <= -3 (ILLEGAL_FORMULA): it never changes a single table entry."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    if not ok or value > REWARDS["ILLEGAL_FORMULA"]:
+        raise ValueError(f"reward_floor must be a finite number <= -3 (or None for the paper's rewards), got {value!r}")
 
 
 def score_many(
@@ -302,11 +375,17 @@ def score_many(
     language_only: bool = True,
     exact: bool = True,
     reference_card_parsing: bool = False,
+    reward_floor: float | None = None,
 ) -> list[Verdict]:
     """Batch form of `score`: one puzzle for all texts, or one puzzle per text."""
     if isinstance(puzzles, Puzzle):
         puzzles = [puzzles] * len(texts)
     elif len(puzzles) != len(texts):
         raise ValueError(f"got {len(texts)} texts but {len(puzzles)} puzzles")
-    kw = dict(language_only=language_only, exact=exact, reference_card_parsing=reference_card_parsing)
+    kw = dict(
+        language_only=language_only,
+        exact=exact,
+        reference_card_parsing=reference_card_parsing,
+        reward_floor=reward_floor,
+    )
     return [score(t, p, **kw) for t, p in zip(texts, puzzles)]
