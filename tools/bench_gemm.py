@@ -1,4 +1,4 @@
-"""Our SFT step with the fp32 matrix products (projections, attention) on OpenBLAS (`layers.cpu_gemm`) vs on XLA's dot, paired.
+"""Our SFT step with the fp32 matrix products (projections, attention) on OpenBLAS (`ops.Policy(cpu_kernels=True)`) vs on XLA's dot, paired.
 
     .venv/bin/python tools/bench_gemm.py --steps 14
 

@@ -1,34 +1,29 @@
-"""Native XLA:CPU kernels: C++ XLA FFI handlers, compiled on this machine at first use.
+"""Native XLA:CPU kernels for training steps: C++ XLA FFI handlers, compiled on this machine at first use.
 
-    from sftrl_jax import kernels
-    if kernels.available():
-        out = kernels.decode_attention(q, k, v, mask, n, scale=0.125)  # inside or outside jit
-        y = kernels.skinny_matmul(w, x)  # w [O, I], x [B, I] -> [O, B]
+Only `sftrl_jax.ops.cpu` calls these (the seam decides when; model code never names them):
+
     if kernels.gemm_available():
         c = kernels.gemm(a, b, trans_b=True)  # a [M, K] @ b[N, K]^T on OpenBLAS
+        out, lse = kernels.causal_attention(q, k, v, mask, scale=0.125, block=64)
+        y = kernels.rope(x, cos, sin)
 
-Why: the sampler's decode step (a few rows against every weight) is where RL spends its time.
-Its attention is tiny batched products that XLA:CPU runs as dozens of small kernel calls per
-layer, and its static shapes read the whole KV cache every step; a hand-written loop reads only
-the filled slots and runs a layer's attention in one call. Its projections are [O, I] x [I, B]
-products with B ~ 16, where a register-blocked kernel that streams each weight once beats XLA's
-general matmul (docs/BENCHMARKS.md has the measurements). The kernels are an optimisation only:
-without a C++ compiler, or with `SFTRL_CPU_KERNELS=0`, `available()` is False and callers use
-their pure-JAX path, which computes the same values up to fp32 rounding.
+`gemm` (blas_gemm.cc): fp32 products of any shape through the sgemm of the `scipy-openblas64`
+wheel, the transposed operands of a backward pass read in place (10-15% faster SFT steps here,
+`tools/bench_gemm.py`). `causal_attention` / `causal_attention_grad` (causal_attention.cc): a
+training step's causal self-attention, forward and backward, in query blocks against the keys up to
+each block's end, the softmax between two sgemm calls on a block's scores in cache and no [T, T]
+probabilities kept for the backward pass (~10% of a 2 x 1024-token step). `rope` (rope.cc): the
+rotation, forward and transposed (XLA:CPU evaluated the tables' trigonometry per head and half).
+The kernels are an optimisation only: without a C++ compiler, or with `SFTRL_CPU_KERNELS=0`
+(`SFTRL_CPU_GEMM=0` turns off the BLAS alone), `available()` is False and the seam runs XLA's ops,
+which compute the same values up to fp32 rounding. (The sampler's decode kernels of earlier
+versions were dropped with the sampler's second forward: decoding runs through the model.)
 
-`gemm` (blas_gemm.cc) is for training steps: fp32 products of any shape through the sgemm of the
-`scipy-openblas64` wheel, the transposed operands of a backward pass read in place; `layers.cpu_gemm`
-routes `dense` to it (docs/BENCHMARKS.md: ~9% faster SFT steps on the benchmark model).
-`causal_attention` / `causal_attention_grad` (causal_attention.cc) are a training step's causal
-self-attention, forward and backward, in query blocks against the keys up to each block's end, the
-softmax between two sgemm calls on a block's scores in cache and no [T, T] probabilities kept for
-the backward pass (`layers.attention(..., causal=True)` under `cpu_gemm`).
-
-Build: the sources ship with the package (`decode_kernels.cc`, `blas_gemm.cc`, `causal_attention.cc`); the first `available()` call of
-a process compiles it with `$CXX` (default `c++`) against the XLA FFI headers jaxlib ships, with
-`-O3 -march=native`, into `$SFTRL_KERNEL_CACHE` (default `~/.cache/sftrl_jax/kernels`), keyed by
-the source, flags, compiler, jaxlib version and CPU, so later processes load it in milliseconds.
-A failed build logs one warning with the compiler's message and falls back.
+Build: the sources ship with the package; the first `available()` call of a process compiles them
+with `$CXX` (default `c++`) against the XLA FFI headers jaxlib ships, with `-O3 -march=native`,
+into `$SFTRL_KERNEL_CACHE` (default `~/.cache/sftrl_jax/kernels`), keyed by the source, flags,
+compiler, jaxlib version and CPU, so later processes load it in milliseconds. A failed build logs
+one warning with the compiler's message and falls back.
 """
 
 from __future__ import annotations
@@ -50,14 +45,10 @@ import numpy as np
 
 log = logging.getLogger(__name__)
 
-SOURCES = tuple(
-    Path(__file__).with_name(f) for f in ("decode_kernels.cc", "blas_gemm.cc", "causal_attention.cc", "rope.cc")
-)
+SOURCES = tuple(Path(__file__).with_name(f) for f in ("blas_gemm.cc", "causal_attention.cc", "rope.cc"))
 # Included by the sources (part of the build key).
 HEADERS = (Path(__file__).with_name("parallel_for.h"), Path(__file__).with_name("blas.h"))
 TARGETS = {  # FFI target name -> the handler's symbol in the library
-    "sftrl_decode_attention_f32": "SftrlDecodeAttentionF32",
-    "sftrl_skinny_matmul_f32": "SftrlSkinnyMatmulF32",
     "sftrl_gemm_f32": "SftrlGemmF32",
     "sftrl_causal_attention_fwd_f32": "SftrlCausalAttentionFwdF32",
     "sftrl_causal_attention_bwd_f32": "SftrlCausalAttentionBwdF32",
@@ -71,10 +62,6 @@ BLAS_SET_THREADS = "scipy_openblas_set_num_threads64_"
 # -fno-trapping-math: loops with selects (masks, clamps) vectorise; no value changes (no reassociation).
 FLAGS = ("-O3", "-march=native", "-fno-trapping-math", "-std=c++17", "-shared", "-fPIC", "-w")
 COMPILE_TIMEOUT_S = 300
-# `skinny_matmul` beats XLA's matmul up to this many rows and loses beyond (docs/BENCHMARKS.md:
-# 8 decode layers + head of the sampler benchmark's model, 10.0 vs 11.0 ms at 16 rows, 17.8 vs
-# 18.7 at 32, 42.1 vs 32.4 at 64): callers use it for at most this many.
-SKINNY_MAX_ROWS = 32
 
 _lock = threading.Lock()
 _state: dict = {}  # "ok": bool once decided; "error": why not; "path": the shared library
@@ -195,42 +182,6 @@ def error() -> str | None:
     return _state.get("error")
 
 
-def decode_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array, n: jax.Array, *, scale: float, threads: int = 0
-) -> jax.Array:
-    """Attention of one query per row: q [B, N, H], k/v [B, K, S, H], mask [B, S] bool, n [] int32
-    (slots >= n are not read and must be masked) -> [B, N, H], all fp32, on CPU.
-
-    The values of `sftrl_jax.sampling.decode._attend` (fp32 rounding aside). `threads` caps the
-    threads used (0: all of XLA's intra-op pool). Call `available()` first."""
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if x.dtype != np.float32:
-            raise TypeError(f"decode_attention: {name} must be float32, got {x.dtype}")
-    b, heads, h = q.shape
-    if k.ndim != 4 or k.shape != v.shape or k.shape[0] != b or k.shape[3] != h or heads % k.shape[1]:
-        raise ValueError(f"decode_attention: q {q.shape}, k {k.shape}, v {v.shape} do not fit [B,N,H], [B,K,S,H]")
-    if mask.shape != (b, k.shape[2]):
-        raise ValueError(f"decode_attention: mask {mask.shape} is not [B, S] = {(b, k.shape[2])}")
-    call = jax.ffi.ffi_call("sftrl_decode_attention_f32", jax.ShapeDtypeStruct(q.shape, q.dtype))
-    n = jnp.asarray(n, jnp.int32).reshape(())
-    return call(q, k, v, mask.astype(bool), n, scale=np.float32(scale), threads=np.int64(threads or 1 << 20))
-
-
-def skinny_matmul(w: jax.Array, x: jax.Array, *, x_transposed: bool = False, threads: int = 0) -> jax.Array:
-    """w [O, I] times x [B, I] (or x [I, B] with `x_transposed`) -> [O, B], fp32, on CPU: the
-    product `einsum("OI,BI->OB", w, x)` for a handful of rows B (each weight is read once).
-    `threads` caps the threads used (0: all of XLA's intra-op pool). Call `available()` first."""
-    for name, a in (("w", w), ("x", x)):
-        if a.dtype != np.float32 or a.ndim != 2:
-            raise TypeError(f"skinny_matmul: {name} must be a 2-D float32 array, got {a.dtype} {a.shape}")
-    inner, b = (x.shape[0], x.shape[1]) if x_transposed else (x.shape[1], x.shape[0])
-    if inner != w.shape[1]:
-        layout = "[I, B]" if x_transposed else "[B, I]"
-        raise ValueError(f"skinny_matmul: w {w.shape} is [O, I] but x {x.shape} is not {layout} with I = {w.shape[1]}")
-    call = jax.ffi.ffi_call("sftrl_skinny_matmul_f32", jax.ShapeDtypeStruct((w.shape[0], b), jnp.float32))
-    return call(w, x, x_transposed=np.int64(bool(x_transposed)), threads=np.int64(threads or 1 << 20))
-
-
 def gemm(a: jax.Array, b: jax.Array, *, trans_a: bool = False, trans_b: bool = False, threads: int = 0) -> jax.Array:
     """op(a) @ op(b) in fp32 on CPU through OpenBLAS's sgemm: a [..., M, K] (or [..., K, M] with
     `trans_a`), b [..., K, N] (or [..., N, K] with `trans_b`) -> [..., M, N], the leading (batch)
@@ -311,8 +262,8 @@ def causal_attention_grad(
 
 
 def rope(x: jax.Array, cos: jax.Array, sin: jax.Array, *, inverse: bool = False, threads: int = 0) -> jax.Array:
-    """RoPE of x [B, T, N, H] (fp32, CPU; rope.cc) with cos, sin [B, T, H/2] (`layers.rope_cos_sin`):
-    y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin over the halves of H, the values of `layers.rotate`;
+    """RoPE of x [B, T, N, H] (fp32, CPU; rope.cc) with cos, sin [B, T, H/2] (`ops.rope_cos_sin`):
+    y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin over the halves of H, the values of `ops.xla.rope`;
     `inverse` rotates by the opposite angle (the transpose: the backward pass). `threads` caps the
     threads used (0: all of XLA's intra-op pool); the result does not depend on it. Call
     `available()` first."""

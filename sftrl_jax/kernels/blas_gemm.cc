@@ -1,5 +1,5 @@
 // fp32 matrix product for XLA:CPU through OpenBLAS, as an XLA FFI handler (built with
-// decode_kernels.cc by `sftrl_jax/kernels/__init__.py`).
+// `sftrl_jax/kernels/__init__.py`, with causal_attention.cc and rope.cc).
 //
 // SftrlGemmF32: c [M, N] = op(a) . op(b), with op(a) = a [M, K] (attribute trans_a = 0) or a^T for
 // a [K, M] (= 1), and op(b) = b [K, N] (trans_b = 0) or b^T for b [N, K] (= 1). All row-major fp32.

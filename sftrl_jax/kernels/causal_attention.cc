@@ -17,9 +17,9 @@
 // thread from start to end, so the result does not depend on the thread count.
 //
 // A row with no key to attend (a padding position) attends uniformly to all T keys (transformers'
-// additive-mask convention, and `layers.attention`'s): its output is the mean of v, its lse +inf.
+// additive-mask convention, and `ops.attention`'s): its output is the mean of v, its lse +inf.
 //
-// Why: the blocked attention of XLA ops (`layers.attention`) runs these products as batched BLAS
+// Why: the blocked attention of XLA ops (`ops.attention`) runs these products as batched BLAS
 // calls with the softmax, masking, slicing of the key prefixes and the summing of the gradients of
 // those prefixes as separate passes over [B, heads, T, T] arrays; here a block's scores stay in
 // cache between its products and softmax.

@@ -1,4 +1,4 @@
-// Work splitting for the kernels of this folder (included by decode_kernels.cc and blas_gemm.cc).
+// Work splitting for the kernels of this folder (included by blas_gemm.cc, causal_attention.cc and rope.cc).
 //
 // Blocks are claimed from an atomic counter by the calling thread and up to `threads` - 1 tasks of
 // XLA's intra-op pool, so a pool task that starts after the caller has done all the work finds

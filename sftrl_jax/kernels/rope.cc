@@ -1,9 +1,9 @@
 // RoPE rotation of a training step's q or k for XLA:CPU, an XLA FFI handler (built with the other
 // kernels of this folder by `sftrl_jax/kernels/__init__.py`).
 //
-// x, y [B, T, N, H]; cos, sin [B, T, H/2] (`layers.rope_cos_sin`). Per (b, t, n), with halves
+// x, y [B, T, N, H]; cos, sin [B, T, H/2] (`ops.rope_cos_sin`). Per (b, t, n), with halves
 // x1 = x[..., :H/2], x2 = x[..., H/2:]: y1 = x1 cos - x2 sin, y2 = x2 cos + x1 sin, the arithmetic of
-// `layers.rotate`. `inverse` rotates by the opposite angle (sin -> -sin), the transpose of the
+// `ops.xla.rope`. `inverse` rotates by the opposite angle (sin -> -sin), the transpose of the
 // rotation: the backward pass.
 //
 // Why: XLA:CPU fuses the trigonometry of the angles into the rotation's loop over [B, T, N, H] and
@@ -22,7 +22,7 @@ namespace ffi = xla::ffi;
 namespace {
 
 // One (b, t) position: its N heads with the position's cos and sin rows. The rounding is that of
-// XLA:CPU's loops for `layers.rotate` and its transpose (measured bit for bit): the forward with one
+// XLA:CPU's loops for `ops.xla.rope` and its transpose (measured bit for bit): the forward with one
 // fused multiply-add per output (fma(x1, c, -(x2 s)), fma(x2, c, x1 s)), the inverse with none.
 __attribute__((optimize("fp-contract=off"))) void RotateRow(const float* x, const float* c, const float* s,
                                                                bool inverse, int64_t n, int64_t half, float* y) {

@@ -109,3 +109,21 @@ def write(buffer: jax.Array, new: jax.Array, index: jax.Array) -> jax.Array:
     """buffer [B, S_max, ...] with `new` [B, T, ...] written at slots [index, index + T)."""
     start = (jnp.zeros((), jnp.int32), index.astype(jnp.int32)) + (jnp.zeros((), jnp.int32),) * (buffer.ndim - 2)
     return jax.lax.dynamic_update_slice(buffer, new.astype(buffer.dtype), start)
+
+
+def extend(cache: KVCache, max_length: int) -> KVCache:
+    """`cache` with room for `max_length` slots in all (empty, masked slots appended): a prefill runs
+    over the prompt's slots only, the decode loop then writes the rest."""
+    pad = max_length - cache.max_length
+    if pad < 0:
+        raise ValueError(f"cannot shrink a cache of {cache.max_length} slots to {max_length}")
+
+    def grow(x):  # [B, P, K, H] -> [B, S, K, H]
+        return rules.constrain(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), KV_NAMES)
+
+    return dataclasses.replace(
+        cache,
+        k=tuple(grow(x) for x in cache.k),
+        v=tuple(grow(x) for x in cache.v),
+        key_mask=jnp.pad(cache.key_mask, ((0, 0), (0, pad))),
+    )

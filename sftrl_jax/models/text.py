@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sftrl_jax import ops
 from sftrl_jax.models import config as config_lib
 from sftrl_jax.models import kv_cache, layers
 from sftrl_jax.parallel.rules import constrain
@@ -43,19 +44,19 @@ class SelfAttention(nnx.Module):
         self.scale = h**-0.5
 
     def __call__(self, x, *, rope, mask, cache_kv=None, cache_index=None):
-        """x [B, T, D], rope: `layers.rope_cos_sin` of the positions ([B, T, H/2] * 2), mask [B, T, S];
+        """x [B, T, D], rope: `ops.rope_cos_sin` of the positions ([B, T, H/2] * 2), mask [B, T, S];
         cache_kv: ([B, S_max, K, H],) * 2 or None."""
         # [B, T, N, H], [B, T, K, H] * 2
-        q, k, v = layers.dense_fused(x, [p.astype(self.dtype) for p in (self.q_proj, self.k_proj, self.v_proj)])
-        q, k = layers.rotate(q, *rope), layers.rotate(k, *rope)
+        q, k, v = ops.dense_fused(x, [p.astype(self.dtype) for p in (self.q_proj, self.k_proj, self.v_proj)])
+        q, k = ops.rope(q, *rope), ops.rope(k, *rope)
         if cache_kv is not None:
             k = constrain(kv_cache.write(cache_kv[0], k, cache_index), kv_cache.KV_NAMES)
             v = constrain(kv_cache.write(cache_kv[1], v, cache_index), kv_cache.KV_NAMES)
         # Without a cache the model's mask is causal by index: key blocks above the diagonal are skipped.
-        out = layers.attention(
+        out = ops.attention(
             q, k.astype(self.dtype), v.astype(self.dtype), mask, scale=self.scale, causal=cache_kv is None
         )
-        return layers.dense(out, self.o_proj.astype(self.dtype), n_in=2), (k, v)  # [B, T, D]
+        return ops.dense(out, self.o_proj.astype(self.dtype), n_in=2), (k, v)  # [B, T, D]
 
 
 class CrossAttention(nnx.Module):
@@ -75,14 +76,14 @@ class CrossAttention(nnx.Module):
 
     def kv(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys/values of the projected vision tokens [B, S_x, D] -> ([B, S_x, K, H],) * 2."""
-        k = layers.dense(states, self.k_proj.astype(self.dtype))  # [B, S, K, H]
-        v = layers.dense(states, self.v_proj.astype(self.dtype))
+        k = ops.dense(states, self.k_proj.astype(self.dtype))  # [B, S, K, H]
+        v = ops.dense(states, self.v_proj.astype(self.dtype))
         return self.k_norm(k), v
 
     def __call__(self, x, *, kv, mask):
-        q = self.q_norm(layers.dense(x, self.q_proj.astype(self.dtype)))
-        out = layers.attention(q, kv[0].astype(self.dtype), kv[1].astype(self.dtype), mask, scale=self.scale)
-        return layers.dense(out, self.o_proj.astype(self.dtype), n_in=2)
+        q = self.q_norm(ops.dense(x, self.q_proj.astype(self.dtype)))
+        out = ops.attention(q, kv[0].astype(self.dtype), kv[1].astype(self.dtype), mask, scale=self.scale)
+        return ops.dense(out, self.o_proj.astype(self.dtype), n_in=2)
 
 
 class DecoderLayer(nnx.Module):
@@ -220,7 +221,7 @@ class TextModel(nnx.Module):
             xmask, row_mask = _cross_masks(tile_mask, cross_kv[0][0].shape[1])
 
         self_layers = [layer for i, layer in enumerate(self.layers) if i not in self.cross_attention_layers]
-        rope = layers.rope_cos_sin(positions, self_layers[0].self_attn.inv_freq) if self_layers else None
+        rope = ops.rope_cos_sin(positions, self_layers[0].self_attn.inv_freq) if self_layers else None
         new_k, new_v = [], []
         n_self = n_cross = 0
         for i, layer in enumerate(self.layers):
@@ -261,8 +262,8 @@ class TextModel(nnx.Module):
 def lm_logits(hidden: jax.Array, kernel: jax.Array, *, tied: bool) -> jax.Array:
     """hidden [B, T, D] -> fp32 logits [B, T, V]; `kernel` is [D, V] or, if tied, the embedding [V', D]."""
     if tied:
-        return layers.dense(hidden, kernel.astype(hidden.dtype).T, out_dtype=jnp.float32)
-    return layers.dense(hidden, kernel.astype(hidden.dtype), out_dtype=jnp.float32)
+        return ops.dense(hidden, kernel.astype(hidden.dtype).T, out_dtype=jnp.float32)
+    return ops.dense(hidden, kernel.astype(hidden.dtype), out_dtype=jnp.float32)
 
 
 class LlamaForCausalLM(nnx.Module):

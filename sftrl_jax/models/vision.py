@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sftrl_jax import ops
 from sftrl_jax.models import config as config_lib
 from sftrl_jax.models import layers
 from sftrl_jax.parallel.rules import constrain
@@ -42,7 +43,7 @@ class VisionAttention(nnx.Module):
         q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj.astype(self.dtype))
         k = jnp.einsum("BSD,DNH->BSNH", x, self.k_proj.astype(self.dtype))
         v = jnp.einsum("BSD,DNH->BSNH", x, self.v_proj.astype(self.dtype))
-        out = layers.attention(q, k, v, mask, scale=self.scale)
+        out = ops.attention(q, k, v, mask, scale=self.scale)
         return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.astype(self.dtype))
 
 

@@ -10,8 +10,11 @@
 The sampler is a static `SamplerConfig` plus a pytree `State` (STYLE §8). Prompts are left-padded to
 a length bucket, the batch to a batch bucket (`inputs`), so repeated calls compile once per bucket.
 The prefill is the model's own forward with a cache (images go through the vision tower once there,
-and the cross-attention keys/values are kept); the decode loop (`decode.step`) then runs one token
-per row until `max_new_tokens` or until every row has emitted a stop token. Parameters are
+and the cross-attention keys/values are kept); the decode loop then feeds one token per row through
+the same forward with the same cache (one model definition for training, prefill and decode, as
+gemma's sampler loop does) until `max_new_tokens` or until every row has emitted a stop token.
+Its matrices are cast to the compute dtype once per parameter version (`prepare_weights`), never
+inside the loop. Parameters are
 arguments of both jitted functions, never closed over, so a policy whose weights change between
 calls (RL) reuses the compiled programs.
 """
@@ -28,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sftrl_jax import ops
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import kv_cache
 from sftrl_jax.parallel import rules
-from sftrl_jax.sampling import decode, inputs, methods
+from sftrl_jax.sampling import inputs, methods
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,8 +45,6 @@ class SamplerConfig:
     max_new_tokens: int
     method: methods.Method
     pad_id: int
-    stack_weights: bool = True  # fuse q|k|v and gate|up matmuls (off when a tensor axis shards them)
-    cpu_kernel: bool = False  # decode attention by the native CPU kernel (`decode.use_kernel`)
 
 
 @jax.tree_util.register_dataclass
@@ -50,9 +52,7 @@ class SamplerConfig:
 class State:
     """The decode loop's carry."""
 
-    cache: decode.DecodeCache
-    index: jax.Array  # [] int32: cache slot of the token fed next
-    positions: jax.Array  # [B] int32: RoPE position of the token fed next
+    cache: kv_cache.KVCache  # the model's own cache: the prompt, then one slot per generated token
     last: jax.Array  # [B] int32: the token fed next (the last one chosen)
     step: jax.Array  # [] int32: output column of the next token (= tokens generated so far)
     done: jax.Array  # [B] bool: the row emitted a stop token (or is batch padding)
@@ -125,9 +125,7 @@ def _prefill(
     zeros = jnp.zeros((b, m), jnp.float32)
     state = State(
         # The cache holds the prompt and every generated token but the last (never fed back).
-        cache=decode.from_prefill(out.cache, p + m - 1),
-        index=jnp.asarray(p, jnp.int32),
-        positions=out.cache.next_position,
+        cache=kv_cache.extend(out.cache, p + m - 1),
         last=jnp.zeros((b,), jnp.int32),
         step=jnp.zeros((), jnp.int32),
         done=~row_valid,
@@ -142,71 +140,73 @@ def _prefill(
     return _record(state, methods.choose(out.logits[:, -1], _keys(state), cfg.method), cfg)
 
 
-def _prepare(params, *, graphdef, stack: bool) -> decode.DecodeWeights:
-    return decode.prepare(nnx.merge(graphdef, params), stack=stack)
-
-
-def _decode(params, weights: decode.DecodeWeights | None, state: State, *, graphdef, cfg: SamplerConfig) -> State:
-    """Generates columns 1 .. M-1; stops early once every row is done. `weights`: see `prepare_weights`."""
+def _decode(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
+    """Generates columns 1 .. M-1 through the model's own forward, one token per row per step, with
+    the KV cache; stops early once every row is done. `params`: see `prepare_weights`."""
     model = nnx.merge(graphdef, params)
-    if weights is None:
-        weights = decode.prepare(model, stack=cfg.stack_weights)
+    b = state.last.shape[0]
+    one = jnp.ones((b, 1), jnp.int32)
 
     def cond(s: State) -> jax.Array:
         return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
 
-    # RoPE tables of every step's positions, computed once: [M, H/2, B]
-    cos, sin = decode.rope_tables(model, state.positions[None, :] + jnp.arange(-1, cfg.max_new_tokens - 1)[:, None])
-
     def body(s: State) -> State:
-        rope = (cos[s.step], sin[s.step])  # the positions of the token fed at this step
-        logits, cache = decode.step(model, weights, s.cache, s.last, index=s.index, rope=rope, kernel=cfg.cpu_kernel)
-        s = dataclasses.replace(s, cache=cache, index=s.index + 1, positions=s.positions + 1)
-        return _record(s, methods.choose(logits, _keys(s), cfg.method), cfg)
+        out = model(s.last[:, None], attention_mask=one, cache=s.cache, last_logits_only=True)
+        s = dataclasses.replace(s, cache=out.cache)
+        return _record(s, methods.choose(out.logits[:, -1], _keys(s), cfg.method), cfg)
 
     return jax.lax.while_loop(cond, body, state)
 
 
 _prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cfg"))
-_prepare_jit = jax.jit(_prepare, static_argnames=("graphdef", "stack"))
 # The state (above all the KV cache) is donated: the loop rewrites it in place, so XLA reuses the
 # prefill's buffers for the output instead of allocating a second cache and copying into it.
 _decode_jit = jax.jit(_decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
-# On CPU the decode loop hands only matmuls to XLA's YNNPACK library: its elementwise and reduction
-# kernels cost ~0.1 ms each for the decode's tiny arrays (thread hand-offs), XLA's own loops far
-# less (docs/BENCHMARKS.md).
-CPU_DECODE_OPTIONS = {"xla_cpu_experimental_ynn_fusion_type": "LIBRARY_FUSION_TYPE_DOT"}
-_decode_jit_cpu = jax.jit(
-    _decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",), compiler_options=CPU_DECODE_OPTIONS
-)
+_decode_jits: dict = {}  # compiler options (ops.decode_compiler_options) -> jitted decode
+
+
+def _decode_fn(options: dict | None):
+    if not options:
+        return _decode_jit
+    key = tuple(sorted(options.items()))
+    if key not in _decode_jits:
+        _decode_jits[key] = jax.jit(
+            _decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",), compiler_options=options
+        )
+    return _decode_jits[key]
 
 
 def compile_count() -> int:
     """Programs compiled so far by the sampler (prefill + decode), for tests and logs."""
-    return sum(f._cache_size() for f in (_prefill_jit, _decode_jit, _decode_jit_cpu))
+    return sum(f._cache_size() for f in (_prefill_jit, _decode_jit, *_decode_jits.values()))
 
 
-def on_cpu(params) -> bool:
-    leaves = jax.tree.leaves(params)
-    return bool(leaves) and all(d.platform == "cpu" for d in leaves[0].devices())
+def _cast(params, *, dtype):
+    # Matrices only: 1-D parameters (norm scales, tanh gates) are read in fp32 by the model.
+    return jax.tree.map(
+        lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x, params
+    )
 
 
-_PREPARED: dict = {}  # the last prepared weights, keyed by the identity of the parameter arrays
+_cast_jit = jax.jit(_cast, static_argnames=("dtype",))
+_PREPARED: dict = {}  # the last prepared parameters, keyed by the identity of the parameter arrays
+PREPARE_COUNT = [0]  # how often parameters were prepared (tests: once per parameter version)
 
 
-def prepare_weights(graphdef, params, *, stack: bool = True) -> decode.DecodeWeights | None:
-    """The decode weights materialised in their [out, in] layout on CPU (where the layout decides
-    the matmul speed), reused while the same parameter arrays come back (JAX arrays are immutable;
-    the entry keeps them alive, so their ids stay unique); None elsewhere: the decode program then
-    transposes logically, which XLA folds into the matmuls."""
-    if not on_cpu(params):
-        return None
+def prepare_weights(params, dtype):
+    """The decode loop's parameters: the matrices cast to the compute `dtype` once per parameter
+    version (the model's own `astype` is then a no-op inside the decode program), reused while the
+    same parameter arrays come back (JAX arrays are immutable; the entry keeps them alive, so their
+    ids stay unique). The parameters themselves when they already are in `dtype`."""
     leaves = tuple(jax.tree.leaves(params))
-    key = (graphdef, stack, tuple(map(id, leaves)))
+    if all(x.ndim < 2 or x.dtype == jnp.dtype(dtype) or not jnp.issubdtype(x.dtype, jnp.floating) for x in leaves):
+        return params
+    key = (jnp.dtype(dtype).name, tuple(map(id, leaves)))
     if _PREPARED.get("key") != key or any(leaf.is_deleted() for leaf in leaves):
         _PREPARED.clear()
-        _PREPARED.update(key=key, leaves=leaves, weights=_prepare_jit(params, graphdef=graphdef, stack=stack))
-    return _PREPARED["weights"]
+        _PREPARED.update(key=key, leaves=leaves, params=_cast_jit(params, dtype=jnp.dtype(dtype)))
+        PREPARE_COUNT[0] += 1
+    return _PREPARED["params"]
 
 
 # -------------------------------------------------------------------------------------------- host
@@ -316,17 +316,14 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         method=methods.Method(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)),
         pad_id=int(pad_id),
-        stack_weights=mesh is None or mesh.shape.get(rules.TENSOR, 1) == 1,
-        cpu_kernel=decode.use_kernel(model, devices=1 if mesh is None else mesh.size, params=params),
     )
     key = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         batch = _device_batch(arrays, mesh)
         state = _prefill_jit(params, batch, stop_array(stops), key, graphdef=graphdef, cfg=cfg)
         if max_new_tokens > 1:
-            weights = prepare_weights(graphdef, params, stack=cfg.stack_weights)
-            run = _decode_jit_cpu if weights is not None else _decode_jit
-            state = run(params, weights, state, graphdef=graphdef, cfg=cfg)
+            run = _decode_fn(ops.decode_compiler_options(ops.policy_for(mesh)))
+            state = run(prepare_weights(params, model.dtype), state, graphdef=graphdef, cfg=cfg)
     n = len(prompts)
     return GenerateResult(
         tokens=_host(state.tokens)[:n],

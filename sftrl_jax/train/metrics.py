@@ -93,22 +93,19 @@ def peak_flops(n: int = 1024, repeats: int = 5, dtype: str = "float32") -> float
     """Measured matmul FLOP/s of one device of this machine (cached): the denominator of MFU.
 
     Taken as the best of `repeats` timed [n, n] @ [n, n] products after a warm-up compile, over
-    XLA's dot and, for fp32 on a CPU with the OpenBLAS kernel (`kernels.gemm_available()`), that
-    kernel too: the steps run their products on it, and XLA's dot alone measured 112-139 GF/s here
-    where the kernel's products run at ~150, which made MFU exceed 100%.
+    the products the ops seam may run on this backend (`ops.peak_products`: XLA's dot and, for fp32
+    on a CPU with the OpenBLAS kernel built, that kernel too): the steps run their products on it,
+    and XLA's dot alone measured 112-139 GF/s here where the kernel's products run at ~150, which
+    made MFU exceed 100%.
     """
     key = f"{n}:{dtype}"
     if key not in _PEAK:
-        import jax
         import jax.numpy as jnp
 
-        a = jnp.ones((n, n), dtype)
-        products = [jax.jit(lambda x: x @ x)]
-        if jnp.dtype(dtype) == jnp.float32 and jax.default_backend() == "cpu":
-            from sftrl_jax import kernels
+        from sftrl_jax import ops
 
-            if kernels.gemm_available():
-                products.append(jax.jit(lambda x: kernels.gemm(x, x)))
+        a = jnp.ones((n, n), dtype)
+        products = ops.peak_products(dtype)
         best = float("inf")
         for f in products:
             f(a).block_until_ready()

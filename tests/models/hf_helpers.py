@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -122,14 +123,18 @@ def write_config(config_dict: dict, folder: str) -> str:
     return folder
 
 
-def jit_forward(model):
-    """`model(**inputs)` compiled once per input shapes (eager op-by-op dispatch is slow on CPU)."""
+def jit_forward(model, policy=None):
+    """`model(**inputs)` compiled once per input shapes (eager op-by-op dispatch is slow on CPU),
+    traced under the ops `policy` (None: the platform default)."""
     import jax
     from flax import nnx
+
+    from sftrl_jax import ops
 
     graphdef, state = nnx.split(model)
 
     @jax.jit
+    @functools.partial(ops.traced_with, policy=policy)
     def forward(state, inputs):
         return nnx.merge(graphdef, state)(**inputs)
 

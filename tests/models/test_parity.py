@@ -10,13 +10,22 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from sftrl_jax import kernels, ops
 from sftrl_jax.models import config as config_lib
-from sftrl_jax.models import convert, layers, text
+from sftrl_jax.models import convert, text
 from tests.models import hf_helpers as H
 
 torch = pytest.importorskip("torch")
 pytestmark = pytest.mark.hf
 TOL = 1e-4
+# Every path of the ops seam that runs here: the CPU default (XLA laid out for XLA:CPU, causal
+# attention in blocks), the native kernels of one-CPU-device steps, and the plain XLA reference
+# (the XLA path every backend falls back to).
+PATHS = {
+    "cpu": None,
+    "cpu-kernels": ops.Policy(platform="cpu", cpu_kernels=True),
+    "xla-reference": ops.Policy(reference=True),
+}
 
 
 def _torch(batch):
@@ -51,25 +60,30 @@ def _hf_logits(hf, batch):
         ("tied-head_dim-32", dict(tie_word_embeddings=True, head_dim=32, num_heads=2, num_kv_heads=1)),
     ],
 )
-def test_llama_end_to_end(tmp_path, name, overrides):
+@pytest.mark.parametrize("path", PATHS)
+def test_llama_end_to_end(tmp_path, name, overrides, path):
+    if path == "cpu-kernels" and not kernels.gemm_available():
+        pytest.skip("no CPU kernels here")
+    policy = PATHS[path]
     cfg = config_lib.LlamaConfig.tiny(**overrides)
     hf = H.hf_model(cfg)
     ours = convert.from_pretrained(H.save_hf(hf, str(tmp_path)))
     rng = np.random.default_rng(0)
     # 150 tokens: the self-attention runs in causal blocks of 64, 64 and 22 query rows.
     t = 150
-    assert layers.causal_block(t) < t
+    assert ops.cpu.causal_block(t) < t
     batch = dict(input_ids=rng.integers(0, cfg.text.vocab_size, (2, t)), attention_mask=np.ones((2, t), np.int64))
     batch["attention_mask"][1, :70] = 0  # left padding beyond the first block
     ref = _hf_logits(hf, batch)
-    got = np.asarray(H.jit_forward(ours)(**_jnp(batch)).logits)
+    got = np.asarray(H.jit_forward(ours, policy)(**_jnp(batch)).logits)
     real = batch["attention_mask"].astype(bool)
     assert H.rel_diff(got[real], ref[real]) < TOL
     # positions far beyond original_max_position exercise every band of the llama3 frequency scaling
     pos = np.arange(t)[None].repeat(2, 0) * 17 + 3
     with torch.no_grad():
         ref = hf(input_ids=torch.tensor(batch["input_ids"]), position_ids=torch.tensor(pos)).logits.numpy()
-    got = np.asarray(H.jit_forward(ours)(jnp.asarray(batch["input_ids"]), position_ids=jnp.asarray(pos)).logits)
+    forward = H.jit_forward(ours, policy)
+    got = np.asarray(forward(jnp.asarray(batch["input_ids"]), position_ids=jnp.asarray(pos)).logits)
     assert H.rel_diff(got, ref) < TOL
 
 
@@ -85,11 +99,12 @@ def test_mllama_text_only(mllama):
 
 
 @pytest.mark.parametrize("images", [1, 2])
-def test_mllama_with_images(mllama, images):
+@pytest.mark.parametrize("path", ["cpu", "xla-reference"])
+def test_mllama_with_images(mllama, images, path):
     cfg, hf, ours = mllama
     batch = H.image_batch(cfg, images=images, seed=images)
     ref = _hf_logits(hf, batch)
-    got = np.asarray(H.jit_forward(ours)(**_jnp(batch)).logits)
+    got = np.asarray(H.jit_forward(ours, PATHS[path])(**_jnp(batch)).logits)
     real = batch["attention_mask"].astype(bool)
     assert H.rel_diff(got[real], ref[real]) < TOL
     # the images matter: text-only logits differ from 3 on (row 0 sees image 0 from token 2)
@@ -124,7 +139,7 @@ def test_self_attention_layer(mllama):
         ref = (ref[0] if isinstance(ref, tuple) else ref).numpy()
     mask = jnp.asarray(np.broadcast_to(causal, (2, 10, 10)))
     layer = ours.language_model.layers[0]
-    rope = layers.rope_cos_sin(jnp.asarray(pos), layer.self_attn.inv_freq)
+    rope = ops.rope_cos_sin(jnp.asarray(pos), layer.self_attn.inv_freq)
     got, _ = layer(jnp.asarray(x), rope=rope, mask=mask)
     assert H.rel_diff(got, ref) < TOL
 

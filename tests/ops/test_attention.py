@@ -1,4 +1,4 @@
-"""`layers.attention(..., causal=True)`: queries in blocks against the keys up to each block's last
+"""`ops.attention(..., causal=True)`: queries in blocks against the keys up to each block's last
 row only; the same values and gradients as attention over every key with the same causal mask."""
 
 import jax
@@ -6,8 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sftrl_jax import kernels
-from sftrl_jax.models import layers
+from sftrl_jax import kernels, ops
 
 B, T, N, K, H = 3, 150, 4, 2, 16  # 150 rows: blocks of 64, 64 and 22
 
@@ -24,9 +23,9 @@ def _inputs():
 
 def _grad_fn(mask, causal, gemm):
     def loss(q, k, v, g):
-        return jnp.sum(layers.attention(q, k, v, mask, scale=H**-0.5, causal=causal) * g)
+        return jnp.sum(ops.attention(q, k, v, mask, scale=H**-0.5, causal=causal) * g)
 
-    return jax.jit(layers.with_cpu_gemm(jax.value_and_grad(loss, (0, 1, 2)), gemm))
+    return jax.jit(ops.traced_with(jax.value_and_grad(loss, (0, 1, 2)), ops.Policy(cpu_kernels=gemm)))
 
 
 def _n_dots(fn, *args):
@@ -35,12 +34,12 @@ def _n_dots(fn, *args):
 
 def test_blocks_are_used_and_cut_the_products():
     q, k, v, g, mask = _inputs()
-    assert layers.causal_block(T) == 64 and layers.causal_block(1024) == 128
-    full = _n_dots(lambda q, k, v: layers.attention(q, k, v, mask, scale=0.25), q, k, v)
-    blocked = _n_dots(lambda q, k, v: layers.attention(q, k, v, mask, scale=0.25, causal=True), q, k, v)
+    assert ops.cpu.causal_block(T) == 64 and ops.cpu.causal_block(1024) == 128
+    full = _n_dots(lambda q, k, v: ops.attention(q, k, v, mask, scale=0.25), q, k, v)
+    blocked = _n_dots(lambda q, k, v: ops.attention(q, k, v, mask, scale=0.25, causal=True), q, k, v)
     assert (full, blocked) == (2, 6)  # q k^T and p v, once or per block
     # Keys per block: 64, 128, 150 of 150 -> the score matrices hold (64*64 + 64*128 + 22*150) / 150^2.
-    jaxpr = str(jax.make_jaxpr(lambda q, k, v: layers.attention(q, k, v, mask, scale=0.25, causal=True))(q, k, v))
+    jaxpr = str(jax.make_jaxpr(lambda q, k, v: ops.attention(q, k, v, mask, scale=0.25, causal=True))(q, k, v))
     for shape in ("f32[3,2,128,64]", "f32[3,2,128,128]", "f32[3,2,44,150]"):  # [B, K, G*rows, keys]
         assert shape in jaxpr, shape
 
@@ -54,8 +53,8 @@ def test_blocked_equals_full_values_and_gradients(gemm):
     np.testing.assert_allclose(v1, v2, rtol=1e-5, atol=1e-4)
     for a, c in zip(g1, g2):
         np.testing.assert_allclose(a, c, rtol=1e-5, atol=1e-5)
-    out = layers.attention(q, k, v, mask, scale=H**-0.5, causal=True)
-    ref = layers.attention(q, k, v, mask, scale=H**-0.5)
+    out = ops.attention(q, k, v, mask, scale=H**-0.5, causal=True)
+    ref = ops.attention(q, k, v, mask, scale=H**-0.5)
     np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-6)
     # Rows with nothing to attend: uniform over all 150 keys (transformers' convention), not over a block.
     uniform = np.repeat(np.asarray(v[1]).mean(axis=0), N // K, axis=0)  # [N, H]
@@ -65,12 +64,12 @@ def test_blocked_equals_full_values_and_gradients(gemm):
 def test_no_mask_means_the_causal_pattern():
     q, k, v, _, mask = _inputs()
     tri = jnp.broadcast_to(jnp.tri(T, dtype=bool), (B, T, T))
-    ref = layers.attention(q, k, v, tri, scale=0.25)
-    np.testing.assert_allclose(layers.attention(q, k, v, None, scale=0.25, causal=True), ref, rtol=1e-5, atol=1e-6)
+    ref = ops.attention(q, k, v, tri, scale=0.25)
+    np.testing.assert_allclose(ops.attention(q, k, v, None, scale=0.25, causal=True), ref, rtol=1e-5, atol=1e-6)
     # Short sequences and key lengths other than T (a KV cache) take the unblocked path.
-    short = layers.attention(q[:, :40], k[:, :40], v[:, :40], None, scale=0.25, causal=True)
-    np.testing.assert_allclose(short, layers.attention(q[:, :40], k[:, :40], v[:, :40], tri[:, :40, :40], scale=0.25))
-    cached = lambda q, k, v: layers.attention(q, k, v, mask[:, :, :100], scale=0.25, causal=True)  # noqa: E731
+    short = ops.attention(q[:, :40], k[:, :40], v[:, :40], None, scale=0.25, causal=True)
+    np.testing.assert_allclose(short, ops.attention(q[:, :40], k[:, :40], v[:, :40], tri[:, :40, :40], scale=0.25))
+    cached = lambda q, k, v: ops.attention(q, k, v, mask[:, :, :100], scale=0.25, causal=True)  # noqa: E731
     assert _n_dots(cached, q, k[:, :100], v[:, :100]) == 2
 
 

@@ -1,4 +1,4 @@
-"""`kernels.gemm` (OpenBLAS behind an XLA FFI call) and `layers.cpu_gemm`, the switch that routes the
+"""`kernels.gemm` (OpenBLAS behind an XLA FFI call) and `ops.Policy(cpu_kernels=True)`, the switch that routes the
 fp32 projections of a training step to it: values against float64, gradients against XLA's dot,
 where it is used and where not, bad input, and the switch-off."""
 
@@ -10,10 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from sftrl_jax import kernels
-from sftrl_jax.models import layers
+from sftrl_jax import kernels, ops
 from sftrl_jax.parallel import mesh as mesh_lib
-from sftrl_jax.sft.train import use_cpu_gemm
 
 HAS_COMPILER = shutil.which(os.environ.get("CXX", "c++")) is not None
 pytestmark = pytest.mark.skipif(not HAS_COMPILER, reason="no C++ compiler: the kernels cannot be built here")
@@ -101,10 +99,10 @@ def test_attention_under_cpu_gemm_equals_xla_value_and_gradients(built, n_heads,
     mask = jnp.tril(jnp.ones((t, t), bool))[None].repeat(b, 0).at[1, 0].set(False)  # row 0 of example 1: nothing
 
     def loss(q, k, v):
-        return jnp.sum(layers.attention(q, k, v, mask, scale=h**-0.5) * g)
+        return jnp.sum(ops.attention(q, k, v, mask, scale=h**-0.5) * g)
 
     fn = jax.value_and_grad(loss, (0, 1, 2))
-    blas, xla = jax.jit(layers.with_cpu_gemm(fn, True)), jax.jit(fn)
+    blas, xla = jax.jit(ops.traced_with(fn, ops.Policy(cpu_kernels=True))), jax.jit(fn)
     assert blas.lower(q, k, v).as_text().count("sftrl_gemm_f32") == 6  # 2 forward + 4 backward
     assert "sftrl_gemm_f32" not in xla.lower(q, k, v).as_text()
     (v1, g1), (v2, g2) = blas(q, k, v), xla(q, k, v)
@@ -125,13 +123,13 @@ CASES = [  # (x shape, w shape, n_in)
 def test_dense_under_cpu_gemm_equals_xla_value_and_gradients(built, xs, ws, n_in):
     kx, kw, kg = jax.random.split(jax.random.key(0), 3)
     x, w = jax.random.normal(kx, xs), jax.random.normal(kw, ws)
-    g = jax.random.normal(kg, layers.dense(x, w, n_in=n_in).shape)
+    g = jax.random.normal(kg, ops.dense(x, w, n_in=n_in).shape)
 
     def loss(x, w):
-        return jnp.sum(layers.dense(x, w, n_in=n_in) * g)
+        return jnp.sum(ops.dense(x, w, n_in=n_in) * g)
 
     fn = jax.value_and_grad(loss, (0, 1))
-    blas = jax.jit(layers.with_cpu_gemm(fn, True))
+    blas = jax.jit(ops.traced_with(fn, ops.Policy(cpu_kernels=True)))
     xla = jax.jit(fn)
     # the switch is what decides: three FFI calls (y, dx, dW) with it, none without
     assert blas.lower(x, w).as_text().count("sftrl_gemm_f32") == 3
@@ -146,18 +144,18 @@ def test_dense_under_cpu_gemm_equals_xla_value_and_gradients(built, xs, ws, n_in
 def test_cpu_gemm_leaves_bf16_and_mixed_products_to_xla(built):
     x = jnp.ones((4, 8), jnp.bfloat16)
     w = jnp.ones((8, 16), jnp.bfloat16)
-    f = jax.jit(layers.with_cpu_gemm(lambda x, w: layers.dense(x, w, out_dtype=jnp.float32), True))
+    f = jax.jit(ops.traced_with(lambda x, w: ops.dense(x, w, out_dtype=jnp.float32), ops.Policy(cpu_kernels=True)))
     assert "sftrl_gemm_f32" not in f.lower(x, w).as_text()
     np.testing.assert_array_equal(f(x, w), np.full((4, 16), 8.0, np.float32))
 
 
 def test_gemm_is_used_on_one_cpu_device_only(built, monkeypatch):
-    assert use_cpu_gemm(mesh_lib.make_mesh(mesh_lib.parse_mesh_spec("fsdp=-1"), devices=jax.devices()[:1]))
+    assert _cpu_kernels(mesh_lib.make_mesh(mesh_lib.parse_mesh_spec("fsdp=-1"), devices=jax.devices()[:1]))
     # a custom call is not partitioned: a mesh of several devices keeps XLA's dot
-    assert not use_cpu_gemm(mesh_lib.make_mesh(mesh_lib.parse_mesh_spec("fsdp=-1"), devices=jax.devices()[:2]))
+    assert not _cpu_kernels(mesh_lib.make_mesh(mesh_lib.parse_mesh_spec("fsdp=-1"), devices=jax.devices()[:2]))
     monkeypatch.setenv("SFTRL_CPU_GEMM", "0")
     assert not kernels.gemm_available()
-    assert not use_cpu_gemm(mesh_lib.make_mesh(mesh_lib.parse_mesh_spec("fsdp=-1"), devices=jax.devices()[:1]))
+    assert not _cpu_kernels(mesh_lib.make_mesh(mesh_lib.parse_mesh_spec("fsdp=-1"), devices=jax.devices()[:1]))
 
 
 def test_gemm_falls_back_when_the_blas_cannot_load(monkeypatch):
@@ -167,6 +165,10 @@ def test_gemm_falls_back_when_the_blas_cannot_load(monkeypatch):
     assert not kernels.gemm_available()
     assert "no_such_blas_module" in kernels._state["gemm_error"]
     x = jnp.ones((4, 8), jnp.float32)
-    f = jax.jit(layers.with_cpu_gemm(lambda x: layers.dense(x, x.T), True))
+    f = jax.jit(ops.traced_with(lambda x: ops.dense(x, x.T), ops.Policy(cpu_kernels=True)))
     assert "sftrl_gemm_f32" not in f.lower(x).as_text()
     np.testing.assert_array_equal(f(x), np.full((4, 4), 8.0, np.float32))
+
+
+def _cpu_kernels(mesh) -> bool:
+    return ops.policy_for(mesh).cpu_kernels

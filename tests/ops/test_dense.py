@@ -1,4 +1,4 @@
-"""`layers.dense` (a matmul with a hand-written backward) equals the einsum it replaces, value and gradients."""
+"""`ops.dense` (a matmul with a hand-written backward) equals the einsum it replaces, value and gradients."""
 
 import subprocess
 import sys
@@ -10,7 +10,7 @@ import pytest
 from jax.sharding import AxisType, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from sftrl_jax.models import layers
+from sftrl_jax import ops
 
 CASES = [  # (x shape, w shape, n_in, einsum)
     ((2, 5, 8), (8, 6), 1, "BTD,DF->BTF"),
@@ -26,12 +26,12 @@ def test_value_and_gradients_equal_the_einsum(xs, ws, n_in, spec):
     g = jax.random.normal(kg, jnp.einsum(spec, x, w).shape)  # a random cotangent
 
     def ours(x, w):
-        return jnp.sum(layers.dense(x, w, n_in=n_in) * g)
+        return jnp.sum(ops.dense(x, w, n_in=n_in) * g)
 
     def ref(x, w):
         return jnp.sum(jnp.einsum(spec, x, w) * g)
 
-    np.testing.assert_allclose(layers.dense(x, w, n_in=n_in), jnp.einsum(spec, x, w), rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(ops.dense(x, w, n_in=n_in), jnp.einsum(spec, x, w), rtol=1e-6, atol=1e-6)
     for a, b in zip(jax.grad(ours, (0, 1))(x, w), jax.grad(ref, (0, 1))(x, w)):
         assert a.shape == b.shape and a.dtype == b.dtype
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
@@ -40,11 +40,11 @@ def test_value_and_gradients_equal_the_einsum(xs, ws, n_in, spec):
 def test_out_dtype_and_bf16_gradient_dtypes():
     x = jax.random.normal(jax.random.key(1), (4, 8), jnp.bfloat16)
     w = jax.random.normal(jax.random.key(2), (8, 16), jnp.bfloat16)
-    y = layers.dense(x, w, out_dtype=jnp.float32)
+    y = ops.dense(x, w, out_dtype=jnp.float32)
     assert y.dtype == jnp.float32
     ref = jnp.einsum("MD,DV->MV", x, w, preferred_element_type=jnp.float32)
     np.testing.assert_allclose(y, ref, rtol=1e-6)
-    dx, dw = jax.grad(lambda x, w: layers.dense(x, w, out_dtype=jnp.float32).sum(), (0, 1))(x, w)
+    dx, dw = jax.grad(lambda x, w: ops.dense(x, w, out_dtype=jnp.float32).sum(), (0, 1))(x, w)
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
     np.testing.assert_allclose(
         dw.astype(jnp.float32), jnp.broadcast_to(x.astype(jnp.float32).sum(0)[:, None], (8, 16)), rtol=1e-2
@@ -56,7 +56,7 @@ def test_sharded_gradients_equal_one_device():
     mesh = jax.make_mesh((4, 2), ("data", "tensor"), axis_types=(AxisType.Auto,) * 2)
     x = jax.random.normal(jax.random.key(3), (8, 6, 16))
     w = jax.random.normal(jax.random.key(4), (16, 12))
-    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(layers.dense(x, w))), (0, 1)))
+    grad = jax.jit(jax.grad(lambda x, w: jnp.sum(jnp.tanh(ops.dense(x, w))), (0, 1)))
     want = grad(x, w)
     xs = jax.device_put(x, NamedSharding(mesh, P("data", None, None)))
     ws = jax.device_put(w, NamedSharding(mesh, P(None, "tensor")))
@@ -69,7 +69,7 @@ def test_weight_gradient_avoids_the_transposed_dot_on_cpu():
     """The point of `dense`: on XLA:CPU every dot of the backward pass is a row-major matmul."""
     x = jnp.ones((64, 32))
     w = jnp.ones((32, 48))
-    hlo = jax.jit(jax.grad(lambda x, w: layers.dense(x, w).sum(), (0, 1))).lower(x, w).compile().as_text()
+    hlo = jax.jit(jax.grad(lambda x, w: ops.dense(x, w).sum(), (0, 1))).lower(x, w).compile().as_text()
     dots = [line for line in hlo.splitlines() if " dot(" in line]
     assert dots, hlo
     for line in dots:  # lhs contracts its last axis (1) in every dot
