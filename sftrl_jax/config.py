@@ -4,7 +4,8 @@
 
 Rules:
 - Override values are parsed as YAML scalars (`yaml.safe_load`), never with `eval`.
-- An unknown key is an error that names the closest valid key.
+- An unknown key is an error that names the closest valid key; a key a section lists in its
+  `MOVED_KEYS` class variable (old name -> new dotted key) is an error that names the new key.
 - A wrong type is an error naming the key, the value and the expected type.
 - Float fields also take strings such as `1e-6` (PyYAML's YAML 1.1 reads `1e-6` as a string).
 - A dataclass may validate itself in `__post_init__` by raising `ConfigError`.
@@ -91,7 +92,11 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, prefix: str = "")
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r}: expected a mapping, got {data!r}")
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    moved = getattr(cls, "MOVED_KEYS", {})
     for key in data:
+        if key in moved and key not in fields:
+            full = f"{prefix}{key}"
+            raise ConfigError(f"config key {full!r} was moved to {moved[key]!r}: set that instead and remove {full!r}")
         if key not in fields:
             full = f"{prefix}{key}"
             valid = [f"{prefix}{name}" for name in fields]

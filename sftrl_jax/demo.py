@@ -138,8 +138,9 @@ def _sft_config(cfg: DemoConfig, *, run_dir: str, data: str, steps: int, lr: flo
 
 
 def _rl_config(cfg: DemoConfig, *, run_dir: str, init: str, d_init: int):
+    from sftrl_jax.rl.config import EnvSection, EvalSection, RLConfig, RLTrainSection
     from sftrl_jax.rl.ppo import PPOConfig
-    from sftrl_jax.rl.train import EnvSection, EvalSection, RLConfig, RLTrainSection, SamplingSection
+    from sftrl_jax.sampling.policy import SamplingSection
     from sftrl_jax.train.optim import OptimConfig
     from sftrl_jax.train.state import ModelSection
 
@@ -149,9 +150,7 @@ def _rl_config(cfg: DemoConfig, *, run_dir: str, init: str, d_init: int):
         algo="ppo",
         env=EnvSection(task=cfg.task, split="train", num_envs=r.num_envs, options=cfg.env_options()),
         sampling=SamplingSection(max_new_tokens=r.max_new_tokens, temperature=r.temperature),
-        ppo=PPOConfig(
-            epochs=r.epochs, samples_per_step=r.samples_per_step, micro_batch=r.micro_batch, temperature=r.temperature
-        ),
+        ppo=PPOConfig(epochs=r.epochs, samples_per_step=r.samples_per_step, micro_batch=r.micro_batch),
         optim=OptimConfig(lr=r.lr, eps=1e-7, grad_clip=1.0, warmup_ratio=0.0, schedule="constant"),
         eval=EvalSection(every=0, splits=()),
         train=RLTrainSection(
@@ -173,10 +172,10 @@ def _rl_config(cfg: DemoConfig, *, run_dir: str, init: str, d_init: int):
 def _evaluate(cfg: DemoConfig, ckpt: str, run_dirs: tuple[str, ...], arm: str, step: int, gflops: float) -> None:
     """Greedy evaluation of `ckpt` on every split (outputs under the first run folder); its rows are
     appended to each of `run_dirs`."""
-    from sftrl_jax.commands.eval import load_for_eval
     from sftrl_jax.evaluation import evaluate as ev
     from sftrl_jax.evaluation import report
-    from sftrl_jax.rl.train import SamplingSection, make_policy
+    from sftrl_jax.sampling.policy import SamplingSection, make_policy
+    from sftrl_jax.train.state import load_for_eval
 
     model, tokenizer, proc = load_for_eval(ckpt, cfg.task)
     policy = make_policy(

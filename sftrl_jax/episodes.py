@@ -11,7 +11,8 @@ by the envs, and the conversations are updated:
 
 The image of an observation goes first in the user message that carries it (only the first turn of
 a conversation). A policy is any callable `policy(contexts, images) -> [(response_ids, logprobs)]`
-(`sftrl_jax.sampling` provides one over a model); evaluation and PPO/GRPO rollouts share this code.
+(`sftrl_jax.sampling` provides one over a model); evaluation and PPO/GRPO rollouts share this code,
+so it sits beside both (`evaluation` and `rl` import it; it imports neither).
 """
 
 from __future__ import annotations

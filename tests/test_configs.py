@@ -17,7 +17,7 @@ def _cls(path: Path):
 
         return SFTConfig
     if kind == "rl":
-        from sftrl_jax.rl.train import RLConfig
+        from sftrl_jax.rl.config import RLConfig
 
         return RLConfig
     if kind == "demo":

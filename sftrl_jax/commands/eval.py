@@ -50,39 +50,12 @@ def add_arguments(parser):
     )
 
 
-def load_for_eval(ckpt: str, task: str, tokenizer_path: str | None = None):
-    """(model, tokenizer, image processor) of a checkpoint, checked against the task."""
-    from sftrl_jax.data.processor import for_model
-    from sftrl_jax.train.state import ModelSection, load_model, tokenizer_for
-
-    if not os.path.isdir(ckpt):
-        raise UserError(f"checkpoint {ckpt!r} does not exist")
-    if not (
-        os.path.exists(os.path.join(ckpt, "config.json")) or os.path.exists(os.path.join(ckpt, "model_config.json"))
-    ):
-        raise UserError(f"{ckpt!r} is neither our checkpoint (model_config.json) nor an HF folder (config.json)")
-    section = ModelSection(init=ckpt, tokenizer=tokenizer_path)
-    model = load_model(section)
-    proc = for_model(model)
-    if task.endswith("-vl") and proc is None:
-        raise UserError(
-            f"task {task} shows images, but {ckpt} is a text-only {type(model).__name__}; "
-            f"use an Mllama (vision) checkpoint or the -l task"
-        )
-    tokenizer = tokenizer_for(section)
-    if tokenizer.vocab_size > model.config.text.num_embeddings:
-        raise UserError(
-            f"the tokenizer ({tokenizer.vocab_size} ids) does not fit the model's "
-            f"{model.config.text.num_embeddings} embeddings: pass the checkpoint's tokenizer with --tokenizer"
-        )
-    return model, tokenizer, proc
-
-
 def run(args) -> int:
     from sftrl_jax.evaluation import evaluate as ev
     from sftrl_jax.evaluation import report
-    from sftrl_jax.rl.train import SamplingSection, make_policy
+    from sftrl_jax.sampling.policy import SamplingSection, make_policy
     from sftrl_jax.train.metrics import read_jsonl
+    from sftrl_jax.train.state import load_for_eval
 
     proto = ev.protocol(args.task, args.split, recognition=args.recognition, n_episodes=args.episodes)
     model, tokenizer, proc = load_for_eval(args.ckpt, args.task, args.tokenizer)

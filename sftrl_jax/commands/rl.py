@@ -23,7 +23,8 @@ def add_arguments(parser):
 
 def run(args) -> int:
     from sftrl_jax import config
-    from sftrl_jax.rl.train import RLConfig, train
+    from sftrl_jax.rl.config import RLConfig
+    from sftrl_jax.rl.train import train
 
     cfg = config.load(RLConfig, args.config, args.overrides)
     last = train(cfg)

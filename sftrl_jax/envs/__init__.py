@@ -23,6 +23,15 @@ _REGISTRY: dict[str, tuple[str, str]] = {
 
 ENV_NAMES = tuple(_REGISTRY)
 
+# name -> the env family's RL hooks (`turn_stats(turns)`, `group_reset(env, seed)`): what a training
+# loop needs to know about a task, so the loop itself names none.
+_RL_HOOKS: dict[str, str] = {
+    "gp-l": "sftrl_jax.envs.general_points.rl_hooks",
+    "gp-vl": "sftrl_jax.envs.general_points.rl_hooks",
+    "virl-l": "sftrl_jax.envs.virl.rl_hooks",
+    "virl-vl": "sftrl_jax.envs.virl.rl_hooks",
+}
+
 
 def make(name: str, split: str = "train", **options: Any) -> Env:
     """Builds the environment `name` for `split`; `options` are the env's constructor keywords."""
@@ -35,4 +44,11 @@ def make(name: str, split: str = "train", **options: Any) -> Env:
     return getattr(importlib.import_module(module), factory)(split=split, **options)
 
 
-__all__ = ["ENV_NAMES", "SPLITS", "Env", "EnvError", "check_split", "make"]
+def rl_hooks(name: str):
+    """The module of `name`'s RL hooks (see `_RL_HOOKS`)."""
+    if name not in _RL_HOOKS:
+        raise EnvError(f"unknown environment {name!r}; valid names: {', '.join(ENV_NAMES)}")
+    return importlib.import_module(_RL_HOOKS[name])
+
+
+__all__ = ["ENV_NAMES", "SPLITS", "Env", "EnvError", "check_split", "make", "rl_hooks"]

@@ -22,6 +22,11 @@ LAMBDA = {"gp": 6.0, "virl": 5.1}
 IMAGE_TOKENS = 1600  # reference: "llama 3.2 has 1601 visual tokens" (one tile's patches + class token)
 
 
+def lambda_for(task: str) -> float:
+    """The paper's lambda of a task's env family ("gp-l" -> GeneralPoints' 6)."""
+    return LAMBDA[task.split("-")[0]]
+
+
 def sft_flops(n_params: float, d_init: float, d_sft: float) -> float:
     """X_SFT = 6 N (D_init + D_SFT)."""
     return 6.0 * n_params * (d_init + d_sft)

@@ -22,9 +22,8 @@ import os
 from collections.abc import Sequence
 from typing import Any
 
-from sftrl_jax import envs
+from sftrl_jax import envs, episodes
 from sftrl_jax.errors import UserError
-from sftrl_jax.rl import rollout
 
 TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
 EVAL_SPLITS = ("id", "ood-rule", "ood-visual")
@@ -74,40 +73,38 @@ def make_runner(policy, tokenizer, proto: EvalProtocol, *, batch_size: int, env_
         reset_fn = lambda i, ep: (proto.seed * 1_000_003 + ep, None)  # noqa: E731
     else:
         reset_fn = lambda i, ep: (proto.seed, {"route_idx": ep})  # noqa: E731
-    return rollout.EpisodeRunner(
+    return episodes.EpisodeRunner(
         env_list, tokenizer, policy, reset_fn=reset_fn, max_turns=1 if proto.recognition else None
     )
 
 
-def summarize(proto: EvalProtocol, turns: Sequence[rollout.Turn]) -> dict[str, Any]:
-    table = rollout.episode_table(turns)
-    episodes = list(table.values())
+def summarize(proto: EvalProtocol, turns: Sequence[episodes.Turn]) -> dict[str, Any]:
+    table = episodes.episode_table(turns)
+    eps = list(table.values())
     out: dict[str, Any] = {
         "task": proto.task,
         "split": proto.split,
         "recognition": proto.recognition,
-        "episodes": len(episodes),
+        "episodes": len(eps),
         "turns": len(turns),
     }
     if proto.task.startswith("gp"):
         from sftrl_jax.envs.general_points import metrics as gp
 
         stats = gp.EpisodeStats()
-        for ep in episodes:
+        for ep in eps:
             for k, t in enumerate(ep):
                 stats.add(t.reward, t.info.get("outcome"), done=k == len(ep) - 1)
         out.update(stats.summary())
-        out["success_rate"] = gp.success_rate([[t.reward for t in ep] for ep in episodes])
-        out["success_rate_stderr"] = gp.binomial_stderr(out["success_rate"], len(episodes))
+        out["success_rate"] = gp.success_rate([[t.reward for t in ep] for ep in eps])
+        out["success_rate_stderr"] = gp.binomial_stderr(out["success_rate"], len(eps))
         out["recognition_accuracy"] = gp.recognition_accuracy([t.reward for t in turns])
         out["recognition_accuracy_stderr"] = gp.binomial_stderr(out["recognition_accuracy"], len(turns))
     else:
         from sftrl_jax.envs.virl import metrics as virl
 
         out.update(
-            virl.summarize(
-                [[t.reward for t in ep] for ep in episodes], [bool(ep[-1].info.get("is_success")) for ep in episodes]
-            )
+            virl.summarize([[t.reward for t in ep] for ep in eps], [bool(ep[-1].info.get("is_success")) for ep in eps])
         )
     out["reward_mean"] = sum(t.reward for t in turns) / max(len(turns), 1)
     return out
@@ -146,7 +143,7 @@ def evaluate(
     progress: bool = True,
     env_options: dict | None = None,
 ) -> dict[str, Any]:
-    """Runs the protocol with `policy` (see `rollout.Policy`); writes the files when `out_dir` is set."""
+    """Runs the protocol with `policy` (see `episodes.Policy`); writes the files when `out_dir` is set."""
     runner = make_runner(policy, tokenizer, proto, batch_size=batch_size, env_options=env_options)
     bar = None
     if progress:
@@ -154,7 +151,7 @@ def evaluate(
 
         bar = tqdm(total=proto.n_episodes, desc=f"eval {proto.name}", unit="episode", dynamic_ncols=True)
     try:
-        turns = rollout.run_episodes(runner, proto.n_episodes, progress=bar)
+        turns = episodes.run_episodes(runner, proto.n_episodes, progress=bar)
     finally:
         if bar is not None:
             bar.close()
@@ -164,7 +161,7 @@ def evaluate(
     return summary
 
 
-def write_outputs(out_dir, proto: EvalProtocol, turns: Sequence[rollout.Turn], summary: dict[str, Any]) -> None:
+def write_outputs(out_dir, proto: EvalProtocol, turns: Sequence[episodes.Turn], summary: dict[str, Any]) -> None:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "turns.jsonl"), "w") as f:
         for t in sorted(turns, key=lambda t: (t.episode, t.turn)):

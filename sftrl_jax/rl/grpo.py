@@ -9,7 +9,9 @@ reference policy through the k3 estimator (`kl_coef` beta). Loss aggregation: se
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Sequence
+from typing import ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -17,13 +19,14 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sftrl_jax import episodes
 from sftrl_jax.config import ConfigError
-from sftrl_jax.rl import losses
+from sftrl_jax.episodes import Turn
+from sftrl_jax.rl import batching, losses
+from sftrl_jax.rl import learner as learner_lib
 from sftrl_jax.rl.advantages import group_advantages
-from sftrl_jax.rl.rollout import Turn
-from sftrl_jax.sft.losses import token_logprobs
-
-IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+from sftrl_jax.sampling.logprobs import token_logprobs
+from sftrl_jax.train import accumulate as accum_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,12 +43,15 @@ class GRPOConfig:
     epochs: int = 1
     samples_per_step: int = 64  # turns per optimiser step
     micro_batch: int = 8
-    temperature: float = 1.0
     # Where the ratio's old token log-probs come from: "sampler" = the sampler's log-probs (no extra
     # forward); "trainer" = one forward of the training function over the rollout before the first
     # step, each turn in that step's batch layout: the first step's ratio is exactly 1 in the tests'
     # settings, not always on trained models (XLA may round the update's own forward differently).
     old_logp: str = "sampler"
+    # Keys that moved out of this section (`config.from_dict` names the new one): log-probs are
+    # scored at the run's one temperature, the sampler's (this one defaulted to 1.0 while the
+    # sampler drew at `sampling.temperature`, so a run could score at another temperature).
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"temperature": "sampling.temperature"}
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -87,7 +93,7 @@ def episode_advantages(episodes: Sequence[Sequence[Turn]], groups: Sequence[int]
 
 
 def _token_logp(model, mb, temperature: float) -> jax.Array:
-    inputs = {k: mb[k] for k in IMAGE_KEYS if k in mb}
+    inputs = {k: mb[k] for k in batching.IMAGE_KEYS if k in mb}
     out = model(mb["input_ids"], attention_mask=mb["attention_mask"], **inputs)
     return token_logprobs(out.logits.astype(jnp.float32) / temperature, mb["targets"])
 
@@ -102,13 +108,14 @@ def make_logp_fn(graphdef, rest, temperature: float):
     return logp_fn
 
 
-def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: GRPOConfig, *, lr_fn):
-    """Pure GRPO optimiser step; batch = `ppo.build_batch` arrays + `advantages` [B]
-    (+ `ref_token_logp` [B, L] when kl_coef > 0)."""
+def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: GRPOConfig, *, lr_fn, temperature: float):
+    """Pure GRPO optimiser step; batch = `batching.build_batch` arrays + `advantages` [B]
+    (+ `ref_token_logp` [B, L] when kl_coef > 0). Log-probs are of logits / `temperature` (the
+    sampling temperature)."""
     n_micro = cfg.samples_per_step // cfg.micro_batch
 
     def loss_fn(params, mb):
-        logp = _token_logp(nnx.merge(graphdef, params, rest), mb, cfg.temperature)
+        logp = _token_logp(nnx.merge(graphdef, params, rest), mb, temperature)
         loss, aux = losses.grpo_loss(
             logp,
             mb["old_token_logp"],
@@ -123,30 +130,89 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: GRPO
         gap = jnp.abs((logp - mb["old_token_logp"]) * mb["resp_mask"]).max()
         return loss, {"loss": loss, **aux, "logprob_gap_max": gap}
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
     def update(state, batch):
         if cfg.kl_coef > 0 and "ref_token_logp" not in batch:
             raise ValueError(
                 f"grpo.kl_coef = {cfg.kl_coef} needs the reference's token log-probs in the batch (ref_token_logp)"
             )
-        micro = jax.tree.map(lambda x: x.reshape(n_micro, cfg.micro_batch, *x.shape[1:]), batch)
-
-        def accumulate(grads, mb):
-            (_, aux), g = grad_fn(state.params, mb)
-            return jax.tree.map(jnp.add, grads, g), aux
-
-        grads, aux = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, state.params), micro)
+        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=n_micro)
         grads = jax.tree.map(lambda g: g / n_micro, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {k: (v.max() if k.endswith("_max") else v.mean()) for k, v in aux.items()}
-        metrics.update(
-            grad_norm=optax.tree.norm(grads),
-            update_norm=optax.tree.norm(updates),
-            lr=lr_fn(state.step),
-            finite=jnp.isfinite(optax.tree.norm(grads)),
-        )
-        return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
+        state, update_metrics = accum_lib.apply(state, grads, tx, lr_fn=lr_fn)
+        return state, {**accum_lib.reduce_aux(aux), **update_metrics}
 
     return update
+
+
+# ----------------------------------------------------------------------------------------------
+# The learner
+
+
+class GRPOLearner(learner_lib.Learner):
+    """GRPO over whole episodes: every update plays `grpo.group_size` episodes of each of
+    `train.prompts_per_update` prompts (a group shares its env's reset: the same hand / route,
+    `envs.rl_hooks(task).group_reset`) and trains on all their turns with group-normalised
+    advantages. No value head; nothing survives an update (no checkpointed learner state)."""
+
+    name = "grpo"
+
+    def __init__(self, loop):
+        super().__init__(loop, loop.cfg.grpo)
+        step = make_update_step(
+            loop.graphdef, loop.rest, loop.tx, self.cfg, lr_fn=loop.lr_fn, temperature=self.temperature
+        )
+        self.update_fn = loop.compile(step, donate_argnums=0, out_shardings=(loop.state_shardings, None))
+        self.logp_fn = loop.compile(make_logp_fn(loop.graphdef, loop.rest, self.temperature))
+
+    def no_grad_logp(self, params, batch):
+        return (self.logp_fn(params, batch),)
+
+    def update(self) -> dict[str, float]:
+        loop, gcfg = self.loop, self.cfg
+        G, P = gcfg.group_size, loop.cfg.train.prompts_per_update
+        group_seeds = [loop.episode_seed(p) for p in range(P)]
+        reset = self.hooks.group_reset
+        runner = episodes.EpisodeRunner(
+            loop.envs, loop.tokenizer, loop.policy(), reset_fn=lambda i, ep: reset(loop.envs[0], group_seeds[ep // G])
+        )
+        t0 = time.perf_counter()
+        turns = episodes.run_episodes(runner, P * G)
+        t_roll = time.perf_counter() - t0
+        self.count_generation(turns)
+        table = episodes.episode_table(turns)
+        eps = [table[e] for e in sorted(table)]
+        adv = episode_advantages(eps, [e // G for e in sorted(table)], gcfg)
+        samples = [(t, a) for ep, a in zip(eps, adv) for t in ep]
+        # grpo.old_logp "trainer": the training forward's token log-probs of every turn under the
+        # rollout's parameters become the ratio's old log-probs (and give the trainer-sampler gap).
+        S = gcfg.samples_per_step
+        rng = np.random.default_rng([loop.cfg.train.seed, loop.update_idx])
+        epoch_steps = [batching.epoch_steps(rng.permutation(len(samples)), S) for _ in range(gcfg.epochs)]
+        first_steps = epoch_steps[0]
+        sample_turns = [t for t, _ in samples]
+        old_of, sampler_gap = None, None
+        if gcfg.old_logp == "trainer":
+            trainer_logp = self.token_logps_of(sample_turns, steps=first_steps)
+            old_of = {id(t): lp for t, lp in zip(sample_turns, trainer_logp)}
+            sampler_gap = batching.token_gap(sample_turns, trainer_logp)
+        ref_of = self.ref_table(sample_turns, first_steps)
+
+        def steps():
+            for epoch, idxs in enumerate(epoch_steps):
+                for idx in idxs:
+                    chosen = [samples[i] for i in idx]
+                    real = len(set(idx))  # fewer turns than one step: the step repeats them, with zero advantage
+                    adv_step = [a if k < real else 0.0 for k, (_, a) in enumerate(chosen)]
+                    yield epoch, [t for t, _ in chosen], {"advantages": np.array(adv_step, np.float32)}
+
+        t1 = time.perf_counter()
+        metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)
+        t_train = time.perf_counter() - t1
+        out = learner_lib.mean_metrics(metrics)
+        # trainer vs sampler, token level, before any step; and the first step's max |log ratio|
+        first = metrics[0]["logprob_gap_max"]  # |first step's log-probs - old log-probs|, token level
+        out["logprob_gap_first_step"] = first if sampler_gap is None else sampler_gap
+        out["log_ratio_dev_first_step"] = first
+        if ref_of is not None:  # 0 up to rounding while the policy is still the reference
+            out["ref_kl_first_step"] = metrics[0]["ref_kl"]
+        out.update(self.rollout_stats(turns, t_roll, t_train))
+        return out

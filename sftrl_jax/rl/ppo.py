@@ -13,8 +13,8 @@ text, not by fixed token ids (which the reference hard-codes and so never finds 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
-from typing import Any
+import time
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -22,12 +22,13 @@ import numpy as np
 import optax
 from flax import nnx
 
+from sftrl_jax import episodes
 from sftrl_jax.config import ConfigError
-from sftrl_jax.rl import losses
-from sftrl_jax.rl.rollout import Turn
-from sftrl_jax.sft.losses import token_logprobs
-
-IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+from sftrl_jax.rl import batching, losses
+from sftrl_jax.rl import learner as learner_lib
+from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
+from sftrl_jax.sampling.logprobs import token_logprobs
+from sftrl_jax.train import accumulate as accum_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,6 @@ class PPOConfig:
     thought_coef: float = 0.5  # weight of the tokens before the action key
     action_keys: tuple[str, ...] = ('"formula"', '"action"')
     normalize_advantages: bool = True
-    temperature: float = 0.2  # the sampling temperature: log-probs use logits / temperature
     # Where the ratio's old turn log-probs come from: "trainer" = the training forward over the
     # rollout's turns (the pass that computes the values, so it costs nothing), as the reference
     # does (RL4VLM's llava_evaluate after llava_generate); "sampler" = the sampler's log-probs.
@@ -66,6 +66,9 @@ class PPOConfig:
     # solving more: a legal wrong answer (-1) repeated on every revision turn is safer than a new try
     # that may be illegal (-3); measured on the tiny GP-L model, docs/RESULTS.md.
     reward_mode: str = "env"
+    # Keys that moved out of this section (`config.from_dict` names the new one): log-probs are
+    # scored at the run's one temperature, the sampler's.
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"temperature": "sampling.temperature"}
 
     def __post_init__(self):
         if self.reward_mode not in ("env", "success"):
@@ -80,107 +83,8 @@ class PPOConfig:
             )
         if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
             raise ConfigError(f"ppo.gamma must be in (0, 1] and ppo.lam in [0, 1], got {self.gamma}, {self.lam}")
-        if self.temperature <= 0:
-            raise ConfigError(f"ppo.temperature must be positive, got {self.temperature}")
         if self.old_logp not in ("trainer", "sampler"):
             raise ConfigError(f"ppo.old_logp must be 'trainer' or 'sampler', got {self.old_logp!r}")
-
-
-# ----------------------------------------------------------------------------------------------
-# Host side: turns -> padded arrays
-
-
-def action_start(tokenizer, response_ids: Sequence[int], keys: Sequence[str]) -> int:
-    """Index of the first response token of the action part; tokens before it are "thought".
-
-    The first occurrence of any key in the decoded text; without one, the last 4 tokens are the
-    action (the reference's fallback).
-    """
-    ids = list(response_ids)
-    text = tokenizer.decode(ids)
-    found = [text.find(k) for k in keys if text.find(k) >= 0]
-    if not found:
-        return max(len(ids) - 4, 0)
-    char = min(found)
-    for i in range(len(ids) + 1):  # smallest prefix whose text reaches past the key's first char
-        if len(tokenizer.decode(ids[:i])) > char:
-            return max(i - 1, 0)
-    return len(ids)
-
-
-def pad_length(n: int, buckets: Sequence[int]) -> int:
-    for b in buckets:
-        if b >= n:
-            return b
-    raise ConfigError(f"a PPO sample of {n} tokens exceeds the largest length bucket {buckets[-1]}")
-
-
-def build_batch(
-    turns: Sequence[Turn],
-    tokenizer,
-    cfg: PPOConfig,
-    *,
-    buckets: Sequence[int],
-    image_processor=None,
-    max_images: int = 1,
-) -> dict[str, np.ndarray]:
-    """Right-padded [B, L] arrays for the PPO forward: `input_ids`, `attention_mask`, `targets` (the
-    next token at response positions, 0 elsewhere), `resp_mask` (1 where the target is a response token), `weights` (thought_coef or 1 on those),
-    `value_index` [B] (last prompt token), `old_token_logp` [B, L] (sampler log-probs, aligned with
-    targets); plus Mllama image arrays when `image_processor` is given."""
-    lengths = [len(t.context_ids) + len(t.response_ids) for t in turns]
-    L = pad_length(max(lengths), buckets)
-    B = len(turns)
-    input_ids = np.full((B, L), tokenizer.pad_id, np.int32)
-    attention = np.zeros((B, L), np.int32)
-    targets = np.zeros((B, L), np.int32)
-    resp_mask = np.zeros((B, L), np.float32)
-    weights = np.zeros((B, L), np.float32)
-    old = np.zeros((B, L), np.float32)
-    value_index = np.zeros((B,), np.int32)
-    for b, t in enumerate(turns):
-        c, r = len(t.context_ids), len(t.response_ids)
-        seq = list(t.context_ids) + list(t.response_ids)
-        input_ids[b, : c + r] = seq
-        attention[b, : c + r] = 1
-        # Targets only where a response token is predicted: prompt positions are never scored, and
-        # one of them predicts <|image|>, which is outside the output vocabulary of Mllama (an extra
-        # embedding row), so its log-prob would be a NaN gather that poisons masked sums and grads.
-        targets[b, c - 1 : c + r - 1] = t.response_ids
-        resp_mask[b, c - 1 : c + r - 1] = 1.0
-        s = action_start(tokenizer, t.response_ids, cfg.action_keys)
-        w = np.where(np.arange(r) < s, cfg.thought_coef, 1.0)
-        weights[b, c - 1 : c + r - 1] = w
-        old[b, c - 1 : c - 1 + len(t.logprobs)] = t.logprobs[:r]
-        value_index[b] = c - 1
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "targets": targets,
-        "resp_mask": resp_mask,
-        "weights": weights,
-        "old_token_logp": old,
-        "value_index": value_index,
-    }
-    if image_processor is not None:
-        from sftrl_jax.data.processor import cross_attention_mask
-
-        arrays = image_processor([t.images for t in turns], max_images=max_images)
-        batch.update({k: v for k, v in arrays.items() if k != "num_tiles"})
-        batch["cross_attention_mask"] = np.stack(
-            [
-                cross_attention_mask(
-                    list(input_ids[b, : lengths[b]]),
-                    tokenizer.image_token_id,
-                    num_tiles=list(arrays["num_tiles"][b][: len(t.images)]),
-                    max_tiles=image_processor.max_tiles,
-                    length=L,
-                    max_images=max_images,
-                )
-                for b, t in enumerate(turns)
-            ]
-        )
-    return batch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -190,7 +94,7 @@ def build_batch(
 def forward(policy, batch: dict[str, jax.Array], temperature: float, *, entropy: bool = False):
     """Token log-probs [B, L] (logits / temperature, fp32) and values [B]; with `entropy`, also the
     token entropies [B, L] of the tempered distribution."""
-    model_inputs = {k: batch[k] for k in IMAGE_KEYS if k in batch}
+    model_inputs = {k: batch[k] for k in batching.IMAGE_KEYS if k in batch}
     out = policy.model(batch["input_ids"], attention_mask=batch["attention_mask"], **model_inputs)
     z = out.logits.astype(jnp.float32) / temperature
     logp = token_logprobs(z, batch["targets"])
@@ -215,22 +119,23 @@ def make_value_fn(graphdef, rest, temperature: float):
     return value_fn
 
 
-def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOConfig, *, lr_fn):
+def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOConfig, *, lr_fn, temperature: float):
     """Pure PPO optimiser step over `samples_per_step` turns, scanned in `micro_batch` chunks.
 
-    batch (leading dim = samples_per_step): the arrays of `build_batch`, with `old_token_logp` [B, L]
+    batch (leading dim = samples_per_step): the arrays of `batching.build_batch`, with `old_token_logp` [B, L]
     the token log-probs the ratio is taken against (`PPOConfig.old_logp`: the sampler's, as built,
     or the trainer's), plus `old_values` [B], `advantages` [B], `returns` [B]; and, when
     `cfg.kl_coef` > 0, `ref_token_logp` [B, L] (the reference policy's token log-probs). The turn
     ratio is exp(sum_t w_t (log pi(a_t) - old_token_logp_t)) over the response tokens, w_t the
     `thought_coef` weights: the ratio of the turn-level action probabilities of `turn_logp`.
+    Log-probs are of logits / `temperature` (the sampling temperature).
     """
     n_micro = cfg.samples_per_step // cfg.micro_batch
     use_entropy = cfg.entropy_coef > 0
 
     def loss_fn(params, mb):
         policy = nnx.merge(graphdef, params, rest)
-        logp_tok, values, *ent = forward(policy, mb, cfg.temperature, entropy=use_entropy)
+        logp_tok, values, *ent = forward(policy, mb, temperature, entropy=use_entropy)
         # The turn's log ratio as the weighted sum of its token log ratios, not as the difference of
         # two turn log-probs: those sums reach hundreds at low temperature, where one fp32 ulp is
         # ~3e-5, so equal token log-probs could give a ratio off by that much.
@@ -254,31 +159,15 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
         aux = {"loss": loss, "policy_loss": pg, "value_loss": vl, **pg_aux, **v_aux, **extra}
         return loss, {**aux, "logprob_gap_max": gap, "ratio_dev_max": ratio_dev}
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
     def update(state, batch):
         if cfg.kl_coef > 0 and "ref_token_logp" not in batch:
             raise ValueError(
                 f"ppo.kl_coef = {cfg.kl_coef} needs the reference's token log-probs in the batch (ref_token_logp)"
             )
-        micro = jax.tree.map(lambda x: x.reshape(n_micro, cfg.micro_batch, *x.shape[1:]), batch)
-
-        def accumulate(grads, mb):
-            (_, aux), g = grad_fn(state.params, mb)
-            return jax.tree.map(jnp.add, grads, g), aux
-
-        grads, aux = jax.lax.scan(accumulate, jax.tree.map(jnp.zeros_like, state.params), micro)
+        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=n_micro)
         grads = jax.tree.map(lambda g: g / n_micro, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        metrics = {k: (v.max() if k.endswith("_max") else v.mean()) for k, v in aux.items()}
-        metrics.update(
-            grad_norm=optax.tree.norm(grads),
-            update_norm=optax.tree.norm(updates),
-            lr=lr_fn(state.step),
-            finite=jnp.isfinite(optax.tree.norm(grads)),
-        )
-        return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics
+        state, update_metrics = accum_lib.apply(state, grads, tx, lr_fn=lr_fn)
+        return state, {**accum_lib.reduce_aux(aux), **update_metrics}
 
     return update
 
@@ -295,5 +184,140 @@ def advantages_for(
     return np.asarray(adv), np.asarray(ret)
 
 
-def stack(batches: Sequence[dict[str, Any]]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+def explained_variance(values, returns) -> float:
+    var = np.var(returns)
+    return float(1 - np.var(returns - values) / var) if var > 0 else float("nan")
+
+
+# ----------------------------------------------------------------------------------------------
+# The learner
+
+
+class PPOLearner(learner_lib.Learner):
+    """PPO over lock-step rollouts: every update collects `train.steps_per_update` turns from each
+    env (episodes continue across updates, so the runner's state is checkpointed), computes values
+    and GAE, and runs `ppo.epochs` shuffled passes of clipped steps."""
+
+    name = "ppo"
+
+    def __init__(self, loop):
+        super().__init__(loop, loop.cfg.ppo)
+        self.runner: episodes.EpisodeRunner | None = None
+        self._rollout_state: dict[str, Any] | None = None  # restored runner state, applied lazily
+        step = make_update_step(
+            loop.graphdef, loop.rest, loop.tx, self.cfg, lr_fn=loop.lr_fn, temperature=self.temperature
+        )
+        self.update_fn = loop.compile(step, donate_argnums=0, out_shardings=(loop.state_shardings, None))
+        self.value_fn = loop.compile(make_value_fn(loop.graphdef, loop.rest, self.temperature))
+
+    @staticmethod
+    def policy_module(model, *, seed: int):
+        return PolicyWithValue(model, ValueHead(model.config.text.hidden_size, rngs=nnx.Rngs(seed + 1)))
+
+    @staticmethod
+    def language_model(module):
+        return module.model
+
+    def state(self) -> dict[str, Any] | None:
+        if self.runner is not None:
+            return self.runner.state()
+        return self._rollout_state  # resumed but not stepped yet: keep what was restored
+
+    def load_state(self, state: dict[str, Any] | None) -> None:
+        self._rollout_state = state
+
+    def no_grad_logp(self, params, batch):
+        return self.value_fn(params, batch)[2:]
+
+    def collect(self) -> tuple[list[list[episodes.Turn]], list[episodes.Turn]]:
+        """The update's [T][E] turn buffer and its turns flattened (time-major)."""
+        loop = self.loop
+        if self.runner is None:
+            self.runner = episodes.EpisodeRunner(
+                loop.envs, loop.tokenizer, None, reset_fn=lambda i, ep: (loop.episode_seed(ep), None)
+            )
+            if self._rollout_state is not None:
+                self.runner.load_state(self._rollout_state)
+                self._rollout_state = None
+        self.runner.policy = loop.policy()
+        buffer = episodes.collect(self.runner, loop.cfg.train.steps_per_update)
+        flat = [t for row in buffer for t in row]
+        self.count_generation(flat)
+        return buffer, flat
+
+    def values_of(self, turns, steps=None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
+        """(values, trainer turn log-probs, trainer token log-probs of each response) of turns, in
+        micro-batches laid out as `steps` (`batching.Batcher.rows_of`)."""
+        params = self.loop.state.params
+        rows = self.loop.batcher.rows_of(turns, self.cfg.micro_batch, lambda b: self.value_fn(params, b), steps)
+        tokens = [batching.response_row(t, r[2]) for t, r in zip(turns, rows)]
+        return np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), tokens
+
+    def next_values(self) -> np.ndarray:
+        """V of each env's next context (bootstrap for GAE); 0 where no episode is in progress."""
+        out = np.zeros(len(self.runner.envs), np.float32)
+        ctx = self.runner.contexts()
+        if not ctx:
+            return out
+        fake = [
+            episodes.Turn(i, -1, 0, c, [], [], "", 0.0, False, False, list(self.runner.images[i]), {}) for i, c in ctx
+        ]
+        values, _, _ = self.values_of(fake)
+        for (i, _), v in zip(ctx, values):
+            out[i] = v
+        return out
+
+    def sampler_turn_logp(self, t: episodes.Turn) -> float:
+        """The sampler's turn log-prob (`turn_logp` of its token log-probs)."""
+        start = batching.action_start(self.loop.tokenizer, t.response_ids, self.cfg.action_keys)
+        lp = np.asarray(t.logprobs, np.float64)
+        w = np.where(np.arange(len(lp)) < start, self.cfg.thought_coef, 1.0)
+        return float((lp * w).sum())
+
+    def update(self) -> dict[str, float]:
+        loop, pcfg = self.loop, self.cfg
+        t0 = time.perf_counter()
+        buffer, flat = self.collect()
+        t_roll = time.perf_counter() - t0
+        T, E = len(buffer), len(buffer[0])
+        rewards, dones = episodes.rewards_array(buffer, pcfg.reward_mode)
+        rng = np.random.default_rng([loop.cfg.train.seed, loop.update_idx])
+        orders = [rng.permutation(len(flat)) for _ in range(pcfg.epochs)]
+        S = pcfg.samples_per_step
+        first_steps = [orders[0][s : s + S] for s in range(0, len(flat), S)]
+        values, trainer_logp, trainer_tokens = self.values_of(flat, first_steps)
+        last = self.next_values()
+        adv, ret = advantages_for(rewards, values.reshape(T, E), dones, last, pcfg)
+        adv, ret = adv.reshape(-1), ret.reshape(-1)
+        sampler_logp = np.array([self.sampler_turn_logp(t) for t in flat], np.float32)
+        # ppo.old_logp "trainer": the ratio's old token log-probs are the values pass's (else the
+        # sampler's, which `build_batch` puts in old_token_logp)
+        old_of = {id(t): lp for t, lp in zip(flat, trainer_tokens)} if pcfg.old_logp == "trainer" else None
+        sampler_gap = batching.token_gap(flat, trainer_tokens)
+        ref_of = self.ref_table(flat, first_steps)
+
+        def steps():
+            for epoch, order in enumerate(orders):
+                for s in range(0, len(order), S):
+                    idx = order[s : s + S]
+                    extra = {
+                        "old_values": values[idx].astype(np.float32),
+                        "advantages": adv[idx].astype(np.float32),
+                        "returns": ret[idx].astype(np.float32),
+                    }
+                    yield epoch, [flat[i] for i in idx], extra
+
+        t1 = time.perf_counter()
+        metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)
+        t_train = time.perf_counter() - t1
+        out = learner_lib.mean_metrics(metrics)
+        # Before the first optimiser step: the trainer-sampler gap (token level, the values pass vs
+        # the sampler), and the first step's ratio (turn level, against `ppo.old_logp`).
+        out["logprob_gap_first_step"] = sampler_gap
+        out["ratio_dev_first_step"] = metrics[0]["ratio_dev_max"]
+        if ref_of is not None:  # 0 up to rounding while the policy is still the reference
+            out["ref_kl_first_step"] = metrics[0]["ref_kl"]
+        out["value_explained_variance"] = float(explained_variance(values, ret))
+        out["trainer_sampler_turn_logp_gap"] = float(np.max(np.abs(trainer_logp - sampler_logp)))
+        out.update(self.rollout_stats(flat, t_roll, t_train))
+        return out

@@ -1,4 +1,8 @@
-"""The trainer-sampler log-prob gap: sampler log-probs vs the training forward's, for the same tokens.
+"""Token log-probs of a forward, and the trainer-sampler gap: sampler log-probs vs the training
+forward's, for the same tokens.
+
+`token_logprobs` is the one definition every consumer scores with (the sampler's teacher-forced check
+here, the SFT loss, the PPO and GRPO losses), so it lives below both training arms.
 
 PPO (`sftrl_jax.rl.ppo.forward`) scores a response teacher-forced on context + response, right
 padded, as `log_softmax(logits / T)` over the full vocabulary. `teacher_forced_logprobs` runs exactly
@@ -22,7 +26,14 @@ from sftrl_jax.errors import UserError
 from sftrl_jax.models import config as config_lib
 from sftrl_jax.sampling import inputs
 from sftrl_jax.sampling.sampler import GenerateResult
-from sftrl_jax.sft.losses import token_logprobs
+
+
+def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    """log p(target_t | prefix) [B, T] from logits [B, T, V], computed in fp32."""
+    logits = logits.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return picked - logz
 
 
 def _forward(params, batch, temperature, *, graphdef):

@@ -1,4 +1,4 @@
-"""The sampler as a rollout policy (`sftrl_jax.rl.rollout.Policy`): contexts in, responses out.
+"""The sampler as a rollout policy (`sftrl_jax.episodes.Policy`): contexts in, responses out.
 
     policy = Policy(model, tokenizer, max_new_tokens=512, temperature=0.2, seed=0,
                     image_processor=ImageProcessor(tile_size=560, max_tiles=4))
@@ -13,6 +13,7 @@ PPO ratio starts at 1. Each call draws with a fresh seed derived from (seed, cal
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -85,3 +86,30 @@ class Policy:
             (list(map(int, row[:n])), [float(x) for x in lp[:n]])
             for row, lp, n in zip(result.tokens, result.logprobs_temperature, result.lengths)
         ]
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSection:
+    """The `sampling:` section of a run config. `temperature` is the run's one temperature: the
+    sampler draws at it and the RL losses score log-probs at logits / temperature, so the first
+    update's ratio starts at 1 (there is no per-algorithm temperature)."""
+
+    max_new_tokens: int = 512  # paper: 512 during RL
+    temperature: float = 0.2  # paper: 0.2
+    top_p: float = 1.0
+    top_k: int = 0
+
+
+def make_policy(model, tokenizer, cfg: SamplingSection, *, seed: int, image_processor=None, temperature=None):
+    """The sampler as a rollout policy with `cfg`'s settings (`temperature` overrides cfg's: 0 = greedy
+    evaluation)."""
+    return Policy(
+        model,
+        tokenizer,
+        max_new_tokens=cfg.max_new_tokens,
+        temperature=cfg.temperature if temperature is None else temperature,
+        top_p=cfg.top_p,
+        top_k=cfg.top_k,
+        seed=seed,
+        image_processor=image_processor,
+    )

@@ -5,13 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(target_t | prefix) [B, T] from logits [B, T, V], computed in fp32."""
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - logz
+from sftrl_jax.sampling import logprobs
 
 
 def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -21,7 +15,7 @@ def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tup
     re-weight micro-batches by their token counts.
     """
     mask = loss_mask.astype(jnp.float32)
-    logp = token_logprobs(logits, targets)
+    logp = logprobs.token_logprobs(logits, targets)
     tokens = mask.sum()
     nll_sum = -(logp * mask).sum()
     correct = ((jnp.argmax(logits, axis=-1) == targets) * mask).sum()

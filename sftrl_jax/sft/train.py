@@ -24,15 +24,17 @@ import optax
 from flax import nnx
 
 from sftrl_jax import config as config_lib
+from sftrl_jax import ops
 from sftrl_jax.config import ConfigError
 from sftrl_jax.data import processor
 from sftrl_jax.data.sft import SFTData, SFTDataConfig
 from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation.compute import ComputeCounter
-from sftrl_jax.models import layers
-from sftrl_jax.parallel import distributed, rules
+from sftrl_jax.parallel import distributed
 from sftrl_jax.parallel import mesh as mesh_lib
+from sftrl_jax.parallel.placement import global_batch, on_mesh, param_count
 from sftrl_jax.sft.losses import sft_loss
+from sftrl_jax.train import accumulate as accum_lib
 from sftrl_jax.train import checkpoint as ckpt_lib
 from sftrl_jax.train import metrics as metrics_lib
 from sftrl_jax.train import optim as optim_lib
@@ -94,21 +96,10 @@ def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
     return out
 
 
-def use_cpu_gemm(mesh: jax.sharding.Mesh) -> bool:
-    """Whether steps on `mesh` run their fp32 projections and attention products on OpenBLAS (`layers.cpu_gemm`): on a
-    one-device CPU mesh when the kernel builds (`SFTRL_CPU_GEMM=0` or `SFTRL_CPU_KERNELS=0` turn
-    it off). A custom call is not partitioned by XLA, so meshes of several devices keep XLA's dot."""
-    from sftrl_jax import kernels
-
-    return mesh.devices.size == 1 and mesh.devices.flat[0].platform == "cpu" and kernels.gemm_available()
-
-
-def make_train_step(
-    graphdef, rest, tx: optax.GradientTransformation, *, grad_accum: int, lr_fn, cpu_gemm: bool = False
-):
+def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_accum: int, lr_fn, policy=None):
     """The pure SFT step over (TrainState, batch); `rest` = the model's non-trainable variables.
-    `cpu_gemm`: the fp32 matrix products run on OpenBLAS (`layers.cpu_gemm`; for one CPU device only,
-    see `use_cpu_gemm`)."""
+    `policy`: the `ops.Policy` the step is traced under (None = the platform default; the loop
+    passes `ops.policy_for(mesh)`, which enables the native CPU kernels on one CPU device)."""
 
     def loss_fn(params, mb):
         model = nnx.merge(graphdef, params, rest)
@@ -116,92 +107,32 @@ def make_train_step(
         _, aux = sft_loss(out.logits, mb["targets"], mb["loss_mask"])
         return aux["nll_sum"], aux
 
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
-
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
-        # [B, ...] -> [A, B/A, ...]: micro-batches scanned in order, gradients summed, then divided
-        # by the step's total loss tokens, so the update equals one big batch's.
-        micro = jax.tree.map(lambda x: x.reshape(grad_accum, x.shape[0] // grad_accum, *x.shape[1:]), batch)
-
-        def accumulate(carry, mb):
-            grads, nll, tokens, correct = carry
-            (_, aux), g = grad_fn(state.params, mb)
-            grads = jax.tree.map(jnp.add, grads, g)
-            return (grads, nll + aux["nll_sum"], tokens + aux["tokens"], correct + aux["correct"]), None
-
-        zeros = jax.tree.map(jnp.zeros_like, state.params)
-        init = (zeros, jnp.float32(0), jnp.float32(0), jnp.float32(0))
-        (grads, nll, tokens, correct), _ = jax.lax.scan(accumulate, init, micro)
+        # Micro-batch gradients summed, then divided by the step's total loss tokens, so the update
+        # equals one big batch's.
+        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=grad_accum)
+        nll, tokens, correct = (aux[k].sum() for k in ("nll_sum", "tokens", "correct"))
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)
-        updates, opt_state = tx.update(grads, state.opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
-        finite = jnp.isfinite(optax.tree.norm(grads))
-        new_state = TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng)
-        metrics = {
-            "loss": nll / denom,
-            "token_accuracy": correct / denom,
-            "loss_tokens": tokens,
-            "grad_norm": optax.tree.norm(grads),
-            "update_norm": optax.tree.norm(updates),
-            "lr": lr_fn(state.step),
-            "finite": finite,
-        }
+        new_state, update_metrics = accum_lib.apply(state, grads, tx, lr_fn=lr_fn)
+        metrics = {"loss": nll / denom, "token_accuracy": correct / denom, "loss_tokens": tokens, **update_metrics}
         return new_state, metrics
 
-    return layers.with_cpu_gemm(train_step, cpu_gemm)
+    return ops.traced_with(train_step, policy)
 
 
-def make_eval_step(graphdef, rest, *, cpu_gemm: bool = False):
+def make_eval_step(graphdef, rest, *, policy=None):
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params, rest)
         out = model(batch["input_ids"], **model_inputs(batch))
         _, aux = sft_loss(out.logits, batch["targets"], batch["loss_mask"])
         return aux["nll_sum"], aux["tokens"]
 
-    return layers.with_cpu_gemm(eval_step, cpu_gemm)
+    return ops.traced_with(eval_step, policy)
 
 
 # ----------------------------------------------------------------------------------------------
 # The loop
-
-
-def global_batch(batch: dict[str, np.ndarray], mesh, *, pad_id: int = 0) -> dict[str, jax.Array]:
-    """Process-local numpy batch -> global arrays sharded over the batch axes.
-
-    With several processes the local batches may have picked different length buckets: all are
-    padded to the longest (one tiny host all-gather per step).
-    """
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
-
-        T = int(np.max(multihost_utils.process_allgather(np.int32(batch["input_ids"].shape[1]))))
-        batch = pad_time(batch, T, pad_id)
-    out = {}
-    for k, x in batch.items():
-        names = ("batch",) + (None,) * (x.ndim - 1)
-        sharding = rules.named_sharding(names, (x.shape[0] * jax.process_count(), *x.shape[1:]), mesh)
-        out[k] = jax.make_array_from_process_local_data(sharding, x)
-    return out
-
-
-def pad_time(batch: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pads the time axis (axis 1) of the [B, T, ...] arrays to T (ids with pad_id, masks with 0)."""
-    out = dict(batch)
-    for k in batch:
-        if (
-            batch[k].ndim >= 2
-            and k not in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
-            and batch[k].shape[1] < T
-        ):
-            x = batch[k]
-            widths = [(0, 0), (0, T - x.shape[1])] + [(0, 0)] * (x.ndim - 2)
-            out[k] = np.pad(x, widths, constant_values=pad_id if k in ("input_ids", "targets") else 0)
-    return out
-
-
-def param_count(params) -> int:
-    return int(sum(np.prod(x.shape) for x in jax.tree.leaves(params)))
 
 
 def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
@@ -253,13 +184,13 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         start = int(step0)
         print(f"sft: resumed {t.run_dir} at step {start}")
 
-    gemm = use_cpu_gemm(mesh)
+    policy = ops.policy_for(mesh)
     step_fn = jax.jit(
-        make_train_step(graphdef, rest, tx, grad_accum=t.grad_accum, lr_fn=lr_fn, cpu_gemm=gemm),
+        make_train_step(graphdef, rest, tx, grad_accum=t.grad_accum, lr_fn=lr_fn, policy=policy),
         donate_argnums=0,
         out_shardings=(state_shardings, None),
     )
-    eval_fn = jax.jit(make_eval_step(graphdef, rest, cpu_gemm=gemm))
+    eval_fn = jax.jit(make_eval_step(graphdef, rest, policy=policy))
 
     def extra_state() -> dict[str, Any]:
         return {"data": _jsonable(iterator.get_state()), "compute": compute.state()}
@@ -340,19 +271,6 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
         if progress is not None:
             progress.close()
     return last
-
-
-def on_mesh(tree: Any, mesh) -> Any:
-    """Every array on `mesh`: arrays already sharded there keep their sharding, others are replicated."""
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-
-    def place(x):
-        s = getattr(x, "sharding", None)
-        if isinstance(s, jax.sharding.NamedSharding) and s.mesh == mesh:
-            return x
-        return jax.device_put(x, replicated)
-
-    return jax.tree.map(place, tree)
 
 
 def evaluate_loss(eval_fn, params, data: SFTData, mesh) -> dict[str, float]:

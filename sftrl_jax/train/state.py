@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from sftrl_jax.config import ConfigError
+from sftrl_jax.errors import UserError
 
 PRESETS = ("llama-tiny", "mllama-tiny", "llama-3.2-1b", "llama-3.2-3b", "llama-3.2-11b-vision")
 
@@ -118,3 +119,30 @@ def rng_data(seed: int) -> jax.Array:
 def abstract_like(tree: Any) -> Any:
     """ShapeDtypeStructs (with shardings) of a pytree of arrays: the restore target of a checkpoint."""
     return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)), tree)
+
+
+def load_for_eval(ckpt: str, task: str, tokenizer_path: str | None = None):
+    """(model, tokenizer, image processor) of a checkpoint, checked against the task."""
+    from sftrl_jax.data.processor import for_model
+
+    if not os.path.isdir(ckpt):
+        raise UserError(f"checkpoint {ckpt!r} does not exist")
+    if not (
+        os.path.exists(os.path.join(ckpt, "config.json")) or os.path.exists(os.path.join(ckpt, "model_config.json"))
+    ):
+        raise UserError(f"{ckpt!r} is neither our checkpoint (model_config.json) nor an HF folder (config.json)")
+    section = ModelSection(init=ckpt, tokenizer=tokenizer_path)
+    model = load_model(section)
+    proc = for_model(model)
+    if task.endswith("-vl") and proc is None:
+        raise UserError(
+            f"task {task} shows images, but {ckpt} is a text-only {type(model).__name__}; "
+            f"use an Mllama (vision) checkpoint or the -l task"
+        )
+    tokenizer = tokenizer_for(section)
+    if tokenizer.vocab_size > model.config.text.num_embeddings:
+        raise UserError(
+            f"the tokenizer ({tokenizer.vocab_size} ids) does not fit the model's "
+            f"{model.config.text.num_embeddings} embeddings: pass the checkpoint's tokenizer with --tokenizer"
+        )
+    return model, tokenizer, proc

@@ -4,12 +4,12 @@ import json
 
 import pytest
 
+from sftrl_jax import episodes as rollout
 from sftrl_jax.data.tokenizer import load_tokenizer
 from sftrl_jax.envs.general_points import expert as gp_expert
 from sftrl_jax.envs.virl import expert as virl_expert
 from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation import evaluate as ev
-from sftrl_jax.rl import rollout
 
 
 class Recorder:
@@ -111,10 +111,10 @@ def test_bad_protocol_arguments(args, match):
 def test_bad_checkpoints_for_eval(tmp_path, capsys):
     """A missing folder, a folder that is no checkpoint, another model family, a text model on a -vl task."""
     from sftrl_jax import cli
-    from sftrl_jax.commands.eval import load_for_eval
     from sftrl_jax.models import build
     from sftrl_jax.models import config as config_lib
     from sftrl_jax.models.checkpoint import save_checkpoint
+    from sftrl_jax.train.state import load_for_eval
 
     with pytest.raises(UserError, match="does not exist"):
         load_for_eval(str(tmp_path / "nope"), "gp-l")

@@ -7,8 +7,8 @@ import os
 import pytest
 
 from sftrl_jax import cli
+from sftrl_jax import episodes as rollout
 from sftrl_jax.data.tokenizer import load_tokenizer
-from sftrl_jax.rl import rollout
 from sftrl_jax.rl.train import Trainer
 from sftrl_jax.train import checkpoint as ckpt_lib
 from sftrl_jax.train.metrics import read_jsonl

@@ -8,9 +8,9 @@ from flax import nnx
 
 from sftrl_jax.config import ConfigError
 from sftrl_jax.data.tokenizer import load_tokenizer
+from sftrl_jax.episodes import Turn
 from sftrl_jax.models import LlamaConfig, create_model
-from sftrl_jax.rl import grpo, ppo
-from sftrl_jax.rl.rollout import Turn
+from sftrl_jax.rl import batching, grpo, ppo
 from sftrl_jax.train import optim
 from sftrl_jax.train.state import TrainState, rng_data
 
@@ -44,14 +44,14 @@ def test_grpo_update_with_reference_kl():
     )
     model = create_model(config)
     graphdef, params, rest = nnx.split(model, nnx.Param, ...)
-    cfg = grpo.GRPOConfig(group_size=2, samples_per_step=4, micro_batch=2, kl_coef=0.1, temperature=1.0)
+    cfg = grpo.GRPOConfig(group_size=2, samples_per_step=4, micro_batch=2, kl_coef=0.1)
     turns = []
     for i, a in enumerate(["yes", "no", "yes", "no"]):
         ctx = tok.chat_ids([{"role": "user", "content": f"q{i // 2}"}], add_generation_prompt=True)
         resp = tok.encode(a) + [tok.eot_id]
         turns.append(Turn(0, i, 0, ctx, resp, [0.0] * len(resp), a, 0.0, True, False, [], {}))
-    batch = ppo.build_batch(turns, tok, ppo.PPOConfig(), buckets=(32,))
-    from sftrl_jax.sft.losses import token_logprobs
+    batch = batching.build_batch(turns, tok, ppo.PPOConfig(), buckets=(32,))
+    from sftrl_jax.sampling.logprobs import token_logprobs
 
     logp0 = np.asarray(
         token_logprobs(
@@ -63,7 +63,7 @@ def test_grpo_update_with_reference_kl():
     ocfg = optim.OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant", grad_clip=None)
     tx = optim.make_optimizer(ocfg, params, total_steps=4)
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng_data(0))
-    step = jax.jit(grpo.make_update_step(graphdef, rest, tx, cfg, lr_fn=optim.schedule(ocfg, 4)))
+    step = jax.jit(grpo.make_update_step(graphdef, rest, tx, cfg, lr_fn=optim.schedule(ocfg, 4), temperature=1.0))
     state, m = step(state, batch)
     assert float(m["logprob_gap_max"]) < 1e-5 and float(m["ref_kl"]) == pytest.approx(0.0, abs=1e-7)
     state, m = step(state, batch)

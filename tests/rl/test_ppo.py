@@ -8,9 +8,9 @@ import pytest
 from flax import nnx
 
 from sftrl_jax.data.tokenizer import load_tokenizer
+from sftrl_jax.episodes import Turn
 from sftrl_jax.models import LlamaConfig, create_model
-from sftrl_jax.rl import ppo
-from sftrl_jax.rl.rollout import Turn
+from sftrl_jax.rl import batching, ppo
 from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
 from sftrl_jax.train import optim
 from sftrl_jax.train.state import TrainState, rng_data
@@ -29,11 +29,11 @@ def turn(tok, prompt, answer, reward=0.0):
 
 def test_action_start_finds_the_key(tok):
     resp = tok.encode('{\n  "cards": [1, 2],\n  "formula": "1+2=3",\n}')
-    s = ppo.action_start(tok, resp, ('"formula"',))
+    s = batching.action_start(tok, resp, ('"formula"',))
     assert tok.decode(resp[s:]).lstrip().startswith('"formula"') or tok.decode(resp[s:]).startswith('  "formula"')
     assert '"formula"' not in tok.decode(resp[:s])
     assert (
-        ppo.action_start(tok, tok.encode("no key at all here"), ('"formula"',))
+        batching.action_start(tok, tok.encode("no key at all here"), ('"formula"',))
         == len(tok.encode("no key at all here")) - 4
     )
 
@@ -41,7 +41,7 @@ def test_action_start_finds_the_key(tok):
 def test_build_batch_layout(tok):
     cfg = ppo.PPOConfig(thought_coef=0.5)
     t = turn(tok, "hi", '{"cards": [1], "formula": "1"}')
-    b = ppo.build_batch([t], tok, cfg, buckets=(64, 128))
+    b = batching.build_batch([t], tok, cfg, buckets=(64, 128))
     c, r = len(t.context_ids), len(t.response_ids)
     assert b["input_ids"].shape == (1, 64) and b["value_index"][0] == c - 1
     assert b["resp_mask"][0].sum() == r and b["resp_mask"][0, c - 1] == 1 and b["resp_mask"][0, c + r - 1] == 0
@@ -58,10 +58,11 @@ def test_update_moves_logprobs_with_the_advantage(tok):
     model = create_model(config)
     policy = PolicyWithValue(model, ValueHead(64, hidden=(32, 16), rngs=nnx.Rngs(1)))
     graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
-    cfg = ppo.PPOConfig(samples_per_step=4, micro_batch=2, temperature=0.7, value_clip=None)
+    cfg = ppo.PPOConfig(samples_per_step=4, micro_batch=2, value_clip=None)
+    T = 0.7  # the run's sampling temperature
     turns = [turn(tok, f"question {i}", ans) for i, ans in enumerate(["good answer", "bad answer"] * 2)]
-    batch = ppo.build_batch(turns, tok, cfg, buckets=(64,))
-    value_fn = jax.jit(ppo.make_value_fn(graphdef, rest, cfg.temperature))
+    batch = batching.build_batch(turns, tok, cfg, buckets=(64,))
+    value_fn = jax.jit(ppo.make_value_fn(graphdef, rest, T))
     values, old_logp, tok_logp = value_fn(params, batch)
     batch["old_token_logp"] = np.asarray(tok_logp)  # what the sampler would have returned
     adv = np.array([1.0, -1.0, 1.0, -1.0], np.float32)
@@ -74,7 +75,7 @@ def test_update_moves_logprobs_with_the_advantage(tok):
     ocfg = optim.OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant", eps=1e-7, grad_clip=None)
     tx = optim.make_optimizer(ocfg, params, total_steps=10)
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng_data(0))
-    step = jax.jit(ppo.make_update_step(graphdef, rest, tx, cfg, lr_fn=optim.schedule(ocfg, 10)))
+    step = jax.jit(ppo.make_update_step(graphdef, rest, tx, cfg, lr_fn=optim.schedule(ocfg, 10), temperature=T))
     state, m = step(state, batch)
     # First epoch: the trainer reproduces the rollout log-probs exactly, so ratio == 1.
     assert float(m["logprob_gap_max"]) < 1e-5
@@ -110,10 +111,11 @@ def test_kl_to_the_reference_and_entropy_bonus(tok):
     )
     policy = PolicyWithValue(create_model(config), ValueHead(64, hidden=(32, 16), rngs=nnx.Rngs(1)))
     graphdef, params, rest = nnx.split(policy, nnx.Param, ...)
-    cfg = ppo.PPOConfig(samples_per_step=4, micro_batch=2, temperature=0.7, kl_coef=0.5, entropy_coef=0.01)
+    cfg = ppo.PPOConfig(samples_per_step=4, micro_batch=2, kl_coef=0.5, entropy_coef=0.01)
+    T = 0.7  # the run's sampling temperature
     turns = [turn(tok, f"question {i}", ans) for i, ans in enumerate(["good answer", "bad answer"] * 2)]
-    batch = ppo.build_batch(turns, tok, cfg, buckets=(64,))
-    values, old_logp, tok_logp = jax.jit(ppo.make_value_fn(graphdef, rest, cfg.temperature))(params, batch)
+    batch = batching.build_batch(turns, tok, cfg, buckets=(64,))
+    values, old_logp, tok_logp = jax.jit(ppo.make_value_fn(graphdef, rest, T))(params, batch)
     batch.update(
         old_token_logp=np.asarray(tok_logp),
         old_logp=np.asarray(old_logp),
@@ -123,7 +125,7 @@ def test_kl_to_the_reference_and_entropy_bonus(tok):
     )
     # the entropy the step must report: softmax entropy of logits / T at the response positions, float64
     logits = nnx.merge(graphdef, params, rest).model(batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    z = np.asarray(logits, np.float64) / cfg.temperature
+    z = np.asarray(logits, np.float64) / T
     p = np.exp(z - z.max(-1, keepdims=True))
     p /= p.sum(-1, keepdims=True)
     ent = -(p * np.log(np.maximum(p, 1e-300))).sum(-1)
@@ -132,7 +134,7 @@ def test_kl_to_the_reference_and_entropy_bonus(tok):
     ocfg = optim.OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant", grad_clip=None)
     tx = optim.make_optimizer(ocfg, params, total_steps=10)
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng_data(0))
-    step = jax.jit(ppo.make_update_step(graphdef, rest, tx, cfg, lr_fn=optim.schedule(ocfg, 10)))
+    step = jax.jit(ppo.make_update_step(graphdef, rest, tx, cfg, lr_fn=optim.schedule(ocfg, 10), temperature=T))
     with pytest.raises(ValueError, match="ppo.kl_coef = 0.5 needs the reference's token log-probs"):
         step(state, batch)
     batch["ref_token_logp"] = np.asarray(tok_logp)  # the reference is the starting policy

@@ -14,9 +14,11 @@ import pytest
 
 from sftrl_jax.demo import DemoConfig, _sft_config
 from sftrl_jax.evaluation import evaluate as ev
+from sftrl_jax.rl.config import EnvSection, EvalSection, RLConfig, RLTrainSection
 from sftrl_jax.rl.grpo import GRPOConfig
 from sftrl_jax.rl.ppo import PPOConfig
-from sftrl_jax.rl.train import EnvSection, EvalSection, RLConfig, RLTrainSection, SamplingSection, Trainer, make_policy
+from sftrl_jax.rl.train import Trainer
+from sftrl_jax.sampling.policy import SamplingSection, make_policy
 from sftrl_jax.train.optim import OptimConfig
 from sftrl_jax.train.state import ModelSection, load_model, tokenizer_for
 
@@ -51,8 +53,8 @@ def rl_config(algo: str, init: str, run_dir: str, updates: int) -> RLConfig:
         algo=algo,
         env=EnvSection(task="gp-l", split="train", num_envs=16, options=SHORT),
         sampling=SamplingSection(max_new_tokens=64, temperature=0.3),
-        ppo=PPOConfig(epochs=1, samples_per_step=32, micro_batch=16, temperature=0.3),
-        grpo=GRPOConfig(group_size=4, epochs=1, samples_per_step=32, micro_batch=16, temperature=0.3),
+        ppo=PPOConfig(epochs=1, samples_per_step=32, micro_batch=16),
+        grpo=GRPOConfig(group_size=4, epochs=1, samples_per_step=32, micro_batch=16),
         optim=OptimConfig(lr=1e-4, eps=1e-7, grad_clip=1.0, warmup_ratio=0.0, schedule="constant"),
         eval=EvalSection(every=0, splits=()),
         train=RLTrainSection(

@@ -14,7 +14,9 @@ import numpy as np
 import pytest
 
 from sftrl_jax import config
-from sftrl_jax.rl.train import RLConfig, Trainer
+from sftrl_jax.rl import batching
+from sftrl_jax.rl.config import RLConfig
+from sftrl_jax.rl.train import Trainer
 from sftrl_jax.train.metrics import read_jsonl
 
 TINY = {
@@ -33,8 +35,8 @@ TINY = {
     },
     "env": {"task": "gp-l", "num_envs": 4},
     "sampling": {"max_new_tokens": 12, "temperature": 1.0},
-    "ppo": {"epochs": 2, "samples_per_step": 4, "micro_batch": 4, "temperature": 1.0},
-    "grpo": {"group_size": 2, "samples_per_step": 4, "micro_batch": 4, "temperature": 1.0},
+    "ppo": {"epochs": 2, "samples_per_step": 4, "micro_batch": 4},
+    "grpo": {"group_size": 2, "samples_per_step": 4, "micro_batch": 4},
     "optim": {"lr": 1.0e-3, "grad_clip": 1.0},
     "eval": {"every": 0, "splits": []},
     "train": {
@@ -63,7 +65,8 @@ def make(tmp_path, name, **over):
 KILL_AFTER_SAVE = textwrap.dedent("""
     import os, signal, sys
     from sftrl_jax import config
-    from sftrl_jax.rl.train import RLConfig, train
+    from sftrl_jax.rl.config import RLConfig
+    from sftrl_jax.rl.train import train
     from sftrl_jax.train import checkpoint
     save = checkpoint.Checkpointer.save
     def save_then_die(self, step, *a, **k):
@@ -115,7 +118,7 @@ def test_ppo_sigkill_resume_gives_identical_metrics(tmp_path, xla_cache):
     assert not os.path.exists(os.path.join(killed.train.run_dir, "final"))
     trainer = Trainer(killed)  # resumes from update 1
     assert trainer.update_idx == 1
-    saved = trainer._rollout_state
+    saved = trainer.learner._rollout_state
     # Episodes were in progress at the checkpoint (2 turns of 4 envs, 5 attempts each): they are replayed.
     assert saved is not None and any(row["texts"] for row in saved["envs"]), saved
     trainer.run()
@@ -160,9 +163,9 @@ def test_ppo_first_step_sees_its_old_log_probs_bit_for_bit(tmp_path):
 
 
 def test_grpo_steps_cover_an_epoch():
-    steps = Trainer._grpo_steps(np.array([5, 2, 7, 0, 1, 3, 6, 4, 8]), 4)
+    steps = batching.epoch_steps(np.array([5, 2, 7, 0, 1, 3, 6, 4, 8]), 4)
     assert steps == [[5, 2, 7, 0], [1, 3, 6, 4]]  # the partial last step is dropped
-    assert Trainer._grpo_steps(np.array([2, 0, 1]), 4) == [[2, 0, 1, 2]]  # one short step: repeated up to S
+    assert batching.epoch_steps(np.array([2, 0, 1]), 4) == [[2, 0, 1, 2]]  # one short step: repeated up to S
 
 
 def test_vl_task_needs_a_vision_model(tmp_path):
@@ -175,11 +178,12 @@ def test_vl_task_needs_a_vision_model(tmp_path):
 def test_in_run_evaluation_keeps_the_prompt_wording(tmp_path, monkeypatch):
     """A policy trained on another template is evaluated on it; the split's rules stay the split's."""
     from sftrl_jax.envs.general_points import prompts
+    from sftrl_jax.rl import config as rl_config
     from sftrl_jax.rl import train as rl_train
 
     template = str(prompts.SHORT_TEMPLATE)
     options = {"template": template, "verify_iter": 3, "face_cards_as_10": True}
-    assert rl_train.eval_env_options(options) == {"template": template}
+    assert rl_config.eval_env_options(options) == {"template": template}
     seen = []
 
     def fake_evaluate(policy, tokenizer, proto, **kw):
@@ -235,7 +239,7 @@ def test_exact_cpu_passes_compile_without_ynnpack_fusions(tmp_path, monkeypatch)
     (first-step |ratio - 1| 4.0e-5 -> exactly 0 without them, docs/RESULTS.md session 9)."""
     import jax.numpy as jnp
 
-    from sftrl_jax.rl import train as rl_train
+    from sftrl_jax import ops
 
     def f(x, w):
         h = x @ w
@@ -243,13 +247,17 @@ def test_exact_cpu_passes_compile_without_ynnpack_fusions(tmp_path, monkeypatch)
 
     x, w = jnp.ones((64, 128)), jnp.ones((128, 256))
     compiled = lambda opts: jax.jit(jax.value_and_grad(f, 1), compiler_options=opts).lower(x, w).compile().as_text()  # noqa: E731
-    assert "ynn_fusion" in compiled(rl_train.rl_compiler_options(False))  # XLA's default here: YNNPACK fusions
-    assert "ynn_fusion" not in compiled(rl_train.rl_compiler_options(True))
-    assert rl_train.rl_compiler_options(False) is None
+    policy = ops.policy_for(None, exact=True)
+    options = lambda enabled: ops.exact_compiler_options(policy, enabled=enabled)  # noqa: E731
+    assert "ynn_fusion" in compiled(options(False))  # XLA's default here: YNNPACK fusions
+    assert "ynn_fusion" not in compiled(options(True))
+    assert options(False) is None
 
     seen = []
-    real = rl_train.rl_compiler_options
-    monkeypatch.setattr(rl_train, "rl_compiler_options", lambda enabled: seen.append(enabled) or real(enabled))
+    real = ops.exact_compiler_options
+    monkeypatch.setattr(
+        ops, "exact_compiler_options", lambda policy, enabled=True: seen.append(enabled) or real(policy, enabled)
+    )
     Trainer(make(tmp_path, "exact"))
     Trainer(make(tmp_path, "fast", train__exact_cpu_passes=False))
     assert seen == [True, False]
@@ -258,8 +266,8 @@ def test_exact_cpu_passes_compile_without_ynnpack_fusions(tmp_path, monkeypatch)
 def test_ppo_success_reward_mode_reaches_gae(tmp_path, monkeypatch):
     """ppo.reward_mode="success": GAE sees 1 on solved turns and 0 elsewhere (not the env's table);
     the logged rewards stay the environment's."""
+    from sftrl_jax import episodes as rollout
     from sftrl_jax.rl import ppo as ppo_lib
-    from sftrl_jax.rl import rollout
 
     seen = {}
     real_rewards, real_adv = rollout.rewards_array, ppo_lib.advantages_for

@@ -13,7 +13,8 @@ import pytest
 from sftrl_jax import config, models
 from sftrl_jax.data.tokenizer import load_tokenizer
 from sftrl_jax.models import config as config_lib
-from sftrl_jax.rl.train import RLConfig, Trainer
+from sftrl_jax.rl.config import RLConfig
+from sftrl_jax.rl.train import Trainer
 from tests.sampling.helpers import peaked_model
 
 VOCAB = 2048  # the shipped tokenizer's ids; <|image|> is its last one
@@ -35,7 +36,7 @@ def test_gp_vl_images_reach_the_ppo_update(tmp_path, mllama_dir):
         "model": {"init": mllama_dir},
         "env": {"task": "gp-vl", "num_envs": 2},
         "sampling": {"max_new_tokens": 8, "temperature": 1.0},
-        "ppo": {"epochs": 1, "samples_per_step": 2, "micro_batch": 2, "temperature": 1.0},
+        "ppo": {"epochs": 1, "samples_per_step": 2, "micro_batch": 2},
         "optim": {"lr": 1.0e-3, "grad_clip": 1.0},
         "eval": {"every": 0, "splits": []},
         "train": {
@@ -52,7 +53,7 @@ def test_gp_vl_images_reach_the_ppo_update(tmp_path, mllama_dir):
     trainer = Trainer(config.load(RLConfig, tmp_path / "vl.yaml"))
     tok = trainer.tokenizer
     with jax.set_mesh(trainer.mesh):
-        _, turns = trainer.collect_ppo()
+        _, turns = trainer.learner.collect()
         assert len(turns) == 2
         for t in turns:  # the env's table image rode along with the first turn's context
             assert len(t.images) == 1 and t.images[0].size == (1200, 1200)
@@ -65,25 +66,25 @@ def test_gp_vl_images_reach_the_ppo_update(tmp_path, mllama_dir):
             other.append(dataclasses.replace(t, images=[trainer.envs[0].render()]))
 
         def update_batch(ts, values):
-            batch = trainer._build(ts)
+            batch = trainer.batcher.build(ts)
             n = len(ts)
             batch.update(
-                old_logp=np.array([trainer._sampler_turn_logp(t) for t in turns], np.float32),
+                old_logp=np.array([trainer.learner.sampler_turn_logp(t) for t in turns], np.float32),
                 old_values=values.astype(np.float32),
                 advantages=np.array([1.0, -1.0], np.float32)[:n],
                 returns=np.ones(n, np.float32),
             )
             return batch
 
-        own = trainer._build(turns)
-        swapped = trainer._build(other)
+        own = trainer.batcher.build(turns)
+        swapped = trainer.batcher.build(other)
         assert "pixel_values" in own and own["cross_attention_mask"].sum() > 0
         assert not np.array_equal(own["pixel_values"], swapped["pixel_values"])
         np.testing.assert_array_equal(own["input_ids"], swapped["input_ids"])
 
         # Trainer forward (values and token log-probs) vs the sampler's log-probs.
-        v_own, _, lp_own = trainer.value_fn(trainer.state.params, trainer._device_batch(own))
-        v_swap, _, lp_swap = trainer.value_fn(trainer.state.params, trainer._device_batch(swapped))
+        v_own, _, lp_own = trainer.learner.value_fn(trainer.state.params, trainer.batcher.device(own))
+        v_swap, _, lp_swap = trainer.learner.value_fn(trainer.state.params, trainer.batcher.device(swapped))
         mask = own["resp_mask"] > 0
         gap_own = np.abs(np.asarray(lp_own) - own["old_token_logp"])[mask].max()
         gap_swap = np.abs(np.asarray(lp_swap) - own["old_token_logp"])[mask].max()
@@ -94,8 +95,12 @@ def test_gp_vl_images_reach_the_ppo_update(tmp_path, mllama_dir):
         # The PPO update itself: ratio == 1 with the rollout's images, not with the swapped ones.
         copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731 (update_fn donates its state)
         values = np.asarray(v_own)
-        s_own, m_own = trainer.update_fn(copy(trainer.state), trainer._device_batch(update_batch(turns, values)))
-        s_swap, m_swap = trainer.update_fn(copy(trainer.state), trainer._device_batch(update_batch(other, values)))
+        s_own, m_own = trainer.learner.update_fn(
+            copy(trainer.state), trainer.batcher.device(update_batch(turns, values))
+        )
+        s_swap, m_swap = trainer.learner.update_fn(
+            copy(trainer.state), trainer.batcher.device(update_batch(other, values))
+        )
         assert float(m_own["logprob_gap_max"]) < 1e-5, float(m_own["logprob_gap_max"])
         assert float(m_own["ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
         assert float(m_swap["logprob_gap_max"]) > 1e-3

@@ -2,8 +2,8 @@
 
 import pytest
 
+from sftrl_jax import episodes as rollout
 from sftrl_jax.data.tokenizer import load_tokenizer
-from sftrl_jax.rl import rollout
 
 
 class Countdown:

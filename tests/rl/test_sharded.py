@@ -14,9 +14,10 @@ from flax import nnx
 
 from sftrl_jax import config
 from sftrl_jax.envs.general_points import expert
-from sftrl_jax.rl.rollout import Turn
-from sftrl_jax.rl.train import RLConfig, Trainer
-from sftrl_jax.sft.losses import token_logprobs
+from sftrl_jax.episodes import Turn
+from sftrl_jax.rl.config import RLConfig
+from sftrl_jax.rl.train import Trainer
+from sftrl_jax.sampling.logprobs import token_logprobs
 
 TINY = {
     "model": {
@@ -38,8 +39,8 @@ TINY = {
     # One optimiser step: after it, turn log-probs (sums of ~40 token log-probs of size ~7) carry fp32
     # noise of ~1e-4 that exp() turns into ratio differences of ~1e-4 between ANY two runs that add in
     # another order; the first step's ratio is exactly 1.
-    "ppo": {"epochs": 1, "samples_per_step": 8, "micro_batch": 4, "temperature": 1.0},
-    "grpo": {"group_size": 2, "samples_per_step": 8, "micro_batch": 4, "temperature": 1.0},
+    "ppo": {"epochs": 1, "samples_per_step": 8, "micro_batch": 4},
+    "grpo": {"group_size": 2, "samples_per_step": 8, "micro_batch": 4},
     # Adam's eps is 1e-3 here (the paper: 1e-7) so that Adam does not turn rounding noise into steps: its
     # first update is lr * g / (|g| + eps), so with eps 1e-7 a gradient entry of 1e-7 +- 1e-8 (sharded
     # sums add in another order) gets a step anywhere in +-lr. Measured with eps 1e-7, lr 1e-3: every
@@ -94,7 +95,7 @@ class Scripted:
             Turn(0, 0, 0, list(c), resp, [], "", 0.0, False, False, list(im), {})
             for c, resp, im in zip(contexts, out, images)
         ]
-        token_logp = teacher_forced_logp(tr, tr._build(turns))
+        token_logp = teacher_forced_logp(tr, tr.batcher.build(turns))
         return [
             (resp, token_logp[b, len(c) - 1 : len(c) - 1 + len(resp)].tolist())
             for b, (c, resp) in enumerate(zip(contexts, out))
@@ -103,15 +104,15 @@ class Scripted:
 
 def teacher_forced_logp(tr, batch) -> np.ndarray:
     """[B, L] token log-probs of the current policy (logits / temperature), as the sampler returns them."""
-    b = tr._device_batch(batch)
+    b = tr.batcher.device(batch)
     if tr.cfg.algo == "ppo":
-        return np.asarray(tr.value_fn(tr.state.params, b)[2])
+        return np.asarray(tr.learner.value_fn(tr.state.params, b)[2])
     if not hasattr(tr, "_test_logp_fn"):
 
         def logp_fn(params, b):
             model = nnx.merge(tr.graphdef, params, tr.rest)
             logits = model(b["input_ids"], attention_mask=b["attention_mask"]).logits
-            return token_logprobs(logits / tr.cfg.grpo.temperature, b["targets"])
+            return token_logprobs(logits / tr.cfg.sampling.temperature, b["targets"])
 
         tr._test_logp_fn = jax.jit(logp_fn)
     return np.asarray(tr._test_logp_fn(tr.state.params, b))
@@ -129,7 +130,7 @@ def one_update(cfg):
     trainer.policy = lambda *a, **k: scripted
     before = params(trainer)
     with jax.set_mesh(trainer.mesh):
-        m = trainer.update_ppo() if cfg.algo == "ppo" else trainer.update_grpo()
+        m = trainer.update()
     trainer.checkpointer.close()
     return trainer, before, {k: v for k, v in m.items() if k not in TIMING}
 
@@ -138,7 +139,7 @@ def one_update(cfg):
 def test_eight_devices_match_one(tmp_path, algo, mesh, monkeypatch):
     assert jax.device_count() == 8
     # The subject is the partitioning: both runs multiply on XLA's dot. (On one CPU device the steps
-    # use OpenBLAS by default, `layers.cpu_gemm`, whose agreement with XLA's dot is tested in
+    # use OpenBLAS by default, `ops.Policy(cpu_kernels=True)`, whose agreement with XLA's dot is tested in
     # tests/models/test_cpu_gemm.py; with it this PPO step's grad norm differed by 1.2e-5 relative.)
     monkeypatch.setenv("SFTRL_CPU_GEMM", "0")
     t1, p1_before, m1 = one_update(make(tmp_path, "one", algo, devices=1))

@@ -20,7 +20,7 @@ from sftrl_jax import config
 from sftrl_jax.data.generate import generate_gp_sft
 from sftrl_jax.envs.general_points import prompts
 from sftrl_jax.evaluation import evaluate as ev
-from sftrl_jax.rl.train import SamplingSection, make_policy
+from sftrl_jax.sampling.policy import SamplingSection, make_policy
 from sftrl_jax.sft.train import SFTConfig, train
 from sftrl_jax.train.metrics import read_jsonl
 from sftrl_jax.train.state import load_model, tokenizer_for

@@ -1,0 +1,116 @@
+"""The sections of an RL run's YAML file (`sftrl rl --config configs/rl/*.yaml`).
+
+One temperature: `sampling.temperature` is what the sampler draws at and what the PPO / GRPO losses
+score log-probs at (logits / temperature), so the first update's ratio starts at 1; the old
+`ppo.temperature` / `grpo.temperature` keys are refused with a message naming it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from sftrl_jax.config import ConfigError
+from sftrl_jax.rl import grpo as grpo_lib
+from sftrl_jax.rl import ppo as ppo_lib
+from sftrl_jax.sampling.policy import SamplingSection
+from sftrl_jax.train import optim as optim_lib
+from sftrl_jax.train.state import ModelSection
+
+__all__ = [
+    "EVAL_ENV_KEYS",
+    "EnvSection",
+    "EvalSection",
+    "RLConfig",
+    "RLTrainSection",
+    "SamplingSection",
+    "eval_env_options",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class EnvSection:
+    task: Literal["gp-l", "gp-vl", "virl-l", "virl-vl"] = "gp-l"
+    split: Literal["train", "id", "ood-rule", "ood-visual"] = "train"
+    num_envs: int = 8  # environments stepped in lock-step (one batched sampling call per turn)
+    options: dict[str, Any] = dataclasses.field(default_factory=dict)  # env options, e.g. verify_iter
+
+
+# Env options that say how the model is prompted and graded (not what a split's rules are): the
+# in-run evaluation uses them too, so a policy trained on another prompt wording is evaluated on it.
+# Rule options (face_cards_as_10, target, verify_iter, ...) stay the evaluation split's own.
+EVAL_ENV_KEYS = ("template", "data_dir", "exact", "reference_card_parsing", "fix_turn_wrap", "fix_intersection_check")
+
+
+def eval_env_options(options: dict[str, Any]) -> dict[str, Any]:
+    """The part of the training env's `options` that evaluation keeps (see `EVAL_ENV_KEYS`)."""
+    return {k: v for k, v in options.items() if k in EVAL_ENV_KEYS}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalSection:
+    every: int = 0  # updates between evaluations (0 = only at the end)
+    splits: tuple[str, ...] = ("id", "ood-rule")
+    episodes: int | None = None  # None = the paper's protocol size
+    temperature: float = 0.0  # greedy evaluation (not the training temperature)
+    batch_size: int = 16
+
+
+@dataclasses.dataclass(frozen=True)
+class RLTrainSection:
+    run_dir: str = "runs/rl"
+    updates: int = 20  # paper: num_updates (20 GP, 15 V-IRL)
+    steps_per_update: int = 256  # PPO: lock-step turns per env per update (paper: num_steps 256)
+    prompts_per_update: int = 8  # GRPO: groups per update
+    length_buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # padded lengths of training samples
+    seed: int = 0
+    mesh: str = "data=1,fsdp=-1,tensor=1"
+    devices: int | None = None
+    save_every: int = 1  # updates
+    keep: int = 3
+    resume: bool = True
+    max_bad_updates: int = 3
+    tensorboard: bool = False
+    progress: bool = True
+    distributed: bool = False
+    d_init: int = 0  # tokens of the SFT that produced model.init (compute axis)
+    async_checkpointing: bool = True
+    # CPU: the training passes compiled without YNNPACK fusions, so the first update's ratio is
+    # exactly 1 (`ops.exact_compiler_options`); false: ~20-35% faster passes at the tiny configs' sizes.
+    exact_cpu_passes: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class RLConfig:
+    model: ModelSection
+    algo: Literal["ppo", "grpo"] = "ppo"
+    env: EnvSection = dataclasses.field(default_factory=EnvSection)
+    sampling: SamplingSection = dataclasses.field(default_factory=SamplingSection)
+    ppo: ppo_lib.PPOConfig = dataclasses.field(default_factory=ppo_lib.PPOConfig)
+    grpo: grpo_lib.GRPOConfig = dataclasses.field(default_factory=grpo_lib.GRPOConfig)
+    optim: optim_lib.OptimConfig = dataclasses.field(
+        default_factory=lambda: optim_lib.OptimConfig(lr=1e-6, eps=1e-7, grad_clip=0.01, min_lr=1e-9, warmup_ratio=0.0)
+    )
+    eval: EvalSection = dataclasses.field(default_factory=EvalSection)
+    train: RLTrainSection = dataclasses.field(default_factory=RLTrainSection)
+
+    def __post_init__(self):
+        if self.algo == "ppo" and (self.env.num_envs * self.train.steps_per_update) % self.ppo.samples_per_step:
+            raise ConfigError(
+                f"env.num_envs x train.steps_per_update ({self.env.num_envs} x {self.train.steps_per_update}) "
+                f"must be a multiple of ppo.samples_per_step ({self.ppo.samples_per_step})"
+            )
+        if self.sampling.temperature <= 0:
+            raise ConfigError("sampling.temperature must be positive during RL (log-probs use logits / temperature)")
+
+    @property
+    def algo_cfg(self):
+        return self.ppo if self.algo == "ppo" else self.grpo
+
+    def updates_steps(self) -> int:
+        """Optimiser steps per update (PPO: fixed; GRPO: an estimate for the schedule)."""
+        if self.algo == "ppo":
+            return self.ppo.epochs * self.env.num_envs * self.train.steps_per_update // self.ppo.samples_per_step
+        return self.grpo.epochs * max(
+            1, self.train.prompts_per_update * self.grpo.group_size // self.grpo.samples_per_step
+        )

@@ -1,0 +1,65 @@
+"""Gradient accumulation and the optimiser update: the one step body SFT, PPO and GRPO share.
+
+    grads, aux = accumulate(loss_fn, params, batch, n_micro=4)   # summed grads, aux stacked [4, ...]
+    state, metrics = apply(state, grads, tx, lr_fn=lr_fn)
+
+`accumulate` cuts the step's batch [B, ...] into `n_micro` micro-batches [B / n_micro, ...], scans
+them in order (one forward/backward each, so activation memory is one micro-batch's) and sums their
+gradients. How the sum is normalised is the loss's business (SFT: by the step's loss tokens, so the
+update equals one big batch's; PPO/GRPO: by the micro-batch count), so the caller divides.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+
+
+def micro_batches(batch: dict[str, jax.Array], n_micro: int) -> dict[str, jax.Array]:
+    """[B, ...] -> [n_micro, B / n_micro, ...] for every array of `batch` (rows keep their order)."""
+    return jax.tree.map(lambda x: x.reshape(n_micro, x.shape[0] // n_micro, *x.shape[1:]), batch)
+
+
+def accumulate(
+    loss_fn: Callable[[Any, dict[str, jax.Array]], tuple[jax.Array, dict[str, jax.Array]]],
+    params: Any,
+    batch: dict[str, jax.Array],
+    *,
+    n_micro: int,
+) -> tuple[Any, dict[str, jax.Array]]:
+    """(sum over micro-batches of d loss_fn / d params, loss_fn's aux stacked over micro-batches).
+
+    `loss_fn(params, micro_batch) -> (loss, aux)`; aux values are scalars (so the stacked aux holds
+    [n_micro] arrays)."""
+    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+    def step(grads, mb):
+        (_, aux), g = grad_fn(params, mb)
+        return jax.tree.map(jnp.add, grads, g), aux
+
+    return jax.lax.scan(step, jax.tree.map(jnp.zeros_like, params), micro_batches(batch, n_micro))
+
+
+def reduce_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
+    """Per-micro-batch metrics -> the step's: the max of `*_max` keys, the mean of the others."""
+    return {k: (v.max() if k.endswith("_max") else v.mean()) for k, v in aux.items()}
+
+
+def apply(state, grads: Any, tx: optax.GradientTransformation, *, lr_fn) -> tuple[Any, dict[str, jax.Array]]:
+    """One optimiser update of the `TrainState` with the (normalised) gradients; returns the new
+    state and the update's own metrics (grad and update norms, learning rate, whether finite)."""
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    grad_norm = optax.tree.norm(grads)
+    metrics = {
+        "grad_norm": grad_norm,
+        "update_norm": optax.tree.norm(updates),
+        "lr": lr_fn(state.step),
+        "finite": jnp.isfinite(grad_norm),
+    }
+    return dataclasses.replace(state, step=state.step + 1, params=params, opt_state=opt_state), metrics

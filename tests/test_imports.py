@@ -1,0 +1,127 @@
+"""The package's import graph runs one way (README "Layout"): models <- sampling <- {sft, rl},
+evaluation <- {envs, episodes, sampling}, train/ shared by both arms, nothing imports commands/, and
+the ops seam is the only importer of the native kernels.
+
+Read from the source with `ast` (every import statement, including the lazy ones inside
+functions), so a backwards import fails here before it becomes a cycle or a layering leak."""
+
+import ast
+import pathlib
+
+import pytest
+
+PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sftrl_jax"
+
+# unit -> the units it may import (a unit is a subpackage or a top-level module of sftrl_jax).
+_BASE = {"errors", "config"}
+ALLOWED = {
+    "__init__": {"hostmem"},
+    "errors": set(),
+    "config": {"errors"},
+    "hostmem": set(),
+    "kernels": set(),
+    "parallel": {"errors"},
+    "ops": {"kernels", "parallel"},
+    "models": _BASE | {"parallel", "ops"},
+    "envs": _BASE,
+    "data": _BASE | {"envs"},
+    "sampling": _BASE | {"models", "data", "parallel", "ops"},
+    "episodes": _BASE,
+    "evaluation": _BASE | {"envs", "episodes", "sampling", "data", "models"},
+    "train": _BASE | {"models", "data", "parallel", "ops"},
+    "sft": _BASE | {"models", "sampling", "data", "parallel", "ops", "train", "evaluation"},
+    "rl": _BASE | {"models", "sampling", "data", "parallel", "ops", "train", "evaluation", "envs", "episodes"},
+    "demo": _BASE | {"models", "sampling", "data", "parallel", "train", "evaluation", "envs", "sft", "rl"},
+    "commands": set(),  # filled below: the CLI's commands may import anything but each other's callers
+    "cli": _BASE | {"commands"},
+}
+ALLOWED["commands"] = set(ALLOWED) - {"__init__", "cli", "commands", "kernels"}
+
+
+def _unit(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def _module_name(path: pathlib.Path, package: pathlib.Path) -> str:
+    parts = path.relative_to(package.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _imports(path: pathlib.Path, module: str) -> list[tuple[str, int]]:
+    """(imported sftrl_jax module, line) of every import statement in the file."""
+    package = module if path.name == "__init__.py" else module.rsplit(".", 1)[0]
+    out = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            out += [(a.name, node.lineno) for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:  # relative: resolve against the file's package
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            if base == "sftrl_jax":  # `from sftrl_jax import envs, ops`: each name is a unit
+                out += [(f"sftrl_jax.{a.name}", node.lineno) for a in node.names]
+            else:
+                out.append((base, node.lineno))
+    return [(m, line) for m, line in out if m == "sftrl_jax" or m.startswith("sftrl_jax.")]
+
+
+def import_violations(package: pathlib.Path = PACKAGE) -> list[str]:
+    """Every import that the graph of `ALLOWED` does not allow, as 'file:line: a -> b'."""
+    bad = []
+    for path in sorted(package.rglob("*.py")):
+        module = _module_name(path, package)
+        src = _unit(module)
+        if src not in ALLOWED:
+            bad.append(f"{path.relative_to(package.parent)}: unit {src!r} is not in the import contract (ALLOWED)")
+            continue
+        for target, line in _imports(path, module):
+            dst = _unit(target)
+            if dst != src and dst not in ALLOWED[src]:
+                bad.append(f"{path.relative_to(package.parent)}:{line}: {src} -> {dst} ({target})")
+    return bad
+
+
+def test_the_import_graph_runs_one_way():
+    bad = import_violations()
+    assert not bad, "imports against the layering (README 'Layout'):\n" + "\n".join(bad)
+
+
+def test_the_contract_is_acyclic():
+    """The allowed graph itself has no cycle, so the layering is a real order."""
+    seen, done = set(), set()
+
+    def visit(u, stack):
+        if u in done:
+            return
+        assert u not in seen, f"cycle in ALLOWED: {' -> '.join([*stack, u])}"
+        seen.add(u)
+        for v in ALLOWED[u]:
+            visit(v, [*stack, u])
+        done.add(u)
+
+    for u in ALLOWED:
+        visit(u, [])
+
+
+@pytest.mark.parametrize(
+    "unit,line,target",
+    [
+        ("sampling", "from sftrl_jax.sft import losses", "sft"),
+        ("evaluation", "from sftrl_jax.rl import rollout", "rl"),
+        ("rl", "from sftrl_jax.sft.train import on_mesh", "sft"),
+        ("models", "from sftrl_jax import kernels", "kernels"),
+        ("train", "    from sftrl_jax.commands import eval", "commands"),
+    ],
+)
+def test_a_backwards_import_is_caught(tmp_path, unit, line, target):
+    """The checker itself: one backwards import in a copy of a unit is reported with its file and line."""
+    pkg = tmp_path / "sftrl_jax"
+    (pkg / unit).mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / unit / "__init__.py").write_text("")
+    body = f"def f():\n{line}\n" if line.startswith(" ") else f"{line}\n"
+    (pkg / unit / "bad.py").write_text(body)
+    bad = import_violations(pkg)
+    assert len(bad) == 1 and f"{unit} -> {target}" in bad[0] and "bad.py:" in bad[0], bad
