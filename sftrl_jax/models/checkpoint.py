@@ -34,10 +34,14 @@ def read_checkpoint_config(path: str) -> tuple[config_lib.ModelConfig, str]:
     """(config, stored parameter dtype name) of a checkpoint folder."""
     file = os.path.join(path, CONFIG_FILE)
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             d = json.load(f)
     except FileNotFoundError:
         raise UserError(f"{path}: not a sftrl_jax model checkpoint (no {CONFIG_FILE})") from None
+    except (ValueError, RecursionError) as e:  # invalid JSON or UTF-8
+        raise UserError(f"{file}: invalid JSON ({type(e).__name__}: {e})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{file}: must be a JSON object, got a {type(d).__name__}")
     dtype = d.pop("param_dtype", "float32")
     try:
         return config_lib.from_dict(d), dtype

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 from collections.abc import Mapping
 from typing import Any, Literal
 
@@ -305,9 +306,14 @@ _LLAMA3_ROPE_KEYS |= {"original_max_position_embeddings"}
 
 
 class _Fields:
-    """Reads a config.json section, remembering which keys were used; names keys in errors."""
+    """Reads a config.json section, remembering which keys were used; names keys in errors.
+
+    The typed getters check JSON types instead of converting: `int("2")`, `bool("false")` (True) or
+    `int(32.9)` (32) would silently read a different model than transformers does."""
 
     def __init__(self, d: Mapping[str, Any], where: str):
+        if not isinstance(d, Mapping):
+            raise UserError(f"config.json: field {where!r} must be an object, got {_short(d)}")
         self.d, self.where, self.used = dict(d), where, set()
 
     def name(self, key: str) -> str:
@@ -320,6 +326,35 @@ class _Fields:
         if default is dataclasses.MISSING:
             raise UserError(f"config.json: missing field {self.name(key)!r}")
         return default
+
+    def integer(self, key: str, default: Any = dataclasses.MISSING, *, positive: bool = True) -> int:
+        return _integer(self.get(key, default), self.name(key), positive=positive)
+
+    def number(self, key: str, default: Any = dataclasses.MISSING, *, positive: bool = True) -> float:
+        return _number(self.get(key, default), self.name(key), positive=positive)
+
+    def flag(self, key: str, default: bool) -> bool:
+        value = self.get(key, default)
+        if not isinstance(value, bool):
+            raise UserError(f"config.json: field {self.name(key)!r} must be true or false, got {_short(value)}")
+        return value
+
+    def integers(self, key: str, default: tuple[int, ...]) -> tuple[int, ...]:
+        value = self.get(key, default)
+        if not isinstance(value, list | tuple) or not all(_is_int(v) and v >= 0 for v in value):
+            raise UserError(
+                f"config.json: field {self.name(key)!r} must be a list of integers >= 0, got {_short(value)}"
+            )
+        return tuple(value)
+
+    def token_id(self, key: str, *, many: bool = False) -> int | tuple[int, ...] | None:
+        value = self.get(key, None)
+        if value is None or (_is_int(value) and value >= 0):
+            return value
+        if many and isinstance(value, list) and all(_is_int(v) and v >= 0 for v in value):
+            return tuple(value)
+        kind = "an integer, a list of integers or null" if many else "an integer or null"
+        raise UserError(f"config.json: field {self.name(key)!r} must be {kind}, got {_short(value)}")
 
     def refuse_unless(self, key: str, allowed: tuple, why: str) -> None:
         self.used.add(key)
@@ -339,6 +374,31 @@ class _Fields:
             )
 
 
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _integer(value: Any, name: str, *, positive: bool = True) -> int:
+    if not _is_int(value):
+        raise UserError(f"config.json: field {name!r} must be an integer, got {_short(value)}")
+    if positive and value <= 0:
+        raise UserError(f"config.json: field {name!r} must be a positive integer, got {value}")
+    return value
+
+
+def _number(value: Any, name: str, *, positive: bool = True) -> float:
+    if not isinstance(value, int | float) or isinstance(value, bool) or not math.isfinite(value):
+        raise UserError(f"config.json: field {name!r} must be a number, got {_short(value)}")
+    if positive and value <= 0:
+        raise UserError(f"config.json: field {name!r} must be a positive number, got {value}")
+    return float(value)
+
+
 def _rope_from_hf(f: _Fields) -> dict[str, Any]:
     """RoPE settings from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older).
 
@@ -346,6 +406,9 @@ def _rope_from_hf(f: _Fields) -> dict[str, Any]:
     """
     f.used |= {"rope_parameters", "rope_scaling", "rope_theta"}
     found = {}
+    for key in ("rope_parameters", "rope_scaling"):
+        if f.d.get(key) is not None and not isinstance(f.d[key], dict):
+            raise UserError(f"config.json: field {f.name(key)!r} must be an object, got {_short(f.d[key])}")
     if f.d.get("rope_parameters") is not None:
         found["rope_parameters"] = _parse_rope(f, "rope_parameters", dict(f.d["rope_parameters"]))
     if f.d.get("rope_scaling") is not None or not found:
@@ -371,15 +434,17 @@ def _parse_rope(f: _Fields, key: str, rope: dict) -> dict[str, Any]:
     unknown = sorted(set(rope) - allowed)
     if unknown:
         raise UserError(f"config.json: unsupported {f.name(key)} field(s) {unknown} for rope_type {rope_type!r}")
-    out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": float(theta)}
+    theta_name = f"{f.name(key)}.rope_theta" if "rope_theta" in rope else f.name("rope_theta")
+    out: dict[str, Any] = {"rope_type": rope_type, "rope_theta": _number(theta, theta_name)}
     if rope_type == "llama3":
         try:
             out.update(
-                rope_factor=float(rope["factor"]),
-                rope_low_freq_factor=float(rope["low_freq_factor"]),
-                rope_high_freq_factor=float(rope["high_freq_factor"]),
-                rope_original_max_position=int(
-                    rope.get("original_max_position_embeddings", f.d.get("max_position_embeddings", 8192))
+                rope_factor=_number(rope["factor"], f"{f.name(key)}.factor"),
+                rope_low_freq_factor=_number(rope["low_freq_factor"], f"{f.name(key)}.low_freq_factor"),
+                rope_high_freq_factor=_number(rope["high_freq_factor"], f"{f.name(key)}.high_freq_factor"),
+                rope_original_max_position=_integer(
+                    rope.get("original_max_position_embeddings", f.d.get("max_position_embeddings", 8192)),
+                    f"{f.name(key)}.original_max_position_embeddings",
                 ),
             )
         except KeyError as e:
@@ -394,25 +459,24 @@ def _text_from_hf(d: Mapping[str, Any], where: str, *, mllama: bool) -> TextConf
     f.refuse_unless("mlp_bias", (False,), "Llama 3 MLPs have no bias")
     if "quantization_config" in f.d:
         raise UserError(f"config.json: unsupported {f.name('quantization_config')}: load unquantised weights")
-    hidden, heads = int(f.get("hidden_size")), int(f.get("num_attention_heads"))
-    head_dim = hidden // heads if mllama else int(f.get("head_dim", hidden // heads))
-    eos = f.get("eos_token_id", None)
+    hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
+    head_dim = hidden // heads if mllama else f.integer("head_dim", hidden // heads)
     text = TextConfig(
-        vocab_size=int(f.get("vocab_size")),
+        vocab_size=f.integer("vocab_size"),
         hidden_size=hidden,
-        intermediate_size=int(f.get("intermediate_size")),
-        num_layers=int(f.get("num_hidden_layers")),
+        intermediate_size=f.integer("intermediate_size"),
+        num_layers=f.integer("num_hidden_layers"),
         num_heads=heads,
-        num_kv_heads=int(f.get("num_key_value_heads", heads)),
+        num_kv_heads=f.integer("num_key_value_heads", heads),
         head_dim=head_dim,
-        rms_norm_eps=float(f.get("rms_norm_eps", 1e-6 if not mllama else 1e-5)),
-        max_position_embeddings=int(f.get("max_position_embeddings", 131072 if mllama else 2048)),
-        tie_word_embeddings=bool(f.get("tie_word_embeddings", False)),
-        cross_attention_layers=tuple(f.get("cross_attention_layers", (3, 8, 13, 18, 23, 28, 33, 38))) if mllama else (),
+        rms_norm_eps=f.number("rms_norm_eps", 1e-6 if not mllama else 1e-5),
+        max_position_embeddings=f.integer("max_position_embeddings", 131072 if mllama else 2048),
+        tie_word_embeddings=f.flag("tie_word_embeddings", False),
+        cross_attention_layers=f.integers("cross_attention_layers", (3, 8, 13, 18, 23, 28, 33, 38)) if mllama else (),
         extra_embeddings=8 if mllama else 0,
-        bos_token_id=f.get("bos_token_id", None),
-        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
-        pad_token_id=f.get("pad_token_id", None),
+        bos_token_id=f.token_id("bos_token_id"),
+        eos_token_id=f.token_id("eos_token_id", many=True),
+        pad_token_id=f.token_id("pad_token_id"),
         **_rope_from_hf(f),
     )
     f.check_all_used()
@@ -431,21 +495,29 @@ def _vision_from_hf(d: Mapping[str, Any], where: str) -> VisionConfig:
         "pad_token_id",
         "tie_word_embeddings",
     }
+    ratios = f.get("supported_aspect_ratios", DEFAULT_ASPECT_RATIOS)
+    if not isinstance(ratios, list | tuple) or not all(
+        isinstance(r, list | tuple) and len(r) == 2 and all(_is_int(x) and x > 0 for x in r) for r in ratios
+    ):
+        raise UserError(
+            f"config.json: field {f.name('supported_aspect_ratios')!r} must be a list of [rows, columns] pairs "
+            f"of positive integers, got {_short(ratios)}"
+        )
     vision = VisionConfig(
-        hidden_size=int(f.get("hidden_size")),
-        intermediate_size=int(f.get("intermediate_size")),
-        num_layers=int(f.get("num_hidden_layers")),
-        num_global_layers=int(f.get("num_global_layers")),
-        num_heads=int(heads),
-        num_channels=int(f.get("num_channels", 3)),
-        image_size=int(f.get("image_size")),
-        patch_size=int(f.get("patch_size")),
-        norm_eps=float(f.get("norm_eps", 1e-5)),
-        max_num_tiles=int(f.get("max_num_tiles", 4)),
-        intermediate_layers_indices=tuple(f.get("intermediate_layers_indices", (3, 7, 15, 23, 30))),
-        supported_aspect_ratios=tuple(tuple(r) for r in f.get("supported_aspect_ratios", DEFAULT_ASPECT_RATIOS)),
+        hidden_size=f.integer("hidden_size"),
+        intermediate_size=f.integer("intermediate_size"),
+        num_layers=f.integer("num_hidden_layers"),
+        num_global_layers=f.integer("num_global_layers", positive=False),
+        num_heads=_integer(heads, f.name("attention_heads")),
+        num_channels=f.integer("num_channels", 3),
+        image_size=f.integer("image_size"),
+        patch_size=f.integer("patch_size"),
+        norm_eps=f.number("norm_eps", 1e-5),
+        max_num_tiles=f.integer("max_num_tiles", 4),
+        intermediate_layers_indices=f.integers("intermediate_layers_indices", (3, 7, 15, 23, 30)),
+        supported_aspect_ratios=tuple(tuple(r) for r in ratios),
     )
-    out_dim = f.get("vision_output_dim", vision.output_dim)
+    out_dim = f.integer("vision_output_dim", vision.output_dim)
     if out_dim != vision.output_dim:
         raise UserError(
             f"config.json: {f.name('vision_output_dim')}={out_dim} but hidden_size * (1 + "
@@ -459,7 +531,11 @@ def _vision_from_hf(d: Mapping[str, Any], where: str) -> VisionConfig:
 
 def from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
     """Our config from a Hugging Face config.json dict (old `rope_scaling` or transformers-5 style)."""
+    if not isinstance(d, Mapping):
+        raise UserError(f"config.json must be a JSON object, got a {type(d).__name__}")
     archs = d.get("architectures") or []
+    if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+        raise UserError(f"config.json: field 'architectures' must be a list of names, got {_short(archs)}")
     model_type = d.get("model_type")
     known = {LlamaConfig.architecture: "llama", MllamaConfig.architecture: "mllama"}
     arch = next((a for a in archs if a in known), None)
@@ -478,7 +554,7 @@ def from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
     top = _Fields(d, "")
     text = _text_from_hf(top.get("text_config"), "text_config", mllama=True)
     vision = _vision_from_hf(top.get("vision_config"), "vision_config")
-    image_token = int(top.get("image_token_index", 128256))
+    image_token = top.integer("image_token_index", 128256)
     top.check_all_used()
     return MllamaConfig(text, vision, image_token_index=image_token)
 

@@ -233,11 +233,15 @@ def read_config(path: str) -> tuple[config_lib.ModelConfig, dict]:
     """(our config, the raw dict) from a folder's config.json or a config.json path."""
     file = os.path.join(path, "config.json") if os.path.isdir(path) else path
     try:
-        with open(file) as f:
+        with open(file, encoding="utf-8") as f:
             raw = json.load(f)
     except FileNotFoundError:
         raise UserError(f"no config.json at {file}") from None
-    except json.JSONDecodeError as e:
+    except IsADirectoryError:
+        raise UserError(f"{file}: is a folder, not a config.json file") from None
+    except UnicodeDecodeError as e:
+        raise UserError(f"{file}: not valid UTF-8 ({e})") from None
+    except (json.JSONDecodeError, RecursionError) as e:
         raise UserError(f"{file}: invalid JSON ({e})") from None
     try:
         return config_lib.from_hf_dict(raw), raw
@@ -248,6 +252,29 @@ def read_config(path: str) -> tuple[config_lib.ModelConfig, dict]:
 def _list(keys, n: int = 8) -> str:
     keys = sorted(keys)
     return ", ".join(keys[:n]) + (f", ... ({len(keys)} in all)" if len(keys) > n else "")
+
+
+def _check_tied_head(path: str, files, location, head_key: str, embed_key: str, vocab: int) -> None:
+    """A stored lm_head of a tied checkpoint must equal embed_tokens[:vocab] (compared in row blocks)."""
+    (head_file, head), (embed_file, embed) = location[head_key], location[embed_key]
+    where = f"{os.path.join(path, head_file)}: tensor {head!r}"
+    if files[head_file].shape(head) != (vocab, files[embed_file].shape(embed)[1]):
+        raise UserError(
+            f"{where} has shape {list(files[head_file].shape(head))} but tie_word_embeddings is true and "
+            f"embed_tokens gives [{vocab}, {files[embed_file].shape(embed)[1]}]"
+        )
+    worst, differs = 0.0, False
+    a, b = files[head_file].get(head), files[embed_file].get(embed)
+    for start in range(0, vocab, 4096):
+        x, y = a[start : start + 4096].astype(np.float32), b[start : start + 4096].astype(np.float32)
+        if not np.array_equal(x, y):  # NaN != NaN: a head with NaNs is never taken as equal
+            differs = True
+            worst = max(worst, float(np.nanmax(np.abs(x - y), initial=0.0)))
+    if differs:
+        raise UserError(
+            f"{where} differs from {embed!r} (max |diff| {worst:.3g}) but config.json has tie_word_embeddings "
+            "true, which uses embed_tokens as the output layer: set it false to use the stored lm_head"
+        )
 
 
 def from_pretrained(
@@ -281,7 +308,11 @@ def from_pretrained(
     expected = {e.hf for e in table.values()}
     unexpected = set(location) - expected
     if config.text.tie_word_embeddings:
-        # Some tied checkpoints also store the (identical) lm_head; it is not a parameter of ours.
+        # Some tied checkpoints also store the (identical) lm_head; it is not a parameter of ours,
+        # so it is dropped, but only after checking it is identical: else logits would change.
+        for key in {MLLAMA_PREFIXES["lm_head"], LLAMA_PREFIXES["lm_head"]} & set(location):
+            embed = next(e.hf for e in key_table(config) if e.ours.endswith("embed_tokens"))
+            _check_tied_head(path, files, location, key, embed, config.text.vocab_size)
         unexpected -= {MLLAMA_PREFIXES["lm_head"], LLAMA_PREFIXES["lm_head"]}
     if unexpected:
         files_of = sorted({location[k][0] for k in unexpected})

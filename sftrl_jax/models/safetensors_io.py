@@ -34,24 +34,43 @@ DTYPES: Mapping[str, np.dtype] = {
 _NAMES = {v: k for k, v in DTYPES.items()}
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+MAX_HEADER_BYTES = 100 * 2**20  # the format's own limit (safetensors refuses larger headers)
 
 
 class SafetensorsFile:
-    """One .safetensors file: `keys()`, `shape(key)`, `get(key)` (a numpy array, read lazily)."""
+    """One .safetensors file: `keys()`, `shape(key)`, `get(key)` (a numpy array, read lazily).
+
+    The header is checked against the file when it is opened, so a truncated or inconsistent file
+    fails with the file and tensor named instead of a reshape error (or a MemoryError on an absurd
+    header length) deep inside a load."""
 
     def __init__(self, path: str):
         self.path = path
         try:
+            size = os.path.getsize(path)
             with open(path, "rb") as f:
                 (n,) = struct.unpack("<Q", f.read(8))
+                if not 2 <= n <= min(MAX_HEADER_BYTES, size - 8):
+                    raise UserError(
+                        f"{path}: not a valid safetensors file (header length {n} in a file of {size} bytes; "
+                        f"at most {MAX_HEADER_BYTES}): truncated or not safetensors"
+                    )
                 header = json.loads(f.read(n))
         except FileNotFoundError:
             raise UserError(f"missing safetensors file {path}") from None
-        except (struct.error, json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise UserError(f"{path}: not a valid safetensors file ({e})") from None
-        self.metadata = header.pop("__metadata__", None) or {}
+        except IsADirectoryError:
+            raise UserError(f"{path}: is a folder, not a safetensors file") from None
+        except (struct.error, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+            raise UserError(f"{path}: not a valid safetensors file ({type(e).__name__}: {e})") from None
+        if not isinstance(header, dict):
+            raise UserError(f"{path}: not a valid safetensors file (the header is a JSON {type(header).__name__})")
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict):
+            raise UserError(f"{path}: header field '__metadata__' must be an object, got {metadata!r:.80}")
+        self.metadata = metadata
         self.header = header
         self._data_start = 8 + n
+        _check_entries(path, header, size - self._data_start)
         self._data = None
 
     def keys(self) -> list[str]:
@@ -73,6 +92,48 @@ class SafetensorsFile:
         self._data = None
 
 
+def _check_entries(path: str, header: dict, data_bytes: int) -> None:
+    """Every tensor entry: dtype, shape and offsets well formed, its bytes inside the data section and
+    as many as dtype and shape need, no two tensors overlapping."""
+    spans = []
+    for key, info in header.items():
+        where = f"{path}: tensor {key!r}"
+        if not isinstance(info, dict):
+            raise UserError(f"{where}: header entry must be an object, got {info!r:.80}")
+        dtype, shape, offsets = info.get("dtype"), info.get("shape"), info.get("data_offsets")
+        if not isinstance(dtype, str):
+            raise UserError(f"{where}: header entry has no string 'dtype' (got {dtype!r:.80})")
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise UserError(f"{where}: 'shape' must be a list of integers >= 0, got {shape!r:.80}")
+        if not isinstance(offsets, list) or len(offsets) != 2 or not all(_is_count(o) for o in offsets):
+            raise UserError(f"{where}: 'data_offsets' must be two integers [begin, end], got {offsets!r:.80}")
+        start, end = offsets
+        if not start <= end:
+            raise UserError(f"{where}: 'data_offsets' {offsets} end before they begin")
+        if end > data_bytes:
+            raise UserError(
+                f"{where}: 'data_offsets' {offsets} reach past the {data_bytes} data bytes of the file "
+                "(truncated file?)"
+            )
+        if dtype in DTYPES:
+            need = int(np.prod(shape, dtype=object)) * DTYPES[dtype].itemsize
+            if end - start != need:
+                raise UserError(
+                    f"{where}: 'data_offsets' {offsets} hold {end - start} bytes but dtype {dtype} shape {shape} "
+                    f"needs {need}"
+                )
+        if end > start:
+            spans.append((start, end, key))
+    spans.sort()
+    for (_, end_a, a), (start_b, _, b) in zip(spans, spans[1:]):
+        if start_b < end_a:
+            raise UserError(f"{path}: tensors {a!r} and {b!r} overlap in the data section")
+
+
+def _is_count(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def open_folder(folder: str) -> tuple[dict[str, SafetensorsFile], dict[str, str]]:
     """The safetensors files of a checkpoint folder and the map key -> file name.
 
@@ -81,10 +142,14 @@ def open_folder(folder: str) -> tuple[dict[str, SafetensorsFile], dict[str, str]
     """
     index_path = os.path.join(folder, INDEX_FILE)
     if os.path.exists(index_path):
-        with open(index_path) as f:
-            weight_map = json.load(f).get("weight_map")
-        if not isinstance(weight_map, dict):
-            raise UserError(f"{index_path}: no 'weight_map'")
+        try:
+            with open(index_path, encoding="utf-8") as f:
+                index = json.load(f)
+        except (ValueError, RecursionError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError included
+            raise UserError(f"{index_path}: invalid JSON ({type(e).__name__}: {e})") from None
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
+        if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+            raise UserError(f"{index_path}: no 'weight_map' object of tensor name -> file name")
         names = sorted(set(weight_map.values()))
         missing = [n for n in names if not os.path.exists(os.path.join(folder, n))]
         if missing:
