@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     from bench_sft import BENCH_CONFIG, lm_batch, torch_model
     from flax import nnx
 
-    from sftrl_jax import kernels
+    from sftrl_jax import kernels, ops
     from sftrl_jax.models import from_pretrained
     from sftrl_jax.sft.train import make_train_step
     from sftrl_jax.train import optim
@@ -56,7 +56,8 @@ def main(argv=None) -> int:
             cfg = optim.OptimConfig(lr=1e-5, warmup_ratio=0.0, schedule="constant", grad_clip=1.0)
             tx = optim.make_optimizer(cfg, params, total_steps=1000)
             states[gemm] = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng_data(0))
-            fn = make_train_step(graphdef, rest, tx, grad_accum=1, lr_fn=optim.schedule(cfg, 10), cpu_gemm=gemm)
+            policy = ops.Policy(platform="cpu", cpu_kernels=gemm)
+            fn = make_train_step(graphdef, rest, tx, grad_accum=1, lr_fn=optim.schedule(cfg, 10), policy=policy)
             steps[gemm] = jax.jit(fn, donate_argnums=0)
     times: dict[bool, list[float]] = {True: [], False: []}
     losses: dict[bool, list[float]] = {True: [], False: []}

@@ -1,6 +1,6 @@
 """`tools/bench.py rollout`: where a GP-L rollout spends its time, in the sampler or outside it.
 
-64 GP-L environments are stepped in lock-step by `sftrl_jax.rl.rollout.EpisodeRunner` (the code PPO
+64 GP-L environments are stepped in lock-step by `sftrl_jax.episodes.EpisodeRunner` (the code PPO
 and evaluation use): every turn, each env's chat is tokenised, all contexts are sampled in one
 `sampling.Policy` call, the answers are decoded and scored by the envs, and the conversations grow
 by the answer and the verifier's feedback (up to 5 graded attempts, then the step-limit turn).
@@ -71,7 +71,7 @@ class _MappedPolicy:
 
 def _rollout(model, tok, args, timers: _Timers | None):
     from sftrl_jax import envs
-    from sftrl_jax.rl import rollout
+    from sftrl_jax import episodes as rollout
     from sftrl_jax.sampling.policy import Policy
 
     policy = _MappedPolicy(
@@ -110,7 +110,7 @@ def bench_rollout(args) -> tuple[list[str], float]:
 
     from sftrl_jax.data.tokenizer import load_tokenizer
     from sftrl_jax.models import LlamaConfig, create_model
-    from sftrl_jax.sft.train import param_count
+    from sftrl_jax.parallel.placement import param_count
 
     tok = load_tokenizer()
     model = create_model(LlamaConfig.tiny(**TEXT), seed=args.seed)

@@ -86,7 +86,7 @@ def our_step(hf_dir: str, ids: np.ndarray):
     import jax.numpy as jnp
     from flax import nnx
 
-    from sftrl_jax import kernels
+    from sftrl_jax import ops
     from sftrl_jax.models import from_pretrained
     from sftrl_jax.sft.train import make_train_step
     from sftrl_jax.train import optim
@@ -99,9 +99,8 @@ def our_step(hf_dir: str, ids: np.ndarray):
     tx = optim.make_optimizer(cfg, params, total_steps=1000)
     state = TrainState(step=jnp.int32(0), params=params, opt_state=tx.init(params), rng=rng_data(0))
     train_step = jax.jit(
-        make_train_step(
-            graphdef, rest, tx, grad_accum=1, lr_fn=optim.schedule(cfg, 10), cpu_gemm=kernels.gemm_available()
-        ),
+        # the loop's policy: the native CPU kernels on one CPU device when they are built
+        make_train_step(graphdef, rest, tx, grad_accum=1, lr_fn=optim.schedule(cfg, 10), policy=ops.policy_for(None)),
         donate_argnums=0,
     )
     batch = lm_batch(ids)
@@ -141,12 +140,12 @@ def worker_main(argv: list[str]) -> int:
     if args.side == "ours":
         sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         step, out["compile_s"], out["n_params"] = our_step(args.model, ids)
-        from sftrl_jax import kernels
+        from sftrl_jax import ops
 
         out["matmul"] = (
             "OpenBLAS sgemm (kernels.gemm, q|k|v and gate|up fused; causal attention: "
             "kernels.causal_attention; RoPE: kernels.rope)"
-            if kernels.gemm_available()
+            if ops.policy_for(None).cpu_kernels
             else "XLA dot"
         )
     else:
