@@ -10,6 +10,9 @@ Rules:
 - Float fields also take strings such as `1e-6` (PyYAML's YAML 1.1 reads `1e-6` as a string).
 - A dataclass may validate itself in `__post_init__` by raising `ConfigError`.
 - Configs may `include: other.yaml` (a path relative to the including file); the including file wins.
+  An include cycle, a non-string `include`, a folder or a file that is not UTF-8 is an error.
+- A key that appears twice in one mapping is an error (YAML would keep the last one silently), and so
+  is a document whose aliases expand to more than `MAX_NODES` values (an "alias bomb").
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from sftrl_jax.errors import UserError
 T = TypeVar("T")
 
 _MISSING = object()
+MAX_NODES = 100_000  # values of a config once its aliases are expanded; ours have a few hundred
 
 
 class ConfigError(UserError):
@@ -198,23 +202,87 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
 # Files
 
 
-def read_yaml(path: str | os.PathLike) -> dict[str, Any]:
+class _Loader(yaml.SafeLoader):
+    """`yaml.SafeLoader` that refuses a key repeated in one mapping (YAML keeps the last silently:
+    a second `train:` section replaced the first)."""
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, int] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue  # `<<: *base` merges; its keys may be overridden
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                try:
+                    if key in seen:
+                        raise ConfigError(f"key {key!r} appears twice (lines {seen[key]} and {line})")
+                    seen[key] = line
+                except TypeError:  # an unhashable key: construct_mapping reports it
+                    continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def _check_size(data: Any) -> None:
+    """Counts the values of `data` as if its aliases were copied, stopping at MAX_NODES: PyYAML shares
+    aliased objects, so a 1 KB file can stand for 10**9 values that `merge` and `from_dict` would copy."""
+    stack, count = [data], 0
+    while stack:
+        node = stack.pop()
+        count += 1
+        if count > MAX_NODES:
+            raise ConfigError(
+                f"more than {MAX_NODES:,} values once its aliases are expanded (an alias bomb?); "
+                "configs need far fewer: write the values out or use fewer aliases"
+            )
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+
+
+def _load_file(path: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as f:
+            data = yaml.load(f, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass
+        _check_size(data)
+        return data
+    except ConfigError as e:
+        raise ConfigError(f"config file {path!r}: {e}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path!r} is a folder, not a YAML file") from None
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"config file {path!r} is not valid UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start})"
+        ) from None
+    except RecursionError:
+        raise ConfigError(f"config file {path!r}: values nested too deeply") from None
+    except OSError as e:
+        raise ConfigError(f"config file {path!r} cannot be read ({e.strerror or e})") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path!r} is not valid YAML: {' '.join(str(e).split())}") from None
+
+
+def read_yaml(path: str | os.PathLike, *, _chain: tuple[str, ...] = ()) -> dict[str, Any]:
     """Reads a YAML mapping, following `include:` (relative to the file); the including file wins."""
     path = os.fspath(path)
     if not os.path.exists(path):
         raise ConfigError(f"config file {path!r} does not exist")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f)
-    except yaml.YAMLError as e:
-        raise ConfigError(f"config file {path!r} is not valid YAML: {e}") from None
+    real = os.path.realpath(path)
+    if real in _chain:
+        names = [os.path.basename(p) for p in (*_chain[_chain.index(real) :], real)]
+        raise ConfigError(f"config file {path!r} includes itself ({' -> '.join(names)})")
+    data = _load_file(path)
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(f"config file {path!r}: the top level must be a mapping, got {type(data).__name__}")
     include = data.pop("include", None)
     if include is not None:
-        base = read_yaml(os.path.join(os.path.dirname(path), include))
+        if not isinstance(include, str) or not include:
+            raise ConfigError(f"config file {path!r}: 'include' must be a file path (a string), got {include!r:.80}")
+        base = read_yaml(os.path.join(os.path.dirname(path), include), _chain=(*_chain, real))
         data = merge(base, data)
     return data
 

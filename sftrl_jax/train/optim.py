@@ -9,6 +9,7 @@ expressions searched in those paths: frozen parameters get zero updates and keep
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 from collections.abc import Sequence
 from typing import Any, Literal
@@ -38,12 +39,21 @@ class OptimConfig:
     skip_nonfinite: bool = True  # a step whose gradients are NaN/inf changes nothing (counted)
 
     def __post_init__(self):
-        if self.lr < 0:
-            raise ConfigError(f"optim.lr must be >= 0, got {self.lr}")
+        # Written so that NaN fails every check: `nan < 0` is False, `not 0 <= nan` is True.
+        for name in ("lr", "min_lr", "weight_decay"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise ConfigError(f"optim.{name} must be a finite number >= 0, got {value}")
+        if not (math.isfinite(self.eps) and self.eps > 0):
+            raise ConfigError(f"optim.eps must be a finite number > 0, got {self.eps}")
+        for name in ("b1", "b2"):  # Adam's moment decays; b >= 1 never forgets, b > 1 diverges
+            value = getattr(self, name)
+            if not 0.0 <= value < 1.0:
+                raise ConfigError(f"optim.{name} must be in [0, 1), got {value}")
         if not 0.0 <= self.warmup_ratio < 1.0:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ConfigError(f"optim.grad_clip must be positive or null, got {self.grad_clip}")
+        if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
+            raise ConfigError(f"optim.grad_clip must be a finite number > 0 or null, got {self.grad_clip}")
         for pattern in (*self.freeze, *self.no_decay):
             try:
                 re.compile(pattern)
