@@ -170,6 +170,8 @@ def attention(q, k, v, mask, *, scale: float, causal: bool = False) -> jax.Array
     self_attn = causal and k.shape[1] == t
     if self_attn and forced in (None, "cpu_kernel") and _fused_kernels() and _gemm(q, k) and v.dtype == jnp.float32:
         return _causal_kernel(q, k, v, mask, float(scale))
+    if t == 1:
+        return _attend_one(q, k, v, mask, scale)
     if not self_attn or causal_block(t) >= t:
         return _attention(q, k, v, mask, scale)
     c = causal_block(t)
@@ -204,6 +206,21 @@ def _causal_kernel_bwd(scale, res, g):
 
 
 _causal_kernel.defvjp(_causal_kernel_fwd, _causal_kernel_bwd)
+
+
+def _attend_one(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
+    """One query per row (a decode step) against the cache in its own [B, S, K, H] layout: no
+    transpose of the cache (which `_attention`'s layout would copy per layer and step); the softmax
+    normalised after the value product."""
+    b, _, n, h = q.shape
+    kv_heads = k.shape[2]
+    q = q.reshape(b, kv_heads, n // kv_heads, h)  # [B, K, G, H]
+    scores = jnp.einsum("BKGH,BSKH->BKGS", q, k, preferred_element_type=jnp.float32) * scale
+    if mask is not None:
+        scores = jnp.where(mask[:, :, None, :], scores, jnp.finfo(jnp.float32).min)  # [B, 1, 1, S] over K, G
+    e = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jnp.einsum("BKGS,BSKH->BKGH", e.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return (out / jnp.sum(e, axis=-1, keepdims=True)).astype(v.dtype).reshape(b, 1, n, h)
 
 
 def _attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, scale: float) -> jax.Array:
