@@ -32,6 +32,8 @@ ALLOWED = {
     "sft": _BASE | {"models", "sampling", "data", "parallel", "ops", "train", "evaluation"},
     "rl": _BASE | {"models", "sampling", "data", "parallel", "ops", "train", "evaluation", "envs", "episodes"},
     "demo": _BASE | {"models", "sampling", "data", "parallel", "train", "evaluation", "envs", "sft", "rl"},
+    # `sftrl plan`: compiles both arms' programs abstractly, so it sits above them (like the demo)
+    "planning": _BASE | {"models", "ops", "parallel", "sampling", "data", "train", "sft", "rl"},
     "commands": set(),  # filled below: the CLI's commands may import anything but each other's callers
     "cli": _BASE | {"commands"},
 }
