@@ -96,15 +96,20 @@ class Trainer:
         )
         self.compute = ComputeCounter(n_params=self.n_params, d_init=t.d_init)
         self.update_idx = 0
+        self.resumed: int | None = None  # the update of the checkpoint this run continues from
         self.checkpointer = ckpt_lib.Checkpointer(
             os.path.join(t.run_dir, "checkpoints"), keep=t.keep, every=t.save_every, async_save=t.async_checkpointing
         )
         extra: dict[str, Any] = {}
         if t.resume and self.checkpointer.latest_step() is not None:
             step, self.state, extra = self.checkpointer.restore_latest(abstract_like(self.state))
-            self.update_idx = int(step)
+            self.update_idx = self.resumed = int(step)
             self.compute = ComputeCounter.from_state(extra["compute"])
             print(f"rl: resumed {t.run_dir} at update {self.update_idx}")
+        # each update logged once: rows after the checkpoint are logged again (metrics.rewind)
+        metrics_lib.rewind(os.path.join(t.run_dir, "metrics.jsonl"), checkpoint_step=self.resumed)
+        if self.resumed is not None:  # so are the evaluations after it
+            metrics_lib.rewind(os.path.join(t.run_dir, report_lib.EVALS_FILE), checkpoint_step=self.resumed)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         # The training passes (update step, values / log-prob pass, reference pass) run their fp32
         # products on OpenBLAS on one CPU device, but not the causal-attention / RoPE kernels or fused

@@ -175,13 +175,13 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     )
     iterator = data.iterator()
     compute = ComputeCounter(n_params=param_count(params), d_init=t.d_init)
-    start = 0
+    start, resumed = 0, None
     if t.resume and checkpointer.latest_step() is not None:
         step0, restored, extra = checkpointer.restore_latest(abstract_like(state))
         state = restored
         iterator.set_state(extra["data"])
         compute = ComputeCounter.from_state(extra["compute"])
-        start = int(step0)
+        start = resumed = int(step0)
         print(f"sft: resumed {t.run_dir} at step {start}")
 
     policy = ops.policy_for(mesh)
@@ -197,6 +197,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
 
     # Process 0 writes metrics.jsonl (the losses are global); others keep their own file.
     name = "metrics.jsonl" if jax.process_index() == 0 else f"metrics.process{jax.process_index()}.jsonl"
+    metrics_lib.rewind(os.path.join(t.run_dir, name), checkpoint_step=resumed)  # each step logged once
     writer = metrics_lib.MetricsWriter(t.run_dir, filename=name, tensorboard=t.tensorboard and jax.process_index() == 0)
     last: dict[str, Any] = {}
     bad_in_row = 0

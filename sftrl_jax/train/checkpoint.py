@@ -6,6 +6,7 @@ state, rollout/env state, anything host-side). Typed PRNG keys are stored as the
 
     ckpt = Checkpointer(run_dir / "checkpoints", keep=3, every=100)
     step, state, extra = ckpt.restore_latest(abstract_state)   # (None, None, None) on a fresh run
+                                                               # (the newest one that restores)
     ...
     ckpt.maybe_save(step, state, extra)                        # saves every `every` steps
     with PreemptionGuard() as guard:                           # SIGTERM -> guard.requested
@@ -15,8 +16,10 @@ state, rollout/env state, anything host-side). Typed PRNG keys are stored as the
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import threading
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -72,12 +75,52 @@ class Checkpointer:
             ) from None
         return out["state"], dict(out["extra"] or {})
 
-    def restore_latest(self, abstract_state: Any) -> tuple[int | None, Any, dict[str, Any] | None]:
-        step = self.latest_step()
-        if step is None:
-            return None, None, None
-        state, extra = self.restore(step, abstract_state)
-        return step, state, extra
+    def restore_latest(
+        self, abstract_state: Any, *, log: Callable[[str], None] = print
+    ) -> tuple[int | None, Any, dict[str, Any] | None]:
+        """The newest checkpoint that restores, as (step, state, extra); (None, None, None) if none exist.
+
+        A checkpoint that does not restore (a truncated or corrupted file, a half-written step on a
+        filesystem without atomic renames) is skipped, with a line through `log` saying which and why.
+        Once an older one restores, the skipped ones are moved to `<directory>.skipped/` (never
+        deleted): orbax would otherwise keep them as the latest steps and refuse to save those steps
+        again. If none restores, nothing is moved and the error names every step and its reason."""
+        failures: list[tuple[int, str]] = []
+        for step in sorted(self.all_steps(), reverse=True):
+            try:
+                state, extra = self.restore(step, abstract_state)
+            except Exception as e:  # tensorstore raises plain Exception on a corrupted array file
+                why = _reason(e)
+                log(f"checkpoint: skipping step {step} of {self.directory}: it does not restore ({why})")
+                failures.append((step, why))
+                continue
+            if failures:
+                self._set_aside([s for s, _ in failures], log=log)
+            return step, state, extra
+        if failures:
+            reasons = "; ".join(f"step {s}: {why}" for s, why in failures)
+            raise UserError(
+                f"no checkpoint in {self.directory} restores ({reasons}); nothing was deleted: move the folder "
+                "away to start afresh, or fix the run's config if it changed"
+            )
+        return None, None, None
+
+    def _set_aside(self, steps: list[int], *, log: Callable[[str], None]) -> None:
+        aside = self.directory.rstrip(os.sep) + ".skipped"
+        if jax.process_index() == 0:
+            os.makedirs(aside, exist_ok=True)
+            for step in steps:
+                src, dst = os.path.join(self.directory, str(step)), os.path.join(aside, str(step))
+                n = 1
+                while os.path.exists(dst):  # a step skipped before, on an earlier resume
+                    dst, n = os.path.join(aside, f"{step}.{n}"), n + 1
+                shutil.move(src, dst)
+                log(f"checkpoint: moved the skipped step {step} to {dst} (kept, not deleted)")
+        if jax.process_count() > 1:
+            from jax.experimental import multihost_utils
+
+            multihost_utils.sync_global_devices("sftrl checkpoints set aside")
+        self.manager.reload()
 
     def wait(self) -> None:
         """Blocks until pending async saves are on disk."""
@@ -92,6 +135,13 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _reason(e: BaseException) -> str:
+    """One line (at most 300 characters) saying why a restore failed."""
+    text = " ".join(str(e).split())
+    text = text if isinstance(e, UserError) else f"{type(e).__name__}: {text}"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _as_abstract(x: Any) -> Any:

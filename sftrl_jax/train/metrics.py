@@ -3,7 +3,8 @@
     with MetricsWriter(run_dir, tensorboard=True) as log:
         log.write(step, {"loss": 1.2, "lr": 1e-6}, prefix="train")
 
-`read_jsonl(path)` loads a metrics file back (for reports and notebooks).
+`read_jsonl(path)` loads a metrics file back (for reports and notebooks). A resumed run first calls
+`rewind(path, checkpoint_step=k)`, so that the steps re-run after the checkpoint appear once.
 """
 
 from __future__ import annotations
@@ -27,6 +28,42 @@ def _scalar(v: Any) -> Any:
     if isinstance(v, float) and not math.isfinite(v):
         return str(v)  # JSON has no NaN/inf; keep them visible as strings
     return v
+
+
+def rewind(path: str | os.PathLike, *, checkpoint_step: int | None) -> int:
+    """Makes the jsonl file at `path` end at the checkpoint a run resumes from; returns rows removed.
+
+    A run killed after its last checkpoint had logged steps it will log again once resumed (34 rows
+    for 30 steps after a SIGKILL). Rows whose `step` is after `checkpoint_step` (all rows with a
+    `step` when it is None: a run starting afresh) and a truncated last line are moved, as they were,
+    to `<name>.rewound.jsonl` beside the file: nothing is lost and readers see each step once."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = f.read().splitlines()
+    keep, removed = [], []
+    for line in lines:
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            removed.append(line)  # a line cut by the kill
+            continue
+        step = row.get("step") if isinstance(row, dict) else None
+        stale = isinstance(step, int) and (checkpoint_step is None or step > checkpoint_step)
+        (removed if stale else keep).append(line)
+    if not removed:
+        return 0
+    root, ext = os.path.splitext(path)
+    with open(f"{root}.rewound{ext}", "a", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in removed))
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)  # atomic: a kill now leaves the old or the new file, never half of one
+    return len(removed)
 
 
 class MetricsWriter:
