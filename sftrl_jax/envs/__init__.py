@@ -12,6 +12,7 @@ import importlib
 from typing import Any
 
 from sftrl_jax.envs.base import SPLITS, Env, EnvError, check_split
+from sftrl_jax.envs.device_reward import device_reward_fn, stack_states
 
 # name -> (module, factory function); imported lazily so `make("gp-l")` never imports V-IRL code.
 _REGISTRY: dict[str, tuple[str, str]] = {
@@ -51,4 +52,14 @@ def rl_hooks(name: str):
     return importlib.import_module(_RL_HOOKS[name])
 
 
-__all__ = ["ENV_NAMES", "SPLITS", "Env", "EnvError", "check_split", "make", "rl_hooks"]
+__all__ = [
+    "ENV_NAMES",
+    "SPLITS",
+    "Env",
+    "EnvError",
+    "check_split",
+    "device_reward_fn",
+    "make",
+    "rl_hooks",
+    "stack_states",
+]

@@ -198,6 +198,20 @@ class GeneralPointsEnv(Env):
         obs_text = "" if terminated else prompts.feedback(verdict.message)
         return {"text": obs_text, "image": None}, reward, terminated, False, info
 
+    def device_state(self) -> dict[str, np.ndarray]:
+        """This turn as arrays for `envs.device_reward_fn` (card values, sorted symbol codes, target,
+        solution strings, graded attempts left); stack them over envs on a leading axis."""
+        if self.puzzle is None:
+            raise EnvError("device_state() before reset(): call env.reset() to deal a hand first")
+        if not self.exact or self.reference_card_parsing or self.repeat_penalty:
+            raise EnvError(
+                "the device reward implements exact=True, reference_card_parsing=False and repeat_penalty=0 "
+                "only: set env.reward_on_device false for these options"
+            )
+        from sftrl_jax.envs.general_points import device_reward
+
+        return device_reward.puzzle_state(self.puzzle, remaining=self._remaining, check_cards=not self.language_only)
+
     def render(self) -> Image.Image:
         """The table image of the current hand (also for gp-l, whose observations carry no image)."""
         if self.hand is None:

@@ -245,6 +245,17 @@ class VirlEnv(Env):
         obs = {"text": self._prompt(), "image": self._image(self._rail.waypoints[0])}
         return obs, self._info(verify_message=None, new_conversation=True, correct=None, kind=None)
 
+    def device_state(self) -> dict[str, Any]:
+        """This turn as arrays for `envs.device_reward_fn` (expected action, whether the ground truth
+        the intersection check compares with is at an intersection, graded attempts left)."""
+        if not self._started:
+            raise EnvError("call reset() before device_state()")
+        from sftrl_jax.envs.virl import device_reward
+
+        wp = self._rail.waypoints[self._wp_idx]
+        truth = wp.observation if self.fix_intersection_check else wp.landmark_obs
+        return device_reward.waypoint_state(gt_action=wp.gt_action, truth=truth, tries_left=self._tries_left)
+
     def step(self, text: str) -> tuple[Obs, float, bool, bool, Info]:
         if not self._started:
             raise EnvError("call reset() before step()")
