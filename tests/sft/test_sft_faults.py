@@ -86,14 +86,14 @@ KILL_DURING_SAVE = textwrap.dedent("""
             os.kill(os.getpid(), signal.SIGKILL)
         return await write(self, x, directory)
     J.JsonCheckpointHandler._save_fn = die_while_writing
-    from {module} import {cfg_cls}, train
-    train(config.load({cfg_cls}, sys.argv[1]))
+    {run}
 """)
+RUN_SFT = "from sftrl_jax.sft.train import SFTConfig, train; train(config.load(SFTConfig, sys.argv[1]))"
 
 
 def test_sigkill_while_a_checkpoint_is_written(tmp_path, data_file, full, xla_env):  # noqa: F811
     cfg, path = make_cfg(tmp_path, data_file, "killed")
-    code = KILL_DURING_SAVE.format(kill_step=4, module="sftrl_jax.sft.train", cfg_cls="SFTConfig")
+    code = KILL_DURING_SAVE.format(kill_step=4, run=RUN_SFT)
     marker = tmp_path / "writing"
     proc = subprocess.run(
         [sys.executable, "-c", code, str(path), str(marker)], capture_output=True, text=True, timeout=600, env=xla_env
@@ -136,8 +136,7 @@ SLOW = textwrap.dedent("""
         time.sleep(0.4)
         return maybe_save(self, *a, **k)
     checkpoint.Checkpointer.maybe_save = slow
-    from {module} import {cfg_cls}, train
-    train(config.load({cfg_cls}, sys.argv[1]))
+    {run}
 """)
 
 
@@ -162,7 +161,7 @@ def sigterm_after(code: str, config_path, metrics_path, *, rows: int, env=None) 
 
 def test_sigterm_end_to_end(tmp_path, data_file, full, xla_env):  # noqa: F811
     cfg, path = make_cfg(tmp_path, data_file, "sigterm")
-    code = SLOW.format(module="sftrl_jax.sft.train", cfg_cls="SFTConfig")
+    code = SLOW.format(run=RUN_SFT)
     proc = sigterm_after(code, path, os.path.join(cfg.train.run_dir, "metrics.jsonl"), rows=3, env=xla_env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     line = next(x for x in proc.stdout.splitlines() if "SIGTERM received" in x)
