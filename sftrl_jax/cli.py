@@ -18,6 +18,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("convert", "convert", "convert a Hugging Face checkpoint folder to an orbax checkpoint"),
     ("export", "export", "export an orbax checkpoint back to a Hugging Face folder"),
     ("inspect", "inspect", "print a model's config summary and parameter count without allocating weights"),
+    ("plan", "plan", "compile a run's programs abstractly on N fake devices: per-device memory, FLOPs, collectives"),
     ("data", "data", "generate SFT data (conversation JSON) from the environments"),
     ("sft", "sft", "supervised fine-tuning from a YAML config"),
     ("rl", "rl", "reinforcement learning (PPO, GRPO) from a YAML config"),
@@ -76,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in known else None)
     args = parser.parse_args(argv)
+    args.argv = argv  # the command line as given (a command that re-runs itself in a fresh process)
     if args.command is None:
         parser.print_help()
         return 0

@@ -106,3 +106,15 @@ def constrain(x: jax.Array, names: Sequence[str | None]) -> jax.Array:
         return x
     spec = logical_to_spec(names, x.shape, dict(mesh.shape))
     return jax.lax.with_sharding_constraint(x, spec)
+
+
+def constrain_params(tree):
+    """`constrain` every Variable of an nnx State (parameters, or gradients of them: same tree) by its
+    own logical names: a gradient sum is then sharded like its parameter instead of where XLA's
+    propagation puts it (it kept the scanned accumulator whole on every device)."""
+    from flax import nnx
+
+    def one(v):
+        return v.replace(constrain(v[...], param_names(v)))
+
+    return jax.tree.map(one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))

@@ -114,3 +114,24 @@ class RLConfig:
         return self.grpo.epochs * max(
             1, self.train.prompts_per_update * self.grpo.group_size // self.grpo.samples_per_step
         )
+
+
+def check_mesh(cfg: RLConfig, mesh) -> None:
+    """The training passes' micro-batches must divide over the mesh's batch axes (data x fsdp): a
+    micro-batch of 4 turns on fsdp=8 cannot be sharded, so every device would compute every row
+    (8x the FLOPs; the sharding rules silently replicate a dimension they cannot split)."""
+    from sftrl_jax.parallel import rules
+
+    axes = rules.RULES["batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    ways = 1
+    for a in axes:
+        ways *= mesh.shape.get(a, 1)
+    name = cfg.algo
+    mb = cfg.algo_cfg.micro_batch
+    if mb % ways:
+        raise ConfigError(
+            f"{name}.micro_batch {mb} must be a multiple of the mesh's batch axes data x fsdp ({ways}): "
+            f"otherwise its rows are not sharded and every device computes all of them; raise "
+            f"{name}.micro_batch (e.g. {ways * -(-mb // ways)}) or shard over tensor instead"
+        )

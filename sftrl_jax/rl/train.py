@@ -71,6 +71,7 @@ class Trainer:
         config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
         devices = jax.devices() if t.devices is None else jax.devices()[: t.devices]
         self.mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(t.mesh), devices=devices)
+        rl_config.check_mesh(cfg, self.mesh)
         self.tokenizer = tokenizer_for(cfg.model)
         model = load_model(cfg.model, mesh=self.mesh, seed=t.seed)
         self.image_processor = processor.for_model(model)
@@ -90,7 +91,7 @@ class Trainer:
         self.lr_fn = optim_lib.schedule(cfg.optim, total)
         self.tx = optim_lib.make_optimizer(cfg.optim, params, total_steps=total)
         with jax.set_mesh(self.mesh):
-            opt_state = jax.jit(self.tx.init)(params)
+            opt_state = optim_lib.init_state(self.tx, params, self.mesh)
         self.state = placement.on_mesh(
             TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng_data(t.seed)), self.mesh
         )

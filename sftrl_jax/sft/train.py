@@ -165,7 +165,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     lr_fn = optim_lib.schedule(cfg.optim, t.steps)
     tx = optim_lib.make_optimizer(cfg.optim, params, total_steps=t.steps)
     with jax.set_mesh(mesh):
-        opt_state = jax.jit(tx.init)(params)
+        opt_state = optim_lib.init_state(tx, params, mesh)
     state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng_data(t.seed))
     state = on_mesh(state, mesh)
     state_shardings = jax.tree.map(lambda x: x.sharding, state)

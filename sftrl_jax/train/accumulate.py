@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sftrl_jax.parallel import rules
+
 
 def micro_batches(batch: dict[str, jax.Array], n_micro: int) -> dict[str, jax.Array]:
     """[B, ...] -> [n_micro, B / n_micro, ...] for every array of `batch` (rows keep their order)."""
@@ -40,9 +42,11 @@ def accumulate(
 
     def step(grads, mb):
         (_, aux), g = grad_fn(params, mb)
-        return jax.tree.map(jnp.add, grads, g), aux
+        # The running sum sharded like the parameters (FSDP): not one whole gradient per device.
+        return rules.constrain_params(jax.tree.map(jnp.add, grads, g)), aux
 
-    return jax.lax.scan(step, jax.tree.map(jnp.zeros_like, params), micro_batches(batch, n_micro))
+    zeros = rules.constrain_params(jax.tree.map(jnp.zeros_like, params))
+    return jax.lax.scan(step, zeros, micro_batches(batch, n_micro))
 
 
 def reduce_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:

@@ -129,3 +129,27 @@ def nonfinite_counts(opt_state: Any) -> tuple[Any, Any] | None:
         if isinstance(s, optax.ApplyIfFiniteState):
             return s.notfinite_count, s.total_notfinite
     return None
+
+
+def init_state(tx: optax.GradientTransformation, params: Any, mesh: jax.sharding.Mesh):
+    """`tx.init(params)` on `mesh` with every parameter-shaped leaf (AdamW's moments) sharded like its
+    parameter. Why: `jax.jit(tx.init)` left XLA to choose the moments' shardings and it replicated
+    them (`zeros_like` of an FSDP-sharded parameter came out whole on every device: the tiny SFT
+    config's step arguments were 7.8 MB per device on 8 devices instead of 1.4; at 11B that is
+    2 x 42.7 GB per device)."""
+    with jax.set_mesh(mesh):
+        return jax.jit(sharded_init(tx, params, mesh))(params)
+
+
+def sharded_init(tx: optax.GradientTransformation, params: Any, mesh: jax.sharding.Mesh):
+    """The function `init_state` jits: `tx.init` with the moments constrained to their parameters'
+    shardings (the planner compiles it abstractly)."""
+    from sftrl_jax.parallel import rules
+
+    shardings = rules.state_shardings(params, mesh)
+
+    def init(params):
+        state = tx.init(params)
+        return optax.tree_map_params(tx, lambda x, s: jax.lax.with_sharding_constraint(x, s), state, shardings)
+
+    return init

@@ -40,7 +40,7 @@ TINY = {
     # noise of ~1e-4 that exp() turns into ratio differences of ~1e-4 between ANY two runs that add in
     # another order; the first step's ratio is exactly 1.
     "ppo": {"epochs": 1, "samples_per_step": 8, "micro_batch": 4},
-    "grpo": {"group_size": 2, "samples_per_step": 8, "micro_batch": 4},
+    "grpo": {"group_size": 2, "samples_per_step": 8, "micro_batch": 8},
     # Adam's eps is 1e-3 here (the paper: 1e-7) so that Adam does not turn rounding noise into steps: its
     # first update is lr * g / (|g| + eps), so with eps 1e-7 a gradient entry of 1e-7 +- 1e-8 (sharded
     # sums add in another order) gets a step anywhere in +-lr. Measured with eps 1e-7, lr 1e-3: every

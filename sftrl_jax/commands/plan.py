@@ -1,0 +1,120 @@
+"""`sftrl plan`: compile every program of a run at its real shapes on N fake CPU devices, no weights."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+HELP = "compile a run's programs abstractly on N fake devices: per-device memory, FLOPs, collectives"
+EXAMPLES = """examples:
+  sftrl plan --config configs/sft/gp_l.yaml model.preset=llama-3.2-11b-vision --mesh data=1,fsdp=8,tensor=1 --devices 8
+  sftrl plan --config configs/rl/gp_l.yaml model.init=/ckpts/GP-L-Init --devices 8 --json
+  sftrl plan --config configs/rl/gp_l_tiny.yaml --devices 8 --platform tpu
+
+The memory planner: builds the run's model abstractly (model.preset, or a model.init folder that
+needs to hold only config.json), then lowers and compiles every program the run would compile at
+its configured shapes (SFT: the train step per length bucket; RL: rollout prefill and decode, the
+values / old-log-prob pass, the reference pass if any, the update step) on N fake CPU devices.
+Per program: compile time, per-device bytes from XLA's memory analysis (arguments, outputs,
+temporaries, peak), per-device FLOPs from its cost analysis next to the ideal (model FLOPs per
+token x tokens / devices, remat's extra forward counted), collectives' bytes. --json prints
+{"programs": [{"name", "compile_s", "argument_bytes", "output_bytes", "temp_bytes", "peak_bytes",
+"flops", "ideal_flops", "collective_bytes"}]}. --platform cuda|tpu also exports each program with
+jax.export for that platform (no CPU-only custom call can leak in). At 11B each program takes
+minutes to compile on a small CPU.
+"""
+
+
+def add_arguments(parser):
+    parser.add_argument(
+        "--config", required=True, help="YAML experiment file (configs/sft/*.yaml or configs/rl/*.yaml)"
+    )
+    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
+    parser.add_argument(
+        "--mesh", default=None, help="mesh, e.g. data=1,fsdp=8,tensor=1 (default: the config's train.mesh)"
+    )
+    parser.add_argument("--devices", type=int, default=8, help="fake CPU devices to compile for (default 8)")
+    parser.add_argument("--json", action="store_true", help="print the figures as JSON")
+    parser.add_argument("--platform", choices=("cuda", "tpu"), default=None, help="also jax.export for this platform")
+    parser.add_argument("--images", type=int, default=None, help="image slots per row (default: from the task / data)")
+    parser.add_argument("--only", default=None, help="compile only programs whose name contains this")
+    parser.add_argument("--limit-gib", type=float, default=80.0, help="per-device memory to check peaks against")
+
+
+def _gib(n: float) -> str:
+    return f"{n / 2**30:8.2f}"
+
+
+def _ensure_devices(n: int) -> bool:
+    """True when this process can give `n` fake CPU devices (sets them up before JAX starts)."""
+    from jax._src import xla_bridge
+
+    if not xla_bridge.backends_are_initialized():
+        flags = os.environ.get("XLA_FLAGS", "")
+        flags = " ".join(f for f in flags.split() if not f.startswith("--xla_force_host_platform_device_count"))
+        os.environ["XLA_FLAGS"] = f"{flags} --xla_force_host_platform_device_count={n}".strip()
+        os.environ["JAX_PLATFORMS"] = "cpu"
+        return True
+    import jax
+
+    return jax.default_backend() == "cpu" and jax.device_count() >= n
+
+
+def run(args) -> int:
+    if args.devices <= 0:
+        from sftrl_jax.errors import UserError
+
+        raise UserError(f"--devices must be positive, got {args.devices}")
+    if not _ensure_devices(args.devices):  # JAX already started with other devices: a fresh process
+        argv = list(getattr(args, "argv", sys.argv[1:]))
+        cmd = [sys.executable, "-m", "sftrl_jax.cli", *argv]
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}", JAX_PLATFORMS="cpu")
+        return subprocess.run(cmd, env=env, check=False).returncode
+
+    import jax
+
+    from sftrl_jax import config, planning
+    from sftrl_jax.parallel import mesh as mesh_lib
+
+    data = config.apply_overrides(config.read_yaml(args.config), args.overrides)
+    if "env" in data or "algo" in data:
+        from sftrl_jax.rl.config import RLConfig as cls
+    else:
+        from sftrl_jax.sft.train import SFTConfig as cls
+    cfg = config.from_dict(cls, data)
+    spec = args.mesh or cfg.train.mesh
+    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(spec), devices=jax.devices()[: args.devices])
+    programs = planning.programs_for(cfg, mesh, images=args.images)
+    if args.only:
+        programs = [p for p in programs if args.only in p.name]
+    rows = []
+    for p in programs:
+        if not args.json:
+            print(f"compiling {p.name} ...", file=sys.stderr, flush=True)
+        row = planning.analyse(p)
+        if args.platform:
+            row["export"] = {"platform": args.platform, "custom_calls": planning.export_for(p, args.platform)}
+        rows.append(row)
+    if args.json:
+        print(json.dumps({"mesh": dict(mesh.shape), "devices": args.devices, "programs": rows}))
+        return 0
+    print(f"{args.config}: mesh {dict(mesh.shape)} on {args.devices} fake CPU devices; per-device GiB")
+    print(
+        f"{'program':26} {'compile s':>9} {'args':>8} {'out':>8} {'temp':>8} {'peak':>8} {'TFLOPs':>8} {'ideal':>8} {'ratio':>6} {'coll GiB':>8}"
+    )
+    for r in rows:
+        ideal = r["ideal_flops"] or 0.0
+        ratio = r["flops"] / ideal if ideal else float("nan")
+        print(
+            f"{r['name']:26} {r['compile_s']:9.1f} {_gib(r['argument_bytes'])} {_gib(r['output_bytes'])} "
+            f"{_gib(r['temp_bytes'])} {_gib(r['peak_bytes'])} {r['flops'] / 1e12:8.2f} {ideal / 1e12:8.2f} "
+            f"{ratio:6.2f} {_gib(r['collective_bytes'])}"
+        )
+        if "export" in r:
+            print(f"  exported for {r['export']['platform']}: custom calls [{r['export']['custom_calls']}]")
+    worst = max((r["peak_bytes"] for r in rows), default=0)
+    fits = "fits" if worst <= args.limit_gib * 2**30 else "does NOT fit"
+    print(f"largest per-device peak {worst / 2**30:.2f} GiB: {fits} in {args.limit_gib:g} GiB per device")
+    return 0

@@ -1,0 +1,302 @@
+"""The programs of a run, built abstractly: the same step functions, shardings and jit options the
+SFT loop (`sft.train`) and the RL loop (`rl.train`, its learners, the sampler) use, over
+`jax.ShapeDtypeStruct`s at the run's configured shapes.
+
+SFT: the train step per length bucket. RL: the rollout's prefill and decode (the sampler's own
+jitted functions), the learner's no-gradient pass (PPO values / GRPO old log-probs), the reference
+pass when a KL penalty is on, and the update step, at the longest length bucket (the worst case).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from sftrl_jax import ops
+from sftrl_jax.config import ConfigError
+from sftrl_jax.models import build
+from sftrl_jax.models import config as model_config
+from sftrl_jax.parallel import rules
+from sftrl_jax.planning import flops as flops_lib
+from sftrl_jax.train.state import ModelSection, TrainState, preset_config
+
+
+@dataclasses.dataclass
+class Program:
+    name: str
+    fn: Callable  # the jitted function, as the run jits it
+    args: tuple  # abstract arguments (ShapeDtypeStructs with shardings)
+    ideal_flops: float | None  # per device and per iteration of the main loop (see `loop_trips`)
+    mesh: jax.sharding.Mesh
+    # Iterations of the program's main loop (micro-batches of a scanned step, decode steps). XLA's
+    # cost analysis counts a loop body once, so `ideal_flops` is one iteration's share as well.
+    loop_trips: int = 1
+
+
+def model_config_of(section: ModelSection) -> model_config.ModelConfig:
+    """The run's model config without its weights: a preset, an HF folder's config.json, or our
+    checkpoint's model_config.json (only that file needs to exist)."""
+    if section.preset is not None:
+        return preset_config(section.preset, section.text_overrides)
+    path = section.init
+    for name, parse in (("config.json", model_config.from_hf_dict), ("model_config.json", model_config.from_dict)):
+        file = os.path.join(path, name) if os.path.isdir(path) else path
+        if os.path.basename(file) == name and os.path.exists(file):
+            with open(file, encoding="utf-8") as f:
+                return parse(json.load(f))
+    raise ConfigError(
+        f"model.init {path!r} holds no config.json or model_config.json: give model.preset (e.g. "
+        "llama-3.2-11b-vision) or a folder with the checkpoint's config.json"
+    )
+
+
+def _sds(shape, dtype, names, mesh) -> jax.ShapeDtypeStruct:
+    return jax.ShapeDtypeStruct(tuple(shape), jnp.dtype(dtype), sharding=rules.named_sharding(names, shape, mesh))
+
+
+def _batch(spec: dict[str, tuple[tuple[int, ...], Any]], mesh) -> dict[str, jax.ShapeDtypeStruct]:
+    return {k: _sds(shape, dtype, ("batch",) + (None,) * (len(shape) - 1), mesh) for k, (shape, dtype) in spec.items()}
+
+
+def _image_spec(mc, rows: int, length: int, images: int) -> dict:
+    if not images or not isinstance(mc, model_config.MllamaConfig):
+        return {}
+    v = mc.vision
+    c, px = v.max_num_tiles, v.image_size
+    return {
+        "pixel_values": ((rows, images, c, 3, px, px), jnp.float32),
+        "aspect_ratio_ids": ((rows, images), jnp.int32),
+        "aspect_ratio_mask": ((rows, images, c), jnp.int32),
+        "cross_attention_mask": ((rows, length, images, c), jnp.int32),
+    }
+
+
+def _abstract_state(section: ModelSection, mesh, tx_fn, *, wrap=None):
+    """(graphdef, abstract params, rest, abstract TrainState, its shardings, model config)."""
+    mc = model_config_of(section)
+    param_dtype = jnp.dtype(section.param_dtype)
+    dtype = jnp.dtype(section.dtype) if section.dtype else None
+
+    def make():
+        model = build.model_class(mc)(mc, param_dtype=param_dtype, dtype=dtype, remat=section.remat, rngs=nnx.Rngs(0))
+        return wrap(model) if wrap else model
+
+    graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
+    shardings = rules.state_shardings(params, mesh)
+    params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
+    tx = tx_fn(params)
+    opt_state = _abstract_opt_state(tx, params, shardings, mesh)
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    state = TrainState(
+        step=jax.ShapeDtypeStruct((), jnp.int32, sharding=replicated),
+        params=params,
+        opt_state=opt_state,
+        rng=jax.ShapeDtypeStruct((2,), jnp.uint32, sharding=replicated),
+    )
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    return graphdef, params, rest, state, state_shardings, tx, mc
+
+
+def _abstract_opt_state(tx, params, shardings, mesh):
+    """The optimiser state as `optim.init_state` lays it out (moments sharded like their parameters)."""
+    from sftrl_jax.train import optim as optim_lib
+
+    init = jax.jit(optim_lib.sharded_init(tx, params, mesh))
+    with jax.set_mesh(mesh):
+        out = init.lower(params).compile().output_shardings
+    abstract = jax.eval_shape(init, params)
+    return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, out)
+
+
+def _devices(mesh) -> int:
+    return int(np.prod(list(mesh.shape.values())))
+
+
+def sft_programs(cfg, mesh, *, images: int = 0) -> list[Program]:
+    from sftrl_jax.sft.train import make_train_step
+    from sftrl_jax.train import optim as optim_lib
+
+    t, d = cfg.train, cfg.data
+    tx_fn = lambda params: optim_lib.make_optimizer(cfg.optim, params, total_steps=t.steps)  # noqa: E731
+    graphdef, _, rest, state, state_shardings, tx, mc = _abstract_state(cfg.model, mesh, tx_fn)
+    lr_fn = optim_lib.schedule(cfg.optim, t.steps)
+    step = jax.jit(
+        make_train_step(graphdef, rest, tx, grad_accum=t.grad_accum, lr_fn=lr_fn, policy=ops.policy_for(mesh)),
+        donate_argnums=0,
+        out_shardings=(state_shardings, None),
+    )
+    buckets = sorted(set(d.buckets or ())) or [d.max_length]
+    out = []
+    for length in buckets:
+        rows = d.batch_size
+        spec = {
+            "input_ids": ((rows, length), jnp.int32),
+            "attention_mask": ((rows, length), jnp.int32),
+            "targets": ((rows, length), jnp.int32),
+            "loss_mask": ((rows, length), jnp.float32),
+            **_image_spec(mc, rows, length, images),
+        }
+        ideal = flops_lib.ideal_train_flops(mc, rows=rows, length=length, images=images, remat=cfg.model.remat)
+        trips = t.grad_accum
+        args = (state, _batch(spec, mesh))
+        out.append(Program(f"sft_step[{length}]", step, args, ideal / _devices(mesh) / trips, mesh, trips))
+    return out
+
+
+def rl_programs(cfg, mesh, *, images: int = 0) -> list[Program]:
+    from sftrl_jax.rl import grpo as grpo_lib
+    from sftrl_jax.rl import ppo as ppo_lib
+    from sftrl_jax.rl.config import check_mesh
+    from sftrl_jax.sampling import inputs, methods
+    from sftrl_jax.sampling import sampler as sampler_lib
+    from sftrl_jax.train import optim as optim_lib
+
+    check_mesh(cfg, mesh)
+    t, algo = cfg.train, cfg.algo_cfg
+    total = t.updates * cfg.updates_steps()
+    tx_fn = lambda params: optim_lib.make_optimizer(cfg.optim, params, total_steps=total)  # noqa: E731
+    wrap = (lambda m: ppo_lib.PPOLearner.policy_module(m, seed=0)) if cfg.algo == "ppo" else None
+    graphdef, params, rest, state, state_shardings, tx, mc = _abstract_state(cfg.model, mesh, tx_fn, wrap=wrap)
+    policy = ops.policy_for(mesh, exact=True)
+    options = ops.exact_compiler_options(policy, enabled=t.exact_cpu_passes)
+
+    def compile_(fn, **kw):
+        return jax.jit(ops.traced_with(fn, policy), compiler_options=options, **kw)
+
+    temperature = cfg.sampling.temperature
+    lr_fn = optim_lib.schedule(cfg.optim, total)
+    length = max(t.length_buckets)
+    n = _devices(mesh)
+    programs = []
+
+    # Rollout: the sampler's prefill and decode over the language model's parameters, one row per env
+    # (GRPO: group_size rows per prompt), prompts as long as the longest bucket leaves room for.
+    lm_graphdef, lm_params = _language_model_split(graphdef, params, rest, cfg.algo)
+    rows = cfg.env.num_envs * (algo.group_size if cfg.algo == "grpo" else 1)
+    rows = inputs.batch_bucket(rows, rules_batch_devices(mesh))
+    new = cfg.sampling.max_new_tokens
+    prompt = inputs.prompt_bucket(max(length - new, 1))
+    scfg = sampler_lib.SamplerConfig(
+        max_new_tokens=new, method=methods.Method(temperature=float(temperature), top_p=1.0, top_k=0), pad_id=0
+    )
+    pbatch = _batch(
+        {
+            "input_ids": ((rows, prompt), jnp.int32),
+            "attention_mask": ((rows, prompt), jnp.int32),
+            "row_valid": ((rows,), jnp.bool_),
+            **_image_spec(mc, rows, prompt, images),
+        },
+        mesh,
+    )
+    stops = jax.ShapeDtypeStruct((4,), jnp.int32)
+    key = jax.eval_shape(lambda: jax.random.key(0))
+    kw = dict(graphdef=lm_graphdef, cfg=scfg)
+    prefill = jax.jit(functools.partial(sampler_lib._prefill, **kw))
+    prefill_args = (lm_params, pbatch, stops, key)
+    fwd = flops_lib.forward_flops(mc, rows=rows, length=prompt, images=images)
+    programs.append(Program("rollout_prefill", prefill, prefill_args, fwd / n, mesh))
+    with jax.set_mesh(mesh):
+        dstate = jax.eval_shape(prefill, *prefill_args)
+    dstate = _with_batch_shardings(dstate, mesh)
+    decode = jax.jit(
+        functools.partial(sampler_lib._decode, **kw),
+        donate_argnums=(1,),
+        compiler_options=ops.decode_compiler_options(ops.policy_for(mesh)),
+    )
+    steps = max(new - 1, 1)
+    dec = flops_lib.forward_flops(mc, rows=rows, length=1, keys=prompt + new - 1, images=0)  # one step
+    programs.append(Program("rollout_decode", decode, (lm_params, dstate), dec / n, mesh, steps))
+
+    # Training passes at the longest bucket.
+    def spec(rows_):
+        s = {k: ((rows_, length), jnp.int32) for k in ("input_ids", "attention_mask", "targets")}
+        s.update({k: ((rows_, length), jnp.float32) for k in ("resp_mask", "weights", "old_token_logp")})
+        s["value_index"] = ((rows_,), jnp.int32)
+        s.update(_image_spec(mc, rows_, length, images))
+        return s
+
+    mb = algo.micro_batch
+    if cfg.algo == "ppo":
+        nograd = compile_(ppo_lib.make_value_fn(graphdef, rest, temperature))
+        step_fn = ppo_lib.make_update_step(graphdef, rest, tx, algo, lr_fn=lr_fn, temperature=temperature)
+        extra = {k: ((algo.samples_per_step,), jnp.float32) for k in ("old_values", "advantages", "returns")}
+        nograd_name = "values_pass"
+    else:
+        nograd = compile_(grpo_lib.make_logp_fn(graphdef, rest, temperature))
+        step_fn = grpo_lib.make_update_step(graphdef, rest, tx, algo, lr_fn=lr_fn, temperature=temperature)
+        extra = {"advantages": ((algo.samples_per_step,), jnp.float32)}
+        nograd_name = "old_logp_pass"
+    fwd_mb = flops_lib.forward_flops(mc, rows=mb, length=length, images=images)
+    programs.append(Program(nograd_name, nograd, (params, _batch(spec(mb), mesh)), fwd_mb / n, mesh))
+    if algo.kl_coef > 0:
+        programs.append(Program("reference_pass", nograd, (params, _batch(spec(mb), mesh)), fwd_mb / n, mesh))
+        extra["ref_token_logp"] = ((algo.samples_per_step, length), jnp.float32)
+    update = compile_(step_fn, donate_argnums=0, out_shardings=(state_shardings, None))
+    ubatch = _batch({**spec(algo.samples_per_step), **extra}, mesh)
+    ideal = flops_lib.ideal_train_flops(
+        mc, rows=algo.samples_per_step, length=length, images=images, remat=cfg.model.remat
+    )
+    trips = algo.samples_per_step // mb
+    programs.append(Program(f"{cfg.algo}_update[{length}]", update, (state, ubatch), ideal / n / trips, mesh, trips))
+    return programs
+
+
+def rules_batch_devices(mesh) -> int:
+    axes = rules.RULES["batch"]
+    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
+
+
+def _language_model_split(graphdef, params, rest, algo: str):
+    """The language model's (graphdef, params) inside the trained module (PPO: without its head)."""
+    if algo != "ppo":
+        return graphdef, params
+    module = nnx.merge(graphdef, params, rest)
+    lm_graphdef, lm_params = nnx.split(module.model)
+    return lm_graphdef, lm_params
+
+
+def _with_batch_shardings(tree, mesh):
+    """The decode state's arrays sharded as the prefill leaves them: leading batch axes over the
+    batch mesh axes where they divide (the cache's kv heads as the rules say), scalars replicated."""
+
+    def shard(x):
+        names = ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rules.named_sharding(names, x.shape, mesh))
+
+    return jax.tree.map(shard, tree)
+
+
+def images_default(cfg) -> int:
+    """Image slots per row the run's batches carry: RL from the task (`-vl`); SFT from the data
+    (`data.max_images` when the first training file's first example has an image, or, when the file
+    is not here, when its path names a -vl task)."""
+    if hasattr(cfg, "env"):
+        return 1 if cfg.env.task.endswith("-vl") else 0
+    for f in cfg.data.train_files:
+        if os.path.exists(f):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    head = fh.read(1 << 16)
+                return cfg.data.max_images if '"image"' in head else 0
+            except OSError:
+                pass
+        if "_vl" in os.path.basename(os.path.dirname(f)) or "_vl" in os.path.basename(f):
+            return cfg.data.max_images
+    return 0
+
+
+def programs_for(cfg, mesh, *, images: int | None = None) -> list[Program]:
+    images = images_default(cfg) if images is None else images
+    if hasattr(cfg, "env"):
+        return rl_programs(cfg, mesh, images=images)
+    return sft_programs(cfg, mesh, images=images)

@@ -1,0 +1,86 @@
+"""`sftrl plan` on the tiny configs: parameter bytes and FLOPs against hand-computed counts."""
+
+import json
+
+import pytest
+
+from sftrl_jax import cli, planning
+from sftrl_jax.models import config as config_lib
+
+TINY = (
+    "model.text_overrides={vocab_size: 2048, hidden_size: 128, intermediate_size: 384, num_layers: 2, "
+    "num_heads: 4, num_kv_heads: 2, head_dim: 32, max_position_embeddings: 2048}"
+)
+# By hand, for the tiny text model above: per layer q (128 x 4 x 32) + k, v (128 x 2 x 32 each) + o (4 x 32
+# x 128) = 16384 + 8192 + 8192 + 16384 = 49152; MLP 3 x 128 x 384 = 147456; two layers + the head 128 x 2048.
+MATMUL = 2 * (49152 + 147456) + 128 * 2048  # 655,360
+# All parameters: the matrices, the embedding 2048 x 128, norms 2 x 2 x 128 + 128.
+PARAMS = MATMUL + 2048 * 128 + 5 * 128  # 917,888
+
+
+def _plan(capsys, *args):
+    assert cli.main(["plan", *args, "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["programs"]
+
+
+def test_matmul_params_by_hand():
+    cfg = config_lib.LlamaConfig.tiny(
+        vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32
+    )
+    assert planning.matmul_params(cfg, images=False) == (MATMUL, 0)
+    # forward FLOPs of 16 x 160 tokens: 2 x matrices x tokens + attention's two products over the
+    # 80 keys a causal query sees on average (2 layers, 4 heads of 32)
+    tokens = 16 * 160
+    attention = 4 * 2 * 4 * 32 * 80 * tokens
+    assert planning.flops.forward_flops(cfg, rows=16, length=160) == 2 * MATMUL * tokens + attention
+
+
+def test_plan_sft_tiny(capsys):
+    (row,) = _plan(capsys, "--config", "configs/sft/gp_l_tiny.yaml", "--devices", "8", "--only", "[160]")
+    assert row["name"] == "sft_step[160]" and set(planning.FIELDS) <= set(row)
+    # fp32 params + AdamW's two moments, FSDP-sharded over 8 devices, + the [16, 160] batch (4 arrays of 4 bytes)
+    state = 3 * 4 * PARAMS / 8
+    assert state <= row["argument_bytes"] <= state + 16 * 160 * 4 * 4 / 8 + 64 * 1024
+    ideal = 3 * planning.flops.forward_flops(
+        config_lib.LlamaConfig.tiny(
+            vocab_size=2048,
+            hidden_size=128,
+            intermediate_size=384,
+            num_layers=2,
+            num_heads=4,
+            num_kv_heads=2,
+            head_dim=32,
+        ),
+        rows=16,
+        length=160,
+    )
+    assert row["ideal_flops"] == pytest.approx(ideal / 8)
+    assert 0.9 < row["flops"] / row["ideal_flops"] < 1.15
+    assert row["peak_bytes"] <= row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"]
+    assert row["collective_bytes"] > 0  # FSDP gathers the weights
+
+
+def test_plan_rl_tiny_update_is_sharded(capsys):
+    rows = _plan(
+        capsys,
+        "--config",
+        "configs/rl/gp_l_tiny.yaml",
+        "model.init=null",
+        "model.preset=llama-tiny",
+        TINY,
+        "--devices",
+        "8",
+        "--only",
+        "update",
+    )
+    (row,) = rows
+    assert row["name"].startswith("ppo_update[") and row["loop_trips"] == 32 // 16
+    # Per device and per micro-batch, the step's FLOPs are those of its share of the rows.
+    assert 0.9 < row["flops"] / row["ideal_flops"] < 1.15
+
+
+def test_plan_refuses_unsharded_micro_batches(capsys):
+    args = ["plan", "--config", "configs/rl/gp_l_tiny.yaml", "model.init=null", "model.preset=llama-tiny", TINY]
+    assert cli.main([*args, "ppo.micro_batch=4", "ppo.samples_per_step=32", "--devices", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "ppo.micro_batch 4 must be a multiple of the mesh's batch axes data x fsdp (8)" in err
