@@ -98,7 +98,7 @@ def compare(fn, tokenizer, cases: Cases, *, length: int, batch: int) -> Report:
     rewards, outcomes = run_device(fn, cases, length=length, batch=batch, pad_id=tokenizer.pad_id)
     mismatches, exceptions = [], {"tokenizer decoding": 0, "did not fit": 0, "json nesting": 0}
     for i in range(len(cases)):
-        if rewards[i] == cases.rewards[i] and outcomes[i] == cases.outcomes[i]:
+        if rewards[i] == np.float32(cases.rewards[i]) and outcomes[i] == cases.outcomes[i]:
             continue
         raw = b"".join(bytes(table.table[t][: table.lengths[t]].tolist()) for t in cases.ids[i])
         if outcomes[i] == device_text.DID_NOT_FIT or len(cases.ids[i]) > length:

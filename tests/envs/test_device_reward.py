@@ -45,11 +45,17 @@ def _no_images(monkeypatch):
     monkeypatch.setattr(render, "render_hand", lambda hand: None)  # gp-vl's image is not graded
 
 
+# gp-l, gp-vl, and gp-l with issue 23's reward floor (a fifth of the episodes)
+_GP_ENVS = (("gp-l", {}, 0.4), ("gp-vl", {}, 0.4), ("gp-l", {"reward_floor": -4.5}, 0.2))
+
+
 def _gp_cases(tok, answer, n_episodes, seed, *, max_len=LENGTH):
     rng = np.random.default_rng(seed)
     out = cases_lib.Cases()
-    for name in ("gp-l", "gp-vl"):
-        c = cases_lib.play(envs.make(name), tok, answer, n_episodes, rng, outcome_key="outcome", stop_ids=tok.stop_ids)
+    for name, options, share in _GP_ENVS:
+        env = envs.make(name, **options)
+        n = int(2 * n_episodes * share)
+        c = cases_lib.play(env, tok, answer, n, rng, outcome_key="outcome", stop_ids=tok.stop_ids)
         for i in range(len(c)):
             if len(c.ids[i]) <= max_len:
                 out.add(c.ids[i], c.states[i], c.rewards[i], c.outcomes[i], c.texts[i])
@@ -57,6 +63,7 @@ def _gp_cases(tok, answer, n_episodes, seed, *, max_len=LENGTH):
 
 
 def _check(report, *, min_total):
+    print(f"{report.total} answers, {len(report.mismatches)} mismatches, exceptions {report.exceptions}")
     assert report.total >= min_total
     assert report.mismatches == [], report.mismatches[:5]
     assert report.exception_count <= report.total / 1000, report.exceptions

@@ -13,7 +13,8 @@ Reading the answer as `answer.py` does, on the decoded text's bytes:
 - The formula is cut at its first '=', packed into code points and checked by `device_formula`.
 - GP-VL first compares the cards (JSON "cards" list or string, else the regex `"cards": \\[([^\\]]+)\\]`)
   as multisets of symbols after the host's list cleaning: -1.5 on a mismatch.
-The turn: a call with no graded attempt left is the step limit (-1, outcome STEP_LIMIT).
+The turn: a call with no graded attempt left is the step limit (-1, outcome STEP_LIMIT); the env's
+`reward_floor` (None = off) bounds a graded turn's reward from below, its outcome unchanged.
 Not on the device (`device_state` refuses them): `exact=False`, `reference_card_parsing=True`.
 """
 
@@ -38,7 +39,9 @@ _JSON_WS = (32, 9, 10, 13)
 _CARD_DROP = tuple(map(ord, "[]' \""))
 
 
-def puzzle_state(puzzle: verifier.Puzzle, *, remaining: int, check_cards: bool) -> dict[str, np.ndarray]:
+def puzzle_state(
+    puzzle: verifier.Puzzle, *, remaining: int, check_cards: bool, reward_floor: float | None = None
+) -> dict[str, np.ndarray]:
     """The arrays of one env's current turn (see `GeneralPointsEnv.device_state`)."""
     sols = puzzle.solutions
     if len(sols) > MAX_SOLUTIONS:
@@ -60,6 +63,7 @@ def puzzle_state(puzzle: verifier.Puzzle, *, remaining: int, check_cards: bool) 
         "solution_len": lens,
         "remaining": np.array(remaining, np.int32),
         "check_cards": np.array(check_cards, bool),
+        "reward_floor": np.array(-np.inf if reward_floor is None else reward_floor, np.float32),
     }
 
 
@@ -205,6 +209,7 @@ def score_bytes(b, state):
     code = jnp.full((B,), _CODE["AGGREGATED_ERROR"], jnp.int32)
     for name, r in verifier.REWARDS.items():
         code = jnp.where(reward == r, _CODE[name], code)
+    reward = jnp.maximum(reward, state["reward_floor"])  # the env's reward_floor; the outcome stays unfloored
     limit = state["remaining"] <= 0
     reward = jnp.where(limit, verifier.STEP_LIMIT_REWARD, reward)
     code = jnp.where(limit, _CODE["STEP_LIMIT"], code)

@@ -210,7 +210,9 @@ class GeneralPointsEnv(Env):
             )
         from sftrl_jax.envs.general_points import device_reward
 
-        return device_reward.puzzle_state(self.puzzle, remaining=self._remaining, check_cards=not self.language_only)
+        return device_reward.puzzle_state(
+            self.puzzle, remaining=self._remaining, check_cards=not self.language_only, reward_floor=self.reward_floor
+        )
 
     def render(self) -> Image.Image:
         """The table image of the current hand (also for gp-l, whose observations carry no image)."""
