@@ -4,6 +4,15 @@ Parameter paths are the `/`-joined keys of an `nnx.State` (e.g.
 `vision_model/transformer/layers/0/mlp/fc1/kernel`). `freeze` and `no_decay` are regular
 expressions searched in those paths: frozen parameters get zero updates and keep no optimiser state
 (the paper's SFT sweep freezes the vision tower and/or the projector this way).
+
+Moments have a declared dtype, `optim.moment_dtype`: "float32" (the default; what mixed-precision
+trainers do: with `model.param_dtype=bfloat16` AdamW still keeps fp32 moments and computes the
+update in fp32, then casts it to bf16), "bfloat16" (half the optimiser memory, less precise second
+moments) or "param" (each moment in its parameter's dtype). The gradients and parameters are cast
+to that dtype before the update and the update back to the parameter's dtype, so the skip-non-finite
+branches agree whatever the parameters' dtype. Note bf16 parameters keep no fp32 master copy: an
+update below a parameter's bf16 resolution (~0.4% of its magnitude, e.g. lr 1e-6 on weights ~0.02)
+is rounded away; use `model.param_dtype=float32` with `model.dtype=bfloat16` for such small rates.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import jax
+import jax.numpy as jnp
 import optax
 
 from sftrl_jax.config import ConfigError
@@ -37,6 +47,7 @@ class OptimConfig:
     grad_clip: float | None = 1.0  # global-norm clip; None = off
     freeze: tuple[str, ...] = ()  # regexes: paths that are not trained
     skip_nonfinite: bool = True  # a step whose gradients are NaN/inf changes nothing (counted)
+    moment_dtype: Literal["float32", "bfloat16", "param"] = "float32"  # AdamW moments; "param" = as the param
 
     def __post_init__(self):
         # Written so that NaN fails every check: `nan < 0` is False, `not 0 <= nan` is True.
@@ -54,6 +65,8 @@ class OptimConfig:
             raise ConfigError(f"optim.warmup_ratio must be in [0, 1), got {self.warmup_ratio}")
         if self.grad_clip is not None and not (math.isfinite(self.grad_clip) and self.grad_clip > 0):
             raise ConfigError(f"optim.grad_clip must be a finite number > 0 or null, got {self.grad_clip}")
+        if self.moment_dtype not in ("float32", "bfloat16", "param"):
+            raise ConfigError(f"optim.moment_dtype must be float32, bfloat16 or param, got {self.moment_dtype!r}")
         for pattern in (*self.freeze, *self.no_decay):
             try:
                 re.compile(pattern)
@@ -120,7 +133,32 @@ def make_optimizer(cfg: OptimConfig, params: Any, *, total_steps: int) -> optax.
     if cfg.skip_nonfinite:
         # Never gives up by itself; the training loop aborts after K bad steps in a row.
         tx = optax.apply_if_finite(tx, max_consecutive_errors=2**30)
-    return tx
+    return with_moment_dtype(tx, None if cfg.moment_dtype == "param" else jnp.dtype(cfg.moment_dtype))
+
+
+def _cast(tree: Any, dtype) -> Any:
+    """Floating leaves of `tree` cast to `dtype` (None = unchanged)."""
+    if dtype is None:
+        return tree
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def with_moment_dtype(inner: optax.GradientTransformation, dtype) -> optax.GradientTransformation:
+    """`inner` run in `dtype` (None: each parameter's own dtype): its state is initialised from the
+    parameters cast to `dtype`, each update sees gradients and parameters cast to `dtype`, and the
+    updates it returns are cast to their parameters' dtypes. The state is `inner`'s own (same pytree,
+    so checkpoints and `nonfinite_counts` are unchanged)."""
+
+    def init(params):
+        return inner.init(_cast(params, dtype))
+
+    def update(grads, state, params=None):
+        target = params if params is not None else grads
+        grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, target) if dtype is None else _cast(grads, dtype)
+        updates, state = inner.update(grads, state, _cast(params, dtype))
+        return jax.tree.map(lambda u, p: u.astype(p.dtype), updates, target), state
+
+    return optax.GradientTransformation(init, update)
 
 
 def nonfinite_counts(opt_state: Any) -> tuple[Any, Any] | None:
