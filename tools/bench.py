@@ -5,6 +5,7 @@
     .venv/bin/python tools/bench.py sampler      # last line: sampler speedup vs transformers: X.XXx
     .venv/bin/python tools/bench.py sft          # last line: sft speedup vs pytorch: X.XXx
     .venv/bin/python tools/bench.py rollout      # last line: rollout time outside the sampler: X.X%
+    .venv/bin/python tools/bench.py rewards      # last line: rewards answers/s: device N, host M
 """
 
 from __future__ import annotations
@@ -225,11 +226,25 @@ def bench_rollout_cmd(args) -> int:
     return 0
 
 
+def bench_rewards_cmd(args) -> int:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_rewards
+
+    lines, _ = bench_rewards.bench_rewards(args, _answer_mix)
+    for line in lines[:-1]:
+        print(line)
+    if not args.no_record:
+        record("rewards", f".venv/bin/python tools/bench.py rewards --batch {args.batch} --hands {args.hands}", lines)
+    print(lines[-1])
+    return 0
+
+
 COMMANDS = {
     "verifier": (bench_verifier, "GeneralPoints verifier throughput on one core, deal and render times"),
     "sampler": (bench_sampler_cmd, "sampler (ours vs transformers, same weights and batch)"),
     "sft": (lambda args: bench_sft_cmd(args), "SFT step (ours vs PyTorch)"),
     "rollout": (bench_rollout_cmd, "GP-L rollout of 64 envs: time in the sampler vs outside it"),
+    "rewards": (bench_rewards_cmd, "GP device reward (jit, CPU) vs the host verifier, same answers"),
 }
 
 
@@ -256,6 +271,10 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--tensor-parallel", action="store_true", help="also time ours on one XLA device per core, tensor=-1"
             )
+        if name == "rewards":
+            p.add_argument("--batch", type=int, default=4096, help="answers per device call")
+            p.add_argument("--hands", type=int, default=20_000, help="answers in the mix (one per hand)")
+            p.add_argument("--seed", type=int, default=0)
         if name == "rollout":
             p.add_argument("--envs", type=int, default=64, help="GP-L environments stepped in lock-step")
             p.add_argument("--turns", type=int, default=6, help="lock-step turns (6 = a whole failed episode)")
