@@ -13,6 +13,13 @@ The image of an observation goes first in the user message that carries it (only
 a conversation). A policy is any callable `policy(contexts, images) -> [(response_ids, logprobs)]`
 (`sftrl_jax.sampling` provides one over a model); evaluation and PPO/GRPO rollouts share this code,
 so it sits beside both (`evaluation` and `rl` import it; it imports neither).
+
+Several processes (multi-host): env i belongs to process i % process_count, and only its owner calls
+its `reset` / `step` (the host-side work: verification, rewards, rendering). What those calls
+return (observation, reward, flags, the info keys kept) is exchanged every turn by one pickled
+all-gather, so every process holds the same conversations of all envs, builds the same prompt batch
+for the one global sampling program and numbers episodes as a single process would. An env that
+fails on its owner stops every process with the owner's message.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from sftrl_jax.errors import UserError
+from sftrl_jax.parallel import distributed
 
 
 class Policy(Protocol):
@@ -119,6 +127,7 @@ _INFO_KEYS = (
     "waypoint_idx",
     "repeated",
 )
+_SHARED_INFO = (*_INFO_KEYS, "new_conversation")  # what other processes need of a non-owned env's info
 
 
 class EpisodeRunner:
@@ -132,8 +141,11 @@ class EpisodeRunner:
         *,
         reset_fn: Callable[[int, int], tuple[int | None, dict[str, Any] | None]] | None = None,
         max_turns: int | None = None,
+        share: tuple[int, int] | None = None,
     ):
         self.envs = list(envs)
+        # (this process, processes): env i is reset and stepped by process i % processes only
+        self.rank, self.world = distributed.process_share() if share is None else share
         self.tokenizer = tokenizer
         self.policy = policy
         self.reset_fn = reset_fn or (lambda i, ep: (ep, None))
@@ -149,18 +161,53 @@ class EpisodeRunner:
         self.reset_args: list[tuple[int | None, dict[str, Any] | None] | None] = [None] * len(self.envs)
         self.history: list[list[tuple[str, float]]] = [[] for _ in self.envs]
 
-    def _start(self, i: int, *, allow: bool = True) -> None:
+    def owns(self, i: int) -> bool:
+        return i % self.world == self.rank
+
+    def _exchange(self, local: dict[int, tuple[bool, Any]]) -> dict[int, Any]:
+        """{env: (ok, value or exception)} of this process's envs -> {env: value} of all processes'
+        (one all-gather with several processes); an env's failure is raised on every process."""
+        merged = dict(local)
+        if self.world > 1:
+            shared = {i: (ok, v if ok else f"{_describe(v)}") for i, (ok, v) in local.items()}
+            for part in distributed.allgather_objects(shared):
+                for i, item in part.items():
+                    merged.setdefault(i, item)
+        for i in sorted(merged):
+            ok, value = merged[i]
+            if not ok:
+                raise (
+                    value
+                    if isinstance(value, BaseException)
+                    else RolloutError(f"(on process {i % self.world}) {value}")
+                )
+        return {i: v for i, (_, v) in merged.items()}
+
+    def _owned(self, i: int, fn: Callable[[], Any]) -> tuple[bool, Any]:
+        try:
+            return True, fn()
+        except Exception as e:  # raised on every process by `_exchange`
+            return False, e
+
+    def _plan(self, i: int, *, allow: bool = True) -> tuple[int, Any, Any] | None:
+        """Numbers env i's next episode and picks its reset arguments (None: the env goes idle)."""
         if not allow:
             self.active[i] = False
             self.messages[i] = None
-            return
+            return None
         ep = self.next_episode
         self.next_episode += 1
         seed, options = self.reset_fn(i, ep)
-        obs = self._reset_env(i, seed, options)
         self.episode[i], self.turn[i] = ep, 0
         self.reset_args[i], self.history[i] = (seed, options), []
-        self._new_conversation(i, obs)
+        return i, seed, options
+
+    def _reset_all(self, plans: Sequence[tuple[int, Any, Any]]) -> None:
+        """Resets the planned envs (each on its owner) and starts their conversations."""
+        local = {i: self._owned(i, lambda i=i, s=s, o=o: self._reset_env(i, s, o)) for i, s, o in plans if self.owns(i)}
+        obs = self._exchange(local)
+        for i, _, _ in plans:
+            self._new_conversation(i, obs[i])
 
     def _reset_env(self, i: int, seed, options) -> dict[str, Any]:
         try:
@@ -196,14 +243,18 @@ class EpisodeRunner:
 
     def contexts(self) -> list[tuple[int, list[int]]]:
         """(env index, context ids) of every active env, starting episodes where needed."""
-        out = []
-        for i in range(len(self.envs)):
-            if self.active[i] and self.messages[i] is None:
-                self._start(i)
-            if self.active[i]:
-                ids = self.tokenizer.chat_ids(self.messages[i], add_generation_prompt=True)
-                out.append((i, ids))
-        return out
+        self._reset_all([self._plan(i) for i in range(len(self.envs)) if self.active[i] and self.messages[i] is None])
+        return [
+            (i, self.tokenizer.chat_ids(self.messages[i], add_generation_prompt=True))
+            for i in range(len(self.envs))
+            if self.active[i]
+        ]
+
+    def _score(self, i: int, text: str):
+        obs, reward, terminated, truncated, info = self._step_env(i, text)
+        if self.world > 1:
+            info = {k: info[k] for k in _SHARED_INFO if k in info}
+        return obs, reward, terminated, truncated, info
 
     def step(self, *, start_new: Callable[[], bool] = lambda: True) -> list[Turn]:
         """One batched generation for all active envs; returns their turns."""
@@ -214,11 +265,14 @@ class EpisodeRunner:
         outputs = self.policy([c for _, c in ctx], [self.images[i] for i in idx])
         if len(outputs) != len(ctx):
             raise ValueError(f"policy returned {len(outputs)} responses for {len(ctx)} contexts")
-        turns = []
-        for (i, context), (response, logprobs) in zip(ctx, outputs):
-            response = [int(t) for t in response]
-            text = self.tokenizer.decode([t for t in response if t not in self.tokenizer.stop_ids])
-            obs, reward, terminated, truncated, info = self._step_env(i, text)
+        responses = [[int(t) for t in response] for response, _ in outputs]
+        texts = [self.tokenizer.decode([t for t in r if t not in self.tokenizer.stop_ids]) for r in responses]
+        scored = self._exchange(
+            {i: self._owned(i, lambda i=i, x=x: self._score(i, x)) for i, x in zip(idx, texts) if self.owns(i)}
+        )
+        turns, plans = [], []
+        for (i, context), (_, logprobs), response, text in zip(ctx, outputs, responses, texts):
+            obs, reward, terminated, truncated, info = scored[i]
             turns.append(
                 Turn(
                     env_index=i,
@@ -240,9 +294,10 @@ class EpisodeRunner:
                 truncated = turns[-1].truncated = True
             if terminated or truncated:
                 self.messages[i] = None
-                self._start(i, allow=start_new())
+                plans.append(self._plan(i, allow=start_new()))
             else:
                 self._continue(i, text, reward, obs, info)
+        self._reset_all([p for p in plans if p is not None])
         return turns
 
     def _continue(self, i: int, text: str, reward: float, obs: dict[str, Any], info: dict[str, Any]) -> None:
@@ -294,25 +349,33 @@ class EpisodeRunner:
         for i, row in enumerate(rows):
             self.active[i] = bool(row["active"])
             self.messages[i], self.images[i], self.history[i] = None, [], []
-            if not row["live"]:
-                continue
-            obs = self._reset_env(i, row["seed"], row["options"])
-            self.episode[i], self.turn[i] = int(row["episode"]), 0
-            self.reset_args[i] = (int(row["seed"]), row["options"])
-            self._new_conversation(i, obs)
-            for text, saved in zip(row["texts"], row["rewards"]):
-                obs, reward, terminated, truncated, info = self._step_env(i, text)
-                if reward != saved or terminated or truncated:
-                    raise UserError(
-                        f"resume: env {i} ({_env_name(self.envs[i])}) replayed episode {row['episode']} differently "
-                        f"(reward {reward} vs saved {saved}, done={terminated or truncated}); is the env deterministic "
-                        "given its seed, and unchanged since the checkpoint?"
-                    )
-                self.turn[i] += 1
-                self._continue(i, text, reward, obs, info)
-            if self.turn[i] != int(row["turn"]):
-                raise UserError(f"resume: env {i} replayed {self.turn[i]} turns but the checkpoint says {row['turn']}")
+            if row["live"]:
+                self.episode[i], self.turn[i] = int(row["episode"]), int(row["turn"])
+                self.reset_args[i] = (int(row["seed"]), row["options"])
+        live = [i for i, row in enumerate(rows) if row["live"]]
+        done = self._exchange({i: self._owned(i, lambda i=i: self._replay(i, rows[i])) for i in live if self.owns(i)})
+        for i in live:
+            self.messages[i], self.images[i], self.history[i] = done[i]
         self.next_episode = int(state["next_episode"])
+
+    def _replay(self, i: int, row: dict[str, Any]):
+        """Env i's saved episode replayed on its owner: (messages, images, history) after it."""
+        obs = self._reset_env(i, row["seed"], row["options"])
+        self.turn[i] = 0
+        self._new_conversation(i, obs)
+        for text, saved in zip(row["texts"], row["rewards"]):
+            obs, reward, terminated, truncated, info = self._step_env(i, text)
+            if reward != saved or terminated or truncated:
+                raise UserError(
+                    f"resume: env {i} ({_env_name(self.envs[i])}) replayed episode {row['episode']} differently "
+                    f"(reward {reward} vs saved {saved}, done={terminated or truncated}); is the env deterministic "
+                    "given its seed, and unchanged since the checkpoint?"
+                )
+            self.turn[i] += 1
+            self._continue(i, text, reward, obs, info)
+        if self.turn[i] != int(row["turn"]):
+            raise UserError(f"resume: env {i} replayed {self.turn[i]} turns but the checkpoint says {row['turn']}")
+        return self.messages[i], self.images[i], self.history[i]
 
 
 def collect(runner: EpisodeRunner, n_steps: int) -> list[list[Turn]]:

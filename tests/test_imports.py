@@ -26,7 +26,7 @@ ALLOWED = {
     "envs": _BASE,
     "data": _BASE | {"envs"},
     "sampling": _BASE | {"models", "data", "parallel", "ops"},
-    "episodes": _BASE,
+    "episodes": _BASE | {"parallel"},  # parallel.distributed: the multi-process exchange
     "evaluation": _BASE | {"envs", "episodes", "sampling", "data", "models"},
     "train": _BASE | {"models", "data", "parallel", "ops"},
     "sft": _BASE | {"models", "sampling", "data", "parallel", "ops", "train", "evaluation"},

@@ -25,6 +25,15 @@ _COLORS = {"init": "tab:gray", "sft": "tab:orange", "rl": "tab:blue"}
 
 def append_eval(run_dir: str | os.PathLike, *, arm: str, step: int, gflops: float, summary: dict[str, Any]) -> dict:
     """Appends the headline metric of an `evaluate()` summary to `<run_dir>/evals.jsonl`."""
+    row = eval_row(arm=arm, step=step, gflops=gflops, summary=summary)
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, EVALS_FILE), "a") as f:
+        f.write(json.dumps(row) + "\n")
+    return row
+
+
+def eval_row(*, arm: str, step: int, gflops: float, summary: dict[str, Any]) -> dict:
+    """The row `append_eval` appends, without writing it."""
     from sftrl_jax.evaluation.evaluate import headline
 
     if arm not in ARMS:
@@ -43,9 +52,6 @@ def append_eval(run_dir: str | os.PathLike, *, arm: str, step: int, gflops: floa
     }
     if "reward_mean" in summary:  # mean reward per graded turn: moves before the success rate does
         row["reward_mean"] = float(summary["reward_mean"])
-    os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, EVALS_FILE), "a") as f:
-        f.write(json.dumps(row) + "\n")
     return row
 
 

@@ -11,8 +11,11 @@ On CPU (tests) the processes exchange data with gloo collectives.
 from __future__ import annotations
 
 import os
+import pickle
+from typing import Any
 
 import jax
+import numpy as np
 
 from sftrl_jax.errors import UserError
 
@@ -49,3 +52,24 @@ def maybe_initialize(auto: bool = False) -> bool:
     jax.distributed.initialize(**kwargs)
     _INITIALIZED = True
     return jax.process_count() > 1
+
+
+def process_share() -> tuple[int, int]:
+    """(this process's index, the number of processes)."""
+    return jax.process_index(), jax.process_count()
+
+
+def allgather_objects(obj: Any) -> list[Any]:
+    """Every process's picklable `obj`, in process order (host all-gathers: the sizes, then the bytes);
+    every process must call it. One process: [obj]."""
+    if jax.process_count() == 1:
+        return [obj]
+    from jax.experimental import multihost_utils
+
+    data = np.frombuffer(pickle.dumps(obj), np.uint8)
+    sizes = np.asarray(multihost_utils.process_allgather(np.int32(data.size))).reshape(-1)
+    n = 1 << int(sizes.max()).bit_length()  # power-of-2 buffers: few distinct shapes to compile
+    buf = np.zeros(n, np.uint8)
+    buf[: data.size] = data
+    rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), n)
+    return [pickle.loads(rows[p, : sizes[p]].tobytes()) for p in range(len(sizes))]

@@ -1,7 +1,8 @@
 """Host batches and train states onto a mesh: the placement both training arms (SFT, RL) share.
 
 `global_batch` turns each process's numpy batch into global arrays sharded over the batch axes;
-`on_mesh` puts a pytree on the mesh, keeping the sharding of arrays already there. They live here,
+`replicated_batch` does it for a batch every process holds whole (RL), `to_host` brings a global array
+back to every host; `on_mesh` puts a pytree on the mesh, keeping the sharding of arrays already there. They live here,
 not in one arm's loop, so that `sft` and `rl` import them from below and never from each other.
 """
 
@@ -35,6 +36,25 @@ def global_batch(batch: dict[str, np.ndarray], mesh, *, pad_id: int = 0) -> dict
         sharding = rules.named_sharding(names, (x.shape[0] * jax.process_count(), *x.shape[1:]), mesh)
         out[k] = jax.make_array_from_process_local_data(sharding, x)
     return out
+
+
+def replicated_batch(batch: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """The same whole numpy batch on every process -> global arrays sharded over the batch axes, each
+    device taking its own rows (RL, where every process builds every batch: `episodes`)."""
+    out = {}
+    for k, x in batch.items():
+        sharding = rules.named_sharding(("batch",) + (None,) * (x.ndim - 1), x.shape, mesh)
+        out[k] = jax.make_array_from_callback(x.shape, sharding, lambda index, x=x: x[index])
+    return out
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A global array as numpy on every process (an all-gather when other processes hold parts of it)."""
+    if x.is_fully_addressable:
+        return np.asarray(jax.device_get(x))
+    from jax.experimental import multihost_utils
+
+    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 def pad_time(batch: dict[str, np.ndarray], T: int, pad_id: int) -> dict[str, np.ndarray]:

@@ -185,7 +185,8 @@ class Batcher:
     def device(self, batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """The device arrays of a built batch (`BATCH_KEYS`), sharded over the batch axes."""
         host = {k: v for k, v in batch.items() if k in BATCH_KEYS}
-        return placement.global_batch(host, self.mesh, pad_id=self.tokenizer.pad_id)
+        # every process holds every turn (`episodes`): each device takes its rows of the whole batch
+        return placement.replicated_batch(host, self.mesh)
 
     def rows_of(
         self, turns: Sequence[Turn], mb: int, fn: Callable[[dict[str, jax.Array]], Any], steps=None
@@ -209,7 +210,7 @@ class Batcher:
             batch = self.build([turns[i] for i in idx])
             for lo in range(0, len(idx), mb):
                 res = fn(self.device({k: v[lo : lo + mb] for k, v in batch.items()}))
-                res = [np.asarray(r) for r in res]
+                res = [placement.to_host(r) for r in res]
                 for r, i in enumerate(idx[lo : lo + mb]):
                     if out[i] is None:
                         out[i] = tuple(x[r] for x in res)

@@ -63,12 +63,10 @@ class Trainer:
         self.cfg = cfg
         t = cfg.train
         distributed.maybe_initialize(auto=t.distributed)
-        if jax.process_count() > 1:
-            raise UserError(
-                "sftrl rl runs in one process for now (rollouts are host-side); use one host with many devices"
-            )
+        self.lead = jax.process_index() == 0  # the process that writes the run's files
         os.makedirs(t.run_dir, exist_ok=True)
-        config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
+        if self.lead:
+            config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
         devices = jax.devices() if t.devices is None else jax.devices()[: t.devices]
         self.mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(t.mesh), devices=devices)
         rl_config.check_mesh(cfg, self.mesh)
@@ -108,8 +106,8 @@ class Trainer:
             self.compute = ComputeCounter.from_state(extra["compute"])
             print(f"rl: resumed {t.run_dir} at update {self.update_idx}")
         # each update logged once: rows after the checkpoint are logged again (metrics.rewind)
-        metrics_lib.rewind(os.path.join(t.run_dir, "metrics.jsonl"), checkpoint_step=self.resumed)
-        if self.resumed is not None:  # so are the evaluations after it
+        metrics_lib.rewind(os.path.join(t.run_dir, self.metrics_file()), checkpoint_step=self.resumed)
+        if self.resumed is not None and self.lead:  # so are the evaluations after it
             metrics_lib.rewind(os.path.join(t.run_dir, report_lib.EVALS_FILE), checkpoint_step=self.resumed)
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
         # The training passes (update step, values / log-prob pass, reference pass) run their fp32
@@ -147,6 +145,11 @@ class Trainer:
             temperature=temperature,
         )
 
+    def metrics_file(self) -> str:
+        """metrics.jsonl (process 0; the others' copies as metrics.process<i>.jsonl, as in SFT)."""
+        p = jax.process_index()
+        return "metrics.jsonl" if p == 0 else f"metrics.process{p}.jsonl"
+
     def episode_seed(self, episode: int) -> int:
         return (self.cfg.train.seed * 1_000_003 + self.update_idx) * 100_003 + episode
 
@@ -174,17 +177,16 @@ class Trainer:
                 self.tokenizer,
                 proto,
                 batch_size=e.batch_size,
-                progress=self.cfg.train.progress,
-                out_dir=os.path.join(self.cfg.train.run_dir, "eval", f"update{self.update_idx}", split),
+                progress=self.cfg.train.progress and self.lead,
+                out_dir=os.path.join(self.cfg.train.run_dir, "eval", f"update{self.update_idx}", split)
+                if self.lead
+                else None,
                 env_options=rl_config.eval_env_options(self.cfg.env.options),
             )
-            row = report_lib.append_eval(
-                self.cfg.train.run_dir,
-                arm="rl" if self.update_idx else "init",
-                step=self.update_idx,
-                gflops=self.compute.flops(rl=True) / 1e9,
-                summary=summary,
-            )
+            # every process evaluates (its share of the envs) and logs the same row; process 0 keeps it
+            kw = dict(arm="rl" if self.update_idx else "init", step=self.update_idx, summary=summary)
+            kw["gflops"] = self.compute.flops(rl=True) / 1e9
+            row = report_lib.append_eval(self.cfg.train.run_dir, **kw) if self.lead else report_lib.eval_row(**kw)
             writer.write(self.update_idx, {f"{split}/{row['metric']}": row["value"]}, prefix="eval")
             rows.append(row)
         return rows
@@ -199,11 +201,13 @@ class Trainer:
 
     def run(self, *, stop_after: int | None = None) -> dict[str, Any]:
         cfg, t = self.cfg, self.cfg.train
-        writer = metrics_lib.MetricsWriter(t.run_dir, tensorboard=t.tensorboard)
+        writer = metrics_lib.MetricsWriter(
+            t.run_dir, filename=self.metrics_file(), tensorboard=t.tensorboard and self.lead
+        )
         last: dict[str, Any] = {}
         bad = 0
         bar = None
-        if t.progress:
+        if t.progress and self.lead:
             from tqdm.auto import tqdm
 
             bar = tqdm(
@@ -232,7 +236,7 @@ class Trainer:
                         self.evaluate(writer)
                     if self.update_idx % t.save_every == 0:
                         self.save()
-                    if guard.requested:
+                    if _any_process(guard.requested):
                         self.save()
                         print(f"rl: SIGTERM received; saved update {self.update_idx}; exiting")
                         return last
@@ -259,3 +263,10 @@ class Trainer:
 
 def train(cfg: rl_config.RLConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     return Trainer(cfg).run(stop_after=stop_after)
+
+
+def _any_process(flag: bool) -> bool:
+    """`flag` on any process (SIGTERM may reach the processes at different updates: all stop together)."""
+    if jax.process_count() == 1:
+        return flag
+    return any(distributed.allgather_objects(bool(flag)))
