@@ -57,6 +57,13 @@ class MllamaForConditionalGeneration(nnx.Module):
             return text.lm_logits(hidden, self.language_model.embed_tokens[: tc.vocab_size], tied=True)
         return text.lm_logits(hidden, self.lm_head[...], tied=False)
 
+    def lm_head_matrix(self) -> jax.Array:
+        """The LM head as [D, V] (see `LlamaForCausalLM.lm_head_matrix`)."""
+        tc = self.config.text
+        if tc.tie_word_embeddings:
+            return self.language_model.embed_tokens[: tc.vocab_size].T
+        return self.lm_head[...]
+
     def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None) -> kv_cache.KVCache:
         """Empty cache (dtype: the compute dtype), sharded on `mesh` if given; see `kv_cache`."""
         dtype = self.dtype if dtype is None else dtype

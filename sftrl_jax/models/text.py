@@ -295,6 +295,14 @@ class LlamaForCausalLM(nnx.Module):
             return lm_logits(hidden, self.model.embed_tokens[: cfg.vocab_size], tied=True)
         return lm_logits(hidden, self.lm_head[...], tied=False)
 
+    def lm_head_matrix(self) -> jax.Array:
+        """The LM head as [D, V] (the embedding's first V rows transposed when tied), in the parameter
+        dtype: logits = hidden @ it. For losses that apply the head in chunks (`sampling.chunked`)."""
+        cfg = self.config.text
+        if cfg.tie_word_embeddings:
+            return self.model.embed_tokens[: cfg.vocab_size].T
+        return self.lm_head[...]
+
     def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None) -> kv_cache.KVCache:
         """Empty cache (dtype: the compute dtype), sharded on `mesh` if given; see `kv_cache`."""
         dtype = self.dtype if dtype is None else dtype

@@ -27,7 +27,7 @@ from sftrl_jax.config import ConfigError
 from sftrl_jax.rl import batching, losses
 from sftrl_jax.rl import learner as learner_lib
 from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
-from sftrl_jax.sampling.logprobs import token_logprobs
+from sftrl_jax.sampling import chunked
 from sftrl_jax.train import accumulate as accum_lib
 
 
@@ -95,13 +95,15 @@ def forward(policy, batch: dict[str, jax.Array], temperature: float, *, entropy:
     """Token log-probs [B, L] (logits / temperature, fp32) and values [B]; with `entropy`, also the
     token entropies [B, L] of the tempered distribution."""
     model_inputs = {k: batch[k] for k in batching.IMAGE_KEYS if k in batch}
-    out = policy.model(batch["input_ids"], attention_mask=batch["attention_mask"], **model_inputs)
-    z = out.logits.astype(jnp.float32) / temperature
-    logp = token_logprobs(z, batch["targets"])
+    out = policy.model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=False, **model_inputs)
+    # The LM head chunk by chunk over the sequence: no whole-vocabulary logits tensor.
+    head = chunked.head_logprobs(
+        out.hidden_states, policy.model.lm_head_matrix(), batch["targets"], temperature=temperature, entropy=entropy
+    )
     h = jnp.take_along_axis(out.hidden_states, batch["value_index"][:, None, None], axis=1)[:, 0]
     if entropy:
-        return logp, policy.value_head(h), losses.token_entropy(z)
-    return logp, policy.value_head(h)
+        return head["logp"], policy.value_head(h), head["entropy"]
+    return head["logp"], policy.value_head(h)
 
 
 def turn_logp(token_logp: jax.Array, batch) -> jax.Array:

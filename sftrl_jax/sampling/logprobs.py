@@ -1,12 +1,13 @@
 """Token log-probs of a forward, and the trainer-sampler gap: sampler log-probs vs the training
 forward's, for the same tokens.
 
-`token_logprobs` is the one definition every consumer scores with (the sampler's teacher-forced check
-here, the SFT loss, the PPO and GRPO losses), so it lives below both training arms.
+`token_logprobs` (defined in `chunked`, re-exported here) is the one definition every consumer scores
+with (the sampler's teacher-forced check here, the SFT loss, the PPO and GRPO losses), so it lives
+below both training arms; the training forwards apply it chunk by chunk (`chunked.head_logprobs`).
 
 PPO (`sftrl_jax.rl.ppo.forward`) scores a response teacher-forced on context + response, right
 padded, as `log_softmax(logits / T)` over the full vocabulary. `teacher_forced_logprobs` runs exactly
-that forward (same model call, same `token_logprobs`); `logprob_gap` compares it with a sampler
+that forward (same model call, same `chunked.head_logprobs`); `logprob_gap` compares it with a sampler
 result's `logprobs_temperature`. A gap above ~1e-5 in fp32 means the two forwards disagree, and PPO
 ratios would be biased from the first epoch on; training runs log it.
 """
@@ -24,23 +25,18 @@ from flax import nnx
 from sftrl_jax.data import processor
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import config as config_lib
-from sftrl_jax.sampling import inputs
+from sftrl_jax.sampling import chunked, inputs
+from sftrl_jax.sampling.chunked import token_logprobs as token_logprobs  # re-exported
 from sftrl_jax.sampling.sampler import GenerateResult
-
-
-def token_logprobs(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    """log p(target_t | prefix) [B, T] from logits [B, T, V], computed in fp32."""
-    logits = logits.astype(jnp.float32)
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return picked - logz
 
 
 def _forward(params, batch, temperature, *, graphdef):
     model = nnx.merge(graphdef, params)
     extra = {k: batch[k] for k in (*inputs.IMAGE_KEYS, "cross_attention_mask") if k in batch}
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], **extra)
-    return token_logprobs(out.logits.astype(jnp.float32) / temperature, batch["targets"])
+    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=False, **extra)
+    return chunked.head_logprobs(out.hidden_states, model.lm_head_matrix(), batch["targets"], temperature=temperature)[
+        "logp"
+    ]
 
 
 _forward_jit = jax.jit(_forward, static_argnames=("graphdef",))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from sftrl_jax.sampling import logprobs
+from sftrl_jax.sampling import chunked
 
 
 def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -14,9 +14,22 @@ def sft_loss(logits: jax.Array, targets: jax.Array, loss_mask: jax.Array) -> tup
     Returns (loss, aux) with aux = {"nll_sum", "tokens", "correct"} so that gradient accumulation can
     re-weight micro-batches by their token counts.
     """
+    logp = chunked.token_logprobs(logits, targets)
+    return _reduce(logp, jnp.argmax(logits, axis=-1), targets, loss_mask)
+
+
+def sft_loss_from_hidden(
+    hidden: jax.Array, head: jax.Array, targets: jax.Array, loss_mask: jax.Array, *, chunk_tokens: int | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """`sft_loss` of logits = hidden [B, T, D] @ head [D, V] without the whole logits tensor: the head
+    is applied chunk by chunk over the sequence (`sampling.chunked.head_logprobs`)."""
+    out = chunked.head_logprobs(hidden, head, targets, argmax=True, chunk_tokens=chunk_tokens)
+    return _reduce(out["logp"], out["argmax"], targets, loss_mask)
+
+
+def _reduce(logp, predicted, targets, loss_mask):
     mask = loss_mask.astype(jnp.float32)
-    logp = logprobs.token_logprobs(logits, targets)
     tokens = mask.sum()
     nll_sum = -(logp * mask).sum()
-    correct = ((jnp.argmax(logits, axis=-1) == targets) * mask).sum()
+    correct = ((predicted == targets) * mask).sum()
     return nll_sum / jnp.maximum(tokens, 1.0), {"nll_sum": nll_sum, "tokens": tokens, "correct": correct}

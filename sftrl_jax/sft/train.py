@@ -33,7 +33,7 @@ from sftrl_jax.evaluation.compute import ComputeCounter
 from sftrl_jax.parallel import distributed
 from sftrl_jax.parallel import mesh as mesh_lib
 from sftrl_jax.parallel.placement import global_batch, on_mesh, param_count
-from sftrl_jax.sft.losses import sft_loss
+from sftrl_jax.sft.losses import sft_loss_from_hidden
 from sftrl_jax.train import accumulate as accum_lib
 from sftrl_jax.train import checkpoint as ckpt_lib
 from sftrl_jax.train import metrics as metrics_lib
@@ -103,8 +103,8 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_ac
 
     def loss_fn(params, mb):
         model = nnx.merge(graphdef, params, rest)
-        out = model(mb["input_ids"], **model_inputs(mb))
-        _, aux = sft_loss(out.logits, mb["targets"], mb["loss_mask"])
+        out = model(mb["input_ids"], return_logits=False, **model_inputs(mb))
+        _, aux = sft_loss_from_hidden(out.hidden_states, model.lm_head_matrix(), mb["targets"], mb["loss_mask"])
         return aux["nll_sum"], aux
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -124,8 +124,9 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_ac
 def make_eval_step(graphdef, rest, *, policy=None):
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params, rest)
-        out = model(batch["input_ids"], **model_inputs(batch))
-        _, aux = sft_loss(out.logits, batch["targets"], batch["loss_mask"])
+        out = model(batch["input_ids"], return_logits=False, **model_inputs(batch))
+        head = model.lm_head_matrix()
+        _, aux = sft_loss_from_hidden(out.hidden_states, head, batch["targets"], batch["loss_mask"])
         return aux["nll_sum"], aux["tokens"]
 
     return ops.traced_with(eval_step, policy)
