@@ -20,6 +20,13 @@ return (observation, reward, flags, the info keys kept) is exchanged every turn 
 all-gather, so every process holds the same conversations of all envs, builds the same prompt batch
 for the one global sampling program and numbers episodes as a single process would. An env that
 fails on its owner stops every process with the owner's message.
+
+Rewards on the device (`scorer`, an `envs.device_scoring.DeviceScorer`; `env.reward_on_device`):
+right after sampling, each process scores its own envs' responses in one compiled program from
+their `device_state()` taken before `step`; `step` still runs for the feedback text and the env's
+advance, the turn's reward is the device one (`info["reward_source"]` "device"; "host" for a row the
+device left to the host), and a host reward that differs (it must not) sets
+`info["reward_device_mismatch"]`. Both keys travel with the turn's exchanged result.
 """
 
 from __future__ import annotations
@@ -30,8 +37,11 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from sftrl_jax.episode_checks import RolloutError, check_observation, check_step, clip, describe, env_name
 from sftrl_jax.errors import UserError
 from sftrl_jax.parallel import distributed
+
+__all__ = ["EpisodeRunner", "RolloutError", "Turn", "check_observation", "collect", "run_episodes"]
 
 
 class Policy(Protocol):
@@ -73,49 +83,6 @@ def _user(text: str, image: Any) -> dict[str, Any]:
     return {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}]}
 
 
-class RolloutError(UserError):
-    """An environment failed (raised, or returned a malformed observation / reward): the run stops."""
-
-
-def _env_name(env: Any) -> str:
-    return getattr(env, "name", "") or type(env).__name__
-
-
-def _describe(e: BaseException) -> str:
-    return f"{type(e).__name__}: {e}"
-
-
-def _clip(text: str, n: int = 80) -> str:
-    return text if len(text) <= n else text[:n] + "..."
-
-
-def check_observation(obs: Any, *, where: str, allow_empty: bool = False) -> dict[str, Any]:
-    """An observation must be {"text": non-empty str (empty allowed once the episode is over),
-    "image": None or a PIL image / HxWx3 array}; anything else stops the run with a message."""
-    if not isinstance(obs, dict):
-        raise RolloutError(
-            f"{where} returned an observation of type {type(obs).__name__}; expected a dict with 'text' and 'image'"
-        )
-    if "text" not in obs:
-        raise RolloutError(f"{where} returned an observation without 'text' (keys: {sorted(map(str, obs))})")
-    text = obs["text"]
-    if not isinstance(text, str):
-        raise RolloutError(f"{where} returned observation 'text' of type {type(text).__name__}; expected str")
-    if not text and not allow_empty:
-        raise RolloutError(f"{where} returned an empty observation 'text' for an episode that goes on")
-    image = obs.get("image")
-    if image is not None:
-        ok = hasattr(image, "convert") and hasattr(image, "size")  # PIL
-        if isinstance(image, np.ndarray):
-            ok = image.ndim == 3 and image.shape[-1] in (3, 4) and min(image.shape[:2]) > 0
-        if not ok:
-            desc = f"array of shape {image.shape}" if isinstance(image, np.ndarray) else type(image).__name__
-            raise RolloutError(
-                f"{where} returned observation 'image' {desc}; expected None, a PIL image or an HxWx3 array"
-            )
-    return obs
-
-
 _INFO_KEYS = (
     "verify_message",
     "outcome",
@@ -126,6 +93,8 @@ _INFO_KEYS = (
     "route_idx",
     "waypoint_idx",
     "repeated",
+    "reward_source",  # with a device scorer: "device" or "host"
+    "reward_device_mismatch",  # the host's reward differed from the device's (counted, it must not)
 )
 _SHARED_INFO = (*_INFO_KEYS, "new_conversation")  # what other processes need of a non-owned env's info
 
@@ -142,6 +111,7 @@ class EpisodeRunner:
         reset_fn: Callable[[int, int], tuple[int | None, dict[str, Any] | None]] | None = None,
         max_turns: int | None = None,
         share: tuple[int, int] | None = None,
+        scorer: Any = None,
     ):
         self.envs = list(envs)
         # (this process, processes): env i is reset and stepped by process i % processes only
@@ -150,6 +120,7 @@ class EpisodeRunner:
         self.policy = policy
         self.reset_fn = reset_fn or (lambda i, ep: (ep, None))
         self.max_turns = max_turns  # end every episode after this many turns (e.g. 1: verification off)
+        self.scorer = scorer  # rewards on the device (module docstring); None: the envs' step rewards
         self.next_episode = 0
         self.messages: list[list[dict[str, Any]] | None] = [None] * len(self.envs)
         self.images: list[list[Any]] = [[] for _ in self.envs]
@@ -169,7 +140,7 @@ class EpisodeRunner:
         (one all-gather with several processes); an env's failure is raised on every process."""
         merged = dict(local)
         if self.world > 1:
-            shared = {i: (ok, v if ok else f"{_describe(v)}") for i, (ok, v) in local.items()}
+            shared = {i: (ok, v if ok else f"{describe(v)}") for i, (ok, v) in local.items()}
             for part in distributed.allgather_objects(shared):
                 for i, item in part.items():
                     merged.setdefault(i, item)
@@ -213,28 +184,16 @@ class EpisodeRunner:
         try:
             obs, _ = self.envs[i].reset(seed=seed, options=options)
         except Exception as e:
-            raise RolloutError(
-                f"env {i} ({_env_name(self.envs[i])}) raised in reset(seed={seed}): {_describe(e)}"
-            ) from e
-        return check_observation(obs, where=f"env {i} ({_env_name(self.envs[i])}) reset(seed={seed})")
+            raise RolloutError(f"env {i} ({env_name(self.envs[i])}) raised in reset(seed={seed}): {describe(e)}") from e
+        return check_observation(obs, where=f"env {i} ({env_name(self.envs[i])}) reset(seed={seed})")
 
     def _step_env(self, i: int, text: str):
-        where = f"env {i} ({_env_name(self.envs[i])}) step at episode {self.episode[i]} turn {self.turn[i]}"
+        where = f"env {i} ({env_name(self.envs[i])}) step at episode {self.episode[i]} turn {self.turn[i]}"
         try:
             out = self.envs[i].step(text)
         except Exception as e:
-            raise RolloutError(f"{where} raised while scoring the answer {_clip(text)!r}: {_describe(e)}") from e
-        if not isinstance(out, tuple) or len(out) != 5:
-            raise RolloutError(
-                f"{where} returned {_clip(repr(out))}; expected (obs, reward, terminated, truncated, info)"
-            )
-        obs, reward, terminated, truncated, info = out
-        check_observation(obs, where=where, allow_empty=bool(terminated or truncated))
-        if not isinstance(reward, int | float | np.number) or isinstance(reward, bool) or not np.isfinite(reward):
-            raise RolloutError(f"{where} returned reward {reward!r}; expected a finite number")
-        if not isinstance(info, dict):
-            raise RolloutError(f"{where} returned info of type {type(info).__name__}; expected a dict")
-        return obs, float(reward), bool(terminated), bool(truncated), info
+            raise RolloutError(f"{where} raised while scoring the answer {clip(text)!r}: {describe(e)}") from e
+        return check_step(out, where=where)
 
     def _new_conversation(self, i: int, obs: dict[str, Any]) -> None:
         image = obs.get("image")
@@ -250,8 +209,22 @@ class EpisodeRunner:
             if self.active[i]
         ]
 
-    def _score(self, i: int, text: str):
+    def _device_rewards(self, idx: Sequence[int], responses: Sequence[list[int]]) -> dict[int, Any]:
+        """{env: (reward, outcome) or None (host)} of this process's envs, scored on the device."""
+        if self.scorer is None:
+            return {}
+        mine = [(i, r) for i, r in zip(idx, responses) if self.owns(i)]
+        states = [self.scorer.state_of(self.envs[i]) for i, _ in mine]
+        rows = self.scorer.score(states, [r for _, r in mine], batch=-(-len(self.envs) // self.world))
+        return {i: row for (i, _), row in zip(mine, rows)}
+
+    def _score(self, i: int, text: str, device: tuple[float, str] | None = None):
         obs, reward, terminated, truncated, info = self._step_env(i, text)
+        if self.scorer is not None:
+            info = {**info, "reward_source": "host" if device is None else "device"}
+            if device is not None:  # float32 on the device: the host's float when they agree
+                info["reward_device_mismatch"] = float(np.float32(reward)) != device[0]
+                reward = device[0] if info["reward_device_mismatch"] else reward
         if self.world > 1:
             info = {k: info[k] for k in _SHARED_INFO if k in info}
         return obs, reward, terminated, truncated, info
@@ -267,8 +240,13 @@ class EpisodeRunner:
             raise ValueError(f"policy returned {len(outputs)} responses for {len(ctx)} contexts")
         responses = [[int(t) for t in response] for response, _ in outputs]
         texts = [self.tokenizer.decode([t for t in r if t not in self.tokenizer.stop_ids]) for r in responses]
+        device = self._device_rewards(idx, responses)
         scored = self._exchange(
-            {i: self._owned(i, lambda i=i, x=x: self._score(i, x)) for i, x in zip(idx, texts) if self.owns(i)}
+            {
+                i: self._owned(i, lambda i=i, x=x: self._score(i, x, device.get(i)))
+                for i, x in zip(idx, texts)
+                if self.owns(i)
+            }
         )
         turns, plans = [], []
         for (i, context), (_, logprobs), response, text in zip(ctx, outputs, responses, texts):
@@ -367,7 +345,7 @@ class EpisodeRunner:
             obs, reward, terminated, truncated, info = self._step_env(i, text)
             if reward != saved or terminated or truncated:
                 raise UserError(
-                    f"resume: env {i} ({_env_name(self.envs[i])}) replayed episode {row['episode']} differently "
+                    f"resume: env {i} ({env_name(self.envs[i])}) replayed episode {row['episode']} differently "
                     f"(reward {reward} vs saved {saved}, done={terminated or truncated}); is the env deterministic "
                     "given its seed, and unchanged since the checkpoint?"
                 )

@@ -26,7 +26,8 @@ ALLOWED = {
     "envs": _BASE,
     "data": _BASE | {"envs"},
     "sampling": _BASE | {"models", "data", "parallel", "ops"},
-    "episodes": _BASE | {"parallel"},  # parallel.distributed: the multi-process exchange
+    "episode_checks": _BASE,  # what the episode runner accepts from an env
+    "episodes": _BASE | {"parallel", "episode_checks"},  # parallel.distributed: the multi-process exchange
     "evaluation": _BASE | {"envs", "episodes", "sampling", "data", "models"},
     "train": _BASE | {"models", "data", "parallel", "ops"},
     "sft": _BASE | {"models", "sampling", "data", "parallel", "ops", "train", "evaluation"},

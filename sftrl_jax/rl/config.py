@@ -34,6 +34,17 @@ class EnvSection:
     split: Literal["train", "id", "ood-rule", "ood-visual"] = "train"
     num_envs: int = 8  # environments stepped in lock-step (one batched sampling call per turn)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # env options, e.g. verify_iter
+    # Rollout rewards scored on the device right after sampling (`envs.device_scoring`; the host's
+    # env.step still writes the feedback). null = auto: on for every task whose options the device
+    # reward implements (all defaults; it equals the host verifiers on everything tested, see
+    # docs/DEVICE_REWARD.md), off for exact=false, reference_card_parsing=true, repeat_penalty != 0;
+    # true with one of those is refused.
+    reward_on_device: bool | None = None
+
+    def __post_init__(self):
+        from sftrl_jax.envs import device_scoring
+
+        device_scoring.resolve(self.reward_on_device, self.task, self.options)
 
 
 # Env options that say how the model is prompted and graded (not what a split's rules are): the

@@ -175,7 +175,11 @@ class GRPOLearner(learner_lib.Learner):
         group_seeds = [loop.episode_seed(p) for p in range(P)]
         reset = self.hooks.group_reset
         runner = episodes.EpisodeRunner(
-            loop.envs, loop.tokenizer, loop.policy(), reset_fn=lambda i, ep: reset(loop.envs[0], group_seeds[ep // G])
+            loop.envs,
+            loop.tokenizer,
+            loop.policy(),
+            reset_fn=lambda i, ep: reset(loop.envs[0], group_seeds[ep // G]),
+            scorer=loop.reward_scorer,
         )
         t0 = time.perf_counter()
         turns = episodes.run_episodes(runner, P * G)

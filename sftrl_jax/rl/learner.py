@@ -127,6 +127,10 @@ class Learner:
             )
             / 1e9,
         }
+        sources = [t.info["reward_source"] for t in turns if "reward_source" in t.info]
+        if sources:  # env.reward_on_device: the share scored on the device, host rewards that differed
+            out["reward_device_share"] = sources.count("device") / len(sources)
+            out["reward_device_mismatch"] = sum(bool(t.info.get("reward_device_mismatch")) for t in turns)
         out.update(self.hooks.turn_stats(turns))
         return out
 

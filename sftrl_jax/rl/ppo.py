@@ -236,7 +236,11 @@ class PPOLearner(learner_lib.Learner):
         loop = self.loop
         if self.runner is None:
             self.runner = episodes.EpisodeRunner(
-                loop.envs, loop.tokenizer, None, reset_fn=lambda i, ep: (loop.episode_seed(ep), None)
+                loop.envs,
+                loop.tokenizer,
+                None,
+                reset_fn=lambda i, ep: (loop.episode_seed(ep), None),
+                scorer=loop.reward_scorer,
             )
             if self._rollout_state is not None:
                 self.runner.load_state(self._rollout_state)

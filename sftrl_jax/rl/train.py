@@ -37,6 +37,7 @@ from sftrl_jax import config as config_lib
 from sftrl_jax import envs, ops
 from sftrl_jax.config import ConfigError
 from sftrl_jax.data import processor
+from sftrl_jax.envs import device_scoring
 from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation import evaluate as eval_lib
 from sftrl_jax.evaluation import report as report_lib
@@ -121,6 +122,10 @@ class Trainer:
             self.tokenizer, self.mesh, cfg.ppo, buckets=t.length_buckets, image_processor=self.image_processor
         )
         self.envs = [envs.make(cfg.env.task, split=cfg.env.split, **cfg.env.options) for _ in range(cfg.env.num_envs)]
+        # env.reward_on_device: the rollouts' rewards from one compiled program after sampling (or None)
+        self.reward_scorer = device_scoring.make_scorer(
+            cfg.env.reward_on_device, cfg.env.task, cfg.env.options, self.tokenizer, width=cfg.sampling.max_new_tokens
+        )
         self.learner = learner_cls(self)
         self.learner.load_state(extra.get("rollout"))
 
