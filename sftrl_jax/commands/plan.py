@@ -87,6 +87,14 @@ def run(args) -> int:
     spec = args.mesh or cfg.train.mesh
     mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(spec), devices=jax.devices()[: args.devices])
     programs = planning.programs_for(cfg, mesh, images=args.images)
+    exports = {}
+    if args.platform:  # the same programs traced with that platform's kernels (cuDNN, Pallas)
+        from sftrl_jax import ops
+
+        backend = "gpu" if args.platform == "cuda" else args.platform
+        exports = {
+            p.name: p for p in planning.programs_for(cfg, mesh, images=args.images, policy=ops.Policy(platform=backend))
+        }
     if args.only:
         programs = [p for p in programs if args.only in p.name]
     rows = []
@@ -95,7 +103,8 @@ def run(args) -> int:
             print(f"compiling {p.name} ...", file=sys.stderr, flush=True)
         row = planning.analyse(p)
         if args.platform:
-            row["export"] = {"platform": args.platform, "custom_calls": planning.export_for(p, args.platform)}
+            calls = planning.export_for(exports[p.name], args.platform)
+            row["export"] = {"platform": args.platform, "custom_calls": calls}
         rows.append(row)
     if args.json:
         print(json.dumps({"mesh": dict(mesh.shape), "devices": args.devices, "programs": rows}))

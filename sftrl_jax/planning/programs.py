@@ -29,6 +29,12 @@ from sftrl_jax.parallel import rules
 from sftrl_jax.planning import flops as flops_lib
 from sftrl_jax.train.state import ModelSection, TrainState, preset_config
 
+# Programs are compiled here on fake CPU devices for an accelerator: with the seam's plain XLA ops
+# (`ops.xla`: the path every backend falls back to), not the CPU backend's layouts and custom VJPs
+# (whose optimisation barrier kept XLA from turning the FSDP weight gradients' all-reduce into a
+# reduce-scatter) nor its native kernels (one CPU device only).
+PLAN_POLICY = ops.Policy(reference=True)
+
 
 @dataclasses.dataclass
 class Program:
@@ -121,7 +127,7 @@ def _devices(mesh) -> int:
     return int(np.prod(list(mesh.shape.values())))
 
 
-def sft_programs(cfg, mesh, *, images: int = 0) -> list[Program]:
+def sft_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None) -> list[Program]:
     from sftrl_jax.sft.train import make_train_step
     from sftrl_jax.train import optim as optim_lib
 
@@ -130,7 +136,7 @@ def sft_programs(cfg, mesh, *, images: int = 0) -> list[Program]:
     graphdef, _, rest, state, state_shardings, tx, mc = _abstract_state(cfg.model, mesh, tx_fn)
     lr_fn = optim_lib.schedule(cfg.optim, t.steps)
     step = jax.jit(
-        make_train_step(graphdef, rest, tx, grad_accum=t.grad_accum, lr_fn=lr_fn, policy=ops.policy_for(mesh)),
+        make_train_step(graphdef, rest, tx, grad_accum=t.grad_accum, lr_fn=lr_fn, policy=policy or PLAN_POLICY),
         donate_argnums=0,
         out_shardings=(state_shardings, None),
     )
@@ -152,7 +158,7 @@ def sft_programs(cfg, mesh, *, images: int = 0) -> list[Program]:
     return out
 
 
-def rl_programs(cfg, mesh, *, images: int = 0) -> list[Program]:
+def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None) -> list[Program]:
     from sftrl_jax.rl import grpo as grpo_lib
     from sftrl_jax.rl import ppo as ppo_lib
     from sftrl_jax.rl.config import check_mesh
@@ -166,8 +172,8 @@ def rl_programs(cfg, mesh, *, images: int = 0) -> list[Program]:
     tx_fn = lambda params: optim_lib.make_optimizer(cfg.optim, params, total_steps=total)  # noqa: E731
     wrap = (lambda m: ppo_lib.PPOLearner.policy_module(m, seed=0)) if cfg.algo == "ppo" else None
     graphdef, params, rest, state, state_shardings, tx, mc = _abstract_state(cfg.model, mesh, tx_fn, wrap=wrap)
-    policy = ops.policy_for(mesh, exact=True)
-    options = ops.exact_compiler_options(policy, enabled=t.exact_cpu_passes)
+    policy = policy or PLAN_POLICY
+    options = None  # the CPU-only exact-rounding options are no part of an accelerator's program
 
     def compile_(fn, **kw):
         return jax.jit(ops.traced_with(fn, policy), compiler_options=options, **kw)
@@ -200,18 +206,14 @@ def rl_programs(cfg, mesh, *, images: int = 0) -> list[Program]:
     stops = jax.ShapeDtypeStruct((4,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     kw = dict(graphdef=lm_graphdef, cfg=scfg)
-    prefill = jax.jit(functools.partial(sampler_lib._prefill, **kw))
+    prefill = jax.jit(ops.traced_with(functools.partial(sampler_lib._prefill, **kw), policy))
     prefill_args = (lm_params, pbatch, stops, key)
     fwd = flops_lib.forward_flops(mc, rows=rows, length=prompt, images=images)
     programs.append(Program("rollout_prefill", prefill, prefill_args, fwd / n, mesh))
     with jax.set_mesh(mesh):
         dstate = jax.eval_shape(prefill, *prefill_args)
     dstate = _with_batch_shardings(dstate, mesh)
-    decode = jax.jit(
-        functools.partial(sampler_lib._decode, **kw),
-        donate_argnums=(1,),
-        compiler_options=ops.decode_compiler_options(ops.policy_for(mesh)),
-    )
+    decode = jax.jit(ops.traced_with(functools.partial(sampler_lib._decode, **kw), policy), donate_argnums=(1,))
     steps = max(new - 1, 1)
     dec = flops_lib.forward_flops(mc, rows=rows, length=1, keys=prompt + new - 1, images=0)  # one step
     programs.append(Program("rollout_decode", decode, (lm_params, dstate), dec / n, mesh, steps))
@@ -295,8 +297,10 @@ def images_default(cfg) -> int:
     return 0
 
 
-def programs_for(cfg, mesh, *, images: int | None = None) -> list[Program]:
+def programs_for(cfg, mesh, *, images: int | None = None, policy: ops.Policy | None = None) -> list[Program]:
+    """The run's programs traced under the ops `policy` (default `PLAN_POLICY`: XLA's ops, what an
+    accelerator runs where no fused kernel applies; `ops.Policy(platform="tpu")` etc. for export)."""
     images = images_default(cfg) if images is None else images
     if hasattr(cfg, "env"):
-        return rl_programs(cfg, mesh, images=images)
-    return sft_programs(cfg, mesh, images=images)
+        return rl_programs(cfg, mesh, images=images, policy=policy)
+    return sft_programs(cfg, mesh, images=images, policy=policy)

@@ -23,8 +23,9 @@ def tok():
     return load_tokenizer()
 
 
-def gp_policy(tok, gp_envs):
-    """Answers that reach several outcomes: a solution, a wrong value, an illegal formula, no JSON."""
+def gp_policy(tok, gp_envs, solve=True):
+    """Answers that reach several outcomes: a solution, a wrong value, an illegal formula, no JSON
+    (`solve` False: a fixed formula instead of the hand's solution)."""
     calls = [0]
 
     def policy(contexts, images):
@@ -32,7 +33,7 @@ def gp_policy(tok, gp_envs):
         for k, _ in enumerate(contexts):
             env = gp_envs[k % len(gp_envs)]
             pick = (calls[0] + k) % 4
-            sol = env.puzzle.solutions[0] if env.puzzle.solutions else "1+2"
+            sol = env.puzzle.solutions[0] if solve and env.puzzle.solutions else "(1+2)*8"
             text = [f'{{"formula": "{sol}=24"}}', '{"formula": "1+2=3"}', '{"formula": "((1+"}', "no idea"][pick]
             ids = tok.encode(text)[: WIDTH - 1] + [tok.eot_id]
             out.append((ids, [-0.5] * len(ids)))
@@ -141,3 +142,41 @@ def test_scorer_pads_rows_and_columns_to_one_shape(tok):
     _, reward, _, _, info = env.step(tok.decode(ids))
     assert out[0] == (reward, info["outcome"])
     assert np.isfinite(scorer.seconds)
+
+
+def test_two_processes_score_their_own_envs(tok, monkeypatch):
+    """Two runners in threads stand for two processes (as tests/rl/test_multihost.py): each scores its
+    own envs' rows on the device; both see the turns of one process's runner with the same scorer."""
+    import threading
+
+    slots, barrier, rank = [None, None], threading.Barrier(2), threading.local()
+
+    def allgather(obj):
+        slots[rank.value] = obj
+        barrier.wait()
+        out = list(slots)
+        barrier.wait()
+        return out
+
+    monkeypatch.setattr(episodes.distributed, "allgather_objects", allgather)
+
+    def run(share, scorer):
+        gp = [envs.make("gp-l") for _ in range(4)]
+        runner = episodes.EpisodeRunner(gp, tok, gp_policy(tok, gp, solve=False), scorer=scorer, share=share)
+        turns = [t for row in episodes.collect(runner, 4) for t in row]
+        return [(t.env_index, t.text, t.reward, t.info["reward_source"]) for t in turns]
+
+    ref = run((0, 1), device_scoring.DeviceScorer("gp-l", tok, width=WIDTH))
+    results, scorers = [None, None], [device_scoring.DeviceScorer("gp-l", tok, width=WIDTH) for _ in range(2)]
+
+    def worker(r):
+        rank.value = r
+        results[r] = run((r, 2), scorers[r])
+
+    threads = [threading.Thread(target=worker, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert results[0] == results[1] == ref and {s for *_, s in ref} == {"device"}
+    assert [s.rows for s in scorers] == [8, 8]  # 2 envs x 4 turns each
