@@ -18,6 +18,12 @@ MATMUL = 2 * (49152 + 147456) + 128 * 2048  # 655,360
 PARAMS = MATMUL + 2048 * 128 + 5 * 128  # 917,888
 
 
+def _tiny():
+    return config_lib.LlamaConfig.tiny(
+        vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=32
+    )
+
+
 def _plan(capsys, *args):
     assert cli.main(["plan", *args, "--json"]) == 0
     return json.loads(capsys.readouterr().out)["programs"]
@@ -55,7 +61,10 @@ def test_plan_sft_tiny(capsys):
         length=160,
     )
     assert row["ideal_flops"] == pytest.approx(ideal / 8)
-    assert 0.9 < row["flops"] / row["ideal_flops"] < 1.15
+    # The plan compiles XLA's ops, whose attention computes the whole [T, T] square (the ideal counts
+    # the causal half a fused kernel computes): compare with the whole square's count.
+    square = 3 * planning.flops.forward_flops(_tiny(), rows=16, length=160, keys=160) / 8
+    assert 0.9 < row["flops"] / square < 1.15
     assert row["peak_bytes"] <= row["argument_bytes"] + row["output_bytes"] + row["temp_bytes"]
     assert row["collective_bytes"] > 0  # FSDP gathers the weights
 
@@ -75,8 +84,11 @@ def test_plan_rl_tiny_update_is_sharded(capsys):
     )
     (row,) = rows
     assert row["name"].startswith("ppo_update[") and row["loop_trips"] == 32 // 16
-    # Per device and per micro-batch, the step's FLOPs are those of its share of the rows.
-    assert 0.9 < row["flops"] / row["ideal_flops"] < 1.15
+    # Per device and per micro-batch, the step's FLOPs are those of its share of the rows (the
+    # whole attention square, as XLA's ops compute it; PPO's value head is ~0.1% more).
+    length = int(row["name"].split("[")[1].rstrip("]"))
+    square = 3 * planning.flops.forward_flops(_tiny(), rows=16, length=length, keys=length) / 8
+    assert 0.9 < row["flops"] / square < 1.15
 
 
 def test_plan_refuses_unsharded_micro_batches(capsys):
