@@ -231,10 +231,16 @@ def bench_rewards_cmd(args) -> int:
     import bench_rewards
 
     lines, _ = bench_rewards.bench_rewards(args, _answer_mix)
+    if args.grpo_updates > 1:
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as tmp:
+            lines[-1:-1] = bench_rewards.grpo_share(args.grpo_updates, tmp)
     for line in lines[:-1]:
         print(line)
     if not args.no_record:
-        record("rewards", f".venv/bin/python tools/bench.py rewards --batch {args.batch} --hands {args.hands}", lines)
+        command = f".venv/bin/python tools/bench.py rewards --batch {args.batch} --hands {args.hands}"
+        record("rewards", f"{command} --grpo-updates {args.grpo_updates}", lines)
     print(lines[-1])
     return 0
 
@@ -275,6 +281,9 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--batch", type=int, default=4096, help="answers per device call")
             p.add_argument("--hands", type=int, default=20_000, help="answers in the mix (one per hand)")
             p.add_argument("--seed", type=int, default=0)
+            p.add_argument(
+                "--grpo-updates", type=int, default=4, help="tiny GRPO updates per flag (first untimed; <2: skip)"
+            )
         if name == "rollout":
             p.add_argument("--envs", type=int, default=64, help="GP-L environments stepped in lock-step")
             p.add_argument("--turns", type=int, default=6, help="lock-step turns (6 = a whole failed episode)")

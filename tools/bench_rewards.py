@@ -78,3 +78,87 @@ def bench_rewards(args, answer_mix) -> tuple[list[str], float]:
         f"rewards answers/s: device {device_rate:,.0f}, host {host_rate:,.0f}",
     ]
     return lines, device_rate
+
+
+# A tiny GRPO run (random 1-layer Llama, GP-L, the test suite's sizes): the share of an update in the
+# rewards with env.reward_on_device off (env.step, which also writes the feedback) and on (the device
+# scoring + env.step, still run for the feedback text and the env's advance).
+_TINY_GRPO = {
+    "model": {
+        "preset": "llama-tiny",
+        "text_overrides": {
+            "vocab_size": 2048,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_layers": 1,
+            "num_heads": 2,
+            "num_kv_heads": 1,
+            "head_dim": 32,
+            "max_position_embeddings": 1024,
+        },
+    },
+    "algo": "grpo",
+    "env": {"task": "gp-l", "num_envs": 8},
+    "sampling": {"max_new_tokens": 32, "temperature": 1.0},
+    "grpo": {"group_size": 4, "samples_per_step": 8, "micro_batch": 8},
+    "optim": {"lr": 1.0e-3, "grad_clip": 1.0},
+    "eval": {"every": 0, "splits": []},
+    "train": {
+        "prompts_per_update": 2,
+        "length_buckets": [512, 1024],
+        "devices": 1,
+        "progress": False,
+        "async_checkpointing": False,
+        "save_every": 1000,
+    },
+}
+
+
+def grpo_share(updates: int, run_dir: str) -> list[str]:
+    """Times `updates` GRPO updates (the first, compiles included, dropped) with the flag off and on."""
+    import json
+
+    import jax
+
+    from sftrl_jax import config
+    from sftrl_jax.rl.config import RLConfig
+    from sftrl_jax.rl.train import Trainer
+
+    lines = []
+    for flag in (False, True):
+        d = json.loads(json.dumps(_TINY_GRPO))
+        d["env"]["reward_on_device"] = flag
+        d["train"].update(run_dir=os.path.join(run_dir, f"on_{flag}"), updates=updates, resume=False)
+        trainer = Trainer(config.from_dict(RLConfig, d))
+        step_s = [0.0]
+        for env in trainer.envs:
+            step = env.step
+
+            def timed(text, step=step, step_s=step_s):
+                t = time.perf_counter()
+                try:
+                    return step(text)
+                finally:
+                    step_s[0] += time.perf_counter() - t
+
+            env.step = timed
+        totals, steps, device, turns = [], [], [], 0
+        with jax.set_mesh(trainer.mesh):
+            for k in range(updates):
+                step_s[0], dev0 = 0.0, trainer.reward_scorer.seconds if flag else 0.0
+                t = time.perf_counter()
+                m = trainer.update()
+                trainer.update_idx += 1
+                if k:  # the first update compiles
+                    totals.append(time.perf_counter() - t)
+                    steps.append(step_s[0])
+                    device.append((trainer.reward_scorer.seconds - dev0) if flag else 0.0)
+                    turns += int(m["turns"])
+        total, st, dv = sum(totals), sum(steps), sum(device)
+        name = "on " if flag else "off"
+        lines.append(
+            f"GRPO update (tiny, gp-l, {updates - 1} timed, {turns} turns) reward_on_device {name}: "
+            f"{total / len(totals):.2f} s per update; rewards {100 * (st + dv) / total:.1f}% of it "
+            f"(env.step {100 * st / total:.1f}%, device scoring {100 * dv / total:.1f}%)"
+        )
+    return lines
