@@ -15,7 +15,7 @@ TINY = (
 # x 128) = 16384 + 8192 + 8192 + 16384 = 49152; MLP 3 x 128 x 384 = 147456; two layers + the head 128 x 2048.
 MATMUL = 2 * (49152 + 147456) + 128 * 2048  # 655,360
 # All parameters: the matrices, the embedding 2048 x 128, norms 2 x 2 x 128 + 128.
-PARAMS = MATMUL + 2048 * 128 + 5 * 128  # 917,888
+PARAMS = MATMUL + 2048 * 128 + 5 * 128  # 918,144
 
 
 def _tiny():
@@ -96,3 +96,17 @@ def test_plan_refuses_unsharded_micro_batches(capsys):
     assert cli.main([*args, "ppo.micro_batch=4", "ppo.samples_per_step=32", "--devices", "8"]) == 2
     err = capsys.readouterr().err
     assert "ppo.micro_batch 4 must be a multiple of the mesh's batch axes data x fsdp (8)" in err
+
+
+def test_analytic_peak_by_hand(capsys):
+    """The analytic figure (planning/memory.py) of the tiny SFT step with remat, counted by hand."""
+    (row,) = _plan(
+        capsys, "--config", "configs/sft/gp_l_tiny.yaml", "model.remat=true", "--devices", "8", "--only", "[160]"
+    )
+    grads = 4 * PARAMS // 8  # the sharded fp32 gradient sum
+    rows = 16 // 8  # per device
+    residuals = 2 * rows * 160 * 128 * 4  # each layer's input, fp32
+    layer = 32768 + 16384 + 3 * 128 * 384  # q, k, v (16384 + 2 x 8192) + o + MLP = 196,608 parameters
+    working = 2 * layer * 4 + 4 * layer + rows * 160 * (4 * 128 + 3 * 384) * 4
+    logits = 3 * rows * 160 * 2048 * 4
+    assert row["analytic_peak_bytes"] == row["argument_bytes"] + grads + residuals + working + logits

@@ -121,9 +121,22 @@ def run(args) -> int:
             f"{_gib(r['temp_bytes'])} {_gib(r['peak_bytes'])} {r['flops'] / 1e12:8.2f} {ideal / 1e12:8.2f} "
             f"{ratio:6.2f} {_gib(r['collective_bytes'])}"
         )
+        if r.get("analytic_peak_bytes"):
+            print(
+                f"  analytic peak (GPU/TPU: reduce-scatter, see planning/memory.py): {_gib(r['analytic_peak_bytes']).strip()} GiB"
+            )
         if "export" in r:
             print(f"  exported for {r['export']['platform']}: custom calls [{r['export']['custom_calls']}]")
     worst = max((r["peak_bytes"] for r in rows), default=0)
     fits = "fits" if worst <= args.limit_gib * 2**30 else "does NOT fit"
-    print(f"largest per-device peak {worst / 2**30:.2f} GiB: {fits} in {args.limit_gib:g} GiB per device")
+    print(
+        f"largest per-device peak {worst / 2**30:.2f} GiB (XLA:CPU's buffers): {fits} in {args.limit_gib:g} GiB per device"
+    )
+    analytic = [r["analytic_peak_bytes"] or r["peak_bytes"] for r in rows]
+    if any(r.get("analytic_peak_bytes") for r in rows):
+        worst_a = max(analytic)
+        fits_a = "fits" if worst_a <= args.limit_gib * 2**30 else "does NOT fit"
+        print(
+            f"largest analytic per-device peak {worst_a / 2**30:.2f} GiB: {fits_a} in {args.limit_gib:g} GiB per device"
+        )
     return 0

@@ -72,6 +72,11 @@ def analyse(program) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     by_kind = collectives(compiled.as_text())
+    analytic = None
+    if program.analytic is not None:
+        from sftrl_jax.planning import memory
+
+        analytic = memory.train_step_bytes(argument_bytes=arg, **program.analytic)
     return {
         "name": program.name,
         "compile_s": round(compile_s, 2),
@@ -80,6 +85,7 @@ def analyse(program) -> dict:
         "temp_bytes": temp,
         "peak_bytes": peak,
         "xla_peak_bytes": xla_peak,
+        "analytic_peak_bytes": analytic,
         "flops": float(cost.get("flops", 0.0)),
         "ideal_flops": program.ideal_flops,
         "loop_trips": program.loop_trips,

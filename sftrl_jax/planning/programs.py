@@ -46,6 +46,8 @@ class Program:
     # Iterations of the program's main loop (micro-batches of a scanned step, decode steps). XLA's
     # cost analysis counts a loop body once, so `ideal_flops` is one iteration's share as well.
     loop_trips: int = 1
+    # Training steps: the arguments of `planning.memory.train_step_bytes` (the analytic figure).
+    analytic: dict | None = None
 
 
 def model_config_of(section: ModelSection) -> model_config.ModelConfig:
@@ -154,7 +156,8 @@ def sft_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None
         ideal = flops_lib.ideal_train_flops(mc, rows=rows, length=length, images=images, remat=cfg.model.remat)
         trips = t.grad_accum
         args = (state, _batch(spec, mesh))
-        out.append(Program(f"sft_step[{length}]", step, args, ideal / _devices(mesh) / trips, mesh, trips))
+        analytic = _analytic(cfg.model, mc, state, mesh, rows=rows // trips, length=length)
+        out.append(Program(f"sft_step[{length}]", step, args, ideal / _devices(mesh) / trips, mesh, trips, analytic))
     return out
 
 
@@ -248,8 +251,24 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
         mc, rows=algo.samples_per_step, length=length, images=images, remat=cfg.model.remat
     )
     trips = algo.samples_per_step // mb
-    programs.append(Program(f"{cfg.algo}_update[{length}]", update, (state, ubatch), ideal / n / trips, mesh, trips))
+    analytic = _analytic(cfg.model, mc, state, mesh, rows=mb, length=length)
+    programs.append(
+        Program(f"{cfg.algo}_update[{length}]", update, (state, ubatch), ideal / n / trips, mesh, trips, analytic)
+    )
     return programs
+
+
+def _analytic(section: ModelSection, mc, state, mesh, *, rows: int, length: int) -> dict:
+    return dict(
+        cfg=mc,
+        n_params=int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))),
+        devices=_devices(mesh),
+        batch_ways=rules_batch_devices(mesh),
+        rows=rows,
+        length=length,
+        compute_dtype=section.dtype or section.param_dtype,
+        remat=section.remat,
+    )
 
 
 def rules_batch_devices(mesh) -> int:

@@ -33,7 +33,7 @@ from flax import nnx
 
 from sftrl_jax import ops
 from sftrl_jax.errors import UserError
-from sftrl_jax.models import kv_cache
+from sftrl_jax.models import kv_cache, text
 from sftrl_jax.parallel import rules
 from sftrl_jax.sampling import inputs, methods
 
@@ -111,11 +111,21 @@ def _keys(state: State) -> jax.Array:
     return methods.row_keys(state.key, state.step, jnp.arange(state.done.shape[0]))
 
 
+def _for_sampling(model):
+    """The model without remat: sampling takes no gradients, so recomputing activations in a
+    backward pass only costs, and `nnx.remat` inside the decode `while_loop` does not trace (flax's
+    TraceContextError on the 11B recipes' `model.remat: true`, found by `sftrl plan`)."""
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, text.TextModel):
+            module.remat = False
+    return model
+
+
 def _prefill(
     params, batch: dict[str, jax.Array], stop_tokens: jax.Array, key: jax.Array, *, graphdef, cfg: SamplerConfig
 ) -> State:
     """The prompt through the model's forward; the first token; the decode state."""
-    model = nnx.merge(graphdef, params)
+    model = _for_sampling(nnx.merge(graphdef, params))
     ids, row_valid = batch["input_ids"], batch["row_valid"]
     b, p = ids.shape
     cache = kv_cache.init_cache(model.config.text, b, p, model.dtype)
@@ -143,7 +153,7 @@ def _prefill(
 def _decode(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
     """Generates columns 1 .. M-1 through the model's own forward, one token per row per step, with
     the KV cache; stops early once every row is done. `params`: see `prepare_weights`."""
-    model = nnx.merge(graphdef, params)
+    model = _for_sampling(nnx.merge(graphdef, params))
     b = state.last.shape[0]
     one = jnp.ones((b, 1), jnp.int32)
 

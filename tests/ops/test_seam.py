@@ -133,3 +133,15 @@ def test_sampler_prepares_weights_once_per_parameter_version():
     model32 = build.create_model(cfg, seed=0)
     params32 = nnx.state(model32)
     assert sampler.prepare_weights(params32, jnp.float32) is params32
+
+
+def test_sampler_decodes_a_remat_model():
+    """The 11B recipes train with `model.remat: true`; the rollout samples that same model. Decoding
+    through the model must not run `nnx.remat` inside the decode loop (it did not trace: found by
+    `sftrl plan` on configs/rl/gp_l.yaml), and gives the tokens of the model without remat."""
+    cfg = config_lib.LlamaConfig.tiny()
+    prompts = [[1, 5, 9], [1, 7]]
+    plain = sampling.generate(build.create_model(cfg, seed=0), prompts, max_new_tokens=6, temperature=0.0)
+    remat = sampling.generate(build.create_model(cfg, seed=0, remat=True), prompts, max_new_tokens=6, temperature=0.0)
+    np.testing.assert_array_equal(remat.tokens, plain.tokens)
+    np.testing.assert_allclose(remat.logprobs_raw, plain.logprobs_raw, atol=1e-6)
