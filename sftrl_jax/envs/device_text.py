@@ -237,3 +237,28 @@ def is_space(cp: jax.Array) -> jax.Array:
 
 assert all(chr(c).isspace() for c in _WS_EXTRA)
 assert sum(chr(c).isspace() for c in range(sys.maxunicode + 1)) == len(_WS_EXTRA) + 7
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class ByteReward:
+    """What every task's device reward shares: response ids -> bytes through the tokenizer's table
+    (at most `max_bytes`, default DEFAULT_BYTES_PER_TOKEN per token), then the task's `score_bytes`;
+    a response longer than that gets outcome DID_NOT_FIT (the last of `outcomes`)."""
+
+    table: ByteTable
+    max_bytes: int | None = None
+    outcomes: tuple[str, ...] = (DID_NOT_FIT,)
+
+    def score_bytes(self, b, state):
+        """(rewards [B] float32, outcome codes [B] int32) of byte rows b [B, N]."""
+        raise NotImplementedError
+
+    def __call__(self, response_ids, lengths, state):
+        return self.with_outcome(response_ids, lengths, state)[0]
+
+    def with_outcome(self, response_ids, lengths, state):
+        L = response_ids.shape[1]
+        N = self.max_bytes or L * min(self.table.max_token_bytes, DEFAULT_BYTES_PER_TOKEN)
+        b, count = to_bytes(self.table, jnp.asarray(response_ids, jnp.int32), jnp.asarray(lengths, jnp.int32), N)
+        reward, code = self.score_bytes(b, state)
+        return reward, jnp.where(count > N, len(self.outcomes) - 1, code)

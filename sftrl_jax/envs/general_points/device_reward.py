@@ -149,26 +149,17 @@ def _cards_match(b, ev, depth, unit, cp, su, scp, json_ok, cards, symbols):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class GPDeviceReward:
+class GPDeviceReward(dt.ByteReward):
     """`fn(response_ids [B, L], lengths [B], state) -> rewards [B]`; `with_outcome` adds outcome codes
     (indices into `outcomes`). `max_bytes` (default `DEFAULT_BYTES_PER_TOKEN` * L) bounds the decoded
     bytes of a response: a longer one gets outcome DID_NOT_FIT (its reward, of the first `max_bytes`
     bytes, is not the host's: score it on the host). GP-L and GP-VL share the
     program: the state's `check_cards` (GP-VL) switches the recognition check on per row."""
 
-    table: dt.ByteTable
-    max_bytes: int | None = None
     outcomes: tuple[str, ...] = (*OUTCOMES, dt.DID_NOT_FIT)
 
-    def __call__(self, response_ids, lengths, state):
-        return self.with_outcome(response_ids, lengths, state)[0]
-
-    def with_outcome(self, response_ids, lengths, state):
-        L = response_ids.shape[1]
-        N = self.max_bytes or L * min(self.table.max_token_bytes, DEFAULT_BYTES_PER_TOKEN)
-        b, count = dt.to_bytes(self.table, jnp.asarray(response_ids, jnp.int32), jnp.asarray(lengths, jnp.int32), N)
-        reward, code = score_bytes(b, state)
-        return reward, jnp.where(count > N, len(OUTCOMES), code)
+    def score_bytes(self, b, state):
+        return score_bytes(b, state)
 
 
 def score_bytes(b, state):

@@ -128,23 +128,14 @@ def _regex_field(b, unit, cp, wsbyte, key):
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
-class VirlDeviceReward:
+class VirlDeviceReward(dt.ByteReward):
     """`fn(response_ids [B, L], lengths [B], state) -> rewards [B]`; `with_outcome` adds outcome codes
     (indices into `outcomes`, then DID_NOT_FIT). `max_bytes` as for GeneralPoints."""
 
-    table: dt.ByteTable
-    max_bytes: int | None = None
     outcomes: tuple[str, ...] = (*OUTCOMES, dt.DID_NOT_FIT)
 
-    def __call__(self, response_ids, lengths, state):
-        return self.with_outcome(response_ids, lengths, state)[0]
-
-    def with_outcome(self, response_ids, lengths, state):
-        L = response_ids.shape[1]
-        N = self.max_bytes or L * min(self.table.max_token_bytes, DEFAULT_BYTES_PER_TOKEN)
-        b, count = dt.to_bytes(self.table, jnp.asarray(response_ids, jnp.int32), jnp.asarray(lengths, jnp.int32), N)
-        reward, code = score_bytes(b, state)
-        return reward, jnp.where(count > N, len(OUTCOMES), code)
+    def score_bytes(self, b, state):
+        return score_bytes(b, state)
 
 
 def score_bytes(b, state):
