@@ -13,6 +13,7 @@ EXAMPLES = """examples:
       --template sftrl_jax/envs/general_points/templates/gp_l_short.txt --out data/gp_l_train.json  # tiny models
   sftrl data gp --variant gp-vl --split train --n 500 --out data/gp_vl/train.json   # images beside it
   sftrl data virl --variant virl-l --split train --n 1000 --out data/virl_l_train.json
+  sftrl data pretrain --n 96000 --out data/study/pretrain.json   # the study's pretraining corpus
 
 The file is one JSON array of {"image"?, "conversations": [{"from": "human"|"gpt", "value"}]}
 examples, the format of the paper's released SFT data; `sftrl sft` reads it.
@@ -49,11 +50,24 @@ def add_arguments(parser):
                 default=1,
                 help="failed tries per revision example: 1..N, uniformly (N < the env's verify_iter)",
             )
+    p = sub.add_parser(
+        "pretrain",
+        help="the study's pretraining corpus: card arithmetic under many stated rules and targets "
+        "(sftrl_jax/data/pretrain.py; never the rule-OOD rule)",
+    )
+    p.add_argument("--n", type=int, required=True, help="number of examples")
+    p.add_argument("--out", required=True, help="output JSON file")
+    p.add_argument("--seed", type=int, default=0)
 
 
 def run(args) -> int:
     if args.n <= 0:
         raise UserError(f"--n must be positive, got {args.n}")
+    if args.task == "pretrain":
+        from sftrl_jax.data.pretrain import generate_pretrain
+
+        print(json.dumps({"out": args.out, **generate_pretrain(args.n, args.out, seed=args.seed)}))
+        return 0
     if args.task == "gp":
         from sftrl_jax.data.generate import generate_gp_sft as generate
     else:
