@@ -89,6 +89,14 @@ class RLTrainSection:
     # CPU: the training passes compiled without YNNPACK fusions, so the first update's ratio is
     # exactly 1 (`ops.exact_compiler_options`); false: ~20-35% faster passes at the tiny configs' sizes.
     exact_cpu_passes: bool = True
+    # > 0: every N updates (never update 0) the language model as <run_dir>/snapshots/<update>, a
+    # model checkpoint like <run_dir>/final (`sftrl eval --ckpt`): a study's intermediate compute
+    # points; 0 = none
+    snapshot_every: int = 0
+
+    def __post_init__(self):
+        if self.snapshot_every < 0:
+            raise ConfigError(f"train.snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -241,6 +241,9 @@ class Trainer:
                         self.evaluate(writer)
                     if self.update_idx % t.save_every == 0:
                         self.save()
+                    snapshot = ckpt_lib.snapshot_path(t.run_dir, self.update_idx, every=t.snapshot_every)
+                    if snapshot is not None:
+                        self.save_model(snapshot)
                     if _any_process(guard.requested):
                         self.save()
                         print(f"rl: SIGTERM received; saved update {self.update_idx}; exiting")
@@ -259,9 +262,13 @@ class Trainer:
         return last
 
     def save_final(self) -> str:
+        return self.save_model(os.path.join(self.cfg.train.run_dir, "final"))
+
+    def save_model(self, path: str) -> str:
+        """The current language model (no value head) as a model checkpoint at `path` (final, or a
+        `train.snapshot_every` snapshot)."""
         from sftrl_jax.models.checkpoint import save_checkpoint
 
-        path = os.path.join(self.cfg.train.run_dir, "final")
         save_checkpoint(self.lm(), path)
         return path
 

@@ -71,11 +71,16 @@ class TrainSection:
     progress: bool = True  # tqdm progress bar
     distributed: bool = False  # jax.distributed with cluster auto-detection (or set SFTRL_COORDINATOR, ...)
     d_init: int = 0  # tokens of the SFT that produced model.init (for the compute axis)
+    # > 0: every N steps (never step 0) the model as <run_dir>/snapshots/<step>, a model checkpoint
+    # like <run_dir>/final (`sftrl eval --ckpt`): a study's intermediate compute points; 0 = none
+    snapshot_every: int = 0
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "save_every", "keep", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
+        if self.snapshot_every < 0:
+            raise ConfigError(f"train.snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,6 +256,9 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
                 if t.eval_every and done % t.eval_every == 0:
                     writer.write(done, evaluate_loss(eval_fn, state.params, data, mesh), prefix="eval")
                 checkpointer.maybe_save(done, state, extra_state())
+                snapshot = ckpt_lib.snapshot_path(t.run_dir, done, every=t.snapshot_every)
+                if snapshot is not None:
+                    save_model(graphdef, state.params, rest, snapshot)
                 if progress is not None:
                     progress.update(1)
                 steps_this_call += 1
@@ -289,9 +297,13 @@ def evaluate_loss(eval_fn, params, data: SFTData, mesh) -> dict[str, float]:
 
 def save_final(graphdef, params, rest, run_dir: str) -> str:
     """The trained model as a model checkpoint (`<run_dir>/final`) that `sftrl eval/rl/export` load."""
+    return save_model(graphdef, params, rest, os.path.join(run_dir, "final"))
+
+
+def save_model(graphdef, params, rest, path: str) -> str:
+    """The model at `params` as a model checkpoint at `path` (final, or a `train.snapshot_every` snapshot)."""
     from sftrl_jax.models.checkpoint import save_checkpoint
 
-    path = os.path.join(run_dir, "final")
     save_checkpoint(nnx.merge(graphdef, params, rest), path)
     return path
 

@@ -9,6 +9,7 @@ state, rollout/env state, anything host-side). Typed PRNG keys are stored as the
                                                                # (the newest one that restores)
     ...
     ckpt.maybe_save(step, state, extra)                        # saves every `every` steps
+    snapshot_path(run_dir, step, every=snapshot_every)         # <run_dir>/snapshots/<step> or None
     with PreemptionGuard() as guard:                           # SIGTERM -> guard.requested
         ...
 """
@@ -135,6 +136,19 @@ class Checkpointer:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+SNAPSHOTS_DIR = "snapshots"
+
+
+def snapshot_path(run_dir: str, step: int, *, every: int) -> str | None:
+    """Where the loop writes the model at `step` (`train.snapshot_every` = `every`): a model checkpoint
+    `<run_dir>/snapshots/<step>`, as `<run_dir>/final` (`sftrl eval --ckpt` loads it), every `every`
+    steps but never at step 0; None when no snapshot is due (or `every` is 0). Snapshots are not
+    rotated like the training checkpoints: they are the run's evaluation points."""
+    if every <= 0 or step <= 0 or step % every:
+        return None
+    return os.path.join(run_dir, SNAPSHOTS_DIR, str(int(step)))
 
 
 def _reason(e: BaseException) -> str:

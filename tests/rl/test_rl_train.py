@@ -86,12 +86,12 @@ def untimed(rows):
     return [{k: v for k, v in r.items() if k not in TIMING} for r in rows]
 
 
-def final_params(run_dir):
+def final_params(run_dir, ckpt="final"):
     from flax import nnx
 
     from sftrl_jax.models.checkpoint import load_checkpoint
 
-    model = load_checkpoint(os.path.join(run_dir, "final"))
+    model = load_checkpoint(os.path.join(run_dir, ckpt))
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))}
 
 
@@ -293,3 +293,27 @@ def test_ppo_success_reward_mode_reaches_gae(tmp_path, monkeypatch):
     m = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))[-1]
     assert m["train/reward_mean"] == pytest.approx(float(seen["env"].mean()), abs=1e-6)
     assert m["train/repeated_answers"] == pytest.approx(seen["repeated"])  # GP's repeat metric
+
+
+def test_snapshots_every_update_and_the_last_equals_final(tmp_path):
+    """train.snapshot_every=1 over 2 updates (PPO): language-model checkpoints snapshots/1 and
+    snapshots/2 (none at update 0; they load as the language model, as final does); snapshots/2 is bit
+    for bit the final model, snapshots/1 an earlier one."""
+    cfg = make(tmp_path, "snap", train__snapshot_every=1)
+    Trainer(cfg).run()
+    run = cfg.train.run_dir
+    assert sorted(os.listdir(os.path.join(run, "snapshots"))) == ["1", "2"]
+    final, two, one = (final_params(run, c) for c in ("final", "snapshots/2", "snapshots/1"))
+    assert final.keys() == two.keys() == one.keys()
+    for k in final:
+        np.testing.assert_array_equal(two[k], final[k], err_msg=k)
+    assert any(not np.array_equal(one[k], two[k]) for k in final)
+
+
+def test_snapshot_every_is_validated():
+    from sftrl_jax.config import ConfigError
+    from sftrl_jax.rl.config import RLTrainSection
+
+    assert RLTrainSection().snapshot_every == 0
+    with pytest.raises(ConfigError, match=r"train\.snapshot_every must be >= 0 .*got -2"):
+        RLTrainSection(snapshot_every=-2)

@@ -58,8 +58,8 @@ def make_cfg(tmp_path, data_file, run, **over):
     return config.load(SFTConfig, p), p
 
 
-def params_of(run_dir):
-    model = load_checkpoint(os.path.join(run_dir, "final"))
+def params_of(run_dir, ckpt="final"):
+    model = load_checkpoint(os.path.join(run_dir, ckpt))
     from flax import nnx
 
     return {k: np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(model, nnx.Param))}
@@ -161,3 +161,34 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, data_file):
         train(cfg)
     rows = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))
     assert rows[0]["train/finite"] == 1.0 and rows[-1]["train/skipped_nonfinite"] >= 1
+
+
+def test_snapshots_every_n_steps_survive_resume_and_the_last_equals_final(tmp_path, data_file):
+    """train.snapshot_every=2 over 4 steps, interrupted after step 2 and resumed: model checkpoints
+    snapshots/2 and snapshots/4 (none at step 0); the resumed run leaves snapshots/2 as it was;
+    snapshots/4 is bit for bit the final model, snapshots/2 an earlier one."""
+    cfg, _ = make_cfg(tmp_path, data_file, "snap", train__steps=4, train__snapshot_every=2, train__devices=1)
+    run = cfg.train.run_dir
+    train(cfg, stop_after=2)
+    assert os.listdir(os.path.join(run, "snapshots")) == ["2"]
+    written = os.stat(os.path.join(run, "snapshots", "2", "model_config.json")).st_mtime_ns
+    train(cfg)  # resumes at step 2
+    assert sorted(os.listdir(os.path.join(run, "snapshots"))) == ["2", "4"]
+    assert os.stat(os.path.join(run, "snapshots", "2", "model_config.json")).st_mtime_ns == written
+    final, four, two = params_of(run), params_of(run, "snapshots/4"), params_of(run, "snapshots/2")
+    assert final.keys() == four.keys() == two.keys()
+    for k in final:
+        np.testing.assert_array_equal(four[k], final[k], err_msg=str(k))
+    assert any(not np.array_equal(two[k], four[k]) for k in final)
+
+
+def test_snapshot_every_is_validated_and_off_by_default():
+    from sftrl_jax.config import ConfigError
+    from sftrl_jax.sft.train import TrainSection
+    from sftrl_jax.train.checkpoint import snapshot_path
+
+    assert TrainSection().snapshot_every == 0
+    assert [snapshot_path("r", s, every=0) for s in range(4)] == [None] * 4
+    assert [snapshot_path("r", s, every=2) for s in range(5)] == [None, None, "r/snapshots/2", None, "r/snapshots/4"]
+    with pytest.raises(ConfigError, match=r"train\.snapshot_every must be >= 0 .*got -1"):
+        TrainSection(snapshot_every=-1)
