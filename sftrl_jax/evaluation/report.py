@@ -2,7 +2,7 @@
 
 A run folder holds `evals.jsonl`, one row per evaluation of one of its checkpoints:
 
-    {"arm": "sft" | "rl" | "init", "step": 40, "gflops": 1.2e6, "task": "gp-l", "split": "ood-rule",
+    {"arm": "sft" | "rl" | "grpo" | "init", "step": 40, "gflops": 1.2e6, "task": "gp-l", "split": "ood-rule",
      "metric": "success_rate", "value": 0.15, "stderr": 0.023, "episodes": 234, "reward_mean": -1.9}
 
 `sftrl eval --run-dir`, the SFT/RL loops (periodic eval) and the demo append such rows
@@ -19,8 +19,8 @@ from typing import Any
 from sftrl_jax.errors import UserError
 
 EVALS_FILE = "evals.jsonl"
-ARMS = ("init", "sft", "rl")
-_COLORS = {"init": "tab:gray", "sft": "tab:orange", "rl": "tab:blue"}
+ARMS = ("init", "sft", "rl", "grpo")  # "rl" is PPO; "grpo" a second RL arm (GRPO)
+COLORS = {"init": "tab:gray", "sft": "tab:orange", "rl": "tab:blue", "grpo": "tab:green"}
 
 
 def append_eval(run_dir: str | os.PathLike, *, arm: str, step: int, gflops: float, summary: dict[str, Any]) -> dict:
@@ -87,11 +87,16 @@ def _final(rows: Sequence[dict], arm: str, task: str, split: str) -> dict | None
 def table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per task/split, Init and the last SFT / RL evaluation (with the change from Init); a
     second line gives the mean reward per turn where the rows carry it (small models move it long
-    before they solve a task)."""
+    before they solve a task). A GRPO column appears only when some row is of the grpo arm."""
     keys = sorted({(r["task"], r["split"], r["metric"]) for r in rows}, key=lambda k: (k[0], k[1] != "id", k[1]))
-    out = ["| task | split | metric | Init | RL | SFT |", "|---|---|---|---|---|---|"]
+    arms = ("init", "rl", "grpo", "sft") if any(r["arm"] == "grpo" for r in rows) else ("init", "rl", "sft")
+    names = {"init": "Init", "rl": "RL", "grpo": "GRPO", "sft": "SFT"}
+    out = [
+        "| task | split | metric | " + " | ".join(names[a] for a in arms) + " |",
+        "|---|---|---|" + "---|" * len(arms),
+    ]
     for task, split, metric in keys:
-        final = {arm: _final(rows, arm, task, split) for arm in ("init", "rl", "sft")}
+        final = {arm: _final(rows, arm, task, split) for arm in arms}
         init = final["init"]
         lines = [(metric, "value", lambda v: f"{100 * v:.1f}%", lambda d: f"{100 * d:+.1f}")]
         if any(r is not None and "reward_mean" in r for r in final.values()):
@@ -152,7 +157,7 @@ def _panel(ax, rows: Sequence[dict[str, Any]], task: str, split: str, key: str, 
     """One curve per arm (starting at Init) of `key` against GFLOPs; error bars for the headline."""
     init = _final(rows, "init", task, split)
     init = init if init is not None and key in init else None
-    for arm, marker in (("sft", "s"), ("rl", "o")):  # different markers: equal curves stay visible
+    for arm, marker in (("sft", "s"), ("rl", "o"), ("grpo", "^")):  # different markers: equal curves stay visible
         pts = sorted(
             (r for r in rows if r["arm"] == arm and r["task"] == task and r["split"] == split and key in r),
             key=lambda r: r["gflops"],
@@ -164,9 +169,9 @@ def _panel(ax, rows: Sequence[dict[str, Any]], task: str, split: str, key: str, 
         x = [r["gflops"] for r in pts]
         y = [scale * r[key] for r in pts]
         e = [scale * r["stderr"] for r in pts] if key == "value" else None
-        ax.errorbar(x, y, yerr=e, marker=marker, ms=4, mfc="none", capsize=2, color=_COLORS[arm], label=arm.upper())
+        ax.errorbar(x, y, yerr=e, marker=marker, ms=4, mfc="none", capsize=2, color=COLORS[arm], label=arm.upper())
     if init is not None:
-        ax.axhline(scale * init[key], color=_COLORS["init"], ls="--", lw=1, label="Init")
+        ax.axhline(scale * init[key], color=COLORS["init"], ls="--", lw=1, label="Init")
 
 
 def report(run_dirs: Sequence[str | os.PathLike], out_dir: str | os.PathLike) -> dict[str, str]:
