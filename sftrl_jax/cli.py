@@ -25,6 +25,7 @@ COMMANDS: tuple[tuple[str, str, str], ...] = (
     ("eval", "eval", "evaluate a checkpoint with the paper's protocol"),
     ("report", "report", "tables and plots from run folders"),
     ("sample", "sample", "generate from a model for a quick interactive check"),
+    ("study", "study", "the small-scale study: pretrained base, warm-up, PPO / GRPO / SFT arms, evaluations, KL"),
     ("demo", "demo", "the end-to-end CPU demo: SFT warm-up, then SFT vs RL arms, evaluated ID and OOD"),
 )
 

@@ -1,0 +1,463 @@
+"""The study at small scale: a pretrained small base, then the paper's protocol on it.
+
+    sftrl study --config configs/study/gp_l_small.yaml
+    sftrl report runs/study/gp_l_small           # report.md, curves.png, kl.png
+
+1. Base: `base` (a model folder, default the shipped one, `sftrl_jax/data/assets/gp_l_base`) or,
+   with `base: null`, pretraining here: the corpus of `sftrl_jax/data/pretrain.py` (card arithmetic
+   under many stated J/Q/K rules and targets, its own wording, never the rule-OOD rule) and
+   `sftrl sft --config <pretrain_config>`. The base is probed once on its own wording (greedy, one
+   turn): the ID rule (J/Q/K = 10) and the held-out rule (11/12/13), target 24 -> `base.json`.
+2. Per seed of the post-training (`seeds`): GP-L expert data of that seed (the post-training
+   template, ID rule), a short SFT warm-up from the base -> Init; from Init three arms: PPO (the
+   paper's RL, arm "rl"), GRPO (arm "grpo") and more SFT on the same expert data (arm "sft") with the
+   PPO arm's compute (the paper's FLOP accounting, SPEC.md §3.4). Each arm writes a snapshot at
+   `points` evenly spaced compute points.
+3. Every checkpoint (Init and each snapshot) is evaluated with the paper's protocol on ID and
+   rule-OOD (`eval_episodes` hands, 234 = the paper's, the same hands for every checkpoint; 5 graded
+   tries with feedback; greedy) and its KL to Init is measured on `kl_prompts` first-turn prompts per
+   split dealt from other seeds than the evaluation's (`evaluation/kl.py`).
+
+Outputs in `run_dir`: `study.json`, `base.json`, `evals.jsonl` (report rows + "seed"), `kl.jsonl`,
+`seed<k>/` (data, init, rl, grpo, sft run folders and evaluation files), `report/`. Resume: every
+finished stage is kept (a run folder's `final`, the evaluation and KL rows already written) and
+skipped when the command runs again; an interrupted training stage resumes from its checkpoint.
+The design was fixed before any evaluation number was looked at (docs/RESULTS.md states it).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+from sftrl_jax import config as config_lib
+from sftrl_jax.config import ConfigError
+
+SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "data", "assets", "gp_l_base")
+KL_SEED = 777  # the KL prompt set's deal seed (the evaluation uses 42)
+ARM_NAMES = ("rl", "grpo", "sft")
+
+
+@dataclasses.dataclass(frozen=True)
+class WarmupSection:
+    examples: int = 2000  # expert examples of the post-training data (warm-up and the SFT arm)
+    revisions: float = 0.5  # fraction of two-turn examples (failed try, feedback, answer)
+    steps: int = 100
+    batch_size: int = 16
+    lr: float = 5e-4
+
+
+@dataclasses.dataclass(frozen=True)
+class ArmsSection:
+    arms: tuple[str, ...] = ARM_NAMES
+    points: int = 2  # snapshots per arm, evenly spaced in updates / steps (the last is the arm's end)
+    updates: int = 8  # PPO and GRPO updates
+    num_envs: int = 16
+    steps_per_update: int = 6  # PPO: lock-step turns per env per update
+    prompts_per_update: int = 4  # GRPO: groups per update (x group_size episodes)
+    group_size: int = 4
+    samples_per_step: int = 32
+    micro_batch: int = 16
+    epochs: int = 1
+    rl_lr: float = 1e-4
+    temperature: float = 0.7
+    max_new_tokens: int = 64
+    sft_lr: float = 1e-4  # the SFT arm's lr (constant), from Init
+
+    def __post_init__(self):
+        bad = sorted(set(self.arms) - set(ARM_NAMES))
+        if bad or not self.arms:
+            raise ConfigError(f"arms.arms must be a non-empty subset of {', '.join(ARM_NAMES)}; got {list(self.arms)}")
+        if self.points < 1 or self.updates % self.points:
+            raise ConfigError(f"arms.points ({self.points}) must be >= 1 and divide arms.updates ({self.updates})")
+
+
+@dataclasses.dataclass(frozen=True)
+class StudyConfig:
+    run_dir: str = "runs/study/gp_l_small"
+    task: str = "gp-l"
+    base: str | None = SHIPPED_BASE  # a model folder; null = pretrain it here (pretrain_config)
+    pretrain_config: str = "configs/study/pretrain.yaml"
+    pretrain_examples: int = 96000
+    probe_episodes: int = 234  # base probe prompts per rule (pretraining wording)
+    seeds: tuple[int, ...] = (0, 1, 2)
+    eval_episodes: int = 234
+    eval_splits: tuple[str, ...] = ("id", "ood-rule")
+    eval_batch: int = 64
+    kl_prompts: int = 64
+    prompt: str = "short"  # the post-training template: "short" (templates/gp_l_short.txt) or "paper"
+    warmup: WarmupSection = dataclasses.field(default_factory=WarmupSection)
+    arms: ArmsSection = dataclasses.field(default_factory=ArmsSection)
+    progress: bool = True
+
+    def __post_init__(self):
+        if self.task != "gp-l":
+            raise ConfigError(f"the small-scale study runs gp-l (text); got task {self.task!r}")
+        if self.prompt not in ("short", "paper"):
+            raise ConfigError(f"prompt must be 'short' or 'paper'; got {self.prompt!r}")
+        if not self.seeds:
+            raise ConfigError("seeds must name at least one seed")
+
+    def env_options(self) -> dict[str, Any]:
+        if self.prompt == "paper":
+            return {}
+        from sftrl_jax.envs.general_points import prompts
+
+        return {"template": str(prompts.SHORT_TEMPLATE)}
+
+
+# SFT buckets and RL training buckets per prompt wording (as the demo's).
+_LENGTHS = {"short": ((160, 192, 256), (384, 768)), "paper": ((288, 320, 448), (384, 768))}
+
+
+class _Ledger:
+    """The evaluation / KL rows already written (resume skips them)."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.done: set[tuple] = set()
+        for name, kind in (("evals.jsonl", "eval"), ("kl.jsonl", "kl")):
+            path = os.path.join(run_dir, name)
+            if os.path.exists(path):
+                with open(path) as f:
+                    for line in f:
+                        if line.strip():
+                            r = json.loads(line)
+                            self.done.add((kind, r["seed"], r["arm"], r["step"], r["split"]))
+
+    def has(self, *key) -> bool:
+        return tuple(key) in self.done
+
+    def write(self, kind: str, row: dict[str, Any]) -> None:
+        with open(os.path.join(self.run_dir, f"{'evals' if kind == 'eval' else 'kl'}.jsonl"), "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.done.add((kind, row["seed"], row["arm"], row["step"], row["split"]))
+
+
+def _sft_cfg(cfg: StudyConfig, *, run_dir, data, steps, lr, init, seed, d_init, snapshot_every=0, schedule="cosine"):
+    from sftrl_jax.data.sft import SFTDataConfig
+    from sftrl_jax.sft.train import SFTConfig, TrainSection
+    from sftrl_jax.train.optim import OptimConfig
+    from sftrl_jax.train.state import ModelSection
+
+    buckets = _LENGTHS[cfg.prompt][0]
+    return SFTConfig(
+        model=ModelSection(init=init),
+        data=SFTDataConfig(
+            train_files=(data,), max_length=buckets[-1], buckets=buckets, batch_size=cfg.warmup.batch_size, seed=seed
+        ),
+        optim=OptimConfig(lr=lr, schedule=schedule, warmup_ratio=0.0, weight_decay=0.0, grad_clip=1.0),
+        train=TrainSection(
+            run_dir=run_dir,
+            steps=max(int(steps), 1),
+            log_every=1,
+            save_every=max(int(steps), 1),
+            keep=1,
+            seed=seed,
+            progress=cfg.progress,
+            devices=1,
+            d_init=d_init,
+            snapshot_every=snapshot_every,
+        ),
+    )
+
+
+def _rl_cfg(cfg: StudyConfig, *, algo: str, run_dir: str, init: str, seed: int, d_init: int):
+    from sftrl_jax.rl.config import EnvSection, EvalSection, RLConfig, RLTrainSection
+    from sftrl_jax.rl.grpo import GRPOConfig
+    from sftrl_jax.rl.ppo import PPOConfig
+    from sftrl_jax.sampling.policy import SamplingSection
+    from sftrl_jax.train.optim import OptimConfig
+    from sftrl_jax.train.state import ModelSection
+
+    a = cfg.arms
+    return RLConfig(
+        model=ModelSection(init=init),
+        algo=algo,
+        env=EnvSection(task=cfg.task, split="train", num_envs=a.num_envs, options=cfg.env_options()),
+        sampling=SamplingSection(max_new_tokens=a.max_new_tokens, temperature=a.temperature),
+        ppo=PPOConfig(epochs=a.epochs, samples_per_step=a.samples_per_step, micro_batch=a.micro_batch),
+        grpo=GRPOConfig(
+            group_size=a.group_size, epochs=a.epochs, samples_per_step=a.samples_per_step, micro_batch=a.micro_batch
+        ),
+        optim=OptimConfig(lr=a.rl_lr, eps=1e-7, grad_clip=1.0, warmup_ratio=0.0, schedule="constant"),
+        eval=EvalSection(every=0, splits=()),
+        train=RLTrainSection(
+            run_dir=run_dir,
+            updates=a.updates,
+            steps_per_update=a.steps_per_update,
+            prompts_per_update=a.prompts_per_update,
+            length_buckets=_LENGTHS[cfg.prompt][1],
+            seed=seed,
+            devices=1,
+            save_every=1,
+            keep=1,
+            progress=cfg.progress,
+            d_init=d_init,
+            snapshot_every=a.updates // a.points,
+        ),
+    )
+
+
+def _metric_at(run_dir: str, step: int, key: str = "train/gflops") -> float:
+    from sftrl_jax.train.metrics import read_jsonl
+
+    rows = [r for r in read_jsonl(os.path.join(run_dir, "metrics.jsonl")) if key in r and r["step"] <= step]
+    if not rows:
+        raise ConfigError(f"{run_dir}/metrics.jsonl has no {key} at or before step {step}")
+    return float(max(rows, key=lambda r: r["step"])[key])
+
+
+def _n_params(ckpt: str) -> int:
+    from sftrl_jax.models import param_count
+    from sftrl_jax.train.state import ModelSection, load_model
+
+    return int(param_count(load_model(ModelSection(init=ckpt)).config))
+
+
+class _Models:
+    """One loaded model per checkpoint path (the KL pass needs Init beside every snapshot)."""
+
+    def __init__(self, task: str):
+        self.task, self.cache = task, {}
+
+    def get(self, ckpt: str):
+        from sftrl_jax.train.state import load_for_eval
+
+        if ckpt not in self.cache:
+            if len(self.cache) > 4:
+                self.cache.pop(next(iter(self.cache)))
+            self.cache[ckpt] = load_for_eval(ckpt, self.task)
+        return self.cache[ckpt]
+
+
+def kl_prompts(cfg: StudyConfig, tokenizer, split: str) -> list[list[int]]:
+    """First-turn prompts of `kl_prompts` hands of `split`, dealt with seeds the evaluation never uses."""
+    from sftrl_jax import envs
+
+    env = envs.make(cfg.task, split=split, **cfg.env_options())
+    out = []
+    for i in range(cfg.kl_prompts):
+        obs, _ = env.reset(seed=KL_SEED * 1_000_003 + i)
+        out.append(tokenizer.chat_ids([{"role": "user", "content": obs["text"]}], add_generation_prompt=True))
+    return out
+
+
+def probe_base(cfg: StudyConfig, base: str) -> dict[str, Any]:
+    """Greedy one-turn success of the base on its own wording: the ID rule and the held-out rule."""
+    from sftrl_jax import sampling
+    from sftrl_jax.data import pretrain
+    from sftrl_jax.envs.general_points import verifier
+    from sftrl_jax.envs.general_points.metrics import binomial_stderr
+    from sftrl_jax.train.state import load_for_eval
+
+    model, tokenizer, _ = load_for_eval(base, cfg.task)
+    out = {}
+    for name, rule in (("id_rule", (10, 10, 10)), ("held_out_rule", pretrain.HELD_OUT_RULE)):
+        probe = pretrain.probe(cfg.probe_episodes, rule=rule)
+        prompts = [
+            tokenizer.chat_ids([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True) for p in probe
+        ]
+        wins = 0
+        for lo in range(0, len(prompts), cfg.eval_batch):
+            res = sampling.generate(
+                model,
+                prompts[lo : lo + cfg.eval_batch],
+                max_new_tokens=cfg.arms.max_new_tokens,
+                temperature=0.0,
+                stop_tokens=tokenizer.stop_ids,
+                pad_id=tokenizer.pad_id,
+            )
+            for j, p in enumerate(probe[lo : lo + cfg.eval_batch]):
+                text = tokenizer.decode(list(res.tokens[j, : int(res.lengths[j])]))
+                puzzle = verifier.Puzzle(p["values"], p["symbols"], p["target"])
+                wins += verifier.score(text, puzzle).reward == verifier.REWARDS["CORRECT"]
+        rate = wins / len(probe)
+        out[name] = {"success": rate, "stderr": binomial_stderr(rate, len(probe)), "n": len(probe), "rule": list(rule)}
+    return out
+
+
+def run(cfg: StudyConfig) -> dict[str, Any]:
+    from sftrl_jax.data.generate import generate_gp_sft
+    from sftrl_jax.data.pretrain import generate_pretrain
+    from sftrl_jax.sft.train import SFTConfig
+    from sftrl_jax.sft.train import train as sft_train
+
+    t0 = time.time()
+    os.makedirs(cfg.run_dir, exist_ok=True)
+    config_lib.dump_yaml(cfg, os.path.join(cfg.run_dir, "study_config.yaml"))
+
+    def stage(text: str) -> None:
+        print(f"\n== {text} ({(time.time() - t0) / 60:.1f} min) ==", flush=True)
+
+    base = cfg.base
+    if not base:
+        stage("pretraining the base")
+        pre_dir = os.path.join(cfg.run_dir, "pretrain")
+        base = os.path.join(pre_dir, "final")
+        if not os.path.isdir(base):
+            corpus = os.path.join(pre_dir, "data", "pretrain.json")
+            if not os.path.exists(corpus):
+                print(json.dumps(generate_pretrain(cfg.pretrain_examples, corpus, seed=0)))
+            pre = config_lib.load(
+                SFTConfig,
+                cfg.pretrain_config,
+                [
+                    f"train.run_dir={pre_dir}",
+                    f"data.train_files=[{corpus}]",
+                    f"train.progress={str(cfg.progress).lower()}",
+                ],
+            )
+            sft_train(pre)
+    elif not os.path.isdir(base):
+        raise ConfigError(f"base {base!r} is not a model folder (base: null pretrains one with pretrain_config)")
+    with open(os.path.join(cfg.run_dir, "study.json"), "w") as f:
+        json.dump({"task": cfg.task, "seeds": list(cfg.seeds), "base": base, "arms": list(cfg.arms.arms)}, f, indent=2)
+    base_json = os.path.join(cfg.run_dir, "base.json")
+    if not os.path.exists(base_json):
+        stage("probing the base on its own wording")
+        probe = probe_base(cfg, base)
+        with open(base_json, "w") as f:
+            json.dump({"base": base, "probe": probe}, f, indent=2)
+        print(json.dumps(probe))
+
+    ledger = _Ledger(cfg.run_dir)
+    models = _Models(cfg.task)
+    n_params = _n_params(base)
+    for seed in cfg.seeds:
+        sdir = os.path.join(cfg.run_dir, f"seed{seed}")
+        data = os.path.join(sdir, "data", "gp_l_train.json")
+        if not os.path.exists(data):
+            stage(f"seed {seed}: expert data")
+            generate_gp_sft(
+                cfg.task,
+                "train",
+                cfg.warmup.examples,
+                data,
+                seed=seed,
+                dealt_order=True,
+                revisions=cfg.warmup.revisions,
+                env_options=cfg.env_options(),
+            )
+        init_dir = os.path.join(sdir, "init")
+        init = os.path.join(init_dir, "final")
+        if not os.path.isdir(init):
+            stage(f"seed {seed}: SFT warm-up from the base -> Init")
+            sft_train(
+                _sft_cfg(
+                    cfg,
+                    run_dir=init_dir,
+                    data=data,
+                    steps=cfg.warmup.steps,
+                    lr=cfg.warmup.lr,
+                    init=base,
+                    seed=seed,
+                    d_init=0,
+                )
+            )
+        init_gflops = _metric_at(init_dir, cfg.warmup.steps)
+        d_init = int(round(init_gflops * 1e9 / (6 * n_params)))
+        points = [("init", 0, init, init_gflops)]
+        for algo, arm in (("ppo", "rl"), ("grpo", "grpo")):
+            if arm not in cfg.arms.arms:
+                continue
+            arm_dir = os.path.join(sdir, arm)
+            if not os.path.isdir(os.path.join(arm_dir, "final")):
+                stage(f"seed {seed}: {arm} arm ({algo})")
+                from sftrl_jax.rl.train import Trainer
+
+                Trainer(_rl_cfg(cfg, algo=algo, run_dir=arm_dir, init=init, seed=seed, d_init=d_init)).run()
+            every = cfg.arms.updates // cfg.arms.points
+            for k in range(every, cfg.arms.updates + 1, every):
+                points.append((arm, k, os.path.join(arm_dir, "snapshots", str(k)), _metric_at(arm_dir, k)))
+        if "sft" in cfg.arms.arms:
+            sft_dir = os.path.join(sdir, "sft")
+            # X_SFT = X_RL at the PPO arm's end (or GRPO's when PPO is not run).
+            ref_arm = "rl" if "rl" in cfg.arms.arms else "grpo"
+            target = max((g for a, _, _, g in points if a == ref_arm), default=init_gflops * 2)
+            per_step = init_gflops / cfg.warmup.steps
+            steps = max(cfg.arms.points, int(round((target - init_gflops) / per_step)))
+            steps -= steps % cfg.arms.points
+            if not os.path.isdir(os.path.join(sft_dir, "final")):
+                stage(f"seed {seed}: SFT arm ({steps} steps, the {ref_arm} arm's compute)")
+                sft_train(
+                    _sft_cfg(
+                        cfg,
+                        run_dir=sft_dir,
+                        data=data,
+                        steps=steps,
+                        lr=cfg.arms.sft_lr,
+                        init=init,
+                        seed=seed,
+                        d_init=d_init,
+                        snapshot_every=steps // cfg.arms.points,
+                        schedule="constant",
+                    )
+                )
+            every = steps // cfg.arms.points
+            for k in range(every, steps + 1, every):
+                points.append(("sft", k, os.path.join(sft_dir, "snapshots", str(k)), _metric_at(sft_dir, k)))
+        _evaluate_points(cfg, seed, sdir, points, init, ledger, models, stage)
+    stage("report")
+    out = {"minutes": round((time.time() - t0) / 60, 1)}
+    try:
+        from sftrl_jax.evaluation import study_report
+
+        out.update(study_report.report(cfg.run_dir, os.path.join(cfg.run_dir, "report")))
+        with open(out["markdown"]) as f:
+            print(f.read())
+    except ImportError:  # pragma: no cover - report module missing
+        pass
+    print(f"study finished in {out['minutes']} min: {cfg.run_dir}")
+    return out
+
+
+def _evaluate_points(cfg, seed, sdir, points, init, ledger, models, stage) -> None:
+    from sftrl_jax.evaluation import evaluate as ev
+    from sftrl_jax.evaluation import kl as kl_lib
+    from sftrl_jax.evaluation import report
+    from sftrl_jax.sampling.policy import SamplingSection, make_policy
+
+    prompt_sets: dict[str, list] = {}
+    for arm, step, ckpt, gflops in points:
+        todo = [s for s in cfg.eval_splits if not ledger.has("eval", seed, arm, step, s)]
+        kl_todo = [s for s in cfg.eval_splits if not ledger.has("kl", seed, arm, step, s)]
+        if not todo and not kl_todo:
+            continue
+        stage(f"seed {seed}: evaluating {arm} at step {step}")
+        model, tokenizer, proc = models.get(ckpt)
+        for split in todo:
+            policy = make_policy(
+                model,
+                tokenizer,
+                SamplingSection(max_new_tokens=cfg.arms.max_new_tokens),
+                seed=seed,
+                image_processor=proc,
+                temperature=0.0,
+            )
+            proto = ev.protocol(cfg.task, split, n_episodes=cfg.eval_episodes)
+            summary = ev.evaluate(
+                policy,
+                tokenizer,
+                proto,
+                batch_size=cfg.eval_batch,
+                progress=cfg.progress,
+                out_dir=os.path.join(sdir, "eval", f"{arm}_{step}", split),
+                env_options=cfg.env_options(),
+            )
+            row = report.eval_row(arm=arm, step=step, gflops=gflops, summary=summary)
+            ledger.write("eval", {**row, "seed": seed})
+        for split in kl_todo:
+            if split not in prompt_sets:
+                prompt_sets[split] = kl_prompts(cfg, tokenizer, split)
+            if arm == "init":
+                r = {"kl": 0.0, "kl_reverse": 0.0, "tokens": 0, "prompts": cfg.kl_prompts}
+            else:
+                ref_model = models.get(init)[0]
+                r = kl_lib.policy_kl(
+                    model, ref_model, tokenizer, prompt_sets[split], max_new_tokens=cfg.arms.max_new_tokens
+                )
+            ledger.write("kl", {"seed": seed, "arm": arm, "step": step, "gflops": gflops, "split": split, **r})

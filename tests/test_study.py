@@ -1,0 +1,151 @@
+"""`sftrl study` end to end at toy sizes, its KL diagnostic, and resume."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sftrl_jax import cli
+
+TINY = [
+    "seeds=[0,1]",
+    "probe_episodes=4",
+    "eval_episodes=4",
+    "eval_batch=4",
+    "kl_prompts=3",
+    "warmup.examples=32",
+    "warmup.steps=2",
+    "warmup.batch_size=4",
+    "arms.points=2",
+    "arms.updates=2",
+    "arms.num_envs=4",
+    "arms.steps_per_update=2",
+    "arms.prompts_per_update=2",
+    "arms.group_size=2",
+    "arms.samples_per_step=8",
+    "arms.micro_batch=8",
+    "arms.max_new_tokens=8",
+    "progress=false",
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """A tiny random Llama saved as a model folder (the study only needs a folder to start from)."""
+    from sftrl_jax.models.checkpoint import save_checkpoint
+    from sftrl_jax.train.state import ModelSection, load_model
+
+    path = tmp_path_factory.mktemp("base") / "base"
+    model = load_model(
+        ModelSection(
+            preset="llama-tiny",
+            text_overrides=dict(
+                vocab_size=2048,
+                hidden_size=32,
+                intermediate_size=64,
+                num_layers=1,
+                num_heads=2,
+                num_kv_heads=1,
+                head_dim=16,
+                max_position_embeddings=1024,
+            ),
+        ),
+        seed=0,
+    )
+    save_checkpoint(model, str(path))
+    return str(path)
+
+
+def _rows(path):
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+@pytest.fixture(scope="module")
+def study_run(tiny_base, tmp_path_factory):
+    run = tmp_path_factory.mktemp("study") / "s"
+    assert cli.main(["study", f"run_dir={run}", f"base={tiny_base}", *TINY]) == 0
+    return run
+
+
+def test_study_evaluates_every_checkpoint_of_every_arm_and_seed(study_run):
+    run = study_run
+    assert json.loads((run / "study.json").read_text())["seeds"] == [0, 1]
+    probe = json.loads((run / "base.json").read_text())["probe"]
+    assert set(probe) == {"id_rule", "held_out_rule"} and probe["held_out_rule"]["rule"] == [11, 12, 13]
+    evals = _rows(run / "evals.jsonl")
+    keys = {(r["seed"], r["arm"], r["step"], r["split"]) for r in evals}
+    sft_steps = sorted({r["step"] for r in evals if r["arm"] == "sft"})
+    assert len(sft_steps) == 2 and sft_steps[1] == 2 * sft_steps[0]
+    want = {
+        (s, arm, step, split)
+        for s in (0, 1)
+        for split in ("id", "ood-rule")
+        for arm, steps in (("init", [0]), ("rl", [1, 2]), ("grpo", [1, 2]), ("sft", sft_steps))
+        for step in steps
+    }
+    assert keys == want and len(evals) == len(want)  # each once
+    assert all(r["episodes"] == 4 for r in evals)
+    for s in (0, 1):
+        for arm, steps in (("rl", [1, 2]), ("grpo", [1, 2]), ("sft", sft_steps)):
+            for k in steps:
+                assert (run / f"seed{s}" / arm / "snapshots" / str(k) / "model_config.json").exists()
+        g = {(r["arm"], r["step"]): r["gflops"] for r in evals if r["seed"] == s and r["split"] == "id"}
+        assert 0 < g[("init", 0)] < g[("rl", 1)] < g[("rl", 2)]
+        # the SFT arm's end has the PPO arm's compute, within the rounding of its steps to a multiple of
+        # arms.points (2) plus half a step (batches differ in tokens)
+        per_step = g[("init", 0)] / 2
+        assert abs(g[("sft", sft_steps[1])] - g[("rl", 2)]) <= per_step * 2.5, g
+    kl = _rows(run / "kl.jsonl")
+    assert {(r["seed"], r["arm"], r["step"], r["split"]) for r in kl} == want
+    assert all(r["kl"] == 0.0 for r in kl if r["arm"] == "init")
+    moved = [r for r in kl if r["arm"] != "init"]
+    assert all(r["kl"] >= 0 and r["kl_reverse"] >= 0 and r["prompts"] == 3 for r in moved)
+    assert any(r["kl"] > 0 for r in moved)
+
+
+def test_study_resumes_without_redoing_finished_stages(study_run, tiny_base, capsys):
+    before = (study_run / "evals.jsonl").read_text(), (study_run / "kl.jsonl").read_text()
+    assert cli.main(["study", f"run_dir={study_run}", f"base={tiny_base}", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "evaluating" not in out and "arm (" not in out and "warm-up" not in out
+    assert ((study_run / "evals.jsonl").read_text(), (study_run / "kl.jsonl").read_text()) == before
+
+
+def test_study_refuses_a_missing_base(tmp_path, capsys):
+    assert cli.main(["study", f"run_dir={tmp_path}", f"base={tmp_path / 'nope'}"]) == 2
+    assert "nope" in capsys.readouterr().err
+    assert cli.main(["study", f"run_dir={tmp_path}", "arms.points=3", "arms.updates=8"]) == 2
+    assert "arms.points" in capsys.readouterr().err
+
+
+def test_policy_kl_is_zero_against_itself_and_matches_a_direct_computation(tiny_base):
+    import jax
+
+    from sftrl_jax import sampling
+    from sftrl_jax.evaluation import kl as kl_lib
+    from sftrl_jax.train.state import load_for_eval
+
+    model, tok, _ = load_for_eval(tiny_base, "gp-l")
+    other, _, _ = load_for_eval(tiny_base, "gp-l")
+    from flax import nnx
+
+    params = nnx.state(other, nnx.Param)
+    nnx.update(other, jax.tree.map(lambda x: x * 1.3, params))
+    prompts = [tok.chat_ids([{"role": "user", "content": t}], add_generation_prompt=True) for t in ("3 4 5 6", "Hi")]
+    same = kl_lib.policy_kl(model, model, tok, prompts, max_new_tokens=6)
+    assert same["kl"] == pytest.approx(0.0, abs=1e-6) and same["kl_reverse"] == pytest.approx(0.0, abs=1e-6)
+    got = kl_lib.policy_kl(model, other, tok, prompts[:1], max_new_tokens=6)
+    # by hand: greedy answer of `model`, then full distributions of both along it
+    res = sampling.generate(model, prompts[:1], max_new_tokens=6, temperature=0.0, stop_tokens=tok.stop_ids)
+    ans = list(np.asarray(res.tokens)[0, : int(res.lengths[0])])
+    ids = np.asarray([prompts[0] + ans], np.int32)
+
+    def logp(m):
+        out = m(input_ids=ids, attention_mask=np.ones_like(ids))
+        return np.asarray(jax.nn.log_softmax(getattr(out, "logits", out), -1))[0]
+
+    lp, lq = logp(model), logp(other)
+    pos = slice(len(prompts[0]) - 1, len(prompts[0]) - 1 + len(ans))
+    want = float((np.exp(lp[pos]) * (lp[pos] - lq[pos])).sum() / len(ans))
+    assert got["tokens"] == len(ans) > 0
+    assert got["kl"] == pytest.approx(want, rel=1e-4) and got["kl"] > 0
