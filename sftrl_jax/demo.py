@@ -4,14 +4,16 @@
     sftrl demo --config configs/demo/cpu.yaml rl.updates=6
 
 1. GP-L expert data from the environment (the paper's conversation format).
-2. SFT warm-up of a tiny Llama from scratch with the shipped tokenizer -> the Init checkpoint.
+2. SFT warm-up of the shipped pretrained base (`sftrl_jax/data/assets/gp_l_base`, a 2.5M-parameter
+   Llama pretrained on card arithmetic under many stated rules: `sftrl study`, docs/RESULTS.md) ->
+   the Init checkpoint (`base=null`: a tiny Llama from scratch instead, the `model` section).
 3. From Init, two arms with equal compute (the paper's FLOP accounting, SPEC.md §3.4):
    RL (PPO with a value head, multi-turn with verifier feedback) and more SFT on the same data.
 4. Init, SFT and RL evaluated in distribution (J/Q/K = 10) and on the rule OOD split (J/Q/K =
    11/12/13), the table printed, the curves and a markdown report written.
 
-The numbers are whatever the run gives: a 1M-parameter model trained for a few minutes is not the
-paper's 11B model; the demo shows the pipeline working end to end, not the paper's result.
+The numbers are whatever the run gives: one seed of the small-scale study (`sftrl study` runs three
+and the GRPO arm too), not the paper's 11B model.
 """
 
 from __future__ import annotations
@@ -48,10 +50,10 @@ class DemoSFT:
     examples: int = 2000  # expert examples generated for SFT (warm-up and the SFT arm)
     dealt_order: bool = True  # expert formulas use the numbers in dealt order when they can (learnt sooner)
     revisions: float = 0.5  # fraction of two-turn examples (failed try, feedback, answer): Init can revise
-    warmup_steps: int = 400  # SFT steps that make the Init checkpoint
+    warmup_steps: int = 100  # SFT steps that make the Init checkpoint (from scratch: 400 at lr 3e-3)
     batch_size: int = 16
-    lr: float = 3e-3
-    arm_lr: float = 3e-4  # the SFT arm continues from Init with this peak lr
+    lr: float = 5e-4
+    arm_lr: float = 1e-4  # the SFT arm continues from Init with this lr
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,16 +65,23 @@ class DemoRL:
     micro_batch: int = 16
     epochs: int = 1
     lr: float = 1e-4
-    temperature: float = 0.3
+    temperature: float = 0.7
     max_new_tokens: int = 64
+
+
+def _shipped_base() -> str:
+    from sftrl_jax.study import SHIPPED_BASE
+
+    return SHIPPED_BASE
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     run_dir: str = "runs/demo"
     task: str = "gp-l"
+    base: str | None = dataclasses.field(default_factory=_shipped_base)  # null: the `model` section from scratch
     seed: int = 0
-    eval_episodes: int = 32  # per split and checkpoint (the paper uses 234)
+    eval_episodes: int = 234  # per split and checkpoint (the paper's 234)
     eval_splits: tuple[str, ...] = ("id", "ood-rule")
     # "short": a compact prompt (~90 tokens, envs/general_points/templates/gp_l_short.txt) with the
     # same cards, rule sentence, answer format and verifier; "paper": our full wording (~220 tokens).
@@ -101,7 +110,17 @@ class DemoConfig:
 PROMPT_LENGTHS = {"short": ((160, 192, 256), (384, 768)), "paper": ((288, 320, 448), (384, 768))}
 
 
-def _sft_config(cfg: DemoConfig, *, run_dir: str, data: str, steps: int, lr: float, init: str | None, d_init: int):
+def _sft_config(
+    cfg: DemoConfig,
+    *,
+    run_dir: str,
+    data: str,
+    steps: int,
+    lr: float,
+    init: str | None,
+    d_init: int,
+    schedule: str = "cosine",
+):
     from sftrl_jax.data.sft import SFTDataConfig
     from sftrl_jax.sft.train import SFTConfig, TrainSection
     from sftrl_jax.train.optim import OptimConfig
@@ -112,6 +131,7 @@ def _sft_config(cfg: DemoConfig, *, run_dir: str, data: str, steps: int, lr: flo
         if init
         else ModelSection(preset="llama-tiny", text_overrides=dict(cfg.model.text_overrides))
     )
+    scratch = init is None
     return SFTConfig(
         model=model,
         data=SFTDataConfig(
@@ -121,7 +141,9 @@ def _sft_config(cfg: DemoConfig, *, run_dir: str, data: str, steps: int, lr: flo
             batch_size=cfg.sft.batch_size,
             seed=cfg.seed,
         ),
-        optim=OptimConfig(lr=lr, warmup_ratio=0.05 if init is None else 0.0, weight_decay=0.0, grad_clip=1.0),
+        optim=OptimConfig(
+            lr=lr, schedule=schedule, warmup_ratio=0.05 if scratch else 0.0, weight_decay=0.0, grad_clip=1.0
+        ),
         train=TrainSection(
             run_dir=run_dir,
             steps=max(steps, 1),
@@ -238,8 +260,12 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
 
     stage("2/5 SFT warm-up -> Init")
     init_dir = os.path.join(cfg.run_dir, "init")
+    if cfg.base and not os.path.isdir(cfg.base):
+        raise ConfigError(f"base {cfg.base!r} is not a model folder (base=null trains a tiny model from scratch)")
     sft_train(
-        _sft_config(cfg, run_dir=init_dir, data=data, steps=cfg.sft.warmup_steps, lr=cfg.sft.lr, init=None, d_init=0)
+        _sft_config(
+            cfg, run_dir=init_dir, data=data, steps=cfg.sft.warmup_steps, lr=cfg.sft.lr, init=cfg.base or None, d_init=0
+        )
     )
     init_ckpt = os.path.join(init_dir, "final")
     n_params = _n_params(init_ckpt)
@@ -257,7 +283,16 @@ def run(cfg: DemoConfig) -> dict[str, Any]:
     arm_steps = max(1, int(round((rl_gflops - init_gflops) / _gflops_per_step(init_dir))))
     sft_dir = os.path.join(cfg.run_dir, "sft")
     sft_train(
-        _sft_config(cfg, run_dir=sft_dir, data=data, steps=arm_steps, lr=cfg.sft.arm_lr, init=init_ckpt, d_init=d_init)
+        _sft_config(
+            cfg,
+            run_dir=sft_dir,
+            data=data,
+            steps=arm_steps,
+            lr=cfg.sft.arm_lr,
+            init=init_ckpt,
+            d_init=d_init,
+            schedule="constant",  # as the study's SFT arm
+        )
     )
     sft_gflops = _last(sft_dir, "train/gflops")
 

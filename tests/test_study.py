@@ -8,7 +8,7 @@ import pytest
 from sftrl_jax import cli
 
 TINY = [
-    "seeds=[0,1]",
+    "seeds=[3]",
     "probe_episodes=4",
     "eval_episodes=4",
     "eval_batch=4",
@@ -69,7 +69,7 @@ def study_run(tiny_base, tmp_path_factory):
 
 def test_study_evaluates_every_checkpoint_of_every_arm_and_seed(study_run):
     run = study_run
-    assert json.loads((run / "study.json").read_text())["seeds"] == [0, 1]
+    assert json.loads((run / "study.json").read_text())["seeds"] == [3]
     probe = json.loads((run / "base.json").read_text())["probe"]
     assert set(probe) == {"id_rule", "held_out_rule"} and probe["held_out_rule"]["rule"] == [11, 12, 13]
     evals = _rows(run / "evals.jsonl")
@@ -78,14 +78,14 @@ def test_study_evaluates_every_checkpoint_of_every_arm_and_seed(study_run):
     assert len(sft_steps) == 2 and sft_steps[1] == 2 * sft_steps[0]
     want = {
         (s, arm, step, split)
-        for s in (0, 1)
+        for s in (3,)
         for split in ("id", "ood-rule")
         for arm, steps in (("init", [0]), ("rl", [1, 2]), ("grpo", [1, 2]), ("sft", sft_steps))
         for step in steps
     }
     assert keys == want and len(evals) == len(want)  # each once
     assert all(r["episodes"] == 4 for r in evals)
-    for s in (0, 1):
+    for s in (3,):
         for arm, steps in (("rl", [1, 2]), ("grpo", [1, 2]), ("sft", sft_steps)):
             for k in steps:
                 assert (run / f"seed{s}" / arm / "snapshots" / str(k) / "model_config.json").exists()
