@@ -366,7 +366,28 @@ def markdown(study: Study) -> str:
     if study.base is not None:
         out.append(f"## Base model ({BASE_FILE})\n")
         out.append(_base_table(study.base))
+    if study.task.startswith("gp") and any(
+        os.path.isdir(os.path.join(study.dir, f"seed{r['seed']}", "eval")) for r in study.evals
+    ):
+        from sftrl_jax.evaluation import failures
+
+        out.append(failures.study_section(study.dir, study.evals, task=study.task, env_options=_env_options(study)))
     return "\n".join(out) + "\n"
+
+
+def _env_options(study: Study) -> dict[str, Any]:
+    """The evaluation's env options, from the study's saved config (the prompt template)."""
+    path = os.path.join(study.dir, "study_config.yaml")
+    if not os.path.exists(path):
+        return {}
+    from sftrl_jax import config as config_lib
+
+    cfg = config_lib.read_yaml(path)
+    if cfg.get("prompt", "short") == "paper":
+        return {}
+    from sftrl_jax.envs.general_points import prompts
+
+    return {"template": str(prompts.SHORT_TEMPLATE)}
 
 
 def _base_table(base: dict[str, Any]) -> str:
