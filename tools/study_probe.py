@@ -40,15 +40,67 @@ def base(ckpt):
         print(json.dumps({"rule": name, "numbers_right": right / len(pr), "n": len(pr)}))
 
 
-def warmup(name, steps, lr, data):
+_CARDS = ("Cards: {c}.", "Hand: {c}.", "The cards are {c}.", "You hold {c}.", "Dealt: {c}.", "{c} are your cards.")
+_RULES = (
+    "J={j}, Q={q}, K={k}.",
+    "J is worth {j}, Q is worth {q} and K is worth {k}.",
+    "Face cards: J counts {j}, Q counts {q}, K counts {k}.",
+    "Values: J->{j}, Q->{q}, K->{k}.",
+    "Here J means {j}, Q means {q}, K means {k}.",
+)
+_TARGETS = (
+    "Make {t}.",
+    "Reach {t} using each card once.",
+    "Goal: {t}, every card exactly once, with + - * / and brackets.",
+    "Write a formula equal to {t}.",
+    "Target {t}.",
+)
+
+
+def composed_prompt(rng, symbols, rule, target):
+    j, q, k = rule
+    fmt = int(rng.integers(4))
+    c = (", ".join(symbols), " ".join(symbols), "[" + ", ".join(symbols) + "]", repr(list(symbols)))[fmt]
+    if int(rng.integers(3)) == 0:
+        r = pretrain.rule_sentence(rule, 0)  # the rule language of the task, other values
+    else:
+        r = _RULES[int(rng.integers(len(_RULES)))].format(j=j, q=q, k=k)
+    parts = [
+        _CARDS[int(rng.integers(len(_CARDS)))].format(c=c),
+        r,
+        _TARGETS[int(rng.integers(len(_TARGETS)))].format(t=target),
+    ]
+    order = rng.permutation(3)
+    return ("\n" if rng.random() < 0.5 else " ").join(parts[i] for i in order)
+
+
+def corpus(n, out):
+    import numpy as np
+
+    rng = np.random.default_rng([0, 9])
+    rows = []
+    for i in range(n):
+        e = pretrain.example(rng)
+        p = composed_prompt(rng, e["symbols"], e["rule"], e["target"])
+        rows.append(
+            {
+                "id": f"pt2-{i:07d}",
+                "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": e["answer"]}],
+            }
+        )
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    with open(out, "w") as f:
+        json.dump(rows, f)
+    print(json.dumps({"examples": n, "out": out, "sample": rows[0]["conversations"][0]["value"]}))
+
+
+def warmup(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
     from sftrl_jax.sft.train import train as sft_train
 
     cfg = study.StudyConfig(progress=False)
     run = f"/tmp/fix/{name}"
     if not os.path.isdir(run + "/final"):
-        sft_train(
-            study._sft_cfg(cfg, run_dir=run, data=data, steps=steps, lr=lr, init=study.SHIPPED_BASE, seed=0, d_init=0)
-        )
+        sft_train(study._sft_cfg(cfg, run_dir=run, data=data, steps=steps, lr=lr, init=base_dir, seed=0, d_init=0))
     model, tok, _ = load_for_eval(run + "/final", "gp-l")
     out = {"name": name, "steps": steps, "lr": lr}
     for split in ("id", "ood-rule"):
@@ -70,5 +122,7 @@ def warmup(name, steps, lr, data):
 if __name__ == "__main__":
     if sys.argv[1] == "base":
         base(sys.argv[2])
+    elif sys.argv[1] == "corpus":
+        corpus(int(sys.argv[2]), sys.argv[3])
     else:
-        warmup(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5])
+        warmup(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], *sys.argv[6:7])

@@ -108,6 +108,7 @@ def test_sigkill_while_a_checkpoint_is_written(tmp_path, data_file, full, xla_en
     _same_as_full(cfg.train.run_dir, full)
 
 
+@pytest.mark.slow  # ~50 s; moved out of the default suite (15-minute budget), `make test-slow`
 def test_truncated_latest_checkpoint(tmp_path, data_file, full, capsys):  # noqa: F811
     cfg, _ = make_cfg(tmp_path, data_file, "truncated")
     train(cfg, stop_after=6)
@@ -159,6 +160,7 @@ def sigterm_after(code: str, config_path, metrics_path, *, rows: int, env=None) 
     return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
+@pytest.mark.slow  # ~50 s; moved out of the default suite (15-minute budget), `make test-slow`
 def test_sigterm_end_to_end(tmp_path, data_file, full, xla_env):  # noqa: F811
     cfg, path = make_cfg(tmp_path, data_file, "sigterm")
     code = SLOW.format(run=RUN_SFT)

@@ -121,6 +121,7 @@ def _free_port():
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # ~50 s; moved out of the default suite (15-minute budget), `make test-slow`
 def test_two_processes_match_one_process(tmp_path, data_file):
     cfg8, _ = make_cfg(tmp_path, data_file, "one", train__steps=3)
     train(cfg8)
