@@ -91,7 +91,11 @@ def example(rng: np.random.Generator, *, rule=None, target=None, ood_deal: bool 
     """One pretraining example: prompt, answer, and what the verifier needs."""
     rule = draw_rule(rng) if rule is None else tuple(rule)
     while True:
-        tgt = target if target is not None else (24 if rng.random() < P_TARGET_24 else int(rng.integers(1, MAX_TARGET + 1)))
+        tgt = (
+            target
+            if target is not None
+            else (24 if rng.random() < P_TARGET_24 else int(rng.integers(1, MAX_TARGET + 1)))
+        )
         ranks = cards_lib.draw_ranks(rng, ood=ood_deal)
         values = values_of(ranks, rule)
         if solver.is_solvable(values, tgt):
