@@ -27,6 +27,7 @@ from typing import Any
 
 from sftrl_jax import config as config_lib
 from sftrl_jax.config import ConfigError
+from sftrl_jax.study import PROMPT_LENGTHS, SHIPPED_BASE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,17 +70,11 @@ class DemoRL:
     max_new_tokens: int = 64
 
 
-def _shipped_base() -> str:
-    from sftrl_jax.study import SHIPPED_BASE
-
-    return SHIPPED_BASE
-
-
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     run_dir: str = "runs/demo"
     task: str = "gp-l"
-    base: str | None = dataclasses.field(default_factory=_shipped_base)  # null: the `model` section from scratch
+    base: str | None = SHIPPED_BASE  # null: the `model` section from scratch
     seed: int = 0
     eval_episodes: int = 100  # per split and checkpoint (the paper: 234; sftrl study uses 234)
     eval_splits: tuple[str, ...] = ("id", "ood-rule")
@@ -99,15 +94,9 @@ class DemoConfig:
 
     def env_options(self) -> dict[str, Any]:
         """Environment keywords shared by data generation, RL and evaluation (the prompt wording)."""
-        if self.prompt == "paper":
-            return {}
         from sftrl_jax.envs.general_points import prompts
 
-        return {"template": str(prompts.SHORT_TEMPLATE)}
-
-
-# Padded lengths: (SFT buckets, RL training buckets) per prompt wording.
-PROMPT_LENGTHS = {"short": ((160, 192, 256), (384, 768)), "paper": ((288, 320, 448), (384, 768))}
+        return prompts.template_options(self.prompt)
 
 
 def _sft_config(

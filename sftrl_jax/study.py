@@ -96,21 +96,19 @@ class StudyConfig:
     def __post_init__(self):
         if self.task != "gp-l":
             raise ConfigError(f"the small-scale study runs gp-l (text); got task {self.task!r}")
-        if self.prompt not in ("short", "paper"):
-            raise ConfigError(f"prompt must be 'short' or 'paper'; got {self.prompt!r}")
+        if self.prompt not in PROMPT_LENGTHS:
+            raise ConfigError(f"prompt must be one of {', '.join(PROMPT_LENGTHS)}; got {self.prompt!r}")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
 
     def env_options(self) -> dict[str, Any]:
-        if self.prompt == "paper":
-            return {}
         from sftrl_jax.envs.general_points import prompts
 
-        return {"template": str(prompts.SHORT_TEMPLATE)}
+        return prompts.template_options(self.prompt)
 
 
-# SFT buckets and RL training buckets per prompt wording (as the demo's).
-_LENGTHS = {"short": ((160, 192, 256), (384, 768)), "paper": ((288, 320, 448), (384, 768))}
+# Padded lengths per post-training wording: (SFT buckets, RL training buckets); the demo's too.
+PROMPT_LENGTHS = {"short": ((160, 192, 256), (384, 768)), "paper": ((288, 320, 448), (384, 768))}
 
 
 class _Ledger:
@@ -143,7 +141,7 @@ def _sft_cfg(cfg: StudyConfig, *, run_dir, data, steps, lr, init, seed, d_init, 
     from sftrl_jax.train.optim import OptimConfig
     from sftrl_jax.train.state import ModelSection
 
-    buckets = _LENGTHS[cfg.prompt][0]
+    buckets = PROMPT_LENGTHS[cfg.prompt][0]
     return SFTConfig(
         model=ModelSection(init=init),
         data=SFTDataConfig(
@@ -190,7 +188,7 @@ def _rl_cfg(cfg: StudyConfig, *, algo: str, run_dir: str, init: str, seed: int, 
             updates=a.updates,
             steps_per_update=a.steps_per_update,
             prompts_per_update=a.prompts_per_update,
-            length_buckets=_LENGTHS[cfg.prompt][1],
+            length_buckets=PROMPT_LENGTHS[cfg.prompt][1],
             seed=seed,
             devices=1,
             save_every=1,

@@ -79,8 +79,9 @@ def study_section(study_dir: str, evals: list[dict[str, Any]], *, task: str, env
         "| arm | split | rule | as 10 | other | " + " | ".join(o.lower() for o in OUTCOMES) + " |",
         "|---|---|---|---|---|" + "---|" * len(OUTCOMES),
     ]
-    names = {"init": "Init", "rl": "PPO", "grpo": "GRPO", "sft": "SFT"}
-    for arm in ("init", "rl", "grpo", "sft"):
+    from sftrl_jax.evaluation.study_report import NAMES, ORDER
+
+    for arm in ORDER:
         for split in splits:
             uses, outs = [], []
             for (a, seed), step in sorted(finals.items()):
@@ -98,5 +99,5 @@ def study_section(study_dir: str, evals: list[dict[str, Any]], *, task: str, env
             mean = lambda rows, k: sum(r[k] for r in rows) / len(rows)  # noqa: E731
             cells = [f"{100 * mean(uses, k):.1f}%" for k in ("rule", "as_10", "other")]
             cells += [f"{100 * mean(outs, k):.1f}%" for k in OUTCOMES]
-            lines.append(f"| {names[arm]} | {split} | " + " | ".join(cells) + " |")
+            lines.append(f"| {NAMES[arm]} | {split} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

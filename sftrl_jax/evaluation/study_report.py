@@ -376,18 +376,14 @@ def markdown(study: Study) -> str:
 
 
 def _env_options(study: Study) -> dict[str, Any]:
-    """The evaluation's env options, from the study's saved config (the prompt template)."""
+    """The evaluation's env options, from the study's saved config (the prompt wording)."""
     path = os.path.join(study.dir, "study_config.yaml")
     if not os.path.exists(path):
         return {}
     from sftrl_jax import config as config_lib
-
-    cfg = config_lib.read_yaml(path)
-    if cfg.get("prompt", "short") == "paper":
-        return {}
     from sftrl_jax.envs.general_points import prompts
 
-    return {"template": str(prompts.SHORT_TEMPLATE)}
+    return prompts.template_options(config_lib.read_yaml(path).get("prompt", "short"))
 
 
 def _base_table(base: dict[str, Any]) -> str:

@@ -72,6 +72,6 @@ def allgather_objects(obj: Any) -> list[Any]:
     buf = np.zeros(n, np.uint8)
     buf[: data.size] = data
     rows = np.asarray(multihost_utils.process_allgather(buf)).reshape(len(sizes), n)
-    # safe: the bytes are what this job's own processes pickled a moment ago in this function (the
-    # host all-gather of one run), never a file, a network peer or model text.
-    return [pickle.loads(rows[p, : sizes[p]].tobytes()) for p in range(len(sizes))]
+    # The bytes are what this job's own processes pickled a moment ago in this function (the host
+    # all-gather of one run), never a file, a network peer or model text.
+    return [pickle.loads(rows[p, : sizes[p]].tobytes()) for p in range(len(sizes))]  # safe: own processes' bytes

@@ -38,6 +38,14 @@ def face_card_message(face_cards_as_10: bool) -> str:
     return FACE_CARD_MESSAGES[bool(face_cards_as_10)]
 
 
+def template_options(prompt: str) -> dict[str, str]:
+    """Env options of a named post-training wording: "short" = `SHORT_TEMPLATE` (~90 tokens, the CPU
+    demo and study), "paper" = ours, the default template (no option)."""
+    if prompt not in ("short", "paper"):
+        raise EnvError(f"prompt must be one of short, paper; got {prompt!r}")
+    return {} if prompt == "paper" else {"template": str(SHORT_TEMPLATE)}
+
+
 def feedback(verify_message: str) -> str:
     """The user turn sent after a failed attempt, e.g. "You failed this trial because you didn't use numbers: [1]."."""
     return FEEDBACK_PREFIX + verify_message
