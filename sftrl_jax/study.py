@@ -6,7 +6,8 @@
 1. Base: `base` (a model folder, default the shipped one, `sftrl_jax/data/assets/gp_l_base`) or,
    with `base: null`, pretraining here: the corpus of `sftrl_jax/data/pretrain.py` (card arithmetic
    under many stated J/Q/K rules and targets, its own wording, never the rule-OOD rule) and
-   `sftrl sft --config <pretrain_config>`. The base is probed once on its own wording (greedy, one
+   `sftrl sft --config <pretrain_config>`, then its second stage on the composed wording
+   (`composed_config`, configs/study/pretrain_composed.yaml; null skips it). The base is probed once on its own wording (greedy, one
    turn): the ID rule (J/Q/K = 10) and the held-out rule (11/12/13), target 24 -> `base.json`.
 2. Per seed of the post-training (`seeds`): GP-L expert data of that seed (the post-training
    template, ID rule), a short SFT warm-up from the base -> Init; from Init three arms: PPO (the
@@ -82,6 +83,9 @@ class StudyConfig:
     base: str | None = SHIPPED_BASE  # a model folder; null = pretrain it here (pretrain_config)
     pretrain_config: str = "configs/study/pretrain.yaml"
     pretrain_examples: int = 96000
+    # the base's second stage (composed wording) on the first stage's model; null = one stage
+    composed_config: str | None = "configs/study/pretrain_composed.yaml"
+    composed_examples: int = 30000
     probe_episodes: int = 234  # base probe prompts per rule (pretraining wording)
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_episodes: int = 234
@@ -293,23 +297,25 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
 
     base = cfg.base
     if not base:
-        stage("pretraining the base")
-        pre_dir = os.path.join(cfg.run_dir, "pretrain")
-        base = os.path.join(pre_dir, "final")
-        if not os.path.isdir(base):
-            corpus = os.path.join(pre_dir, "data", "pretrain.json")
-            if not os.path.exists(corpus):
-                print(json.dumps(generate_pretrain(cfg.pretrain_examples, corpus, seed=0)))
-            pre = config_lib.load(
-                SFTConfig,
-                cfg.pretrain_config,
-                [
+        stages = [("pretrain", cfg.pretrain_config, cfg.pretrain_examples, "own")]
+        if cfg.composed_config:
+            stages.append(("pretrain_composed", cfg.composed_config, cfg.composed_examples, "composed"))
+        init = None
+        for name, config_path, n, wording in stages:
+            stage(f"pretraining the base: {name}")
+            pre_dir = os.path.join(cfg.run_dir, name)
+            base = os.path.join(pre_dir, "final")
+            if not os.path.isdir(base):
+                corpus = os.path.join(pre_dir, "data", f"{name}.json")
+                if not os.path.exists(corpus):
+                    print(json.dumps(generate_pretrain(n, corpus, seed=0, wording=wording)))
+                overrides = [
                     f"train.run_dir={pre_dir}",
                     f"data.train_files=[{corpus}]",
                     f"train.progress={str(cfg.progress).lower()}",
-                ],
-            )
-            sft_train(pre)
+                ]
+                sft_train(config_lib.load(SFTConfig, config_path, overrides + ([f"model.init={init}"] if init else [])))
+            init = base
     elif not os.path.isdir(base):
         raise ConfigError(f"base {base!r} is not a model folder (base: null pretrains one with pretrain_config)")
     with open(os.path.join(cfg.run_dir, "study.json"), "w") as f:

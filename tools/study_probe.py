@@ -5,6 +5,9 @@ python tools/study_probe.py base sftrl_jax/data/assets/gp_l_base
 python tools/study_probe.py warmup NAME STEPS LR DATA
     # an SFT warm-up variant from the shipped base -> /tmp/fix/NAME, then its first answers to 128 ID
     # and 128 rule-OOD hands dealt from seed 99 (the evaluation uses 42): numbers right, success
+python tools/study_probe.py validate NAME STEPS LR DATA [BASE]
+    # the same warm-up, then the evaluation's protocol (234 hands, 5 tries with feedback, greedy) on
+    # validation hands dealt from seed 99 instead of 42, ID and rule-OOD: how the study's warm-up is chosen
 """
 
 import json
@@ -40,60 +43,6 @@ def base(ckpt):
         print(json.dumps({"rule": name, "numbers_right": right / len(pr), "n": len(pr)}))
 
 
-_CARDS = ("Cards: {c}.", "Hand: {c}.", "The cards are {c}.", "You hold {c}.", "Dealt: {c}.", "{c} are your cards.")
-_RULES = (
-    "J={j}, Q={q}, K={k}.",
-    "J is worth {j}, Q is worth {q} and K is worth {k}.",
-    "Face cards: J counts {j}, Q counts {q}, K counts {k}.",
-    "Values: J->{j}, Q->{q}, K->{k}.",
-    "Here J means {j}, Q means {q}, K means {k}.",
-)
-_TARGETS = (
-    "Make {t}.",
-    "Reach {t} using each card once.",
-    "Goal: {t}, every card exactly once, with + - * / and brackets.",
-    "Write a formula equal to {t}.",
-    "Target {t}.",
-)
-
-
-def composed_prompt(rng, symbols, rule, target):
-    j, q, k = rule
-    fmt = int(rng.integers(4))
-    c = (", ".join(symbols), " ".join(symbols), "[" + ", ".join(symbols) + "]", repr(list(symbols)))[fmt]
-    if int(rng.integers(3)) == 0:
-        r = pretrain.rule_sentence(rule, 0)  # the rule language of the task, other values
-    else:
-        r = _RULES[int(rng.integers(len(_RULES)))].format(j=j, q=q, k=k)
-    parts = [
-        _CARDS[int(rng.integers(len(_CARDS)))].format(c=c),
-        r,
-        _TARGETS[int(rng.integers(len(_TARGETS)))].format(t=target),
-    ]
-    order = rng.permutation(3)
-    return ("\n" if rng.random() < 0.5 else " ").join(parts[i] for i in order)
-
-
-def corpus(n, out):
-    import numpy as np
-
-    rng = np.random.default_rng([0, 9])
-    rows = []
-    for i in range(n):
-        e = pretrain.example(rng)
-        p = composed_prompt(rng, e["symbols"], e["rule"], e["target"])
-        rows.append(
-            {
-                "id": f"pt2-{i:07d}",
-                "conversations": [{"from": "human", "value": p}, {"from": "gpt", "value": e["answer"]}],
-            }
-        )
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    with open(out, "w") as f:
-        json.dump(rows, f)
-    print(json.dumps({"examples": n, "out": out, "sample": rows[0]["conversations"][0]["value"]}))
-
-
 def warmup(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
     from sftrl_jax.sft.train import train as sft_train
 
@@ -119,10 +68,31 @@ def warmup(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
     print(json.dumps(out))
 
 
+def validate(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
+    import dataclasses
+
+    from sftrl_jax.evaluation import evaluate as ev
+    from sftrl_jax.sampling.policy import SamplingSection, make_policy
+    from sftrl_jax.sft.train import train as sft_train
+
+    cfg = study.StudyConfig(progress=False)
+    run = f"/tmp/fix/{name}"
+    if not os.path.isdir(run + "/final"):
+        sft_train(study._sft_cfg(cfg, run_dir=run, data=data, steps=steps, lr=lr, init=base_dir, seed=0, d_init=0))
+    model, tok, proc = load_for_eval(run + "/final", "gp-l")
+    out = {"name": name, "steps": steps, "lr": lr, "base": base_dir}
+    for split in ("id", "ood-rule"):
+        policy = make_policy(model, tok, SamplingSection(max_new_tokens=64), seed=0, image_processor=proc, temperature=0.0)
+        proto = dataclasses.replace(ev.protocol("gp-l", split), seed=99)
+        s = ev.evaluate(policy, tok, proto, batch_size=cfg.eval_batch, progress=False, env_options=cfg.env_options())
+        out[split] = {k: s[k] for k in ("success_rate", "success_rate_stderr", "episodes")}
+    print(json.dumps(out))
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "base":
         base(sys.argv[2])
-    elif sys.argv[1] == "corpus":
-        corpus(int(sys.argv[2]), sys.argv[3])
+    elif sys.argv[1] == "validate":
+        validate(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], *sys.argv[6:7])
     else:
         warmup(sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), sys.argv[5], *sys.argv[6:7])

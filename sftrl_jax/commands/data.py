@@ -14,6 +14,7 @@ EXAMPLES = """examples:
   sftrl data gp --variant gp-vl --split train --n 500 --out data/gp_vl/train.json   # images beside it
   sftrl data virl --variant virl-l --split train --n 1000 --out data/virl_l_train.json
   sftrl data pretrain --n 96000 --out data/study/pretrain.json   # the study's pretraining corpus
+  sftrl data pretrain --n 30000 --wording composed --out data/study/pretrain_composed.json  # its 2nd stage
 
 The file is one JSON array of {"image"?, "conversations": [{"from": "human"|"gpt", "value"}]}
 examples, the format of the paper's released SFT data; `sftrl sft` reads it.
@@ -58,6 +59,13 @@ def add_arguments(parser):
     p.add_argument("--n", type=int, required=True, help="number of examples")
     p.add_argument("--out", required=True, help="output JSON file")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--wording",
+        choices=("own", "composed"),
+        default="own",
+        help="own: three fixed phrasings (the base's first stage); composed: sentences in random order "
+        "and phrasing (its second stage, configs/study/pretrain_composed.yaml)",
+    )
 
 
 def run(args) -> int:
@@ -66,7 +74,7 @@ def run(args) -> int:
     if args.task == "pretrain":
         from sftrl_jax.data.pretrain import generate_pretrain
 
-        print(json.dumps({"out": args.out, **generate_pretrain(args.n, args.out, seed=args.seed)}))
+        print(json.dumps({"out": args.out, **generate_pretrain(args.n, args.out, seed=args.seed, wording=args.wording)}))
         return 0
     if args.task == "gp":
         from sftrl_jax.data.generate import generate_gp_sft as generate

@@ -23,6 +23,14 @@ them here, from examples generated with our solver, in the same conversation JSO
   the numbers in dealt order when the hand has such a solution (`expert.choose_solution`), as the
   demo's expert data does.
 
+**Composed wording** (`wording="composed"`, the base's second stage, configs/study/pretrain_composed.yaml):
+the same rules, targets, hands and answers, but each prompt is a card sentence, a rule sentence and a
+target sentence in random order, drawn from 6 / 5 (+ the rule language above, one time in three) / 5
+phrasings, the cards in one of four list formats. It was added after the first study showed that the
+one-wording base stops reading rules once the SFT warm-up has taught it the post-training template
+(docs/RESULTS.md, "Fixes tried"): a base that has read rules in many sentence orders and phrasings
+keeps reading them in a new one. The OOD rule is excluded as above; no phrasing is the template's.
+
 `probe` gives the prompts of the held-out rule (11, 12, 13, target 24, a face card in
 every hand) in the pretraining wording: how much OOD ability the base has, measured on its own
 wording (`sftrl_jax/study.py`).
@@ -62,6 +70,42 @@ def rule_sentence(values: tuple[int, int, int], style: int) -> str:
     if style == 1:
         return f"J={j}, Q={q}, K={k}."
     return f"J is worth {j}, Q is worth {q} and K is worth {k}."
+
+
+_CARD_SENTENCES = ("Cards: {c}.", "Hand: {c}.", "The cards are {c}.", "You hold {c}.", "Dealt: {c}.", "{c} are your cards.")
+_RULE_SENTENCES = (
+    "J={j}, Q={q}, K={k}.",
+    "J is worth {j}, Q is worth {q} and K is worth {k}.",
+    "Face cards: J counts {j}, Q counts {q}, K counts {k}.",
+    "Values: J->{j}, Q->{q}, K->{k}.",
+    "Here J means {j}, Q means {q}, K means {k}.",
+)
+_TARGET_SENTENCES = (
+    "Make {t}.",
+    "Reach {t} using each card once.",
+    "Goal: {t}, every card exactly once, with + - * / and brackets.",
+    "Write a formula equal to {t}.",
+    "Target {t}.",
+)
+WORDINGS = ("own", "composed")
+
+
+def composed_prompt(rng: np.random.Generator, symbols, rule, target) -> str:
+    """A prompt of the composed wording: card, rule and target sentences in random order."""
+    j, q, k = rule
+    fmt = int(rng.integers(4))
+    c = (", ".join(symbols), " ".join(symbols), "[" + ", ".join(symbols) + "]", repr(list(symbols)))[fmt]
+    if int(rng.integers(3)) == 0:
+        r = rule_sentence(rule, 0)  # the rule language of the task, other values
+    else:
+        r = _RULE_SENTENCES[int(rng.integers(len(_RULE_SENTENCES)))].format(j=j, q=q, k=k)
+    parts = [
+        _CARD_SENTENCES[int(rng.integers(len(_CARD_SENTENCES)))].format(c=c),
+        r,
+        _TARGET_SENTENCES[int(rng.integers(len(_TARGET_SENTENCES)))].format(t=target),
+    ]
+    order = rng.permutation(3)
+    return ("\n" if rng.random() < 0.5 else " ").join(parts[i] for i in order)
 
 
 def draw_rule(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -108,28 +152,33 @@ def example(rng: np.random.Generator, *, rule=None, target=None, ood_deal: bool 
     return {"prompt": prompt, "answer": answer, "symbols": symbols, "values": values, "target": tgt, "rule": rule}
 
 
-def generate_pretrain(n: int, out_path: str | os.PathLike, seed: int = 0) -> dict[str, Any]:
-    """Writes `n` examples as the conversation JSON `sftrl sft` reads; returns counts."""
+def generate_pretrain(n: int, out_path: str | os.PathLike, seed: int = 0, wording: str = "own") -> dict[str, Any]:
+    """Writes `n` examples as the conversation JSON `sftrl sft` reads; returns counts. `wording`:
+    "own" (the three phrasings, the base's first stage) or "composed" (its second stage)."""
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
         raise EnvError(f"the number of examples must be a positive integer, got {n!r}")
-    rng = np.random.default_rng([seed, 7])
+    if wording not in WORDINGS:
+        raise EnvError(f"unknown wording {wording!r}; wordings: {', '.join(WORDINGS)}")
+    rng = np.random.default_rng([seed, 7 if wording == "own" else 9])
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, n24, rules = [], 0, set()
     for i in tqdm(range(n), desc="pretrain corpus", unit="ex", disable=n < 1000):
         ex = example(rng)
+        if wording == "composed":
+            ex["prompt"] = composed_prompt(rng, ex["symbols"], ex["rule"], ex["target"])
         n24 += ex["target"] == 24
         rules.add(ex["rule"])
         rows.append(
             {
-                "id": f"pretrain-{i:07d}",
+                "id": f"pretrain-{i:07d}" if wording == "own" else f"composed-{i:07d}",
                 "conversations": [{"from": "human", "value": ex["prompt"]}, {"from": "gpt", "value": ex["answer"]}],
             }
         )
     tmp = out.with_name(out.name + ".tmp")
     tmp.write_text(json.dumps(rows, ensure_ascii=False) + "\n", encoding="utf-8")
     tmp.replace(out)
-    return {"examples": n, "target_24": n24, "distinct_rules": len(rules), "seed": seed}
+    return {"examples": n, "target_24": n24, "distinct_rules": len(rules), "seed": seed, "wording": wording}
 
 
 def probe(n: int, rule=HELD_OUT_RULE, seed: int = 1234) -> list[dict[str, Any]]:

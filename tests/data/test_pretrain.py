@@ -2,6 +2,7 @@
 
 import collections
 import json
+import re
 
 import pytest
 
@@ -12,10 +13,14 @@ from sftrl_jax.envs.general_points import cards, prompts, verifier
 N = 3000
 
 
-@pytest.fixture(scope="module")
-def corpus(tmp_path_factory):
+# J, Q, K valued 11, 12, 13 in any of the phrasings ("J=11, Q=12", "J->11", "J is worth 11", "'11', '12'")
+_HELD_OUT = re.compile(r"J\W.{0,20}\b11\b.{0,30}Q\W.{0,20}\b12\b.{0,30}K\W.{0,20}\b13\b", re.S)
+
+
+@pytest.fixture(scope="module", params=pretrain.WORDINGS)
+def corpus(request, tmp_path_factory):
     path = tmp_path_factory.mktemp("pretrain") / "pretrain.json"
-    stats = pretrain.generate_pretrain(N, path, seed=0)
+    stats = pretrain.generate_pretrain(N, path, seed=0, wording=request.param)
     return stats, json.loads(path.read_text())
 
 
@@ -34,6 +39,35 @@ def test_corpus_never_states_the_rule_ood_rule_nor_uses_the_post_training_templa
         assert ood_sentence not in text
         assert "J=11, Q=12, K=13" not in text and "J is worth 11, Q is worth 12 and K is worth 13" not in text
         assert not any(line in text for line in template_lines), text
+        assert not _HELD_OUT.search(text), text
+    # the pattern does find the held-out rule in every phrasing of both wordings
+    import numpy as np
+
+    rng = np.random.default_rng(5)
+    assert pretrain.rule_sentence(pretrain.HELD_OUT_RULE, 0) == ood_sentence
+    for style in (1, 2):
+        assert _HELD_OUT.search(pretrain.rule_sentence(pretrain.HELD_OUT_RULE, style))
+    for _ in range(50):
+        text = pretrain.composed_prompt(rng, ["2", "J", "Q", "K"], pretrain.HELD_OUT_RULE, 24)
+        assert _HELD_OUT.search(text) or ood_sentence in text, text
+
+
+def test_composed_wording_states_cards_rule_and_target_in_varied_order():
+    import numpy as np
+
+    rng = np.random.default_rng(11)
+    firsts, seps = collections.Counter(), collections.Counter()
+    for _ in range(400):
+        rule, target, symbols = (3, 7, 12), 37, ["A", "J", "Q", "K"]
+        text = pretrain.composed_prompt(rng, symbols, rule, target)
+        assert "37" in text and all(s in text for s in symbols), text
+        stated = re.search(r"J\W.{0,20}\b3\b.{0,30}Q\W.{0,20}\b7\b.{0,30}K\W.{0,20}\b12\b", text, re.S)
+        assert stated or pretrain.rule_sentence(rule, 0) in text, text
+        firsts[text.split()[0]] += 1
+        seps["\n" in text] += 1
+    assert len(firsts) >= 10 and 150 < seps[True] < 250  # many openings; newline or space, half each
+    with pytest.raises(Exception, match="unknown wording 'x'"):
+        pretrain.generate_pretrain(3, "/tmp/never.json", wording="x")
 
 
 def test_rule_and_target_mix_is_the_documented_one():
@@ -84,3 +118,7 @@ def test_cli_writes_the_corpus(tmp_path, capsys):
     assert json.loads(capsys.readouterr().out)["examples"] == 20
     assert len(json.loads(out.read_text())) == 20
     assert cli.main(["data", "pretrain", "--n", "0", "--out", str(out)]) == 2
+    assert cli.main(["data", "pretrain", "--n", "5", "--wording", "composed", "--out", str(out)]) == 0
+    rows = json.loads(out.read_text())
+    assert [r["id"] for r in rows] == [f"composed-{i:07d}" for i in range(5)]
+    assert rows[0]["conversations"][0]["value"] not in {p.split("{")[0] for p in pretrain.PROMPTS}
