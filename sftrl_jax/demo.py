@@ -51,7 +51,7 @@ class DemoSFT:
     examples: int = 2000  # expert examples generated for SFT (warm-up and the SFT arm)
     dealt_order: bool = True  # expert formulas use the numbers in dealt order when they can (learnt sooner)
     revisions: float = 0.5  # fraction of two-turn examples (failed try, feedback, answer): Init can revise
-    warmup_steps: int = 100  # SFT steps that make the Init checkpoint (from scratch: 400 at lr 3e-3)
+    warmup_steps: int = 50  # SFT steps that make the Init checkpoint (from scratch: 400 at lr 3e-3)
     batch_size: int = 16
     lr: float = 5e-4
     arm_lr: float = 1e-4  # the SFT arm continues from Init with this lr

@@ -46,7 +46,7 @@ ARM_NAMES = ("rl", "grpo", "sft")
 class WarmupSection:
     examples: int = 2000  # expert examples of the post-training data (warm-up and the SFT arm)
     revisions: float = 0.5  # fraction of two-turn examples (failed try, feedback, answer)
-    steps: int = 100
+    steps: int = 50  # chosen among 25 / 50 / 100 on seed-99 validation hands (docs/RESULTS.md)
     batch_size: int = 16
     lr: float = 5e-4
 
