@@ -47,7 +47,9 @@ def _stage(command: str, run_dir: str) -> dict:
         "steps": int(last["step"]),
         "final_loss": round(float(last["train/loss"]), 4),
         "final_token_accuracy": round(float(last["train/token_accuracy"]), 4),
-        "wall_minutes": round((float(last["time"]) - float(train[0]["time"])) / 60 * len(train) / max(1, len(train) - 1), 1)
+        "wall_minutes": round(
+            (float(last["time"]) - float(train[0]["time"])) / 60 * len(train) / max(1, len(train) - 1), 1
+        )
         if len(train) > 1
         else None,
     }

@@ -82,7 +82,9 @@ def validate(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
     model, tok, proc = load_for_eval(run + "/final", "gp-l")
     out = {"name": name, "steps": steps, "lr": lr, "base": base_dir}
     for split in ("id", "ood-rule"):
-        policy = make_policy(model, tok, SamplingSection(max_new_tokens=64), seed=0, image_processor=proc, temperature=0.0)
+        policy = make_policy(
+            model, tok, SamplingSection(max_new_tokens=64), seed=0, image_processor=proc, temperature=0.0
+        )
         proto = dataclasses.replace(ev.protocol("gp-l", split), seed=99)
         s = ev.evaluate(policy, tok, proto, batch_size=cfg.eval_batch, progress=False, env_options=cfg.env_options())
         out[split] = {k: s[k] for k in ("success_rate", "success_rate_stderr", "episodes")}

@@ -74,7 +74,9 @@ def run(args) -> int:
     if args.task == "pretrain":
         from sftrl_jax.data.pretrain import generate_pretrain
 
-        print(json.dumps({"out": args.out, **generate_pretrain(args.n, args.out, seed=args.seed, wording=args.wording)}))
+        print(
+            json.dumps({"out": args.out, **generate_pretrain(args.n, args.out, seed=args.seed, wording=args.wording)})
+        )
         return 0
     if args.task == "gp":
         from sftrl_jax.data.generate import generate_gp_sft as generate

@@ -72,7 +72,14 @@ def rule_sentence(values: tuple[int, int, int], style: int) -> str:
     return f"J is worth {j}, Q is worth {q} and K is worth {k}."
 
 
-_CARD_SENTENCES = ("Cards: {c}.", "Hand: {c}.", "The cards are {c}.", "You hold {c}.", "Dealt: {c}.", "{c} are your cards.")
+_CARD_SENTENCES = (
+    "Cards: {c}.",
+    "Hand: {c}.",
+    "The cards are {c}.",
+    "You hold {c}.",
+    "Dealt: {c}.",
+    "{c} are your cards.",
+)
 _RULE_SENTENCES = (
     "J={j}, Q={q}, K={k}.",
     "J is worth {j}, Q is worth {q} and K is worth {k}.",

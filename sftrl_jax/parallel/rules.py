@@ -9,8 +9,10 @@ on fsdp=16): the dimension is then replicated over that axis instead of failing.
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 
 import jax
 from jax.sharding import NamedSharding, PartitionSpec
@@ -43,12 +45,65 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
 }
 
 
+# The sampler's layout (prefill and decode, `sampling.layout: decode`): every model-parallel name over
+# fsdp x tensor together and the batch over data only: each device keeps 1/(fsdp x tensor) of every
+# matrix (Megatron-style column / row parallel: q/k/v and gate/up split by heads and MLP width, o and
+# down by their inputs, one all-reduce of [B, T, D] after each) and computes every row of its data
+# replica, so no program ever gathers a whole matrix. Training keeps `RULES` (FSDP: parameters
+# sharded, gathered layer by layer, the batch split), which for decoding would all-gather the whole
+# model on every device (`sftrl plan`: 27.96 GiB per device at 11B).
+MODEL_PARALLEL = (FSDP, TENSOR)
+DECODE_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    **RULES,
+    "vocab": MODEL_PARALLEL,
+    "embed": None,
+    "mlp": MODEL_PARALLEL,
+    "heads": MODEL_PARALLEL,
+    "kv_heads": MODEL_PARALLEL,
+    "vision_embed": None,
+    "vision_mlp": MODEL_PARALLEL,
+    "vision_heads": MODEL_PARALLEL,
+    "batch": DATA,
+    "act_mlp": MODEL_PARALLEL,
+    "act_heads": MODEL_PARALLEL,
+    "act_kv_heads": MODEL_PARALLEL,
+    "act_vocab": MODEL_PARALLEL,
+}
+TABLES: Mapping[str, Mapping] = {"train": RULES, "decode": DECODE_RULES}
+_ACTIVE: contextvars.ContextVar[Mapping] = contextvars.ContextVar("sftrl_rules", default=RULES)
+
+
+def active() -> Mapping[str, str | tuple[str, ...] | None]:
+    """The rules table in force (`RULES` unless inside `using`)."""
+    return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def using(table: Mapping | str) -> Iterator[None]:
+    """Trace (and compute shardings) under another rules table: `DECODE_RULES` or its name "decode"."""
+    if isinstance(table, str):
+        if table not in TABLES:
+            raise KeyError(f"unknown layout {table!r}; layouts: {', '.join(TABLES)}")
+        table = TABLES[table]
+    token = _ACTIVE.set(table)
+    try:
+        yield
+    finally:
+        _ACTIVE.reset(token)
+
+
+def batch_axes() -> tuple[str, ...]:
+    """The mesh axes the batch is split over under the active table."""
+    return _axes("batch")
+
+
 def _axes(name: str | None) -> tuple[str, ...]:
     if name is None:
         return ()
-    if name not in RULES:
+    table = active()
+    if name not in table:
         raise KeyError(f"logical axis name {name!r} has no rule in sftrl_jax.parallel.rules.RULES")
-    rule = RULES[name]
+    rule = table[name]
     if rule is None:
         return ()
     return (rule,) if isinstance(rule, str) else tuple(rule)

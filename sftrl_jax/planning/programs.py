@@ -187,25 +187,33 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
     n = _devices(mesh)
     programs = []
 
-    # Rollout: the sampler's prefill and decode over the language model's parameters, one row per env
-    # (GRPO: group_size rows per prompt), prompts as long as the longest bucket leaves room for.
+    # Rollout: the sampler's prefill and decode over the language model's parameters as the sampler
+    # prepares them (`sampler.prepare_weights`: matrices in the compute dtype, laid out for sampling by
+    # `sampling.layout`), one row per env (GRPO: group_size rows per prompt), prompts as long as the
+    # longest bucket leaves room for.
+    layout = sampler_lib.resolve_layout(cfg.sampling.layout, mc, mesh)
     lm_graphdef, lm_params = _language_model_split(graphdef, params, rest, cfg.algo)
+    lm_params = _prepared(lm_params, mesh, layout, cfg.model.dtype or cfg.model.param_dtype)
     rows = cfg.env.num_envs * (algo.group_size if cfg.algo == "grpo" else 1)
-    rows = inputs.batch_bucket(rows, rules_batch_devices(mesh))
+    rows = inputs.batch_bucket(rows, sampler_lib.batch_devices(mesh, layout))
     new = cfg.sampling.max_new_tokens
     prompt = inputs.prompt_bucket(max(length - new, 1))
     scfg = sampler_lib.SamplerConfig(
-        max_new_tokens=new, method=methods.Method(temperature=float(temperature), top_p=1.0, top_k=0), pad_id=0
+        max_new_tokens=new,
+        method=methods.Method(temperature=float(temperature), top_p=1.0, top_k=0),
+        pad_id=0,
+        layout=layout,
     )
-    pbatch = _batch(
-        {
-            "input_ids": ((rows, prompt), jnp.int32),
-            "attention_mask": ((rows, prompt), jnp.int32),
-            "row_valid": ((rows,), jnp.bool_),
-            **_image_spec(mc, rows, prompt, images),
-        },
-        mesh,
-    )
+    with rules.using(layout):
+        pbatch = _batch(
+            {
+                "input_ids": ((rows, prompt), jnp.int32),
+                "attention_mask": ((rows, prompt), jnp.int32),
+                "row_valid": ((rows,), jnp.bool_),
+                **_image_spec(mc, rows, prompt, images),
+            },
+            mesh,
+        )
     stops = jax.ShapeDtypeStruct((4,), jnp.int32)
     key = jax.eval_shape(lambda: jax.random.key(0))
     kw = dict(graphdef=lm_graphdef, cfg=scfg)
@@ -215,7 +223,7 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
     programs.append(Program("rollout_prefill", prefill, prefill_args, fwd / n, mesh))
     with jax.set_mesh(mesh):
         dstate = jax.eval_shape(prefill, *prefill_args)
-    dstate = _with_batch_shardings(dstate, mesh)
+    dstate = _decode_state_shardings(dstate, mesh, layout)
     decode = jax.jit(ops.traced_with(functools.partial(sampler_lib._decode, **kw), policy), donate_argnums=(1,))
     steps = max(new - 1, 1)
     dec = flops_lib.forward_flops(mc, rows=rows, length=1, keys=prompt + new - 1, images=0)  # one step
@@ -286,15 +294,38 @@ def _language_model_split(graphdef, params, rest, algo: str):
     return lm_graphdef, lm_params
 
 
-def _with_batch_shardings(tree, mesh):
-    """The decode state's arrays sharded as the prefill leaves them: leading batch axes over the
-    batch mesh axes where they divide (the cache's kv heads as the rules say), scalars replicated."""
+def _prepared(params, mesh, layout: str, dtype):
+    """Abstract parameters as `sampler.prepare_weights` leaves them: floating matrices in the compute
+    `dtype`, every leaf in the `layout` table's sharding."""
+    from sftrl_jax.sampling import sampler as sampler_lib
+
+    shardings = sampler_lib.layout_shardings(params, mesh, layout)
+
+    def one(x, s):
+        cast = x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+        return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype) if cast else x.dtype, sharding=s)
+
+    return jax.tree.map(one, params, shardings)
+
+
+def _decode_state_shardings(state, mesh, layout: str):
+    """The decode state's arrays sharded as the prefill leaves them under the `layout` table: the KV
+    cache by its logical names (batch, kv heads), other leading batch axes over the batch mesh axes
+    where they divide, scalars replicated."""
+    from sftrl_jax.models import kv_cache
 
     def shard(x):
         names = ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
         return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rules.named_sharding(names, x.shape, mesh))
 
-    return jax.tree.map(shard, tree)
+    with rules.using(layout):
+        out = jax.tree.map(shard, state)
+        cache = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            state.cache,
+            kv_cache.shardings(state.cache, mesh),
+        )
+    return dataclasses.replace(out, cache=cache)
 
 
 def images_default(cfg) -> int:

@@ -37,6 +37,7 @@ class Policy:
         image_processor=None,
         stop_tokens: Sequence[int] | None = None,
         mesh=None,
+        layout: str = "auto",
     ):
         self.model = model
         self.tokenizer = tokenizer
@@ -48,6 +49,7 @@ class Policy:
         self.image_processor = image_processor
         self.stop_tokens = tuple(tokenizer.stop_ids if stop_tokens is None else stop_tokens)
         self.mesh = mesh
+        self.layout = layout
         self.calls = 0
         self.last_result: sampler.GenerateResult | None = None  # for logging (e.g. the log-prob gap)
 
@@ -79,6 +81,7 @@ class Policy:
             seed=seed,
             pad_id=self.tokenizer.pad_id,
             mesh=self.mesh,
+            layout=self.layout,
             **self.image_inputs(images),
         )
         self.last_result = result
@@ -98,6 +101,16 @@ class SamplingSection:
     temperature: float = 0.2  # paper: 0.2
     top_p: float = 1.0
     top_k: int = 0
+    # "decode": prefill and decode tensor-parallel over the mesh (weights resharded once per parameter
+    # version); "train": in the training (FSDP) layout, every program all-gathering the weights;
+    # "auto": decode where fsdp x tensor divides the heads and MLP width (`sampler.resolve_layout`)
+    layout: str = "auto"
+
+    def __post_init__(self):
+        from sftrl_jax.config import ConfigError
+
+        if self.layout not in sampler.LAYOUTS:
+            raise ConfigError(f"sampling.layout must be one of {', '.join(sampler.LAYOUTS)}; got {self.layout!r}")
 
 
 def make_policy(model, tokenizer, cfg: SamplingSection, *, seed: int, image_processor=None, temperature=None):
@@ -112,4 +125,5 @@ def make_policy(model, tokenizer, cfg: SamplingSection, *, seed: int, image_proc
         top_k=cfg.top_k,
         seed=seed,
         image_processor=image_processor,
+        layout=cfg.layout,
     )

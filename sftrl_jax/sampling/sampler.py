@@ -13,8 +13,9 @@ The prefill is the model's own forward with a cache (images go through the visio
 and the cross-attention keys/values are kept); the decode loop then feeds one token per row through
 the same forward with the same cache (one model definition for training, prefill and decode, as
 gemma's sampler loop does) until `max_new_tokens` or until every row has emitted a stop token.
-Its matrices are cast to the compute dtype once per parameter version (`prepare_weights`), never
-inside the loop. Parameters are
+Its matrices are cast to the compute dtype and, on a mesh, laid out for sampling (tensor-parallel over
+the mesh, `parallel.rules.DECODE_RULES`) once per parameter version (`prepare_weights`), never inside
+the programs. Parameters are
 arguments of both jitted functions, never closed over, so a policy whose weights change between
 calls (RL) reuses the compiled programs.
 """
@@ -45,6 +46,7 @@ class SamplerConfig:
     max_new_tokens: int
     method: methods.Method
     pad_id: int
+    layout: str = "train"  # the rules table prefill and decode trace under (`parallel.rules.TABLES`)
 
 
 @jax.tree_util.register_dataclass
@@ -125,6 +127,11 @@ def _prefill(
     params, batch: dict[str, jax.Array], stop_tokens: jax.Array, key: jax.Array, *, graphdef, cfg: SamplerConfig
 ) -> State:
     """The prompt through the model's forward; the first token; the decode state."""
+    with rules.using(cfg.layout):
+        return _prefill_body(params, batch, stop_tokens, key, graphdef=graphdef, cfg=cfg)
+
+
+def _prefill_body(params, batch, stop_tokens, key, *, graphdef, cfg: SamplerConfig) -> State:
     model = _for_sampling(nnx.merge(graphdef, params))
     ids, row_valid = batch["input_ids"], batch["row_valid"]
     b, p = ids.shape
@@ -153,6 +160,11 @@ def _prefill(
 def _decode(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
     """Generates columns 1 .. M-1 through the model's own forward, one token per row per step, with
     the KV cache; stops early once every row is done. `params`: see `prepare_weights`."""
+    with rules.using(cfg.layout):
+        return _decode_body(params, state, graphdef=graphdef, cfg=cfg)
+
+
+def _decode_body(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
     model = _for_sampling(nnx.merge(graphdef, params))
     b = state.last.shape[0]
     one = jnp.ones((b, 1), jnp.int32)
@@ -191,30 +203,80 @@ def compile_count() -> int:
     return sum(f._cache_size() for f in (_prefill_jit, _decode_jit, *_decode_jits.values()))
 
 
-def _cast(params, *, dtype):
+def _is_matrix(x) -> bool:
     # Matrices only: 1-D parameters (norm scales, tanh gates) are read in fp32 by the model.
-    return jax.tree.map(
-        lambda x: x.astype(dtype) if x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating) else x, params
-    )
+    return x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _cast(params, *, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if _is_matrix(x) else x, params)
 
 
 _cast_jit = jax.jit(_cast, static_argnames=("dtype",))
+_reshard_jits: dict = {}  # (target sharding, dtype) -> jitted cast into that sharding
 _PREPARED: dict = {}  # the last prepared parameters, keyed by the identity of the parameter arrays
 PREPARE_COUNT = [0]  # how often parameters were prepared (tests: once per parameter version)
 
 
-def prepare_weights(params, dtype):
-    """The decode loop's parameters: the matrices cast to the compute `dtype` once per parameter
-    version (the model's own `astype` is then a no-op inside the decode program), reused while the
-    same parameter arrays come back (JAX arrays are immutable; the entry keeps them alive, so their
-    ids stay unique). The parameters themselves when they already are in `dtype`."""
+def layout_shardings(params, mesh: jax.sharding.Mesh, layout: str = "decode"):
+    """NamedSharding per Variable of `params` (or of an abstract State) under the `layout` table."""
+    with rules.using(layout):
+        return rules.state_shardings(params, mesh)
+
+
+LAYOUTS = ("auto", *rules.TABLES)
+
+
+def resolve_layout(layout: str, config, mesh: jax.sharding.Mesh | None) -> str:
+    """The rules table sampling runs under: "train" or "decode" as asked; "auto" = "decode" when the
+    model-parallel axes (fsdp x tensor) divide every head count and the MLP width (text, and vision
+    for Mllama), so that every device holds a slice of every layer, else "train" (a model with 2 kv
+    heads on 8 devices would replicate its attention, each device computing every row)."""
+    if layout not in LAYOUTS:
+        raise UserError(f"unknown sampling layout {layout!r}; layouts: {', '.join(LAYOUTS)}")
+    if layout != "auto":
+        return layout
+    if mesh is None or mesh.size == 1:
+        return "train"  # nothing to lay out
+    ways = int(np.prod([mesh.shape.get(a, 1) for a in rules.MODEL_PARALLEL]))
+    tc = config.text
+    dims = [tc.num_heads, tc.num_kv_heads, tc.intermediate_size]
+    vision = getattr(config, "vision", None)
+    if vision is not None:
+        dims += [vision.num_heads, vision.intermediate_size]
+    return "decode" if all(d % ways == 0 for d in dims) else "train"
+
+
+def _reshard(x: jax.Array, sharding, dtype) -> jax.Array:
+    key = (sharding, jnp.dtype(dtype).name if _is_matrix(x) else None)
+    if key not in _reshard_jits:
+        to = key[1]
+        _reshard_jits[key] = jax.jit(lambda a: a.astype(to) if to else a, out_shardings=sharding)
+    return _reshard_jits[key](x)
+
+
+def prepare_weights(params, dtype, *, mesh: jax.sharding.Mesh | None = None, layout: str = "train"):
+    """The sampler's parameters: matrices cast to the compute `dtype` (the model's own `astype` is then
+    a no-op inside prefill and decode) and, on a mesh of several devices, laid out for sampling
+    (`layout`, `parallel.rules.DECODE_RULES`: tensor-parallel over fsdp x tensor), done once per
+    parameter version and reused while the same parameter arrays come back (JAX arrays are
+    immutable; the entry keeps them alive, so their ids stay unique). The reshard goes one parameter
+    at a time: the most any device holds on top of its shards is one matrix's decode slice, never a
+    copy of the model. The parameters themselves when nothing changes."""
     leaves = tuple(jax.tree.leaves(params))
-    if all(x.ndim < 2 or x.dtype == jnp.dtype(dtype) or not jnp.issubdtype(x.dtype, jnp.floating) for x in leaves):
+    relayout = mesh is not None and mesh.size > 1 and layout != "train"
+    same_dtype = all(not _is_matrix(x) or x.dtype == jnp.dtype(dtype) for x in leaves)
+    if same_dtype and not relayout:
         return params
-    key = (jnp.dtype(dtype).name, tuple(map(id, leaves)))
+    key = (jnp.dtype(dtype).name, layout if relayout else None, tuple(map(id, leaves)))
     if _PREPARED.get("key") != key or any(leaf.is_deleted() for leaf in leaves):
         _PREPARED.clear()
-        _PREPARED.update(key=key, leaves=leaves, params=_cast_jit(params, dtype=jnp.dtype(dtype)))
+        if relayout:
+            shardings = layout_shardings(params, mesh, layout)
+            out = jax.tree.map(lambda x, sh: _reshard(x, sh, dtype), params, shardings)
+        else:
+            out = _cast_jit(params, dtype=jnp.dtype(dtype))
+        _PREPARED.update(key=key, leaves=leaves, params=out)
         PREPARE_COUNT[0] += 1
     return _PREPARED["params"]
 
@@ -231,12 +293,12 @@ def mesh_of(params) -> jax.sharding.Mesh | None:
     return None
 
 
-def batch_devices(mesh: jax.sharding.Mesh | None) -> int:
-    """How many ways the batch is split on `mesh`."""
+def batch_devices(mesh: jax.sharding.Mesh | None, layout: str | None = None) -> int:
+    """How many ways the batch is split on `mesh` (under the `layout` table; default the active one)."""
     if mesh is None:
         return 1
-    axes = rules.RULES["batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
+    with rules.using(layout) if layout else contextlib.nullcontext():
+        axes = rules.batch_axes()
     return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
 
 
@@ -281,6 +343,7 @@ def generate(
     cross_attention_mask: Sequence[Any] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     max_length: int | None = None,
+    layout: str = "auto",
 ) -> GenerateResult:
     """Samples up to `max_new_tokens` tokens after each prompt (a list of token ids).
 
@@ -289,7 +352,9 @@ def generate(
     [B, I, C, 3, px, px], `aspect_ratio_ids` [B, I], `aspect_ratio_mask` [B, I, C], and optionally
     `cross_attention_mask` as one [len(prompt_b), I, C] array per prompt (default: derived from the
     `<|image|>` tokens). `mesh` defaults to the one the parameters live on; `max_length` (default:
-    the config's max_position_embeddings) bounds the cache.
+    the config's max_position_embeddings) bounds the cache. `layout`: "decode" (tensor-parallel over
+    the mesh, the weights resharded once per parameter version, `prepare_weights`), "train" (the
+    training layout: FSDP, each program all-gathers the weights it uses) or "auto" (`resolve_layout`).
     """
     config = model.config
     tc = config.text
@@ -307,7 +372,8 @@ def generate(
 
     graphdef, params = nnx.split(model)
     mesh = mesh if mesh is not None else mesh_of(params)
-    b = inputs.batch_bucket(len(prompts), batch_devices(mesh))
+    layout = resolve_layout(layout, config, mesh)
+    b = inputs.batch_bucket(len(prompts), batch_devices(mesh, layout))
     ids, attention = inputs.left_pad(prompts, batch=b, length=p_len, pad_id=pad_id)
     arrays = {"input_ids": ids, "attention_mask": attention, "row_valid": np.arange(b) < len(prompts)}
     arrays.update(
@@ -326,14 +392,17 @@ def generate(
         max_new_tokens=int(max_new_tokens),
         method=methods.Method(temperature=float(temperature), top_p=float(top_p), top_k=int(top_k)),
         pad_id=int(pad_id),
+        layout=layout,
     )
     key = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
-        batch = _device_batch(arrays, mesh)
-        state = _prefill_jit(params, batch, stop_array(stops), key, graphdef=graphdef, cfg=cfg)
+        with rules.using(layout):
+            batch = _device_batch(arrays, mesh)
+        weights = prepare_weights(params, model.dtype, mesh=mesh, layout=layout)
+        state = _prefill_jit(weights, batch, stop_array(stops), key, graphdef=graphdef, cfg=cfg)
         if max_new_tokens > 1:
             run = _decode_fn(ops.decode_compiler_options(ops.policy_for(mesh)))
-            state = run(prepare_weights(params, model.dtype), state, graphdef=graphdef, cfg=cfg)
+            state = run(weights, state, graphdef=graphdef, cfg=cfg)
     n = len(prompts)
     return GenerateResult(
         tokens=_host(state.tokens)[:n],

@@ -196,3 +196,53 @@ def test_sharded_matches_one_device(name, llama, mllama, n_devices):
     np.testing.assert_array_equal(out.tokens, ref.tokens)
     np.testing.assert_allclose(out.logprobs_temperature, ref.logprobs_temperature, atol=1e-5)
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["llama", pytest.param("mllama", marks=pytest.mark.slow)])
+def test_decode_layout_is_tensor_parallel_and_samples_what_one_device_does(name, n_devices):
+    """`sampling.layout`: on a mesh whose fsdp x tensor (4 here) divides the heads and the MLP width,
+    "auto" samples tensor-parallel: the prepared weights hold 1/4 of each matrix per device, split
+    by heads / MLP width (not by the embedding dimension, as training's FSDP does), and the tokens
+    and log-probs are those of one device."""
+    if n_devices < 8:
+        pytest.skip("needs 8 devices")
+    from flax import nnx
+
+    from sftrl_jax.sampling import sampler
+
+    cls = config_lib.LlamaConfig if name == "llama" else config_lib.MllamaConfig
+    cfg = cls.tiny(num_heads=8, num_kv_heads=4, head_dim=8)
+    if name == "mllama":
+        import dataclasses
+
+        cfg = dataclasses.replace(cfg, vision=dataclasses.replace(cfg.vision, num_heads=4))
+    mesh = make_mesh((2, 2, 2))
+    assert sampler.resolve_layout("auto", cfg, mesh) == "decode"
+    assert sampler.resolve_layout("auto", cls.tiny(), mesh) == "train"  # 2 kv heads on 4 ways
+    assert sampler.resolve_layout("auto", cfg, None) == "train"
+    with pytest.raises(UserError, match="unknown sampling layout 'tp'"):
+        sampler.resolve_layout("tp", cfg, mesh)
+    one = peaked_model(cfg, seed=4)
+    sharded = peaked_model(cfg, seed=4, mesh=mesh)
+    _, params = nnx.split(sharded)
+    prepared = sampler.prepare_weights(params, sharded.dtype, mesh=mesh, layout="decode")
+    lm = "model" if name == "llama" else "language_model"
+    layer = prepared[lm]["layers"][0]
+    q, o, down = layer["self_attn"]["q_proj"][...], layer["self_attn"]["o_proj"][...], layer["mlp"]["down_proj"][...]
+    train_q = params[lm]["layers"][0]["self_attn"]["q_proj"][...]
+    assert train_q.sharding.spec[0] is not None  # training: FSDP over the embedding rows
+    assert q.sharding.spec[0] is None and q.sharding.spec[1] == ("fsdp", "tensor")  # [D, N, H]: by heads
+    assert o.sharding.spec[0] == ("fsdp", "tensor")  # [N, H, D]: by its input heads
+    assert down.sharding.spec[0] == ("fsdp", "tensor")  # [F, D]: by the MLP width
+    for x in (q, o, down):
+        assert x.addressable_shards[0].data.size * 4 == x.size  # a quarter of the matrix per device
+    if name == "llama":
+        prompts, extra, kw = PROMPTS, {}, dict(**SAMPLE, seed=3)
+    else:
+        prompts, extra = image_inputs(cfg)
+        kw = dict(temperature=0.0)
+    ref = sampling.generate(one, prompts, max_new_tokens=M, **kw, **extra)
+    for layout in ("auto", "decode", "train"):
+        out = sampling.generate(sharded, prompts, max_new_tokens=M, layout=layout, **kw, **extra)
+        np.testing.assert_array_equal(out.tokens, ref.tokens, err_msg=layout)
+        np.testing.assert_allclose(out.logprobs_temperature, ref.logprobs_temperature, atol=1e-5, err_msg=layout)
