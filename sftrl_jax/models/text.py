@@ -53,8 +53,15 @@ class SelfAttention(nnx.Module):
             k = constrain(kv_cache.write(cache_kv[0], k, cache_index), kv_cache.KV_NAMES)
             v = constrain(kv_cache.write(cache_kv[1], v, cache_index), kv_cache.KV_NAMES)
         # Without a cache the model's mask is causal by index: key blocks above the diagonal are skipped.
+        # With a cache, the slots from cache_index + T on are still empty: a decode step reads only the rest.
         out = ops.attention(
-            q, k.astype(self.dtype), v.astype(self.dtype), mask, scale=self.scale, causal=cache_kv is None
+            q,
+            k.astype(self.dtype),
+            v.astype(self.dtype),
+            mask,
+            scale=self.scale,
+            causal=cache_kv is None,
+            filled=None if cache_kv is None else cache_index + x.shape[1],
         )
         return ops.dense(out, self.o_proj.astype(self.dtype), n_in=2), (k, v)  # [B, T, D]
 

@@ -7,6 +7,7 @@ Model code (`models/`) calls these and nothing backend-specific:
     ops.rope(x, cos, sin)                         # x [B, T, N, H], tables [B, T, H/2]
     ops.rope_cos_sin(positions, inv_freq)         # the tables, once per forward
     ops.attention(q, k, v, mask, scale=.., causal=..)   # q [B, T, N, H], k/v [B, S, K, H], mask [B, T, S]
+    ops.attention(q, k, v, mask, scale=.., filled=n)    # a decode step: only the cache's first n slots
 
 Which one runs is decided per backend in one module each, the way MaxText's attention op picks its
 kernel: `ops.gpu` (cuDNN fused attention through `jax.nn.dot_product_attention`), `ops.tpu`
@@ -81,7 +82,14 @@ def rope(x: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
 
 
 def attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float, causal: bool = False
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None,
+    *,
+    scale: float,
+    causal: bool = False,
+    filled: jax.Array | None = None,
 ) -> jax.Array:
     """Softmax attention with grouped kv heads; scores and softmax in fp32.
 
@@ -89,8 +97,13 @@ def attention(
     A row with nothing to attend gets uniform weights (as transformers' additive finfo.min mask does).
     `causal=True` promises self-attention without a cache (T == S) whose mask is causal by index with
     key padding, mask[b, t, s] = valid[b, s] & (s <= t) (None: every key valid); fused kernels use
-    that structure (skipping the blocks above the diagonal)."""
+    that structure (skipping the blocks above the diagonal). `filled` (an int32 scalar, traced)
+    promises that key slots from `filled` on are empty (a KV cache being filled): one-query steps (a
+    decode step) then read only the filled blocks of the cache (`xla.attention_filled`) on every
+    backend, instead of all S slots at every step."""
     backend = "reference" if current().reference else _backend()
+    if filled is not None and q.shape[1] == 1 and not current().reference:
+        return xla.attention_filled(q, k, v, mask, filled, scale=scale)
     if backend == "gpu":
         return gpu.attention(q, k, v, mask, scale=scale, causal=causal)
     if backend == "tpu":

@@ -3,7 +3,7 @@
 Counted: every matrix product a token goes through (2 FLOPs per multiply-add), attention's two
 products over the keys it may see (causal self-attention: half of the [T, T] square on average,
 the blocks a causal kernel computes: cuDNN's, the TPU flash kernel's, the CPU's query blocks;
-a decode step: every cache slot), the LM head over the vocabulary. Not counted: embeddings (a
+a decode step: the filled cache slots, which is all `ops.attention(filled=..)` reads), the LM head over the vocabulary. Not counted: embeddings (a
 lookup), norms, softmax and elementwise work. A training step is forward + backward = 3 forwards,
 remat adds one more forward.
 """

@@ -145,3 +145,34 @@ def test_sampler_decodes_a_remat_model():
     remat = sampling.generate(build.create_model(cfg, seed=0, remat=True), prompts, max_new_tokens=6, temperature=0.0)
     np.testing.assert_array_equal(remat.tokens, plain.tokens)
     np.testing.assert_allclose(remat.logprobs_raw, plain.logprobs_raw, atol=1e-6)
+
+
+@pytest.mark.parametrize("filled", [1, 37, 128, 129, 300, 333])
+def test_decode_attention_reads_only_the_filled_slots(filled):
+    """`ops.attention(..., filled=n)` for a one-query step equals the reference over the first n slots
+    (masked as given), whatever the block arithmetic (n not a multiple of the 128-slot block, the
+    last block clamped to the cache's end at S = 333), and never reads a block past the filled ones:
+    NaN there would poison the output."""
+    from sftrl_jax.ops import xla
+
+    rng = np.random.default_rng(filled)
+    b, s, n, kv, h = 3, 333, 4, 2, 8
+    q = jnp.asarray(rng.standard_normal((b, 1, n, h)), jnp.float32)
+    k = rng.standard_normal((b, s, kv, h)).astype(np.float32)
+    v = rng.standard_normal((b, s, kv, h)).astype(np.float32)
+    mask = rng.random((b, 1, s)) < 0.7
+    mask[:, :, filled - 1] = True  # the step's own slot
+    mask[2] = False  # a row with nothing to attend: uniform over all S slots
+    k[:, filled:], v[:, filled:] = 0.0, 0.0  # empty slots hold zeros, as a fresh cache
+    ref = xla.attention(q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask & (np.arange(s) < filled)), scale=0.3)
+    first_unread = -(-filled // 128) * 128
+    k[:, first_unread:], v[:, first_unread:] = np.nan, np.nan
+    got = jax.jit(lambda q, k, v, m, f: ops.attention(q, k, v, m, scale=0.3, filled=f))(
+        q, jnp.asarray(k), jnp.asarray(v), jnp.asarray(mask), jnp.int32(filled)
+    )
+    if first_unread >= s:  # every block read: no NaN was placed
+        assert np.isfinite(np.asarray(got)).all()
+    np.testing.assert_allclose(np.asarray(got[:2]), np.asarray(ref[:2]), rtol=2e-6, atol=2e-6)
+    # The empty row: the reference's uniform weights over all S slots (sum of the filled values / S).
+    want = np.repeat(np.nan_to_num(v[2]).sum(0) / s, n // kv, axis=0)
+    np.testing.assert_allclose(np.asarray(got[2, 0]), want, rtol=1e-5, atol=1e-6)
