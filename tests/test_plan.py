@@ -110,3 +110,20 @@ def test_analytic_peak_by_hand(capsys):
     working = 2 * layer * 4 + 4 * layer + rows * 160 * (4 * 128 + 3 * 384) * 4
     logits = 3 * rows * 160 * 2048 * 4
     assert row["analytic_peak_bytes"] == row["argument_bytes"] + grads + residuals + working + logits
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_export_only_lowers_every_rl_program_for_the_accelerator(capsys, platform):
+    """`--platform P --export-only`: every program of the run exported for P with nothing compiled
+    here, and no CPU-only custom call (our native kernels' FFI targets) in any of them."""
+    args = ["plan", "--config", "configs/rl/gp_l_tiny.yaml", "model.init=null", "model.preset=llama-tiny", TINY]
+    assert cli.main([*args, "--devices", "8", "--platform", platform, "--export-only", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["programs"]
+    assert [r["name"] for r in rows] == ["rollout_prefill", "rollout_decode", "values_pass", "ppo_update[768]"]
+    for r in rows:
+        assert r["export"]["platform"] == platform and "compile_s" not in r
+        assert "cpu" not in r["export"]["custom_calls"].lower() and "sftrl" not in r["export"]["custom_calls"]
+    if platform == "tpu":  # the flash kernel, run per device under shard_map (Mosaic does not partition)
+        assert "tpu_custom_call" in rows[-1]["export"]["custom_calls"]
+    assert cli.main([*args, "--devices", "8", "--export-only"]) == 2
+    assert "--export-only needs --platform" in capsys.readouterr().err
