@@ -25,7 +25,7 @@ def _cls(path: Path):
 
         return DemoConfig
     if kind == "study":
-        if path.name == "pretrain.yaml":  # the base's pretraining: an SFT run
+        if path.name.startswith("pretrain"):  # the base's pretraining stages: SFT runs
             from sftrl_jax.sft.train import SFTConfig
 
             return SFTConfig

@@ -47,7 +47,7 @@ class SelfAttention(nnx.Module):
         """x [B, T, D], rope: `ops.rope_cos_sin` of the positions ([B, T, H/2] * 2), mask [B, T, S];
         cache_kv: ([B, S_max, K, H],) * 2 or None."""
         # [B, T, N, H], [B, T, K, H] * 2
-        q, k, v = ops.dense_fused(x, [p.astype(self.dtype) for p in (self.q_proj, self.k_proj, self.v_proj)])
+        q, k, v = ops.dense_fused(x, [layers.weight(p, self.dtype) for p in (self.q_proj, self.k_proj, self.v_proj)])
         q, k = ops.rope(q, *rope), ops.rope(k, *rope)
         if cache_kv is not None:
             k = constrain(kv_cache.write(cache_kv[0], k, cache_index), kv_cache.KV_NAMES)
@@ -63,7 +63,7 @@ class SelfAttention(nnx.Module):
             causal=cache_kv is None,
             filled=None if cache_kv is None else cache_index + x.shape[1],
         )
-        return ops.dense(out, self.o_proj.astype(self.dtype), n_in=2), (k, v)  # [B, T, D]
+        return ops.dense(out, layers.weight(self.o_proj, self.dtype), n_in=2), (k, v)  # [B, T, D]
 
 
 class CrossAttention(nnx.Module):
@@ -83,14 +83,14 @@ class CrossAttention(nnx.Module):
 
     def kv(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys/values of the projected vision tokens [B, S_x, D] -> ([B, S_x, K, H],) * 2."""
-        k = ops.dense(states, self.k_proj.astype(self.dtype))  # [B, S, K, H]
-        v = ops.dense(states, self.v_proj.astype(self.dtype))
+        k = ops.dense(states, layers.weight(self.k_proj, self.dtype))  # [B, S, K, H]
+        v = ops.dense(states, layers.weight(self.v_proj, self.dtype))
         return self.k_norm(k), v
 
     def __call__(self, x, *, kv, mask):
-        q = self.q_norm(ops.dense(x, self.q_proj.astype(self.dtype)))
+        q = self.q_norm(ops.dense(x, layers.weight(self.q_proj, self.dtype)))
         out = ops.attention(q, kv[0].astype(self.dtype), kv[1].astype(self.dtype), mask, scale=self.scale)
-        return ops.dense(out, self.o_proj.astype(self.dtype), n_in=2)
+        return ops.dense(out, layers.weight(self.o_proj, self.dtype), n_in=2)
 
 
 class DecoderLayer(nnx.Module):

@@ -40,11 +40,11 @@ class VisionAttention(nnx.Module):
         self.scale = h**-0.5
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        q = jnp.einsum("BTD,DNH->BTNH", x, self.q_proj.astype(self.dtype))
-        k = jnp.einsum("BSD,DNH->BSNH", x, self.k_proj.astype(self.dtype))
-        v = jnp.einsum("BSD,DNH->BSNH", x, self.v_proj.astype(self.dtype))
+        q = jnp.einsum("BTD,DNH->BTNH", x, layers.weight(self.q_proj, self.dtype))
+        k = jnp.einsum("BSD,DNH->BSNH", x, layers.weight(self.k_proj, self.dtype))
+        v = jnp.einsum("BSD,DNH->BSNH", x, layers.weight(self.v_proj, self.dtype))
         out = ops.attention(q, k, v, mask, scale=self.scale)
-        return jnp.einsum("BTNH,NHD->BTD", out, self.o_proj.astype(self.dtype))
+        return jnp.einsum("BTNH,NHD->BTD", out, layers.weight(self.o_proj, self.dtype))
 
 
 class Dense(nnx.Module):
@@ -56,7 +56,7 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...D,DF->...F", x, self.kernel.astype(self.dtype)) + self.bias.astype(self.dtype)
+        return jnp.einsum("...D,DF->...F", x, layers.weight(self.kernel, self.dtype)) + self.bias.astype(self.dtype)
 
 
 class VisionMLP(nnx.Module):
@@ -185,7 +185,7 @@ class VisionModel(nnx.Module):
         # Non-overlapping p x p patches, row-major, as the stride-p convolution sees them.
         x = pixel_values.astype(self.dtype).reshape(b * i * c, ch, gh, p, gw, p)
         x = x.transpose(0, 2, 4, 1, 3, 5)  # [BIC, gh, gw, ch, p, p]
-        x = jnp.einsum("Mhwcij,cijD->MhwD", x, self.patch_embedding.astype(self.dtype))
+        x = jnp.einsum("Mhwcij,cijD->MhwD", x, layers.weight(self.patch_embedding, self.dtype))
         x = x.reshape(b * i, c, gh * gw, d)  # [BI, C, P-1, D]
 
         ar_ids = aspect_ratio_ids.reshape(b * i)
