@@ -43,14 +43,18 @@ def base(ckpt):
         print(json.dumps({"rule": name, "numbers_right": right / len(pr), "n": len(pr)}))
 
 
-def warmup(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
+def _warmed(cfg, name, steps, lr, data, base_dir):
+    """The study's SFT warm-up variant from `base_dir` -> /tmp/fix/NAME (kept: a second call loads it)."""
     from sftrl_jax.sft.train import train as sft_train
 
-    cfg = study.StudyConfig(progress=False)
     run = f"/tmp/fix/{name}"
     if not os.path.isdir(run + "/final"):
         sft_train(study._sft_cfg(cfg, run_dir=run, data=data, steps=steps, lr=lr, init=base_dir, seed=0, d_init=0))
-    model, tok, _ = load_for_eval(run + "/final", "gp-l")
+    return load_for_eval(run + "/final", "gp-l")
+
+
+def warmup(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
+    model, tok, _ = _warmed(study.StudyConfig(progress=False), name, steps, lr, data, base_dir)
     out = {"name": name, "steps": steps, "lr": lr}
     for split in ("id", "ood-rule"):
         env = envs.make("gp-l", split=split, template=str(prompts.SHORT_TEMPLATE))
@@ -73,13 +77,9 @@ def validate(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
 
     from sftrl_jax.evaluation import evaluate as ev
     from sftrl_jax.sampling.policy import SamplingSection, make_policy
-    from sftrl_jax.sft.train import train as sft_train
 
     cfg = study.StudyConfig(progress=False)
-    run = f"/tmp/fix/{name}"
-    if not os.path.isdir(run + "/final"):
-        sft_train(study._sft_cfg(cfg, run_dir=run, data=data, steps=steps, lr=lr, init=base_dir, seed=0, d_init=0))
-    model, tok, proc = load_for_eval(run + "/final", "gp-l")
+    model, tok, proc = _warmed(cfg, name, steps, lr, data, base_dir)
     out = {"name": name, "steps": steps, "lr": lr, "base": base_dir}
     for split in ("id", "ood-rule"):
         policy = make_policy(
