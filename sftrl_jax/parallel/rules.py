@@ -97,6 +97,14 @@ def batch_axes() -> tuple[str, ...]:
     return _axes("batch")
 
 
+def batch_ways(mesh) -> int:
+    """How many ways the batch is split on `mesh` (a Mesh, or anything with a `shape` mapping) under
+    the active table; 1 without a mesh."""
+    if mesh is None:
+        return 1
+    return math.prod(mesh.shape.get(a, 1) for a in batch_axes())
+
+
 def _axes(name: str | None) -> tuple[str, ...]:
     if name is None:
         return ()

@@ -274,18 +274,12 @@ def _analytic(section: ModelSection, mc, state, mesh, *, rows: int, length: int)
         cfg=mc,
         n_params=int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))),
         devices=_devices(mesh),
-        batch_ways=rules_batch_devices(mesh),
+        batch_ways=rules.batch_ways(mesh),
         rows=rows,
         length=length,
         compute_dtype=section.dtype or section.param_dtype,
         remat=section.remat,
     )
-
-
-def rules_batch_devices(mesh) -> int:
-    axes = rules.RULES["batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
 
 
 def _language_model_split(graphdef, params, rest, algo: str):
@@ -305,7 +299,7 @@ def _prepared(params, mesh, layout: str, dtype):
     shardings = sampler_lib.layout_shardings(params, mesh, layout)
 
     def one(x, s):
-        cast = x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+        cast = sampler_lib._is_matrix(x)
         return jax.ShapeDtypeStruct(x.shape, jnp.dtype(dtype) if cast else x.dtype, sharding=s)
 
     return jax.tree.map(one, params, shardings)

@@ -141,11 +141,8 @@ def check_mesh(cfg: RLConfig, mesh) -> None:
     (8x the FLOPs; the sharding rules silently replicate a dimension they cannot split)."""
     from sftrl_jax.parallel import rules
 
-    axes = rules.RULES["batch"]
-    axes = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    ways = 1
-    for a in axes:
-        ways *= mesh.shape.get(a, 1)
+    with rules.using("train"):  # the training passes' layout, whatever the caller traces under
+        ways = rules.batch_ways(mesh)
     name = cfg.algo
     mb = cfg.algo_cfg.micro_batch
     if mb % ways:

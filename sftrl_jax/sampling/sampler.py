@@ -295,11 +295,8 @@ def mesh_of(params) -> jax.sharding.Mesh | None:
 
 def batch_devices(mesh: jax.sharding.Mesh | None, layout: str | None = None) -> int:
     """How many ways the batch is split on `mesh` (under the `layout` table; default the active one)."""
-    if mesh is None:
-        return 1
     with rules.using(layout) if layout else contextlib.nullcontext():
-        axes = rules.batch_axes()
-    return int(np.prod([mesh.shape[a] for a in axes if a in mesh.shape]))
+        return rules.batch_ways(mesh)
 
 
 def stop_array(stop_tokens: Sequence[int]) -> np.ndarray:
