@@ -102,7 +102,7 @@ def attention(
     decode step) then read only the filled blocks of the cache (`xla.attention_filled`) on every
     backend, instead of all S slots at every step."""
     backend = "reference" if current().reference else _backend()
-    if filled is not None and q.shape[1] == 1 and not current().reference:
+    if filled is not None and q.shape[1] == 1:  # XLA ops themselves: the reference runs them too
         return xla.attention_filled(q, k, v, mask, filled, scale=scale)
     if backend == "gpu":
         return gpu.attention(q, k, v, mask, scale=scale, causal=causal)

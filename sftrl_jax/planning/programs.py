@@ -227,8 +227,7 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
     decode = jax.jit(ops.traced_with(functools.partial(sampler_lib._decode, **kw), policy), donate_argnums=(1,))
     steps = max(new - 1, 1)
     # One step, attending to the filled slots: prompt + new / 2 on average over the steps. (XLA counts
-    # the attention's loop over filled blocks once, i.e. one 128-slot block: the measured figure is
-    # then below this ideal by the attention's share, ~3% at 11B.)
+    # the attention's loop over the filled 128-slot blocks once, one block's worth.)
     dec = flops_lib.forward_flops(mc, rows=rows, length=1, keys=prompt + new // 2, images=0)
     programs.append(Program("rollout_decode", decode, (lm_params, dstate), dec / n, mesh, steps))
 
