@@ -84,10 +84,12 @@ def test_plan_rl_tiny_update_is_sharded(capsys):
     )
     (row,) = rows
     assert row["name"].startswith("ppo_update[") and row["loop_trips"] == 32 // 16
-    # Per device and per micro-batch, the step's FLOPs are those of its share of the rows (the
-    # whole attention square, as XLA's ops compute it; PPO's value head is ~0.1% more).
+    # Per device, the step's FLOPs (both micro-batches: the scan's trip count is counted) are those
+    # of its share of the rows (the whole attention square, as XLA's ops compute it; PPO's value head
+    # is ~0.1% more).
     length = int(row["name"].split("[")[1].rstrip("]"))
-    square = 3 * planning.flops.forward_flops(_tiny(), rows=16, length=length, keys=length) / 8
+    square = 3 * planning.flops.forward_flops(_tiny(), rows=32, length=length, keys=length) / 8
+    assert row["ideal_flops"] == pytest.approx(3 * planning.flops.forward_flops(_tiny(), rows=32, length=length) / 8)
     assert 0.9 < row["flops"] / square < 1.15
 
 
@@ -127,3 +129,46 @@ def test_export_only_lowers_every_rl_program_for_the_accelerator(capsys, platfor
         assert "tpu_custom_call" in rows[-1]["export"]["custom_calls"]
     assert cli.main([*args, "--devices", "8", "--export-only"]) == 2
     assert "--export-only needs --platform" in capsys.readouterr().err
+
+
+def test_hlo_flops_counts_known_loops_by_their_trips():
+    """A scan's body counts trip-count times (nested: the product), a run-time loop once, a batched
+    product 2 x result x contracted; `cost_analysis()` (one body per loop) is what it corrects."""
+    import jax
+    import jax.numpy as jnp
+
+    w, x = jnp.ones((10, 64, 64)), jnp.ones((4, 64))
+    one = 2 * 4 * 64 * 64
+
+    def layers(x, w):
+        return jax.lax.scan(lambda c, wi: (c @ wi, None), x, w)[0]
+
+    def nested(x, w):
+        return jax.lax.scan(lambda c, _: (layers(c, w), None), x, None, length=3)[0]
+
+    def runtime(x, w, n):
+        return jax.lax.fori_loop(0, n, lambda i, c: c @ w[i], x)
+
+    def flops(fn, *args):
+        return planning.analysis.hlo_flops(jax.jit(fn).lower(*args).compile().as_text())
+
+    assert flops(layers, x, w) == 10 * one
+    assert flops(nested, x, w) == 30 * one
+    assert flops(runtime, x, w, 3) == one
+    assert (
+        flops(lambda a, b: jnp.einsum("bij,bjk->bik", a, b), jnp.ones((3, 4, 5)), jnp.ones((3, 5, 6)))
+        == 2 * 3 * 4 * 6 * 5
+    )
+    assert jax.jit(layers).lower(x, w).compile().cost_analysis()["flops"] < 2 * one  # the body once
+
+
+def test_plan_scanned_layers_counts_every_layer(capsys):
+    """`model.scan_layers=true`: the step's FLOPs are the unrolled step's (every layer counted)."""
+    args = ["--devices", "8", "--only", "[160]"]
+    (unrolled,) = _plan(capsys, "--config", "configs/sft/gp_l_tiny.yaml", "model.remat=true", *args)
+    (scanned,) = _plan(
+        capsys, "--config", "configs/sft/gp_l_tiny.yaml", "model.remat=true", "model.scan_layers=true", *args
+    )
+    assert scanned["ideal_flops"] == unrolled["ideal_flops"]
+    assert scanned["flops"] == pytest.approx(unrolled["flops"], rel=0.01)
+    assert scanned["xla_flops"] < 0.9 * unrolled["xla_flops"]  # what cost_analysis alone would have said

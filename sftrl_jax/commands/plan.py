@@ -18,8 +18,10 @@ needs to hold only config.json), then lowers and compiles every program the run 
 its configured shapes (SFT: the train step per length bucket; RL: rollout prefill and decode, the
 values / old-log-prob pass, the reference pass if any, the update step) on N fake CPU devices.
 Per program: compile time, per-device bytes from XLA's memory analysis (arguments, outputs,
-temporaries, peak), per-device FLOPs from its cost analysis next to the ideal (model FLOPs per
-token x tokens / devices, remat's extra forward counted), collectives' bytes. --json prints
+temporaries, peak), per-device FLOPs of the compiled program's matrix products (loops with a
+trip count XLA knows, such as the micro-batch and layer scans, counted that many times; the decode
+program per decode step) next to the ideal (model FLOPs per token x tokens / devices, remat's extra
+forward counted), collectives' bytes. --json prints
 {"programs": [{"name", "compile_s", "argument_bytes", "output_bytes", "temp_bytes", "peak_bytes",
 "flops", "ideal_flops", "collective_bytes"}]}. --platform cuda|tpu also exports each program with
 jax.export for that platform (no CPU-only custom call can leak in); with --export-only it skips

@@ -49,6 +49,21 @@ def abstract_model(
     )
 
 
+def scan_layers(model: nnx.Module, on: bool = True) -> nnx.Module:
+    """Run the model's layer stacks (text decoder, vision encoders) as one `jax.lax.scan` each in
+    every pass without a KV cache (training steps, log-prob and value passes; sampling stays
+    unrolled): compile time and the memory XLA keeps across layers stop growing with depth. The
+    parameters keep their per-layer layout (checkpoints and conversion unchanged); the scan stacks
+    them inside the program, one extra copy of the layer weights per device (see `layers.scan`).
+    Returns `model`, changed in place."""
+    from sftrl_jax.models import text, vision
+
+    for _, module in nnx.iter_graph(model):
+        if isinstance(module, (text.TextModel, vision.VisionEncoder)):
+            module.scan_layers = on
+    return model
+
+
 def path_str(path) -> str:
     """A pytree key path of an nnx State -> "language_model.layers.3.cross_attn.q_proj"."""
     parts = []

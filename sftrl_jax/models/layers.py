@@ -146,3 +146,63 @@ def rope_inv_freq(cfg: config_lib.TextConfig) -> np.ndarray:
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
     return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scanning over layers
+
+
+def scan(groups: Sequence[Sequence[nnx.Module]], call, x: jax.Array, *, remat: bool, keep: str | None = None):
+    """x through `groups` of layers with one `jax.lax.scan` over the groups (`model.scan_layers`).
+
+    `groups[g][j]` is the j-th layer of group g; layers at the same position j share their structure
+    (class, shapes, static attributes). `call(j, layer, x) -> x` runs one layer. The parameters of
+    each position are stacked (one copy, sharded like the layers': [G, ...]) and the scan body holds
+    one group: XLA compiles one group instead of every layer, and what a layer gathers (its FSDP
+    weights) or produces in the backward pass (its full-size weight gradients before the
+    reduce-scatter) lives for one iteration, not across the whole unrolled stack. With `remat` each
+    layer is a `jax.checkpoint`: its input is all the backward pass keeps of it.
+
+    keep: None, or "inputs" / "outputs" to also return every group's input / output stacked [G, ...].
+    """
+    period = len(groups[0])
+    defs, stacks = [], []
+    for j in range(period):
+        splits = [nnx.split(group[j]) for group in groups]
+        graphdef = splits[0][0]
+        if any(s[0] != graphdef for s in splits[1:]):
+            raise ValueError(f"layers at position {j} of their group differ in structure: they cannot be scanned")
+        defs.append(graphdef)
+        stacks.append(jax.tree.map(_stack, *[s[1] for s in splits], is_leaf=_is_variable))
+
+    def position(j):
+        def run(state, x):
+            return call(j, nnx.merge(defs[j], state), x)
+
+        return jax.checkpoint(run, prevent_cse=False) if remat else run
+
+    runs = [position(j) for j in range(period)]
+
+    def body(x, states):
+        x_in = x
+        for run, state in zip(runs, states):
+            x = run(state, x)
+        return x, (x_in if keep == "inputs" else x if keep == "outputs" else None)
+
+    x, kept = jax.lax.scan(body, x, stacks)
+    return (x, kept) if keep else x
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def _stack(*variables: nnx.Variable) -> nnx.Variable:
+    value = jnp.stack([v[...] for v in variables])
+    return variables[0].replace(rules.constrain(value, (None,) + rules.param_names(variables[0])))
+
+
+def period(kinds: Sequence) -> int:
+    """The shortest p that divides len(kinds) with kinds[i] == kinds[i % p] (len(kinds) at worst)."""
+    n = len(kinds)
+    return next(p for p in range(1, n + 1) if n % p == 0 and all(kinds[i] == kinds[i % p] for i in range(n)))

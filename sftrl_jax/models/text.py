@@ -177,6 +177,7 @@ class TextModel(nnx.Module):
         self.cross_attention_layers = cfg.cross_attention_layers
         self.dtype = dtype
         self.remat = remat
+        self.scan_layers = False  # `build.scan_layers`: one scan over the layers in passes without a cache
 
     def __call__(
         self,
@@ -209,26 +210,34 @@ class TextModel(nnx.Module):
         mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])  # [B, T, S]
 
         # Cross-attention: keys/values from new vision features, else from the cache, else skipped.
-        cross_kv, cross_row = None, None
+        cross_kv, cross_row, num_keys, xmask, row_mask = None, None, None, None, None
+        scanned = self.scan_layers and cache is None
         if cross_states is not None:
             if cross_attention_mask is None:
                 raise ValueError("cross_attention_mask [B, T, I, C] is required with image features")
-            xlayers = [self.layers[i] for i in self.cross_attention_layers]
-            cross_kv = [layer.cross_attn.kv(cross_states.astype(self.dtype)) for layer in xlayers]
+            cross_states = cross_states.astype(self.dtype)
+            num_keys = cross_states.shape[1]
+            if not scanned:  # scanned: each cross-attention layer projects them in the scan body
+                xlayers = [self.layers[i] for i in self.cross_attention_layers]
+                cross_kv = [layer.cross_attn.kv(cross_states) for layer in xlayers]
             tile_mask = cross_attention_mask
             cross_row = cross_attention_mask[:, -1]
         elif cache is not None and cache.has_cross:
             cross_kv = list(zip(cache.cross_k, cache.cross_v))
+            num_keys = cross_kv[0][0].shape[1]
             cross_row = cache.cross_row
             if cross_attention_mask is None:
                 tile_mask = jnp.broadcast_to(cross_row[:, None], (b, t, *cross_row.shape[1:]))
             else:
                 tile_mask = cross_attention_mask
-        if cross_kv is not None:
-            xmask, row_mask = _cross_masks(tile_mask, cross_kv[0][0].shape[1])
+        if num_keys is not None:
+            xmask, row_mask = _cross_masks(tile_mask, num_keys)
 
         self_layers = [layer for i, layer in enumerate(self.layers) if i not in self.cross_attention_layers]
         rope = ops.rope_cos_sin(positions, self_layers[0].self_attn.inv_freq) if self_layers else None
+        if scanned:
+            x = self._scan(x, rope=rope, mask=mask, cross_states=cross_states, xmask=xmask, row_mask=row_mask)
+            return self.norm(x), None
         new_k, new_v = [], []
         n_self = n_cross = 0
         for i, layer in enumerate(self.layers):
@@ -258,6 +267,23 @@ class TextModel(nnx.Module):
                 cross_row=cross_row,
             )
         return hidden, cache
+
+    def _scan(self, x, *, rope, mask, cross_states, xmask, row_mask):
+        """The layers as one scan over groups (`layers.scan`): without images the self-attention
+        layers, one per group; with them every layer, a group being the shortest repeating pattern
+        of self- and cross-attention layers (Llama 3.2 Vision: 8 groups of 3 self, 1 cross, 1 self)."""
+        cross = set(self.cross_attention_layers)
+        active = [i for i in range(len(self.layers)) if cross_states is not None or i not in cross]
+        kinds = [i in cross for i in active]
+        p = layers.period(kinds)
+        groups = [[self.layers[i] for i in active[g : g + p]] for g in range(0, len(active), p)]
+
+        def call(j, layer, x):
+            if kinds[j]:
+                return layer(x, kv=layer.cross_attn.kv(cross_states), mask=xmask, row_mask=row_mask)
+            return layer(x, rope=rope, mask=mask)[0]
+
+        return layers.scan(groups, call, x, remat=self.remat)
 
     def _call(self, layer, x, **kwargs):
         if not self.remat:

@@ -101,9 +101,19 @@ class VisionEncoder(nnx.Module):
     def __init__(self, cfg: config_lib.VisionConfig, num_layers: int, *, gated: bool, remat: bool, **kw):
         self.layers = nnx.List([VisionLayer(cfg, gated=gated, **kw) for _ in range(num_layers)])
         self.remat = remat
+        self.scan_layers = False  # `build.scan_layers`: one scan over the layers
 
     def __call__(self, x, mask, *, collect: tuple[int, ...] = (), collect_inputs: bool = True):
         """Returns the output and the features of the layers in `collect` (their inputs or outputs)."""
+        if self.scan_layers:
+            keep = ("inputs" if collect_inputs else "outputs") if collect else None
+            out = layers.scan(
+                [[layer] for layer in self.layers], lambda _, layer, x: layer(x, mask), x, remat=self.remat, keep=keep
+            )
+            if not collect:
+                return out, []
+            x, kept = out
+            return x, [kept[i] for i in collect]
         features = {}
         for i, layer in enumerate(self.layers):
             if collect_inputs and i in collect:

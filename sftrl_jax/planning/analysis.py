@@ -2,12 +2,15 @@
 
 Memory from `compiled.memory_analysis()` (arguments, outputs, temporaries; peak = arguments +
 outputs + temporaries - aliased (donated) bytes, XLA's own heap-simulated peak beside it), FLOPs from
-`compiled.cost_analysis()` (the SPMD-partitioned module: per device), collectives from the
-partitioned HLO text (the bytes of each all-gather / all-reduce / reduce-scatter / all-to-all /
-collective-permute result, each op counted once: a loop body's collectives are counted once, not
-per iteration). XLA's cost analysis also counts a loop body once: `flops` and `ideal_flops` are per
-device and per iteration of the program's main loop (`loop_trips` of them: micro-batches of a
-scanned step, decode steps).
+the compiled (SPMD-partitioned: per device) HLO module's matrix products (`hlo_flops`: 2 x result
+elements x contracted size of every dot), each loop body counted as many times as the loop's trip
+count when XLA knows it (scans: micro-batches, layers with `model.scan_layers`, log-prob chunks) and
+once when only the run knows it (the decode loop, the filled-block attention loop): train steps and
+passes are counted whole, a decode program per decode step. (`cost_analysis()` counts every loop
+body once, which a scan over the layers turns into one layer's worth; its figure is `xla_flops`.)
+Collectives from the partitioned HLO text (the bytes of each all-gather / all-reduce /
+reduce-scatter / all-to-all / collective-permute result, each op counted once: a loop body's
+collectives are counted once, not per iteration).
 """
 
 from __future__ import annotations
@@ -54,6 +57,75 @@ def collectives(hlo: str) -> dict[str, int]:
     return out
 
 
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->.*\{\s*$")
+_INSTRUCTION = re.compile(r"^\s*(?:ROOT\s+)?%([\w.\-]+)\s*=\s*(.+?)\s+([\w\-]+)\((.*)$")
+_HEADER_PARAM = re.compile(r"([\w.\-]+):\s*((?:pred|[suf]\d+|bf16|c64|c128)\[[\d,]*\])")
+_CALLEE = re.compile(r"\b(calls|to_apply|body|condition|true_computation|false_computation)=%([\w.\-]+)")
+_BRANCHES = re.compile(r"branch_computations=\{([^}]*)\}")
+_TRIP = re.compile(r'"known_trip_count":\{"n":"(\d+)"\}')
+
+
+def _dims(shape: str) -> list[int]:
+    m = _SHAPE.search(shape)
+    return [int(d) for d in m.group(2).split(",") if d] if m else []
+
+
+def hlo_flops(hlo: str) -> float:
+    """Matrix-product FLOPs of an HLO module's text (entry computation, calls followed): each dot's
+    2 x result elements x contracted size; a while body times its `known_trip_count` (once if XLA
+    does not know it), a conditional's costliest branch."""
+    bodies: dict[str, list[str]] = {}
+    headers: dict[str, str] = {}
+    entry, current = None, None
+    for line in hlo.splitlines():
+        m = _COMPUTATION.match(line)
+        if m:
+            current = m.group(1)
+            bodies[current], headers[current] = [], m.group(2)
+            if line.startswith("ENTRY"):
+                entry = current
+        elif current is not None and line.strip() == "}":
+            current = None
+        elif current is not None:
+            bodies[current].append(line)
+    memo: dict[str, float] = {}
+
+    def cost(name: str) -> float:
+        if name in memo:
+            return memo[name]
+        memo[name] = 0.0  # no recursion in HLO; guards a malformed module
+        shapes = {p: s for p, s in _HEADER_PARAM.findall(headers.get(name, ""))}
+        total = 0.0
+        for line in bodies.get(name, ()):
+            m = _INSTRUCTION.match(line)
+            if not m:
+                continue
+            result, shape, op, rest = m.groups()
+            shapes[result] = shape
+            if op == "dot":
+                operands = re.findall(r"%([\w.\-]+)", rest.split(")")[0])
+                lhs = _dims(shapes.get(operands[0], "")) if operands else []
+                contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
+                k = int(np.prod([lhs[int(i)] for i in contract.group(1).split(",") if i])) if contract and lhs else 1
+                total += 2.0 * float(np.prod(_dims(shape))) * k
+            callees = _CALLEE.findall(rest)
+            if op == "while":
+                trip = _TRIP.search(rest)
+                n = int(trip.group(1)) if trip else 1
+                total += n * sum(cost(c) for kind, c in callees if kind in ("body", "condition"))
+                continue
+            if op == "conditional":
+                branches = re.findall(r"%([\w.\-]+)", (_BRANCHES.search(rest) or [None, ""])[1])
+                branches += [c for kind, c in callees if kind.endswith("_computation")]
+                total += max((cost(c) for c in branches), default=0.0)
+                continue
+            total += sum(cost(c) for kind, c in callees if kind in ("calls", "to_apply"))
+        memo[name] = total
+        return total
+
+    return cost(entry) if entry else 0.0
+
+
 def analyse(program) -> dict:
     """Lower and compile `program` on its mesh; one row of FIELDS (+ `collectives` by kind)."""
     t0 = time.perf_counter()
@@ -71,7 +143,8 @@ def analyse(program) -> dict:
     xla_peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    by_kind = collectives(compiled.as_text())
+    text = compiled.as_text()
+    by_kind = collectives(text)
     analytic = None
     if program.analytic is not None:
         from sftrl_jax.planning import memory
@@ -86,7 +159,8 @@ def analyse(program) -> dict:
         "peak_bytes": peak,
         "xla_peak_bytes": xla_peak,
         "analytic_peak_bytes": analytic,
-        "flops": float(cost.get("flops", 0.0)),
+        "flops": hlo_flops(text),
+        "xla_flops": float(cost.get("flops", 0.0)),
         "ideal_flops": program.ideal_flops,
         "loop_trips": program.loop_trips,
         "collective_bytes": int(sum(by_kind.values())),

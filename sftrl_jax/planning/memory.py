@@ -13,6 +13,9 @@ figure counts what such a device must hold at the step's worst moment:
     reduce-scatter, and its activations ([rows, T, 4 D + 3 F] in the compute dtype)
   + one chunk of fp32 LM-head logits (the chunked head's budget, 256 MiB, or all of them if fewer)
     x 3 (logits, softmax, gradient)
+  + with images: the vision layers' saved inputs ([rows, I x C x P, D_v] per layer, compute dtype)
+  + with `model.scan_layers`: the scanned layers' weights stacked once and their stacked gradient
+    (two copies of those layers' parameters / devices, in the parameter dtype)
 
 It is an estimate (no fragmentation, no collective buffers), reported next to the measured peak,
 never instead of it.
@@ -45,6 +48,9 @@ def train_step_bytes(
     length: int,
     compute_dtype,
     remat: bool,
+    param_dtype=jnp.float32,
+    images: int = 0,
+    scan_layers: bool = False,
 ) -> int | None:
     """The analytic figure of one micro-batch of a training step (None without remat: the saved
     activations of a non-remat backward depend on XLA's choices too much to count by hand)."""
@@ -58,4 +64,22 @@ def train_step_bytes(
     lp = layer_params(cfg)
     layer = 2 * lp * act + 4 * lp + local_rows * length * (4 * t.hidden_size + 3 * t.intermediate_size) * act
     logits = min(LOGIT_CHUNK_BYTES, local_rows * length * t.vocab_size * 4)  # one chunk, at most all of them
-    return int(argument_bytes + grads + residuals + layer + 3 * logits)
+    vision = 0
+    stacked = len(t.self_attention_layers) * lp
+    if images and isinstance(cfg, config_lib.MllamaConfig):
+        v = cfg.vision
+        tokens = images * v.max_num_tiles * (-(-v.num_patches // 8) * 8)  # padded to a multiple of 8
+        vision = (v.num_layers + v.num_global_layers) * local_rows * tokens * v.hidden_size * act
+        cross = t.num_layers - len(t.self_attention_layers)
+        vision_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
+        stacked += cross * (
+            2 * d_kv(t) + 2 * t.num_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
+        )
+        stacked += (v.num_layers + v.num_global_layers) * vision_layer
+    scan = 2 * stacked * jnp.dtype(param_dtype).itemsize // devices if scan_layers else 0
+    return int(argument_bytes + grads + residuals + layer + 3 * logits + vision + scan)
+
+
+def d_kv(t: config_lib.TextConfig) -> int:
+    """Parameters of one k or v projection."""
+    return t.hidden_size * t.num_kv_heads * t.head_dim

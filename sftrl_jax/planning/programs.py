@@ -41,11 +41,11 @@ class Program:
     name: str
     fn: Callable  # the jitted function, as the run jits it
     args: tuple  # abstract arguments (ShapeDtypeStructs with shardings)
-    ideal_flops: float | None  # per device and per iteration of the main loop (see `loop_trips`)
+    # Per device: the whole program (train steps, passes), one decode step for the decode program
+    # (its loop's trip count is the run's to know; `analysis.hlo_flops` counts such a body once).
+    ideal_flops: float | None
     mesh: jax.sharding.Mesh
-    # Iterations of the program's main loop (micro-batches of a scanned step, decode steps). XLA's
-    # cost analysis counts a loop body once, so `ideal_flops` is one iteration's share as well.
-    loop_trips: int = 1
+    loop_trips: int = 1  # iterations of the program's main loop: micro-batches of a step, decode steps
     # Training steps: the arguments of `planning.memory.train_step_bytes` (the analytic figure).
     analytic: dict | None = None
 
@@ -96,6 +96,7 @@ def _abstract_state(section: ModelSection, mesh, tx_fn, *, wrap=None):
 
     def make():
         model = build.model_class(mc)(mc, param_dtype=param_dtype, dtype=dtype, remat=section.remat, rngs=nnx.Rngs(0))
+        model = build.scan_layers(model, section.scan_layers)
         return wrap(model) if wrap else model
 
     graphdef, params, rest = nnx.split(nnx.eval_shape(make), nnx.Param, ...)
@@ -156,8 +157,8 @@ def sft_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None
         ideal = flops_lib.ideal_train_flops(mc, rows=rows, length=length, images=images, remat=cfg.model.remat)
         trips = t.grad_accum
         args = (state, _batch(spec, mesh))
-        analytic = _analytic(cfg.model, mc, state, mesh, rows=rows // trips, length=length)
-        out.append(Program(f"sft_step[{length}]", step, args, ideal / _devices(mesh) / trips, mesh, trips, analytic))
+        analytic = _analytic(cfg.model, mc, state, mesh, rows=rows // trips, length=length, images=images)
+        out.append(Program(f"sft_step[{length}]", step, args, ideal / _devices(mesh), mesh, trips, analytic))
     return out
 
 
@@ -226,8 +227,9 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
     dstate = _decode_state_shardings(dstate, mesh, layout)
     decode = jax.jit(ops.traced_with(functools.partial(sampler_lib._decode, **kw), policy), donate_argnums=(1,))
     steps = max(new - 1, 1)
-    # One step, attending to the filled slots: prompt + new / 2 on average over the steps. (XLA counts
-    # the attention's loop over the filled 128-slot blocks once, one block's worth.)
+    # One step, attending to the filled slots: prompt + new / 2 on average over the steps. (The
+    # attention's loop over the filled 128-slot blocks has a run-time trip count: counted once, one
+    # block's worth.)
     dec = flops_lib.forward_flops(mc, rows=rows, length=1, keys=prompt + new // 2, images=0)
     programs.append(Program("rollout_decode", decode, (lm_params, dstate), dec / n, mesh, steps))
 
@@ -261,14 +263,12 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
         mc, rows=algo.samples_per_step, length=length, images=images, remat=cfg.model.remat
     )
     trips = algo.samples_per_step // mb
-    analytic = _analytic(cfg.model, mc, state, mesh, rows=mb, length=length)
-    programs.append(
-        Program(f"{cfg.algo}_update[{length}]", update, (state, ubatch), ideal / n / trips, mesh, trips, analytic)
-    )
+    analytic = _analytic(cfg.model, mc, state, mesh, rows=mb, length=length, images=images)
+    programs.append(Program(f"{cfg.algo}_update[{length}]", update, (state, ubatch), ideal / n, mesh, trips, analytic))
     return programs
 
 
-def _analytic(section: ModelSection, mc, state, mesh, *, rows: int, length: int) -> dict:
+def _analytic(section: ModelSection, mc, state, mesh, *, rows: int, length: int, images: int) -> dict:
     return dict(
         cfg=mc,
         n_params=int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))),
@@ -278,6 +278,9 @@ def _analytic(section: ModelSection, mc, state, mesh, *, rows: int, length: int)
         length=length,
         compute_dtype=section.dtype or section.param_dtype,
         remat=section.remat,
+        param_dtype=section.param_dtype,
+        images=images,
+        scan_layers=section.scan_layers,
     )
 
 

@@ -41,6 +41,9 @@ class ModelSection:
     param_dtype: str = "float32"
     dtype: str | None = None  # compute dtype (bfloat16 on accelerators); None = param_dtype
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
+    # One jax.lax.scan over each layer stack in the training passes (build.scan_layers): compile time
+    # and cross-layer memory independent of depth, at one stacked copy of the layer weights (11B recipes).
+    scan_layers: bool = False
 
     def __post_init__(self):
         if (self.init is None) == (self.preset is None):
@@ -96,15 +99,18 @@ def load_model(section: ModelSection, *, mesh=None, seed: int = 0):
     dtype = jnp.dtype(section.dtype) if section.dtype else None
     if section.preset is not None:
         cfg = preset_config(section.preset, section.text_overrides)
-        return build.create_model(cfg, mesh=mesh, param_dtype=param_dtype, dtype=dtype, remat=section.remat, seed=seed)
+        model = build.create_model(cfg, mesh=mesh, param_dtype=param_dtype, dtype=dtype, remat=section.remat, seed=seed)
+        return build.scan_layers(model, section.scan_layers)
     path = section.init
     if not os.path.exists(path):
         raise ConfigError(f"model.init {path!r} does not exist")
     if os.path.exists(os.path.join(path, "config.json")):
-        return models.from_pretrained(path, dtype=param_dtype, mesh=mesh, compute_dtype=dtype, remat=section.remat)
-    from sftrl_jax.models.checkpoint import load_checkpoint
+        model = models.from_pretrained(path, dtype=param_dtype, mesh=mesh, compute_dtype=dtype, remat=section.remat)
+    else:
+        from sftrl_jax.models.checkpoint import load_checkpoint
 
-    return load_checkpoint(path, mesh=mesh, dtype=param_dtype, compute_dtype=dtype, remat=section.remat)
+        model = load_checkpoint(path, mesh=mesh, dtype=param_dtype, compute_dtype=dtype, remat=section.remat)
+    return build.scan_layers(model, section.scan_layers)
 
 
 def split_params(model: nnx.Module):
