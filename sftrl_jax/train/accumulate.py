@@ -53,7 +53,13 @@ def accumulate(
 
     zeros = rules.constrain_params(jax.tree.map(jnp.zeros_like, params))
     (_, grads), aux = jax.lax.scan(step, (params, zeros), micro_batches(batch, n_micro))
-    return grads, aux
+    # Parameters a step does not use (the vision tower and cross-attention layers of a text-only
+    # batch) have gradients that are zeros XLA can prove constant; divided by a constant (PPO/GRPO's
+    # micro-batch count) they stay constant, and XLA then constant-folds the optimiser's finite checks
+    # and norms over each of those parameters, element by element (`sftrl plan` on the 11B GP-L PPO
+    # update: minutes of "Constant folding an instruction is taking > 8s"). The barrier makes them
+    # ordinary values: same numbers, nothing folded.
+    return jax.lax.optimization_barrier(grads), aux
 
 
 def reduce_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
