@@ -161,6 +161,18 @@ def test_hlo_flops_counts_known_loops_by_their_trips():
     )
     assert jax.jit(layers).lower(x, w).compile().cost_analysis()["flops"] < 2 * one  # the body once
 
+    # Collectives the same way: one all-reduce of the [4, 64] carry per layer is 10 of them.
+    from jax.sharding import PartitionSpec as P
+
+    mesh = jax.make_mesh((8,), ("fsdp",), devices=jax.devices()[:8])
+
+    def reduced(x, w):
+        step = lambda c, wi: (jax.lax.psum(c @ wi, "fsdp"), None)  # noqa: E731
+        return jax.lax.scan(step, x, w)[0]
+
+    fn = jax.jit(jax.shard_map(reduced, mesh=mesh, in_specs=(P(), P()), out_specs=P()))
+    assert planning.analysis.collectives(fn.lower(x, w).compile().as_text())["all-reduce"] == 10 * 4 * 64 * 4
+
 
 def test_plan_scanned_layers_counts_every_layer(capsys):
     """`model.scan_layers=true`: the step's FLOPs are the unrolled step's (every layer counted)."""

@@ -8,9 +8,8 @@ count when XLA knows it (scans: micro-batches, layers with `model.scan_layers`, 
 once when only the run knows it (the decode loop, the filled-block attention loop): train steps and
 passes are counted whole, a decode program per decode step. (`cost_analysis()` counts every loop
 body once, which a scan over the layers turns into one layer's worth; its figure is `xla_flops`.)
-Collectives from the partitioned HLO text (the bytes of each all-gather / all-reduce /
-reduce-scatter / all-to-all / collective-permute result, each op counted once: a loop body's
-collectives are counted once, not per iteration).
+Collectives from the same text and with the same loop counting: the bytes of each all-gather /
+all-reduce / reduce-scatter / all-to-all / collective-permute result.
 """
 
 from __future__ import annotations
@@ -41,20 +40,24 @@ _SHAPE = re.compile(r"\b(pred|[suf]\d+|bf16|c64|c128)\[([\d,]*)\]")
 _OP = re.compile(r"=\s*(.*?)\s+(" + "|".join(COLLECTIVES) + r")(-start)?\(")
 
 
+def _collective_bytes(line: str) -> tuple[str, int] | None:
+    """(kind, result bytes) of a collective instruction line (`-done` halves not counted twice)."""
+    m = _OP.search(line)
+    if not m:
+        return None
+    shapes = _SHAPE.findall(m.group(1))
+    if m.group(3) and len(shapes) > 1:  # an async start's tuple holds (operands..., results...)
+        shapes = shapes[len(shapes) // 2 :]
+    return m.group(2), sum(
+        _DTYPE_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in shapes
+    )
+
+
 def collectives(hlo: str) -> dict[str, int]:
-    """Result bytes per collective kind in an HLO module's text (`-done` halves not counted twice)."""
-    out = dict.fromkeys(COLLECTIVES, 0)
-    for line in hlo.splitlines():
-        m = _OP.search(line)
-        if not m:
-            continue
-        shapes = _SHAPE.findall(m.group(1))
-        if m.group(3) and len(shapes) > 1:  # an async start's tuple holds (operands..., results...)
-            shapes = shapes[len(shapes) // 2 :]
-        out[m.group(2)] += sum(
-            _DTYPE_BYTES.get(t, 4) * int(np.prod([int(d) for d in dims.split(",") if d])) for t, dims in shapes
-        )
-    return out
+    """Result bytes per collective kind in an HLO module's text, loops counted by their trip
+    counts as in `hlo_totals`."""
+    totals = hlo_totals(hlo)
+    return {k: int(totals[k]) for k in COLLECTIVES}
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\((.*)\)\s*->.*\{\s*$")
@@ -71,9 +74,15 @@ def _dims(shape: str) -> list[int]:
 
 
 def hlo_flops(hlo: str) -> float:
-    """Matrix-product FLOPs of an HLO module's text (entry computation, calls followed): each dot's
-    2 x result elements x contracted size; a while body times its `known_trip_count` (once if XLA
-    does not know it), a conditional's costliest branch."""
+    """Matrix-product FLOPs of an HLO module's text (see `hlo_totals`)."""
+    return hlo_totals(hlo)["flops"]
+
+
+def hlo_totals(hlo: str) -> dict[str, float]:
+    """{"flops", and result bytes per collective kind} of an HLO module's text, from the entry
+    computation with calls followed: each dot's 2 x result elements x contracted size, each
+    collective's result bytes; a while body times its `known_trip_count` (once if XLA does not know
+    it), a conditional's costliest branch (by FLOPs)."""
     bodies: dict[str, list[str]] = {}
     headers: dict[str, str] = {}
     entry, current = None, None
@@ -88,14 +97,15 @@ def hlo_flops(hlo: str) -> float:
             current = None
         elif current is not None:
             bodies[current].append(line)
-    memo: dict[str, float] = {}
+    keys = ("flops",) + COLLECTIVES
+    memo: dict[str, np.ndarray] = {}
 
-    def cost(name: str) -> float:
+    def cost(name: str) -> np.ndarray:
         if name in memo:
             return memo[name]
-        memo[name] = 0.0  # no recursion in HLO; guards a malformed module
+        memo[name] = np.zeros(len(keys))  # no recursion in HLO; guards a malformed module
         shapes = {p: s for p, s in _HEADER_PARAM.findall(headers.get(name, ""))}
-        total = 0.0
+        total = np.zeros(len(keys))
         for line in bodies.get(name, ()):
             m = _INSTRUCTION.match(line)
             if not m:
@@ -107,23 +117,28 @@ def hlo_flops(hlo: str) -> float:
                 lhs = _dims(shapes.get(operands[0], "")) if operands else []
                 contract = re.search(r"lhs_contracting_dims=\{([\d,]*)\}", rest)
                 k = int(np.prod([lhs[int(i)] for i in contract.group(1).split(",") if i])) if contract and lhs else 1
-                total += 2.0 * float(np.prod(_dims(shape))) * k
+                total[0] += 2.0 * float(np.prod(_dims(shape))) * k
+            coll = _collective_bytes(line)
+            if coll:
+                total[keys.index(coll[0])] += coll[1]
             callees = _CALLEE.findall(rest)
             if op == "while":
                 trip = _TRIP.search(rest)
                 n = int(trip.group(1)) if trip else 1
-                total += n * sum(cost(c) for kind, c in callees if kind in ("body", "condition"))
+                total += n * sum((cost(c) for kind, c in callees if kind in ("body", "condition")), np.zeros(len(keys)))
                 continue
             if op == "conditional":
                 branches = re.findall(r"%([\w.\-]+)", (_BRANCHES.search(rest) or [None, ""])[1])
                 branches += [c for kind, c in callees if kind.endswith("_computation")]
-                total += max((cost(c) for c in branches), default=0.0)
+                if branches:
+                    total += max((cost(c) for c in branches), key=lambda v: v[0])
                 continue
-            total += sum(cost(c) for kind, c in callees if kind in ("calls", "to_apply"))
+            total += sum((cost(c) for kind, c in callees if kind in ("calls", "to_apply")), np.zeros(len(keys)))
         memo[name] = total
         return total
 
-    return cost(entry) if entry else 0.0
+    out = cost(entry) if entry else np.zeros(len(keys))
+    return dict(zip(keys, (float(v) for v in out)))
 
 
 def analyse(program) -> dict:
@@ -143,8 +158,8 @@ def analyse(program) -> dict:
     xla_peak = int(getattr(mem, "peak_memory_in_bytes", 0) or 0)
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
-    text = compiled.as_text()
-    by_kind = collectives(text)
+    totals = hlo_totals(compiled.as_text())
+    by_kind = {k: int(totals[k]) for k in COLLECTIVES}
     analytic = None
     if program.analytic is not None:
         from sftrl_jax.planning import memory
@@ -159,7 +174,7 @@ def analyse(program) -> dict:
         "peak_bytes": peak,
         "xla_peak_bytes": xla_peak,
         "analytic_peak_bytes": analytic,
-        "flops": hlo_flops(text),
+        "flops": totals["flops"],
         "xla_flops": float(cost.get("flops", 0.0)),
         "ideal_flops": program.ideal_flops,
         "loop_trips": program.loop_trips,
