@@ -63,8 +63,10 @@ def test_scanned_llama_equals_unrolled(remat):
     _compare(cfg, {"input_ids": ids, "attention_mask": mask}, remat)
 
 
-@pytest.mark.parametrize("remat", [False, True])
-@pytest.mark.parametrize("images", [False, True])
+@pytest.mark.parametrize(
+    ("images", "remat"),
+    [(False, False), (False, True), pytest.param(True, False, marks=pytest.mark.slow), (True, True)],
+)
 def test_scanned_mllama_equals_unrolled(images, remat):
     cfg = config_lib.MllamaConfig.tiny()
     batch = {k: jnp.asarray(v) for k, v in H.image_batch(cfg, seed=1).items()}
