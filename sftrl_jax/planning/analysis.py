@@ -56,7 +56,10 @@ def _collective_bytes(line: str) -> tuple[str, int] | None:
 def collectives(hlo: str) -> dict[str, int]:
     """Result bytes per collective kind in an HLO module's text, loops counted by their trip
     counts as in `hlo_totals`."""
-    totals = hlo_totals(hlo)
+    return _collectives_of(hlo_totals(hlo))
+
+
+def _collectives_of(totals: dict[str, float]) -> dict[str, int]:
     return {k: int(totals[k]) for k in COLLECTIVES}
 
 
@@ -159,7 +162,7 @@ def analyse(program) -> dict:
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     totals = hlo_totals(compiled.as_text())
-    by_kind = {k: int(totals[k]) for k in COLLECTIVES}
+    by_kind = _collectives_of(totals)
     analytic = None
     if program.analytic is not None:
         from sftrl_jax.planning import memory

@@ -26,6 +26,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from sftrl_jax.models import config as config_lib
+from sftrl_jax.planning import flops
 
 LOGIT_CHUNK_BYTES = 256 * 2**20
 
@@ -65,21 +66,15 @@ def train_step_bytes(
     layer = 2 * lp * act + 4 * lp + local_rows * length * (4 * t.hidden_size + 3 * t.intermediate_size) * act
     logits = min(LOGIT_CHUNK_BYTES, local_rows * length * t.vocab_size * 4)  # one chunk, at most all of them
     vision = 0
-    stacked = len(t.self_attention_layers) * lp
+    # The scanned layers' matrices: those a token multiplies with (`flops.matmul_params`) less the LM
+    # head, plus, with images, the cross-attention layers' k/v projections (applied to vision tokens).
+    text_matrices, vision_matrices = flops.matmul_params(cfg, images=bool(images))
+    stacked = text_matrices - t.hidden_size * t.vocab_size + vision_matrices
     if images and isinstance(cfg, config_lib.MllamaConfig):
         v = cfg.vision
         tokens = images * v.max_num_tiles * (-(-v.num_patches // 8) * 8)  # padded to a multiple of 8
         vision = (v.num_layers + v.num_global_layers) * local_rows * tokens * v.hidden_size * act
         cross = t.num_layers - len(t.self_attention_layers)
-        vision_layer = 4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size
-        stacked += cross * (
-            2 * d_kv(t) + 2 * t.num_heads * t.head_dim * t.hidden_size + 3 * t.hidden_size * t.intermediate_size
-        )
-        stacked += (v.num_layers + v.num_global_layers) * vision_layer
+        stacked += cross * 2 * t.hidden_size * t.num_kv_heads * t.head_dim
     scan = 2 * stacked * jnp.dtype(param_dtype).itemsize // devices if scan_layers else 0
     return int(argument_bytes + grads + residuals + layer + 3 * logits + vision + scan)
-
-
-def d_kv(t: config_lib.TextConfig) -> int:
-    """Parameters of one k or v projection."""
-    return t.hidden_size * t.num_kv_heads * t.head_dim
