@@ -10,8 +10,10 @@ import argparse
 import importlib
 import os
 import sys
+import threading
+import time
 
-from sftrl_jax.errors import UserError
+from sftrl_jax.errors import SaveError, UserError
 
 # (command, module, one-line help). Help strings live here so `sftrl --help` imports nothing heavy.
 COMMANDS: tuple[tuple[str, str, str], ...] = (
@@ -90,7 +92,25 @@ def main(argv: list[str] | None = None) -> int:
         return int(mod.run(args) or 0)
     except UserError as e:  # a user-caused problem: message only, no traceback
         print(f"sftrl {args.command}: error: {e}", file=sys.stderr)
+        if isinstance(e, SaveError):
+            exit_without_stuck_threads(2)
         return 2
+
+
+def exit_without_stuck_threads(code: int, *, grace_s: float = 5.0) -> None:
+    """Ends the process with `code` if threads would keep it alive. After a failed save, orbax's writer
+    threads can wait minutes for a signal of the failed save that never comes, and Python waits for
+    them at exit: a scheduler would see a hung job, not a failed one. They get `grace_s` seconds."""
+    me = threading.current_thread()
+    deadline = time.monotonic() + grace_s
+    for t in threading.enumerate():
+        if t is not me and not t.daemon:
+            # the base class's join: orbax's thread classes raise TimeoutError from theirs
+            threading.Thread.join(t, max(deadline - time.monotonic(), 0.0))
+    if any(t.is_alive() and t is not me and not t.daemon for t in threading.enumerate()):
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,9 @@ Rules:
   `MOVED_KEYS` class variable (old name -> new dotted key) is an error that names the new key.
 - A wrong type is an error naming the key, the value and the expected type.
 - Float fields also take strings such as `1e-6` (PyYAML's YAML 1.1 reads `1e-6` as a string).
-- A dataclass may validate itself in `__post_init__` by raising `ConfigError`.
+- A dataclass may validate itself in `__post_init__` by raising `ConfigError`; numbers by
+  `check_ranges(self, clip="(0, inf)", gamma="(0, 1]")`, whose error `from_dict` names by the full
+  dotted key (`ppo.clip`). Every range is finite: NaN and infinities are refused.
 - Configs may `include: other.yaml` (a path relative to the including file); the including file wins.
   An include cycle, a non-string `include`, a folder or a file that is not UTF-8 is an error.
 - A key that appears twice in one mapping is an error (YAML would keep the last one silently), and so
@@ -19,7 +21,11 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import functools
+import math
+import numbers
 import os
+import re
 import types
 import typing
 from collections.abc import Iterable, Mapping
@@ -37,6 +43,92 @@ MAX_NODES = 100_000  # values of a config once its aliases are expanded; ours ha
 
 class ConfigError(UserError):
     """A bad config file, key, value or override; the message names it."""
+
+
+class RangeError(ConfigError):
+    """A field's value outside its range. Raised by a section as `PPOConfig.clip must be ...`;
+    `from_dict` names it by its dotted key in the file instead: `config key 'ppo.clip' must be ...`."""
+
+    def __init__(self, key: str, value: Any, rule: str, *, owner: str = ""):
+        self.key, self.value, self.rule, self.shown = key, value, rule, _short(value)
+        where = f"{owner}.{key}" if owner else f"config key {key!r}"
+        super().__init__(f"{where} must be {rule}, got {self.shown}")
+
+    def under(self, prefix: str) -> RangeError:
+        return RangeError(f"{prefix}{self.key}", self.value, self.rule)
+
+
+def _short(value: Any, n: int = 40) -> str:
+    try:
+        text = repr(value)
+    except ValueError:  # an int past Python's 4300-digit limit on int -> str
+        return f"an integer of {value.bit_length()} bits"
+    return text if len(text) <= n else f"{text[:n]}... ({len(text)} characters)"
+
+
+_INTERVAL = re.compile(r"^([\[(])\s*(-inf|[-+.\de]+)\s*,\s*(inf|[-+.\de]+)\s*([\])])$")
+
+
+def check_ranges(section: Any, **ranges: str) -> None:
+    """Each named field of `section` in its interval, written `"(0, 1]"`, `"[0, inf)"`, `"[1, 4096]"`.
+
+    A float must also be finite (so NaN, which fails every comparison, and +-inf are refused); an
+    int field must hold an integer; None (an optional field left unset) passes. Raises `RangeError`
+    naming the field, the value and the range in words.
+    """
+    for name, interval in ranges.items():
+        value = getattr(section, name)
+        if value is None:
+            continue
+        integer = _integer_fields(type(section)).get(name)
+        try:
+            if isinstance(value, tuple | list):  # every item of a sequence field (seeds, buckets)
+                for i, item in enumerate(value):
+                    check_range(f"{name}[{i}]", item, interval, integer=integer)
+            else:
+                check_range(name, value, interval, integer=integer)
+        except RangeError as e:
+            raise RangeError(e.key, e.value, e.rule, owner=type(section).__name__) from None
+
+
+@functools.cache
+def _integer_fields(cls: type) -> dict[str, bool]:
+    """field -> whether it holds integers (int, int | None, tuple[int, ...]) rather than floats."""
+    out = {}
+    for name, tp in typing.get_type_hints(cls).items():
+        names = set(re.split(r"[\s|\[\],]+", _type_name(tp)))
+        out[name] = "int" in names and "float" not in names
+    return out
+
+
+def check_range(key: str, value: Any, interval: str, *, integer: bool | None = None) -> None:
+    """`value` (a number) in `interval` (see `check_ranges`), else `RangeError(key, ...)`; `integer`
+    says which the field holds (None: as `value` is), for the message's words."""
+    m = _INTERVAL.match(interval)
+    if m is None:
+        raise ValueError(f"bad interval {interval!r} for {key!r}")
+    lo_b, lo, hi, hi_b = m.groups()
+    lo_v, hi_v = float(lo), float(hi)
+    if integer is None:
+        integer = isinstance(value, numbers.Integral) and not isinstance(value, bool)
+    kind = "an integer" if integer else "a finite number"
+    if lo_v == -math.inf and hi_v == math.inf:
+        rule = kind
+    elif hi_v == math.inf:
+        rule = f"{kind} {'>' if lo_b == '(' else '>='} {lo}"
+    elif lo_v == -math.inf:
+        rule = f"{kind} {'<' if hi_b == ')' else '<='} {hi}"
+    else:
+        rule = f"{kind} in {lo_b}{lo}, {hi}{hi_b}"
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise RangeError(key, value, rule)
+    exact = isinstance(value, numbers.Integral)
+    v = int(value) if exact else float(value)  # a huge int compares exactly, never overflows
+    ok = exact or math.isfinite(v)
+    ok = ok and (v > lo_v if lo_b == "(" else v >= lo_v)
+    ok = ok and (v < hi_v if hi_b == ")" else v <= hi_v)
+    if not ok:
+        raise RangeError(key, value, rule)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -115,6 +207,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, prefix: str = "")
             raise ConfigError(f"missing required config key {prefix}{name!r}")
     try:
         return cls(**kwargs)
+    except RangeError as e:
+        raise e.under(prefix) from None
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:

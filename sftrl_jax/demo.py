@@ -26,6 +26,7 @@ import time
 from typing import Any
 
 from sftrl_jax import config as config_lib
+from sftrl_jax import study
 from sftrl_jax.config import ConfigError
 from sftrl_jax.study import PROMPT_LENGTHS, SHIPPED_BASE
 
@@ -56,6 +57,12 @@ class DemoSFT:
     lr: float = 5e-4
     arm_lr: float = 1e-4  # the SFT arm continues from Init with this lr
 
+    def __post_init__(self):
+        counts = ("examples", "warmup_steps", "batch_size")
+        config_lib.check_ranges(
+            self, revisions="[0, 1]", lr="[0, inf)", arm_lr="[0, inf)", **dict.fromkeys(counts, "[1, inf)")
+        )
+
 
 @dataclasses.dataclass(frozen=True)
 class DemoRL:
@@ -68,6 +75,16 @@ class DemoRL:
     lr: float = 1e-4
     temperature: float = 0.7
     max_new_tokens: int = 64
+
+    def __post_init__(self):
+        counts = ("updates", "num_envs", "steps_per_update", "samples_per_step", "micro_batch", "epochs")
+        config_lib.check_ranges(
+            self,
+            lr="[0, inf)",
+            temperature="(0, inf)",  # RL scores log-probs at logits / temperature
+            max_new_tokens="[1, inf)",
+            **dict.fromkeys(counts, "[1, inf)"),
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,6 +108,8 @@ class DemoConfig:
             raise ConfigError(f"the CPU demo runs gp-l (text); got task {self.task!r}")
         if self.prompt not in PROMPT_LENGTHS:
             raise ConfigError(f"prompt must be one of {', '.join(PROMPT_LENGTHS)}; got {self.prompt!r}")
+        config_lib.check_ranges(self, seed="[0, inf)", eval_episodes="[1, inf)")
+        study.check_eval_splits(self.task, self.eval_splits)
 
     def env_options(self) -> dict[str, Any]:
         """Environment keywords shared by data generation, RL and evaluation (the prompt wording)."""

@@ -24,14 +24,18 @@ fails on its owner stops every process with the owner's message.
 Rewards on the device (`scorer`, an `envs.device_scoring.DeviceScorer`; `env.reward_on_device`):
 right after sampling, each process scores its own envs' responses in one compiled program from
 their `device_state()` taken before `step`; `step` still runs for the feedback text and the env's
-advance, the turn's reward is the device one (`info["reward_source"]` "device"; "host" for a row the
-device left to the host), and a host reward that differs (it must not) sets
-`info["reward_device_mismatch"]`. Both keys travel with the turn's exchanged result.
+advance. The turn's reward is always the host verifier's, the reference: `info["reward_source"]` is
+"device" where the device's reward equals it, "host" for a row the device left to the host or
+scored differently. A difference (it must not happen: issue #32's gamed answers did) sets
+`info["reward_device_mismatch"]` and `info["reward_device"]` (the device's value) and logs a warning
+naming env, episode, turn, both rewards and the clipped answer; the keys travel with the turn's
+exchanged result.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
@@ -42,6 +46,8 @@ from sftrl_jax.errors import UserError
 from sftrl_jax.parallel import distributed
 
 __all__ = ["EpisodeRunner", "RolloutError", "Turn", "check_observation", "collect", "run_episodes"]
+
+log = logging.getLogger(__name__)
 
 
 class Policy(Protocol):
@@ -93,8 +99,9 @@ _INFO_KEYS = (
     "route_idx",
     "waypoint_idx",
     "repeated",
-    "reward_source",  # with a device scorer: "device" or "host"
-    "reward_device_mismatch",  # the host's reward differed from the device's (counted, it must not)
+    "reward_source",  # with a device scorer: "device" (it equals the host's) or "host"
+    "reward_device_mismatch",  # the device's reward differed from the host's (trained: the host's)
+    "reward_device",  # with a mismatch: the device's reward (not trained on)
 )
 _SHARED_INFO = (*_INFO_KEYS, "new_conversation")  # what other processes need of a non-owned env's info
 
@@ -220,11 +227,19 @@ class EpisodeRunner:
 
     def _score(self, i: int, text: str, device: tuple[float, str] | None = None):
         obs, reward, terminated, truncated, info = self._step_env(i, text)
-        if self.scorer is not None:
-            info = {**info, "reward_source": "host" if device is None else "device"}
-            if device is not None:  # float32 on the device: the host's float when they agree
-                info["reward_device_mismatch"] = float(np.float32(reward)) != device[0]
-                reward = device[0] if info["reward_device_mismatch"] else reward
+        if self.scorer is not None:  # the host's reward is trained on; the device's is checked against it
+            mismatch = device is not None and float(np.float32(reward)) != device[0]  # float32 on the device
+            info = {**info, "reward_source": "device" if device is not None and not mismatch else "host"}
+            if device is not None:
+                info["reward_device_mismatch"] = mismatch
+            if mismatch:
+                info["reward_device"] = device[0]
+                log.warning(
+                    "device reward mismatch: env %d (%s) episode %d turn %d: host %r (trained on), device %r "
+                    "(%s); answer %r",
+                    i, env_name(self.envs[i]), self.episode[i], self.turn[i], float(reward), device[0],
+                    device[1], clip(text, 200),
+                )  # fmt: skip
         if self.world > 1:
             info = {k: info[k] for k in _SHARED_INFO if k in info}
         return obs, reward, terminated, truncated, info

@@ -21,8 +21,10 @@
 
 Outputs in `run_dir`: `study.json`, `base.json`, `evals.jsonl` (report rows + "seed"), `kl.jsonl`,
 `seed<k>/` (data, init, rl, grpo, sft run folders and evaluation files), `report/`. Resume: every
-finished stage is kept (a run folder's `final`, the evaluation and KL rows already written) and
-skipped when the command runs again; an interrupted training stage resumes from its checkpoint.
+finished stage is kept (a run folder's complete `final`, written atomically; the evaluation and KL
+rows already written) and skipped when the command runs again; an interrupted training stage (a
+`final` missing or incomplete) resumes from its checkpoint and writes `final` again. The study's
+folder and each stage's run folder are locked while in use (`train/run_lock.py`).
 The design was fixed before any evaluation number was looked at (docs/RESULTS.md states it).
 """
 
@@ -36,6 +38,7 @@ from typing import Any
 
 from sftrl_jax import config as config_lib
 from sftrl_jax.config import ConfigError
+from sftrl_jax.errors import UserError
 
 SHIPPED_BASE = os.path.join(os.path.dirname(__file__), "data", "assets", "gp_l_base")
 KL_SEED = 777  # the KL prompt set's deal seed (the evaluation uses 42)
@@ -49,6 +52,11 @@ class WarmupSection:
     steps: int = 50  # chosen among 25 / 50 / 100 on seed-99 validation hands (docs/RESULTS.md)
     batch_size: int = 16
     lr: float = 5e-4
+
+    def __post_init__(self):
+        config_lib.check_ranges(
+            self, examples="[1, inf)", revisions="[0, 1]", steps="[1, inf)", batch_size="[1, inf)", lr="[0, inf)"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,6 +77,15 @@ class ArmsSection:
     sft_lr: float = 1e-4  # the SFT arm's lr (constant), from Init
 
     def __post_init__(self):
+        counts = ("points", "updates", "num_envs", "steps_per_update", "prompts_per_update", "samples_per_step")
+        config_lib.check_ranges(
+            self,
+            **dict.fromkeys((*counts, "micro_batch", "epochs", "max_new_tokens"), "[1, inf)"),
+            group_size="[2, inf)",  # GRPO's advantages are relative to the group
+            rl_lr="[0, inf)",
+            sft_lr="[0, inf)",
+            temperature="(0, inf)",  # RL scores log-probs at logits / temperature
+        )
         bad = sorted(set(self.arms) - set(ARM_NAMES))
         if bad or not self.arms:
             raise ConfigError(f"arms.arms must be a non-empty subset of {', '.join(ARM_NAMES)}; got {list(self.arms)}")
@@ -104,11 +121,32 @@ class StudyConfig:
             raise ConfigError(f"prompt must be one of {', '.join(PROMPT_LENGTHS)}; got {self.prompt!r}")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
+        counts = (
+            "pretrain_examples",
+            "composed_examples",
+            "probe_episodes",
+            "eval_episodes",
+            "eval_batch",
+            "kl_prompts",
+        )
+        config_lib.check_ranges(self, seeds="[0, inf)", **dict.fromkeys(counts, "[1, inf)"))
+        check_eval_splits(self.task, self.eval_splits)
 
     def env_options(self) -> dict[str, Any]:
         from sftrl_jax.envs.general_points import prompts
 
         return prompts.template_options(self.prompt)
+
+
+def check_eval_splits(task: str, splits) -> None:
+    """Each of `splits` an evaluation split of `task` (refused at config time, not after training)."""
+    from sftrl_jax.evaluation import evaluate
+
+    for split in splits:
+        try:
+            evaluate.protocol(task, split)
+        except UserError as e:
+            raise ConfigError(f"eval_splits: {split!r}: {e}") from None
 
 
 # Padded lengths per post-training wording: (SFT buckets, RL training buckets); the demo's too.
@@ -283,8 +321,16 @@ def probe_base(cfg: StudyConfig, base: str) -> dict[str, Any]:
 
 
 def run(cfg: StudyConfig) -> dict[str, Any]:
+    from sftrl_jax.train import run_lock
+
+    with run_lock.acquire(cfg.run_dir):  # one study per folder (each stage's run folder has its own lock)
+        return _run(cfg)
+
+
+def _run(cfg: StudyConfig) -> dict[str, Any]:
     from sftrl_jax.data.generate import generate_gp_sft
     from sftrl_jax.data.pretrain import generate_pretrain
+    from sftrl_jax.models.checkpoint import is_checkpoint
     from sftrl_jax.sft.train import SFTConfig
     from sftrl_jax.sft.train import train as sft_train
 
@@ -305,7 +351,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
             stage(f"pretraining the base: {name}")
             pre_dir = os.path.join(cfg.run_dir, name)
             base = os.path.join(pre_dir, "final")
-            if not os.path.isdir(base):
+            if not is_checkpoint(base):  # done = a complete `final` (written atomically)
                 corpus = os.path.join(pre_dir, "data", f"{name}.json")
                 if not os.path.exists(corpus):
                     print(json.dumps(generate_pretrain(n, corpus, seed=0, wording=wording)))
@@ -348,7 +394,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
             )
         init_dir = os.path.join(sdir, "init")
         init = os.path.join(init_dir, "final")
-        if not os.path.isdir(init):
+        if not is_checkpoint(init):
             stage(f"seed {seed}: SFT warm-up from the base -> Init")
             sft_train(
                 _sft_cfg(
@@ -369,7 +415,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
             if arm not in cfg.arms.arms:
                 continue
             arm_dir = os.path.join(sdir, arm)
-            if not os.path.isdir(os.path.join(arm_dir, "final")):
+            if not is_checkpoint(os.path.join(arm_dir, "final")):
                 stage(f"seed {seed}: {arm} arm ({algo})")
                 from sftrl_jax.rl.train import Trainer
 
@@ -385,7 +431,7 @@ def run(cfg: StudyConfig) -> dict[str, Any]:
             per_step = init_gflops / cfg.warmup.steps
             steps = max(cfg.arms.points, int(round((target - init_gflops) / per_step)))
             steps -= steps % cfg.arms.points
-            if not os.path.isdir(os.path.join(sft_dir, "final")):
+            if not is_checkpoint(os.path.join(sft_dir, "final")):
                 stage(f"seed {seed}: SFT arm ({steps} steps, the {ref_arm} arm's compute)")
                 sft_train(
                     _sft_cfg(

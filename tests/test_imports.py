@@ -13,11 +13,13 @@ import pytest
 PACKAGE = pathlib.Path(__file__).resolve().parents[1] / "sftrl_jax"
 
 # unit -> the units it may import (a unit is a subpackage or a top-level module of sftrl_jax).
-_BASE = {"errors", "config"}
+_BASE = {"errors", "config", "integrity", "progress"}
 ALLOWED = {
     "__init__": {"hostmem"},
     "errors": set(),
     "config": {"errors"},
+    "integrity": {"errors"},  # the sha256 records of shipped folders, checked at load
+    "progress": set(),  # a tqdm bar on a terminal, a plain line per interval in a log
     "hostmem": set(),
     "kernels": set(),
     "parallel": {"errors"},

@@ -111,6 +111,41 @@ def test_study_resumes_without_redoing_finished_stages(study_run, tiny_base, cap
     assert ((study_run / "evals.jsonl").read_text(), (study_run / "kl.jsonl").read_text()) == before
 
 
+def test_study_resumes_after_a_kill_during_a_final_save(study_run, tiny_base, tmp_path, capsys):
+    """Issue 32 item 2: a stage is done only when its `final` is a complete model checkpoint. A
+    `final` cut before its model_config.json (the older, non-atomic save) or an atomic save killed
+    before its rename (`final.partial`, no `final`) reruns the stage, which resumes from its last
+    checkpoint and writes the same model; the evaluations already written are kept."""
+    import os
+    import shutil
+
+    from sftrl_jax.models.checkpoint import is_checkpoint
+
+    run = tmp_path / "s"
+    shutil.copytree(study_run, run)
+    init = run / "seed3" / "init" / "final"
+    (init / "model_config.json").unlink()
+    grpo = run / "seed3" / "grpo"
+    os.rename(grpo / "final", grpo / "final.partial")
+    evals, kl = _rows(run / "evals.jsonl"), _rows(run / "kl.jsonl")
+    for name, rows in (("evals.jsonl", evals), ("kl.jsonl", kl)):  # Init's rows were not written yet
+        (run / name).write_text("".join(json.dumps(r) + "\n" for r in rows if r["arm"] != "init"))
+    assert cli.main(["study", f"run_dir={run}", f"base={tiny_base}", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert "seed 3: SFT warm-up from the base -> Init" in out and "seed 3: grpo arm (grpo)" in out
+    assert "rl arm" not in out and "SFT arm" not in out and "evaluating init at step 0" in out
+    assert "evaluating rl" not in out and "evaluating grpo" not in out
+    assert is_checkpoint(str(init)) and is_checkpoint(str(grpo / "final"))
+    assert not (grpo / "final.partial").exists()
+
+    def key(r):
+        return (r["arm"], r["step"], r["split"])
+
+    # Init's rows again, equal to the first run's: the rewritten Init is the same model
+    assert sorted(_rows(run / "evals.jsonl"), key=key) == sorted(evals, key=key)
+    assert sorted(_rows(run / "kl.jsonl"), key=key) == sorted(kl, key=key)
+
+
 def test_study_refuses_a_missing_base(tmp_path, capsys):
     assert cli.main(["study", f"run_dir={tmp_path}", f"base={tmp_path / 'nope'}"]) == 2
     assert "nope" in capsys.readouterr().err

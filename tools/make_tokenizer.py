@@ -12,6 +12,7 @@ the learned vocabulary, `<|image|>` last as in Llama 3.2 Vision, and the chat te
 from __future__ import annotations
 
 import argparse
+import json
 import random
 import sys
 from collections.abc import Iterator
@@ -20,6 +21,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from sftrl_jax import integrity  # noqa: E402
 from sftrl_jax.data import tokenizer as tok_lib  # noqa: E402
 from sftrl_jax.envs import make  # noqa: E402
 
@@ -112,8 +114,13 @@ def main() -> None:
     parser.add_argument("--out", default=tok_lib.default_tokenizer_path())
     args = parser.parse_args()
     hf = build(args.vocab, args.episodes)
-    Path(args.out).mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sha256.json").unlink(missing_ok=True)  # the old record would refuse the new files
     hf.save_pretrained(args.out)
+    # the record `sftrl_jax.integrity` checks at every load of the folder
+    record = {"sha256": {p.name: integrity.sha256_of(str(p)) for p in sorted(out.iterdir()) if p.is_file()}}
+    (out / "sha256.json").write_text(json.dumps(record, indent=2) + "\n")
     print(f"wrote {args.out}: {len(hf)} tokens")
 
 

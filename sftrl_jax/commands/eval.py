@@ -58,10 +58,10 @@ def run(args) -> int:
     from sftrl_jax.train.state import load_for_eval
 
     proto = ev.protocol(args.task, args.split, recognition=args.recognition, n_episodes=args.episodes)
-    model, tokenizer, proc = load_for_eval(args.ckpt, args.task, args.tokenizer)
-    sampling = SamplingSection(
+    sampling = SamplingSection(  # before the model loads: a bad --temperature is refused at once
         max_new_tokens=args.max_new_tokens, temperature=max(args.temperature, 1e-6), top_p=args.top_p
     )
+    model, tokenizer, proc = load_for_eval(args.ckpt, args.task, args.tokenizer)
     policy = make_policy(model, tokenizer, sampling, seed=args.seed, image_processor=proc, temperature=args.temperature)
     out = args.out or os.path.join(
         args.ckpt, "eval", f"{args.task}-{args.split}" + ("-recognition" if args.recognition else "")

@@ -39,7 +39,9 @@ def add_arguments(parser):
     parser.add_argument(
         "--mesh", default=None, help="mesh, e.g. data=1,fsdp=8,tensor=1 (default: the config's train.mesh)"
     )
-    parser.add_argument("--devices", type=int, default=8, help="fake CPU devices to compile for (default 8)")
+    parser.add_argument(
+        "--devices", type=int, default=8, help=f"fake CPU devices to compile for (default 8, at most {MAX_DEVICES})"
+    )
     parser.add_argument("--json", action="store_true", help="print the figures as JSON")
     parser.add_argument("--platform", choices=("cuda", "tpu"), default=None, help="also jax.export for this platform")
     parser.add_argument("--images", type=int, default=None, help="image slots per row (default: from the task / data)")
@@ -48,6 +50,14 @@ def add_arguments(parser):
         "--export-only", action="store_true", help="with --platform: export each program, compile nothing"
     )
     parser.add_argument("--limit-gib", type=float, default=80.0, help="per-device memory to check peaks against")
+
+
+# Fake devices are real XLA:CPU devices of this one process: 4096 take ~10 s and ~0.6 GB to create
+# (8192: ~35 s, 1 GB; it grows faster than linearly), and every program is then partitioned that many
+# ways. 4096 is a TPU v4 pod; a larger run is planned at the same model-parallel shape (fsdp x tensor
+# per replica) with fewer data-parallel replicas, which changes no per-device figure but the
+# gradient all-reduce's.
+MAX_DEVICES = 4096
 
 
 def _gib(n: float) -> str:
@@ -69,25 +79,9 @@ def _ensure_devices(n: int) -> bool:
     return jax.default_backend() == "cpu" and jax.device_count() >= n
 
 
-def run(args) -> int:
-    if args.devices <= 0:
-        from sftrl_jax.errors import UserError
-
-        raise UserError(f"--devices must be positive, got {args.devices}")
-    if not _ensure_devices(args.devices):  # JAX already started with other devices: a fresh process
-        argv = list(getattr(args, "argv", sys.argv[1:]))
-        cmd = [sys.executable, "-m", "sftrl_jax.cli", *argv]
-        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}", JAX_PLATFORMS="cpu")
-        return subprocess.run(cmd, env=env, check=False).returncode
-
-    if args.export_only and not args.platform:
-        from sftrl_jax.errors import UserError
-
-        raise UserError("--export-only needs --platform cuda or --platform tpu")
-    import jax
-
+def _config(args):
+    """The run's config, and its model's (a preset, or model.init's config.json: sizes checked)."""
     from sftrl_jax import config, planning
-    from sftrl_jax.parallel import mesh as mesh_lib
 
     data = config.apply_overrides(config.read_yaml(args.config), args.overrides)
     if "env" in data or "algo" in data:
@@ -95,6 +89,36 @@ def run(args) -> int:
     else:
         from sftrl_jax.sft.train import SFTConfig as cls
     cfg = config.from_dict(cls, data)
+    planning.model_config_of(cfg.model)
+    return cfg
+
+
+def run(args) -> int:
+    from sftrl_jax.errors import UserError
+
+    if not 1 <= args.devices <= MAX_DEVICES:
+        raise UserError(
+            f"--devices must be in 1..{MAX_DEVICES} (fake devices of one process; plan a larger run with "
+            f"fewer data-parallel replicas), got {args.devices}"
+        )
+    if args.images is not None and not 0 <= args.images <= 64:
+        raise UserError(f"--images must be in 0..64 image slots per row, got {args.images}")
+    if not (0 < args.limit_gib < float("inf")):
+        raise UserError(f"--limit-gib must be a positive number, got {args.limit_gib}")
+    if args.export_only and not args.platform:
+        raise UserError("--export-only needs --platform cuda or --platform tpu")
+    cfg = _config(args)  # refused here, before any device exists, if a setting or the model's size is bad
+    if not _ensure_devices(args.devices):  # JAX already started with other devices: a fresh process
+        argv = list(getattr(args, "argv", sys.argv[1:]))
+        cmd = [sys.executable, "-m", "sftrl_jax.cli", *argv]
+        env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={args.devices}", JAX_PLATFORMS="cpu")
+        return subprocess.run(cmd, env=env, check=False).returncode
+
+    import jax
+
+    from sftrl_jax import planning
+    from sftrl_jax.parallel import mesh as mesh_lib
+
     spec = args.mesh or cfg.train.mesh
     mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(spec), devices=jax.devices()[: args.devices])
     programs = planning.programs_for(cfg, mesh, images=args.images)

@@ -49,8 +49,13 @@ def _load_image(path: str):
 def run(args) -> int:
     from sftrl_jax import sampling
     from sftrl_jax.data.processor import for_model
+    from sftrl_jax.sampling import inputs
     from sftrl_jax.train.state import ModelSection, load_model, tokenizer_for
 
+    # the settings first: a bad --temperature is refused before the model loads
+    inputs.check_method(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k
+    )
     path = args.model
     if not os.path.isdir(path):
         raise UserError(f"--model {path!r} is not a folder")

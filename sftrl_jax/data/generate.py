@@ -18,9 +18,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
-from sftrl_jax import envs
+from sftrl_jax import envs, progress
 from sftrl_jax.envs.base import EnvError
 from sftrl_jax.envs.general_points import expert
 
@@ -72,7 +71,7 @@ def generate_gp_sft(
     choice_rng = np.random.default_rng([seed, 1])  # which solution the expert writes
     revision_rng = np.random.default_rng([seed, 2])  # which examples are revisions, and their failed tries
     examples, hands, n_revisions = [], set(), 0
-    for i in tqdm(range(n), desc=f"{variant} {split}", unit="ex", disable=n < 100):
+    for i in progress.iterate(range(n), desc=f"{variant} {split}", unit="ex", enabled=n >= 100):
         obs, info = env.reset(seed=seed if i == 0 else None)
         hands.add(tuple(sorted(info["cards"])))
         answer = expert.expert_answer(

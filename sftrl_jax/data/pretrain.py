@@ -44,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm import tqdm
 
+from sftrl_jax import progress
 from sftrl_jax.envs.base import EnvError
 from sftrl_jax.envs.general_points import cards as cards_lib
 from sftrl_jax.envs.general_points import expert, solver
@@ -170,7 +170,7 @@ def generate_pretrain(n: int, out_path: str | os.PathLike, seed: int = 0, wordin
     out = Path(out_path)
     out.parent.mkdir(parents=True, exist_ok=True)
     rows, n24, rules = [], 0, set()
-    for i in tqdm(range(n), desc="pretrain corpus", unit="ex", disable=n < 1000):
+    for i in progress.iterate(range(n), desc="pretrain corpus", unit="ex", enabled=n >= 1000):
         ex = example(rng)
         if wording == "composed":
             ex["prompt"] = composed_prompt(rng, ex["symbols"], ex["rule"], ex["target"])

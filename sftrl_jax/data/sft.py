@@ -22,7 +22,7 @@ from typing import Any
 
 import numpy as np
 
-from sftrl_jax.config import ConfigError
+from sftrl_jax.config import ConfigError, check_ranges
 from sftrl_jax.data import conversations
 from sftrl_jax.errors import UserError
 
@@ -42,10 +42,15 @@ class SFTDataConfig:
     skip_bad_lines: bool = False  # JSONL: skip malformed lines (counted, reported) instead of failing
 
     def __post_init__(self):
-        if self.max_length <= 0 or self.batch_size <= 0:
-            raise ConfigError(
-                f"data.max_length and data.batch_size must be positive ({self.max_length}, {self.batch_size})"
-            )
+        check_ranges(
+            self,
+            max_length="[1, 1048576]",  # 2**20 tokens: far past any context we train
+            buckets="[1, 1048576]",
+            batch_size="[1, inf)",
+            seed="[0, inf)",
+            epochs="[1, inf)",
+            max_images="[1, inf)",
+        )
         if list(self.buckets) != sorted(self.buckets) or any(b <= 0 for b in self.buckets):
             raise ConfigError(f"data.buckets must be increasing positive lengths, got {list(self.buckets)}")
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 from importlib import resources
 from typing import Any
 
+from sftrl_jax import integrity
 from sftrl_jax.errors import UserError
 
 Message = dict[str, Any]
@@ -50,6 +51,7 @@ def load_tokenizer(path: str | os.PathLike | None = None) -> Tokenizer:
     path = os.fspath(path) if path is not None else default_tokenizer_path()
     if not os.path.isdir(path):
         raise UserError(f"tokenizer folder {path!r} does not exist")
+    integrity.verify_folder(path)  # the shipped one is its recorded bytes
     try:
         hf = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as e:

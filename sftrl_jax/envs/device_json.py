@@ -6,8 +6,13 @@ control characters in strings, NaN / Infinity / -Infinity accepted, integers of 
 refused as `int()` refuses them), tabulated once over (state, byte, container on top of the stack).
 It emits per byte an event (key opened, string value opened, character, escape, ...) and the nesting
 depth; `object_fields` reads the top-level keys from them in parallel, keys decoded (escapes
-included), the last of duplicate keys winning as in `dict`. Nesting deeper than `MAX_DEPTH` counts as
-a parse failure (Python's limit is its recursion limit, about 1,000 levels): a documented exception.
+included), the last of duplicate keys winning as in `dict`.
+
+Nesting deeper than `MAX_DEPTH` is undecided, not a failure: Python's own limit is its recursion limit
+less the caller's stack depth (about 1,000 levels, varying with the call site), which no fixed table can
+equal, so `scan` reports such a row apart (end `TOO_DEEP`) and the rewards hand it to the host verifier
+(issue #32: read as a failure, a deep "pad" made the device fall back to the first of two duplicate
+keys while `json.loads` read the last).
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import numpy as np
 from sftrl_jax.envs import device_text as dt
 
 MAX_DEPTH = 62  # two int32 words of container-type bits
+TOO_DEEP = -2  # `scan`'s end of a row nested deeper than MAX_DEPTH (undecided: score it on the host)
 _INT_DIGITS = 4300  # sys.get_int_max_str_digits(): json.loads refuses longer integers
 
 # ------------------------------------------------------------------------------------ the automaton
@@ -155,7 +161,8 @@ def scan(b: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arra
     """Parses the JSON value starting at byte `start` of each row (N: no value there).
 
     Returns (events [B, N] int32, depth before each byte [B, N] int32, end [B] int32: the position of
-    the value's last byte, -1 if it does not parse). The loop stops once every row is decided."""
+    the value's last byte, -1 if it does not parse, `TOO_DEEP` if it nests deeper than `MAX_DEPTH`
+    before any other error: Python may or may not parse it). The loop stops once every row is decided."""
     B, N = b.shape
     table = jnp.asarray(_TABLE)
     bt = b.T  # [N, B]: one row per step
@@ -192,9 +199,10 @@ def scan(b: jax.Array, start: jax.Array) -> tuple[jax.Array, jax.Array, jax.Arra
     zeros = jnp.zeros((B,), jnp.int32)
     init_state = jnp.where(start < N, S["PRE"], S["ERROR"]).astype(jnp.int32)
     carry = (jnp.int32(0), init_state, zeros, zeros, zeros, zeros, zeros - 1, jnp.zeros((N, B), jnp.int32))
-    _, state, _, _, _, _, end, events = jax.lax.while_loop(cond, body, carry)
+    _, state, depth, _, _, _, end, events = jax.lax.while_loop(cond, body, carry)
     events = events.T
-    end = jnp.where(state == S["DONE"], end, -1)
+    # a push past MAX_DEPTH is the only error that leaves the depth above it (ERROR never moves it)
+    end = jnp.where(state == S["DONE"], end, jnp.where(depth > MAX_DEPTH, TOO_DEEP, -1))
     return events & 0xFF, events >> 8, end
 
 

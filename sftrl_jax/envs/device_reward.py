@@ -8,9 +8,11 @@
 `response_ids` [B, L] int32 are the sampled ids (the first `lengths` [B] count; special tokens such as
 the stop token add no text, as `tokenizer.decode` skips them), `state` the stacked
 `env.device_state()` of each row's env before its `step`. The reward equals what `env.step(text)`
-returns for `text = tokenizer.decode(ids)`; `fn.outcomes` names the outcome codes (GP: the
-verifier's OUTCOMES; V-IRL: correct, incorrect_action, incorrect_observation, exceeded). The host
-verifiers stay the reference and keep writing the feedback text.
+returns for `text = tokenizer.decode(ids)` on every row the device decides; `fn.outcomes` names the
+outcome codes (GP: the verifier's OUTCOMES; V-IRL: correct, incorrect_action, incorrect_observation,
+exceeded; then `device_text.HOST_OUTCOMES`, JSON_TOO_DEEP and DID_NOT_FIT: rows left to the host,
+whose reward here is not the host's). The host verifiers stay the reference and keep writing the
+feedback text.
 """
 
 from __future__ import annotations

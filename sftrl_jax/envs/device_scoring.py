@@ -8,10 +8,12 @@ Right after a turn's sampling, the runner hands the scorer the sampled ids of th
 (its own share with several processes) and their `device_state()` taken before `env.step`; one
 jit-compiled `device_reward_fn(task).with_outcome` scores them (ids padded to `width` columns, rows
 to `batch`, so one shape per run and one compile per process: the jitted function is cached per task
-and byte table). The host's `env.step(text)` still runs for the feedback text and the env's advance;
-the runner trains on the device reward and counts rows where the host's differs (it must not).
-A row is left to the host (None) when its response did not fit the byte budget (DID_NOT_FIT) or its
-env's `device_state()` refuses (e.g. a GP hand with more solution strings than the table holds).
+and byte table). The host's `env.step(text)` still runs for the feedback text and the env's advance,
+and its reward is the one trained on: the runner counts and logs rows where the device's differs (it
+must not). A row is left to the host (None) when its response did not fit the byte budget
+(DID_NOT_FIT), its JSON nests deeper than the device reads (JSON_TOO_DEEP, where Python's recursion
+limit decides), or its env's `device_state()` refuses (e.g. a GP hand with more solution strings than
+the table holds).
 
 `refusal(task, options)` names the env option the device reward cannot do; `resolve(flag, ...)`
 turns the config's `env.reward_on_device` (None = auto: on where the device reward equals the host
@@ -93,7 +95,7 @@ class DeviceScorer:
         self.task = task
         self.fn = device_reward_fn(task, tokenizer)
         self.width = int(width)
-        self.fit = self.fn.outcomes.index(device_text.DID_NOT_FIT)
+        self.host_codes = {self.fn.outcomes.index(o) for o in device_text.HOST_OUTCOMES}
         self._run = _jitted(task, self.fn)
         self.calls = 0  # batches scored
         self.rows = 0  # rows scored on the device
@@ -110,7 +112,7 @@ class DeviceScorer:
     def score(
         self, states: Sequence[dict[str, np.ndarray] | None], responses: Sequence[Sequence[int]], *, batch: int = 0
     ) -> list[tuple[float, str] | None]:
-        """(reward, outcome name) per row; None where the host must score (no state / DID_NOT_FIT).
+        """(reward, outcome name) per row; None where the host must score (no state, HOST_OUTCOMES).
         Rows are padded to `batch` (and ids to `width` columns) so each run compiles once."""
         t0 = time.perf_counter()
         out: list[tuple[float, str] | None] = [None] * len(responses)
@@ -127,7 +129,7 @@ class DeviceScorer:
             stacked = stack_states(rows + [rows[0]] * (B - len(rows)))
             rewards, codes = (np.asarray(x) for x in self._run(ids, lengths, stacked))
             for row, k in enumerate(live):
-                if int(codes[row]) != self.fit:
+                if int(codes[row]) not in self.host_codes:
                     out[k] = (float(rewards[row]), self.fn.outcomes[int(codes[row])])
             self.calls += 1
             self.rows += sum(r is not None for r in out)

@@ -29,6 +29,10 @@ REPLACEMENT = 0xFFFD
 # token). A response with more bytes is flagged DID_NOT_FIT, to be scored on the host.
 DEFAULT_BYTES_PER_TOKEN = 6
 DID_NOT_FIT = "DID_NOT_FIT"
+# JSON nested deeper than `device_json.MAX_DEPTH`, where the host's reading hangs on Python's recursion
+# limit: the device does not decide the reward, the host verifier does.
+JSON_TOO_DEEP = "JSON_TOO_DEEP"
+HOST_OUTCOMES = (JSON_TOO_DEEP, DID_NOT_FIT)  # outcomes whose reward is the host's, never the device's
 # Every character Python's `\d` (and `int()`) reads as a decimal digit, Unicode category Nd.
 _ND = np.array([c for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c)) == "Nd"], np.int32)
 _ND_VALUE = np.array([unicodedata.digit(chr(c)) for c in _ND], np.int32)
@@ -243,11 +247,12 @@ assert sum(chr(c).isspace() for c in range(sys.maxunicode + 1)) == len(_WS_EXTRA
 class ByteReward:
     """What every task's device reward shares: response ids -> bytes through the tokenizer's table
     (at most `max_bytes`, default DEFAULT_BYTES_PER_TOKEN per token), then the task's `score_bytes`;
-    a response longer than that gets outcome DID_NOT_FIT (the last of `outcomes`)."""
+    a response longer than that gets outcome DID_NOT_FIT (the last of `outcomes`). Rows with an outcome
+    in HOST_OUTCOMES (the last two) are undecided: their reward is not the host's, score them there."""
 
     table: ByteTable
     max_bytes: int | None = None
-    outcomes: tuple[str, ...] = (DID_NOT_FIT,)
+    outcomes: tuple[str, ...] = HOST_OUTCOMES
 
     def score_bytes(self, b, state):
         """(rewards [B] float32, outcome codes [B] int32) of byte rows b [B, N]."""

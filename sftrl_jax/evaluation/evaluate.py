@@ -23,6 +23,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from sftrl_jax import envs, episodes
+from sftrl_jax import progress as progress_lib
 from sftrl_jax.errors import UserError
 
 TASKS = ("gp-l", "gp-vl", "virl-l", "virl-vl")
@@ -145,11 +146,7 @@ def evaluate(
 ) -> dict[str, Any]:
     """Runs the protocol with `policy` (see `episodes.Policy`); writes the files when `out_dir` is set."""
     runner = make_runner(policy, tokenizer, proto, batch_size=batch_size, env_options=env_options)
-    bar = None
-    if progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=proto.n_episodes, desc=f"eval {proto.name}", unit="episode", dynamic_ncols=True)
+    bar = progress_lib.bar(total=proto.n_episodes, desc=f"eval {proto.name}", unit="episode", enabled=progress)
     try:
         turns = episodes.run_episodes(runner, proto.n_episodes, progress=bar)
     finally:

@@ -15,9 +15,55 @@ import dataclasses
 from collections.abc import Mapping
 from typing import Any, Literal
 
+from sftrl_jax import config as config_lib
 from sftrl_jax.errors import UserError
 
 DEFAULT_ASPECT_RATIOS = ((1, 1), (1, 2), (1, 3), (1, 4), (2, 1), (2, 2), (3, 1), (4, 1))
+
+# Sizes are bounded before anything is built (a config.json with 10**6 layers or a 10**12 vocabulary
+# is refused in a line, instead of the planner or loader growing for minutes): each field far above
+# any released model's (Llama 3.1 405B: hidden 16384, MLP 53248, 126 layers, 128 heads; vocabularies
+# up to ~262k), and the whole model at most MAX_PARAMS parameters.
+MAX_PARAMS = 2 * 10**12
+_TEXT_RANGES = dict(
+    vocab_size="[1, 4194304]",  # 2**22
+    hidden_size="[1, 65536]",
+    intermediate_size="[1, 524288]",
+    num_layers="[1, 1024]",
+    num_heads="[1, 1024]",
+    num_kv_heads="[1, 1024]",
+    head_dim="[2, 4096]",
+    rms_norm_eps="(0, 1]",
+    rope_theta="(0, inf)",
+    rope_factor="(0, inf)",
+    rope_low_freq_factor="(0, inf)",
+    rope_high_freq_factor="(0, inf)",
+    rope_original_max_position="[1, 16777216]",  # 2**24 positions
+    max_position_embeddings="[1, 16777216]",
+    extra_embeddings="[0, 1024]",
+)
+_VISION_RANGES = dict(
+    hidden_size="[1, 65536]",
+    intermediate_size="[1, 524288]",
+    num_layers="[1, 1024]",
+    num_global_layers="[0, 1024]",
+    num_heads="[1, 1024]",
+    num_channels="[1, 16]",
+    image_size="[1, 8192]",
+    patch_size="[1, 8192]",
+    norm_eps="(0, 1]",
+    max_num_tiles="[1, 64]",
+)
+# field -> its config.json name, where the two differ (named in the error too)
+_HF_NAMES = {
+    "num_layers": "num_hidden_layers",
+    "num_heads": "num_attention_heads",
+    "num_kv_heads": "num_key_value_heads",
+    "rope_factor": "rope_scaling.factor",
+    "rope_low_freq_factor": "rope_scaling.low_freq_factor",
+    "rope_high_freq_factor": "rope_scaling.high_freq_factor",
+    "rope_original_max_position": "rope_scaling.original_max_position_embeddings",
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,14 +98,25 @@ class TextConfig:
     pad_token_id: int | None = None  # pad_token_id
 
     def __post_init__(self):
+        _check_ranges(self, _TEXT_RANGES)
         _check(self.num_heads % self.num_kv_heads == 0, "num_heads must be a multiple of num_kv_heads", self)
         _check(self.head_dim % 2 == 0, "head_dim must be even (RoPE)", self)
         _check(self.rope_type in ("default", "llama3"), f"unsupported rope_type {self.rope_type!r}", self)
+        if self.rope_type == "llama3":  # the smooth band divides by their difference
+            _check(
+                self.rope_high_freq_factor > self.rope_low_freq_factor,
+                f"rope_high_freq_factor ({self.rope_high_freq_factor}) must exceed rope_low_freq_factor "
+                f"({self.rope_low_freq_factor})",
+                self,
+            )
         bad = [i for i in self.cross_attention_layers if not 0 <= i < self.num_layers]
-        _check(not bad, f"cross_attention_layers {bad} outside [0, {self.num_layers})", self)
+        _check(not bad, f"cross_attention_layers {bad[:8]} outside [0, {self.num_layers})", self)
+        layers = list(self.cross_attention_layers)
+        _check(len(set(layers)) == len(layers), f"cross_attention_layers repeat a layer: {layers[:16]}", self)
         if isinstance(self.eos_token_id, list):
             object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
         object.__setattr__(self, "cross_attention_layers", tuple(self.cross_attention_layers))
+        _check_params(approx_params(self), self)
 
     @property
     def num_embeddings(self) -> int:
@@ -92,8 +149,19 @@ class VisionConfig:
     intermediate_layer_features: Literal["input", "output"] = "input"
 
     def __post_init__(self):
+        _check_ranges(self, _VISION_RANGES)
         object.__setattr__(self, "intermediate_layers_indices", tuple(self.intermediate_layers_indices))
         object.__setattr__(self, "supported_aspect_ratios", tuple(tuple(r) for r in self.supported_aspect_ratios))
+        ratios = self.supported_aspect_ratios
+        _check(1 <= len(ratios) <= 1024, f"supported_aspect_ratios must list 1 to 1024 pairs, got {len(ratios)}", self)
+        for r in ratios:
+            _check(
+                len(r) == 2 and all(_in_range(x, "[1, 64]") for x in r),
+                f"supported_aspect_ratios must be [rows, columns] pairs of integers in [1, 64], got {r!r:.60}",
+                self,
+            )
+        indices = list(self.intermediate_layers_indices)
+        _check(len(set(indices)) == len(indices), f"intermediate_layers_indices repeat a layer: {indices[:16]}", self)
         _check(self.hidden_size % self.num_heads == 0, "hidden_size must be a multiple of attention_heads", self)
         _check(self.image_size % self.patch_size == 0, "image_size must be a multiple of patch_size", self)
         _check(
@@ -102,7 +170,8 @@ class VisionConfig:
             self,
         )
         bad = [i for i in self.intermediate_layers_indices if not 0 <= i < self.num_layers]
-        _check(not bad, f"intermediate_layers_indices {bad} outside [0, {self.num_layers})", self)
+        _check(not bad, f"intermediate_layers_indices {bad[:8]} outside [0, {self.num_layers})", self)
+        _check_params(approx_params(self), self)
 
     @property
     def head_dim(self) -> int:
@@ -202,6 +271,7 @@ class MllamaConfig:
 
     def __post_init__(self):
         _check(bool(self.text.cross_attention_layers), "Mllama needs cross_attention_layers", self)
+        _check_params(approx_params(self.text) + approx_params(self.vision), self)
 
     @classmethod
     def llama_3_2_11b_vision(cls) -> MllamaConfig:
@@ -256,6 +326,45 @@ ModelConfig = LlamaConfig | MllamaConfig
 def _check(ok: bool, message: str, config) -> None:
     if not ok:
         raise UserError(f"{type(config).__name__}: {message}")
+
+
+def _check_ranges(config, ranges: Mapping[str, str]) -> None:
+    try:
+        config_lib.check_ranges(config, **ranges)
+    except config_lib.RangeError as e:
+        hf = f" (config.json: {_HF_NAMES[e.key]})" if e.key in _HF_NAMES else ""
+        raise UserError(f"{type(config).__name__}: {e.key}{hf} must be {e.rule}, got {e.shown}") from None
+
+
+def _in_range(value, interval: str) -> bool:
+    try:
+        config_lib.check_range("", value, interval)
+    except config_lib.RangeError:
+        return False
+    return True
+
+
+def approx_params(config: TextConfig | VisionConfig) -> int:
+    """Parameters of a text decoder or vision encoder from its sizes alone (within a few percent:
+    the size guard's count; `build.param_count` gives the exact one)."""
+    if isinstance(config, TextConfig):
+        t = config
+        D, F, H, N, K = t.hidden_size, t.intermediate_size, t.head_dim, t.num_heads, t.num_kv_heads
+        embed = (t.num_embeddings + (0 if t.tie_word_embeddings else t.vocab_size)) * D
+        return embed + t.num_layers * (2 * D * H * (N + K) + 3 * D * F + 2 * D) + D
+    v = config
+    D, P = v.hidden_size, v.num_patches
+    tiles = v.num_aspect_ratios * v.max_num_tiles
+    layers = (v.num_layers + v.num_global_layers) * (4 * D * D + 2 * D * v.intermediate_size + 4 * D)
+    return v.num_channels * v.patch_size**2 * D + P * D * (1 + tiles) + tiles * D + layers
+
+
+def _check_params(n: int, config) -> None:
+    _check(
+        n <= MAX_PARAMS,
+        f"about {n:.3g} parameters, more than the {MAX_PARAMS:.0e} this package builds (a typo in a size?)",
+        config,
+    )
 
 
 # --------------------------------------------------------------------------------------------------

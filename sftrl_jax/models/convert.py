@@ -24,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from sftrl_jax import integrity
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import build, safetensors_io
 from sftrl_jax.models import config as config_lib
@@ -294,6 +295,7 @@ def from_pretrained(
     overrides the one read from config.json (e.g. to pick transformers' semantics flags); it must
     describe the same shapes.
     """
+    integrity.verify_folder(path)  # a shipped folder (the study base) is its recorded bytes
     hf_config, _ = read_config(path)
     config = hf_config if config is None else config
     files, weight_map = safetensors_io.open_folder(path)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import os
 from collections.abc import Callable
 from typing import Any
@@ -23,7 +22,7 @@ from flax import nnx
 
 from sftrl_jax import ops
 from sftrl_jax.config import ConfigError
-from sftrl_jax.models import build
+from sftrl_jax.models import build, convert
 from sftrl_jax.models import config as model_config
 from sftrl_jax.parallel import rules
 from sftrl_jax.planning import flops as flops_lib
@@ -56,11 +55,13 @@ def model_config_of(section: ModelSection) -> model_config.ModelConfig:
     if section.preset is not None:
         return preset_config(section.preset, section.text_overrides)
     path = section.init
-    for name, parse in (("config.json", model_config.from_hf_dict), ("model_config.json", model_config.from_dict)):
-        file = os.path.join(path, name) if os.path.isdir(path) else path
-        if os.path.basename(file) == name and os.path.exists(file):
-            with open(file, encoding="utf-8") as f:
-                return parse(json.load(f))
+    folder, given = (path, None) if os.path.isdir(path) else (os.path.dirname(path), os.path.basename(path))
+    if given in (None, "config.json") and os.path.isfile(os.path.join(folder, "config.json")):
+        return convert.read_config(os.path.join(folder, "config.json"))[0]  # a bad file: one line naming it
+    from sftrl_jax.models import checkpoint  # orbax: imported only for our checkpoints
+
+    if given in (None, checkpoint.CONFIG_FILE) and os.path.isfile(os.path.join(folder, checkpoint.CONFIG_FILE)):
+        return checkpoint.read_checkpoint_config(folder)[0]
     raise ConfigError(
         f"model.init {path!r} holds no config.json or model_config.json: give model.preset (e.g. "
         "llama-3.2-11b-vision) or a folder with the checkpoint's config.json"

@@ -10,7 +10,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from sftrl_jax.config import ConfigError
+from sftrl_jax.config import ConfigError, check_ranges
+from sftrl_jax.errors import UserError
 from sftrl_jax.rl import grpo as grpo_lib
 from sftrl_jax.rl import ppo as ppo_lib
 from sftrl_jax.sampling.policy import SamplingSection
@@ -34,16 +35,24 @@ class EnvSection:
     split: Literal["train", "id", "ood-rule", "ood-visual"] = "train"
     num_envs: int = 8  # environments stepped in lock-step (one batched sampling call per turn)
     options: dict[str, Any] = dataclasses.field(default_factory=dict)  # env options, e.g. verify_iter
-    # Rollout rewards scored on the device right after sampling (`envs.device_scoring`; the host's
-    # env.step still writes the feedback). null = auto: on for every task whose options the device
-    # reward implements (all defaults; it equals the host verifiers on everything tested, see
-    # docs/DEVICE_REWARD.md), off for exact=false, reference_card_parsing=true, repeat_penalty != 0;
-    # true with one of those is refused.
-    reward_on_device: bool | None = None
+    # Rollout rewards also scored on the device right after sampling (`envs.device_scoring`), as a
+    # differential check of the host verifier: the host's env.step runs every turn regardless and its
+    # reward is the one trained on, so the device score only adds work (+0.9% of a GRPO update here)
+    # and is off by default. true = on (refused with exact=false, reference_card_parsing=true,
+    # repeat_penalty != 0); null = auto: on where the options allow it. docs/DEVICE_REWARD.md
+    reward_on_device: bool | None = False
 
     def __post_init__(self):
+        from sftrl_jax import envs
         from sftrl_jax.envs import device_scoring
 
+        check_ranges(self, num_envs="[1, 65536]")
+        # The options are the env's to check: build one now, so a bad option (verify_iter=0) is
+        # refused at config time, before a model is loaded (a few ms; V-IRL's first city ~0.4 s).
+        try:
+            envs.make(self.task, split=self.split, **self.options)
+        except envs.EnvError as e:
+            raise ConfigError(f"env.options ({self.task}, split {self.split}): {e}") from None
         device_scoring.resolve(self.reward_on_device, self.task, self.options)
 
 
@@ -65,6 +74,9 @@ class EvalSection:
     episodes: int | None = None  # None = the paper's protocol size
     temperature: float = 0.0  # greedy evaluation (not the training temperature)
     batch_size: int = 16
+
+    def __post_init__(self):
+        check_ranges(self, every="[0, inf)", episodes="[1, inf)", temperature="[0, inf)", batch_size="[1, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +109,21 @@ class RLTrainSection:
     def __post_init__(self):
         if self.snapshot_every < 0:
             raise ConfigError(f"train.snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
+        check_ranges(
+            self,
+            updates="[0, inf)",  # 0: no update (the final evaluation of model.init only)
+            steps_per_update="[1, inf)",
+            prompts_per_update="[1, inf)",
+            length_buckets="[1, 1048576]",  # 2**20 tokens: far past any context we train
+            seed="[0, inf)",
+            devices="[1, inf)",
+            save_every="[1, inf)",
+            keep="[1, inf)",
+            max_bad_updates="[1, inf)",
+            d_init="[0, inf)",
+        )
+        if list(self.length_buckets) != sorted(set(self.length_buckets)) or not self.length_buckets:
+            raise ConfigError(f"train.length_buckets must be increasing lengths, got {list(self.length_buckets)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,6 +148,13 @@ class RLConfig:
             )
         if self.sampling.temperature <= 0:
             raise ConfigError("sampling.temperature must be positive during RL (log-probs use logits / temperature)")
+        from sftrl_jax.evaluation import evaluate as eval_lib
+
+        for split in self.eval.splits:  # checked now, not after the first update's evaluation
+            try:
+                eval_lib.protocol(self.env.task, split)
+            except UserError as e:
+                raise ConfigError(f"eval.splits: {split!r}: {e}") from None
 
     @property
     def algo_cfg(self):

@@ -20,7 +20,7 @@ import optax
 from flax import nnx
 
 from sftrl_jax import episodes
-from sftrl_jax.config import ConfigError
+from sftrl_jax.config import ConfigError, check_ranges
 from sftrl_jax.episodes import Turn
 from sftrl_jax.rl import batching, losses
 from sftrl_jax.rl import learner as learner_lib
@@ -58,8 +58,15 @@ class GRPOConfig:
             raise ConfigError(
                 f"grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
-        if self.kl_coef < 0:
-            raise ConfigError(f"grpo.kl_coef must be >= 0, got {self.kl_coef}")
+        check_ranges(
+            self,
+            clip="(0, inf)",
+            clip_high="(0, inf)",
+            kl_coef="[0, inf)",
+            epochs="[1, inf)",
+            samples_per_step="[1, inf)",
+            micro_batch="[1, inf)",
+        )
         if self.aggregation not in ("token_mean", "seq_mean", "seq_sum_norm"):
             raise ConfigError(
                 f"grpo.aggregation must be token_mean, seq_mean or seq_sum_norm, got {self.aggregation!r}"

@@ -23,7 +23,7 @@ import optax
 from flax import nnx
 
 from sftrl_jax import episodes
-from sftrl_jax.config import ConfigError
+from sftrl_jax.config import ConfigError, check_ranges
 from sftrl_jax.rl import batching, losses
 from sftrl_jax.rl import learner as learner_lib
 from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
@@ -73,16 +73,25 @@ class PPOConfig:
     def __post_init__(self):
         if self.reward_mode not in ("env", "success"):
             raise ConfigError(f"ppo.reward_mode must be 'env' or 'success', got {self.reward_mode!r}")
-        if self.kl_coef < 0 or self.entropy_coef < 0:
-            raise ConfigError(
-                f"ppo.kl_coef and ppo.entropy_coef must be >= 0, got {self.kl_coef} and {self.entropy_coef}"
-            )
+        check_ranges(
+            self,
+            gamma="(0, 1]",
+            lam="[0, 1]",
+            clip="(0, inf)",
+            value_clip="(0, inf)",
+            value_coef="[0, inf)",
+            max_ratio="(1, inf)",  # a ratio threshold: every ratio starts at 1
+            epochs="[1, inf)",
+            samples_per_step="[1, inf)",
+            micro_batch="[1, inf)",
+            thought_coef="[0, inf)",
+            kl_coef="[0, inf)",
+            entropy_coef="[0, inf)",
+        )
         if self.samples_per_step % self.micro_batch:
             raise ConfigError(
                 f"ppo.samples_per_step ({self.samples_per_step}) must be a multiple of ppo.micro_batch ({self.micro_batch})"
             )
-        if not 0 < self.gamma <= 1 or not 0 <= self.lam <= 1:
-            raise ConfigError(f"ppo.gamma must be in (0, 1] and ppo.lam in [0, 1], got {self.gamma}, {self.lam}")
         if self.old_logp not in ("trainer", "sampler"):
             raise ConfigError(f"ppo.old_logp must be 'trainer' or 'sampler', got {self.old_logp!r}")
 

@@ -21,7 +21,9 @@ seeds of new episodes. So a run killed after the checkpoint of update k and resu
 metrics for updates k+1.. as an uninterrupted run (tested with SIGKILL). SIGTERM saves and exits 0.
 An environment that raises or returns a malformed observation or reward stops the run with an
 `episodes.RolloutError` naming the env, the episode and the turn; checkpoints already written are
-kept.
+kept. As in SFT, the run folder is locked for the run (`train/run_lock.py`), snapshots and `final`
+are written atomically (each snapshot before the checkpoint of its update), and a failed save stops
+the run with one line (`errors.SaveError`).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from flax import nnx
 
 from sftrl_jax import config as config_lib
 from sftrl_jax import envs, ops
+from sftrl_jax import progress as progress_lib
 from sftrl_jax.config import ConfigError
 from sftrl_jax.data import processor
 from sftrl_jax.envs import device_scoring
@@ -52,6 +55,7 @@ from sftrl_jax.sampling import policy as policy_lib
 from sftrl_jax.train import checkpoint as ckpt_lib
 from sftrl_jax.train import metrics as metrics_lib
 from sftrl_jax.train import optim as optim_lib
+from sftrl_jax.train import run_lock
 from sftrl_jax.train.state import TrainState, abstract_like, load_model, rng_data, tokenizer_for
 
 LEARNERS = {"ppo": ppo_lib.PPOLearner, "grpo": grpo_lib.GRPOLearner}
@@ -62,8 +66,17 @@ class Trainer:
 
     def __init__(self, cfg: rl_config.RLConfig):
         self.cfg = cfg
-        t = cfg.train
-        distributed.maybe_initialize(auto=t.distributed)
+        distributed.maybe_initialize(auto=cfg.train.distributed)
+        # one run per folder: a second one stops here, writing nothing; released by run() or close()
+        self._lock = run_lock.acquire(cfg.train.run_dir)
+        try:
+            self._build()
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _build(self) -> None:
+        cfg, t = self.cfg, self.cfg.train
         self.lead = jax.process_index() == 0  # the process that writes the run's files
         os.makedirs(t.run_dir, exist_ok=True)
         if self.lead:
@@ -211,13 +224,13 @@ class Trainer:
         )
         last: dict[str, Any] = {}
         bad = 0
-        bar = None
-        if t.progress and self.lead:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(
-                total=t.updates, initial=self.update_idx, desc=f"rl {cfg.algo}", unit="update", dynamic_ncols=True
-            )
+        bar = progress_lib.bar(
+            total=t.updates,
+            initial=self.update_idx,
+            desc=f"rl {cfg.algo}",
+            unit="update",
+            enabled=t.progress and self.lead,
+        )
         done_now = 0
         try:
             with ckpt_lib.PreemptionGuard() as guard, jax.set_mesh(self.mesh):
@@ -239,11 +252,13 @@ class Trainer:
                         bar.set_postfix(success=f"{m['success_rate']:.2f}", reward=f"{m['reward_mean']:.2f}")
                     if cfg.eval.every and self.update_idx % cfg.eval.every == 0 and self.update_idx < t.updates:
                         self.evaluate(writer)
-                    if self.update_idx % t.save_every == 0:
-                        self.save()
+                    # the snapshot before the checkpoint: a run resumed from the checkpoint has it
                     snapshot = ckpt_lib.snapshot_path(t.run_dir, self.update_idx, every=t.snapshot_every)
                     if snapshot is not None:
                         self.save_model(snapshot)
+                    if self.update_idx % t.save_every == 0:
+                        self.save()
+                    self.checkpointer.check()  # a background save that failed stops the run now
                     if _any_process(guard.requested):
                         self.save()
                         print(f"rl: SIGTERM received; saved update {self.update_idx}; exiting")
@@ -253,13 +268,23 @@ class Trainer:
                 self.save()
                 if cfg.eval.every or cfg.eval.splits:
                     self.evaluate(writer)
+                self.checkpointer.wait()  # the last checkpoint is on disk before `final` says the run is done
                 self.save_final()
         finally:
-            self.checkpointer.close()
-            writer.close()
-            if bar is not None:
-                bar.close()
+            try:
+                self.close()
+            finally:
+                writer.close()
+                if bar is not None:
+                    bar.close()
         return last
+
+    def close(self) -> None:
+        """Waits for the checkpoint writes (SaveError if one failed) and releases the run folder."""
+        try:
+            self.checkpointer.close()
+        finally:
+            self._lock.release()
 
     def save_final(self) -> str:
         return self.save_model(os.path.join(self.cfg.train.run_dir, "final"))

@@ -8,6 +8,7 @@ to a power of two and to a multiple of the devices the batch is split over.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -61,8 +62,8 @@ def check_stop_tokens(stop_tokens: Sequence[int], vocab_size: int) -> tuple[int,
 def check_method(*, max_new_tokens: int, temperature: float, top_p: float, top_k: int) -> None:
     if int(max_new_tokens) < 1:
         raise UserError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
-    if not temperature >= 0.0:
-        raise UserError(f"temperature must be >= 0 (0 = greedy), got {temperature}")
+    if not 0.0 <= temperature < math.inf:
+        raise UserError(f"temperature must be >= 0 and finite (0 = greedy), got {temperature}")
     if not 0.0 < top_p <= 1.0:
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
     if int(top_k) < 0:

@@ -107,8 +107,9 @@ class SamplingSection:
     layout: str = "auto"
 
     def __post_init__(self):
-        from sftrl_jax.config import ConfigError
+        from sftrl_jax.config import ConfigError, check_ranges
 
+        check_ranges(self, max_new_tokens="[1, 1048576]", temperature="[0, inf)", top_p="(0, 1]", top_k="[0, inf)")
         if self.layout not in sampler.LAYOUTS:
             raise ConfigError(f"sampling.layout must be one of {', '.join(sampler.LAYOUTS)}; got {self.layout!r}")
 

@@ -6,7 +6,10 @@
 state donated and sharded by the logical-axis rules; gradient accumulation scans over micro-batches
 inside the step (one optimiser update per call). The loop resumes from the run folder's latest
 checkpoint (params, optimiser, step, RNG, data iterator), saves and exits 0 on SIGTERM, skips steps
-with non-finite gradients and aborts after `train.max_bad_steps` of them in a row.
+with non-finite gradients and aborts after `train.max_bad_steps` of them in a row. The run folder is
+locked for the run (`train/run_lock.py`: a second run on it stops with one line); checkpoints,
+snapshots and `final` are written atomically, and a failed save stops the run with one line
+(`errors.SaveError`).
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from flax import nnx
 
 from sftrl_jax import config as config_lib
 from sftrl_jax import ops
+from sftrl_jax import progress as progress_lib
 from sftrl_jax.config import ConfigError
 from sftrl_jax.data import processor
 from sftrl_jax.data.sft import SFTData, SFTDataConfig
@@ -38,6 +42,7 @@ from sftrl_jax.train import accumulate as accum_lib
 from sftrl_jax.train import checkpoint as ckpt_lib
 from sftrl_jax.train import metrics as metrics_lib
 from sftrl_jax.train import optim as optim_lib
+from sftrl_jax.train import run_lock
 from sftrl_jax.train.state import (
     ModelSection,
     TrainState,
@@ -68,7 +73,7 @@ class TrainSection:
     resume: bool = True  # continue from the run folder's latest checkpoint
     tensorboard: bool = False
     async_checkpointing: bool = True
-    progress: bool = True  # tqdm progress bar
+    progress: bool = True  # a tqdm bar on a terminal, a line per interval in a log (sftrl_jax/progress.py)
     distributed: bool = False  # jax.distributed with cluster auto-detection (or set SFTRL_COORDINATOR, ...)
     d_init: int = 0  # tokens of the SFT that produced model.init (for the compute axis)
     # > 0: every N steps (never step 0) the model as <run_dir>/snapshots/<step>, a model checkpoint
@@ -81,6 +86,7 @@ class TrainSection:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
         if self.snapshot_every < 0:
             raise ConfigError(f"train.snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
+        config_lib.check_ranges(self, eval_every="[0, inf)", seed="[0, inf)", devices="[1, inf)", d_init="[0, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -149,6 +155,15 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     """
     t = cfg.train
     distributed.maybe_initialize(auto=t.distributed)
+    lock = run_lock.acquire(t.run_dir)  # one run per folder: a second one stops here, writing nothing
+    try:
+        return _train(cfg, stop_after=stop_after)
+    finally:
+        lock.release()
+
+
+def _train(cfg: SFTConfig, *, stop_after: int | None) -> dict[str, Any]:
+    t = cfg.train
     os.makedirs(t.run_dir, exist_ok=True)
     if jax.process_index() == 0:
         config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
@@ -255,10 +270,12 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
                         progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tps:.0f}")
                 if t.eval_every and done % t.eval_every == 0:
                     writer.write(done, evaluate_loss(eval_fn, state.params, data, mesh), prefix="eval")
-                checkpointer.maybe_save(done, state, extra_state())
+                # the snapshot before the checkpoint: a run resumed from the checkpoint of `done` has it
                 snapshot = ckpt_lib.snapshot_path(t.run_dir, done, every=t.snapshot_every)
                 if snapshot is not None:
                     save_model(graphdef, state.params, rest, snapshot)
+                checkpointer.maybe_save(done, state, extra_state())
+                checkpointer.check()  # a background save that failed stops the run now
                 if progress is not None:
                     progress.update(1)
                 steps_this_call += 1
@@ -274,6 +291,7 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
                     checkpointer.save(t.steps, state, extra_state())
                 if data.eval:
                     last.update(writer.write(t.steps, evaluate_loss(eval_fn, state.params, data, mesh), prefix="eval"))
+                checkpointer.wait()  # the last checkpoint is on disk before `final` says the run is done
                 save_final(graphdef, state.params, rest, t.run_dir)
     finally:
         checkpointer.close()
@@ -318,8 +336,5 @@ def _jsonable(state: Any) -> Any:
 
 
 def _progress(t: TrainSection, start: int):
-    if not t.progress or jax.process_index() != 0:
-        return None
-    from tqdm.auto import tqdm
-
-    return tqdm(total=t.steps, initial=start, desc="sft", unit="step", dynamic_ncols=True)
+    enabled = t.progress and jax.process_index() == 0
+    return progress_lib.bar(total=t.steps, initial=start, desc="sft", unit="step", enabled=enabled)

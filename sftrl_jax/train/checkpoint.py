@@ -9,9 +9,18 @@ state, rollout/env state, anything host-side). Typed PRNG keys are stored as the
                                                                # (the newest one that restores)
     ...
     ckpt.maybe_save(step, state, extra)                        # saves every `every` steps
+    ckpt.check()                                               # SaveError if a background save failed
     snapshot_path(run_dir, step, every=snapshot_every)         # <run_dir>/snapshots/<step> or None
     with PreemptionGuard() as guard:                           # SIGTERM -> guard.requested
         ...
+
+Atomic: orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it when complete, so a
+kill at any point leaves the earlier steps and at most an unfinished temporary folder, which is not a
+step (orbax ignores it, and removes it when that step is saved again). A save that fails (disk full,
+permissions) raises `SaveError` with one line naming the step's folder and the cause, at the next
+`check()` / `save()` / `wait()` / `close()` after the failure; the earlier checkpoints are kept. A
+checkpoint that does not restore is told apart by what is wrong: its tree or shapes differ from the
+run's state (another model or optimiser config) or its files are damaged (truncated, corrupted).
 """
 
 from __future__ import annotations
@@ -26,7 +35,9 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
-from sftrl_jax.errors import UserError
+from sftrl_jax import errors
+from sftrl_jax.errors import SaveError, UserError
+from sftrl_jax.models import checkpoint as model_ckpt
 
 
 class Checkpointer:
@@ -34,6 +45,7 @@ class Checkpointer:
 
     def __init__(self, directory: str | os.PathLike, *, keep: int | None = 3, every: int = 1, async_save: bool = True):
         self.directory = os.path.abspath(os.fspath(directory))
+        model_ckpt.quiet_orbax_errors()  # a failed save is one line (SaveError), not orbax's tracebacks
         options = ocp.CheckpointManagerOptions(
             max_to_keep=keep,
             save_interval_steps=max(int(every), 1),
@@ -41,6 +53,9 @@ class Checkpointer:
             create=True,
         )
         self.manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "extra"))
+        self._pending: int | None = None  # the step of a save that may still be writing
+        self._failed: SaveError | None = None
+        self._closed = False
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -49,12 +64,23 @@ class Checkpointer:
         return list(self.manager.all_steps())
 
     def save(self, step: int, state: Any, extra: dict[str, Any] | None = None, *, force: bool = True) -> bool:
-        """Saves now (or, with force=False, only on the interval). Async: returns before the write ends."""
-        return self.manager.save(
-            int(step),
-            args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})),
-            force=force,
-        )
+        """Saves now (or, with force=False, only on the interval). Async: returns before the write ends.
+        SaveError if this save, or the previous one still writing, fails."""
+        step = int(step)
+        if not force and not self.manager.should_save(step):
+            return False
+        self.wait()  # a failure of the previous save is reported against its own step
+        try:
+            saved = self.manager.save(
+                step,
+                args=ocp.args.Composite(state=ocp.args.StandardSave(state), extra=ocp.args.JsonSave(extra or {})),
+                force=force,
+            )
+        except Exception as e:  # any failure of a save ends the run with one line
+            raise self._fail(step, e) from None
+        if saved:
+            self._pending = step
+        return saved
 
     def maybe_save(self, step: int, state: Any, extra: dict[str, Any] | None = None) -> bool:
         return self.save(step, state, extra, force=False)
@@ -69,10 +95,14 @@ class Checkpointer:
                 step,
                 args=ocp.args.Composite(state=ocp.args.StandardRestore(target), extra=ocp.args.JsonRestore()),
             )
-        except (ValueError, KeyError) as e:
+        except Exception as e:  # tensorstore raises plain Exception on a damaged file
             raise UserError(
-                f"checkpoint {self.directory}/{step} does not match this run's state "
-                f"(a different model or optimiser config?): {e}"
+                model_ckpt.restore_problem(
+                    f"checkpoint {self.directory}/{step}",
+                    e,
+                    against="this run's state",
+                    hint=" (a different model or optimiser config?)",
+                )
             ) from None
         return out["state"], dict(out["extra"] or {})
 
@@ -123,13 +153,46 @@ class Checkpointer:
             multihost_utils.sync_global_devices("sftrl checkpoints set aside")
         self.manager.reload()
 
+    def check(self) -> None:
+        """SaveError if a save that was writing in the background has failed; never blocks. The loops
+        call it after every step, so a failed save stops the run at once, not at the next save. In a
+        multi-process run it waits for the next save (where every process waits), so that all the
+        processes stop at the same point."""
+        if self._failed is not None:
+            raise self._failed
+        if self._pending is None or jax.process_count() > 1 or self.manager.is_saving_in_progress():
+            return
+        self.wait()
+
     def wait(self) -> None:
-        """Blocks until pending async saves are on disk."""
-        self.manager.wait_until_finished()
+        """Blocks until pending async saves are on disk; SaveError if one failed."""
+        if self._failed is not None:
+            raise self._failed
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # what failed in the background
+            raise self._fail(self._pending, e) from None
+        self._pending = None
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
+        """Waits for pending saves (SaveError if one failed), then closes. After a failed save it
+        returns at once: orbax's writer threads may still be waiting on the failed save, and waiting
+        for them would hang the process (the CLI ends it without them, `cli.main`)."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._failed is not None:
+            return
+        self.wait()
         self.manager.close()
+
+    def _fail(self, step: int | None, e: BaseException) -> SaveError:
+        where = self.directory if step is None else os.path.join(self.directory, str(step))
+        self._failed = SaveError(
+            f"checkpoint save to {where} failed: {errors.cause(e)} (the checkpoints before it are kept; "
+            "the same command resumes from the latest)"
+        )
+        return self._failed
 
     def __enter__(self) -> Checkpointer:
         return self

@@ -64,6 +64,12 @@ def preset_config(name: str, text_overrides: dict[str, Any] | None = None):
     from sftrl_jax.models import config as mc
 
     overrides = dict(text_overrides or {})
+    fields = {f.name for f in dataclasses.fields(mc.TextConfig)}
+    unknown = sorted(set(overrides) - fields)
+    if unknown:
+        raise ConfigError(
+            f"model.text_overrides: unknown TextConfig field(s) {unknown}; fields: {', '.join(sorted(fields))}"
+        )
     if name == "llama-tiny":
         return mc.LlamaConfig.tiny(**overrides)
     if name == "mllama-tiny":

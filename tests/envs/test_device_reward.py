@@ -2,9 +2,10 @@
 
 Every case is a real `env.step(tokenizer.decode(ids))` and the device reward of the same ids and
 the env's `device_state()` before that step; rewards and outcomes must be equal. Documented
-exceptions (text whose bytes decode differently in context, JSON nested deeper than
-`device_json.MAX_DEPTH`) are counted and must stay below 0.1%; a response longer than the
-device's byte budget is flagged DID_NOT_FIT (scored on the host) and is counted apart.
+exceptions (text whose bytes decode differently in context) and rows the device leaves to the host
+(a response longer than its byte budget: DID_NOT_FIT; JSON nested deeper than
+`device_json.MAX_DEPTH`: JSON_TOO_DEEP) are counted and must stay below 0.1%. Gamed answers (issue
+#32) and their differential fuzz: tests/envs/test_device_reward_gaming.py.
 """
 
 from __future__ import annotations
@@ -75,7 +76,7 @@ def test_gp_model_mix_equals_host(tok):
     report = cases_lib.compare(fn, tok, cases, length=LENGTH, batch=4096)
     _check(report, min_total=20_000)
     seen = collections.Counter(cases.outcomes)
-    assert set(seen) == set(fn.outcomes[:-1]), seen  # every outcome, PARTIAL and STEP_LIMIT included
+    assert set(seen) == set(fn.outcomes[: -len(device_text.HOST_OUTCOMES)]), seen  # PARTIAL, STEP_LIMIT too
     assert seen["PARTIAL"] >= 50 and seen["CORRECT"] >= 2000
 
 

@@ -164,6 +164,31 @@ def test_route_file_errors_name_file_route_and_key(tmp_path):
         make("virl-l", data_dir=str(tmp_path / "nowhere"))
 
 
+@pytest.mark.parametrize("depth", [100_000, 65])
+def test_deeply_nested_route_file_is_one_env_error(tmp_path, depth):
+    """100,000 levels raised a raw RecursionError from json; 65 parse but are refused before any check
+    recurses into them."""
+    root = write_release(tmp_path / "r", [hand_route()], {})
+    (root / "route_infos.json").write_text("[" * depth + "]" * depth)
+    with pytest.raises(EnvError, match=r"route_infos\.json: not valid JSON here \(values nested deeper than 64\)"):
+        make("virl-vl", data_dir=str(root))
+
+
+def test_oversized_or_unreadable_json_is_one_env_error(tmp_path, release, monkeypatch):
+    monkeypatch.setattr(loader, "MAX_ROUTE_INFO_BYTES", 100)
+    with pytest.raises(EnvError, match=r"route_infos\.json: [\d,]+ bytes, more than the 100 this file may hold"):
+        make("virl-l", data_dir=str(release))
+    monkeypatch.undo()
+    (release / "route_infos.json").unlink()
+    (release / "route_infos.json").mkdir()
+    with pytest.raises(EnvError, match=r"route_infos\.json: cannot be read"):
+        make("virl-l", data_dir=str(release))
+    (release / "street_views" / "pano001.metadata.json").write_text('{"rotation": NaN}')
+    loader._load_panorama.cache_clear()
+    with pytest.raises(EnvError, match=r"pano001\.metadata\.json: 'rotation' must be a finite number, got nan"):
+        loader._load_panorama(str(release / "street_views"), "pano001")
+
+
 def test_missing_panorama_errors_name_the_pano(release):
     (release / "street_views" / "pano000.jpg").unlink()  # the start's panorama
     env = make("virl-vl", data_dir=str(release), view_size=32)

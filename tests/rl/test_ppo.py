@@ -152,7 +152,9 @@ def test_config_refuses_negative_kl_or_entropy_coefficients():
     from sftrl_jax.config import ConfigError
     from sftrl_jax.rl import grpo
 
-    with pytest.raises(ConfigError, match="ppo.kl_coef and ppo.entropy_coef must be >= 0, got -0.1 and 0.0"):
+    with pytest.raises(ConfigError, match="PPOConfig.kl_coef must be a finite number >= 0, got -0.1"):
         ppo.PPOConfig(kl_coef=-0.1)
-    with pytest.raises(ConfigError, match="grpo.kl_coef must be >= 0, got -1"):
+    with pytest.raises(ConfigError, match="PPOConfig.entropy_coef must be a finite number >= 0, got nan"):
+        ppo.PPOConfig(entropy_coef=float("nan"))
+    with pytest.raises(ConfigError, match="GRPOConfig.kl_coef must be a finite number >= 0, got -1"):
         grpo.GRPOConfig(kl_coef=-1)

@@ -1,6 +1,7 @@
 """`env.reward_on_device`: the rollout's rewards from the compiled device reward right after sampling
 (`envs.device_scoring`), equal to the host's; one GRPO update logs the same metrics on and off."""
 
+import logging
 import os
 
 import jax
@@ -13,6 +14,7 @@ from sftrl_jax.data.tokenizer import load_tokenizer
 from sftrl_jax.envs import device_scoring
 from sftrl_jax.rl.train import Trainer
 from sftrl_jax.train.metrics import read_jsonl
+from tests.envs import gamed_answers
 from tests.rl.test_rl_train import make, untimed
 
 WIDTH = 24  # response columns of the runner tests (one compiled shape per batch size)
@@ -66,10 +68,67 @@ def test_runner_trains_on_the_device_reward_equal_to_the_host(tok):
     assert {t.info["outcome"] for t in dev} >= {"CORRECT", "INCORRECT_NUMBER", "ILLEGAL_FORMULA"}
     assert all(t.info["reward_source"] == "device" and not t.info["reward_device_mismatch"] for t in dev)
     assert scorer.rows == len(dev) and scorer.calls == 6  # one compiled batch per turn
-    # a host reward that differs: the turn keeps the device's and is counted
+    # a host reward that differs: the turn trains on the host's (the reference), counted and logged
     bad = play(tok, scorer, corrupt=0.25)
-    assert [t.reward for t in bad] == [t.reward for t in host]
-    assert all(t.info["reward_device_mismatch"] for t in bad)
+    assert [t.reward for t in bad] == [t.reward + 0.25 for t in host]
+    assert all(t.info["reward_device_mismatch"] and t.info["reward_source"] == "host" for t in bad)
+    assert [t.info["reward_device"] for t in bad] == [t.reward for t in host]
+
+
+def gamed_policy(tok, gp_envs, depth=70):
+    """Issue #32's gamed answer every turn: the hand's solution, then "1+1", under duplicate "formula"
+    keys, and a pad `depth` levels deep (json.loads reads the last formula: -4)."""
+
+    def policy(contexts, images):
+        out = []
+        for k, _ in enumerate(contexts):
+            text = gamed_answers.gamed_gp(gp_envs[k].puzzle.solutions[0], depth)
+            ids = tok.encode(text) + [tok.eot_id]
+            out.append((ids, [-0.5] * len(ids)))
+        return out
+
+    return policy
+
+
+def play_gamed(tok, scorer, *, steps=4):
+    gp = [envs.make("gp-l") for _ in range(2)]
+    runner = episodes.EpisodeRunner(gp, tok, gamed_policy(tok, gp), scorer=scorer)
+    return [t for row in episodes.collect(runner, steps) for t in row]
+
+
+def test_gamed_answer_trains_on_the_host_reward(tok):
+    """Issue #32: the device scored the gamed answer +5 (it read the first "formula"), the host -4, and
+    the runner trained on +5. Now the device leaves the row to the host and the turn has -4."""
+    host = play_gamed(tok, None)
+    assert [t.reward for t in host] == [-4.0] * 8
+    dev = play_gamed(tok, device_scoring.DeviceScorer("gp-l", tok, width=WIDTH))
+    assert [t.reward for t in dev] == [t.reward for t in host]
+    assert all(t.info["reward_source"] == "host" and "reward_device_mismatch" not in t.info for t in dev)
+
+
+class LyingScorer:
+    """A device reward that disagrees with the host on every row (+5, CORRECT)."""
+
+    @staticmethod
+    def state_of(env):
+        return {}
+
+    def score(self, states, responses, *, batch=0):
+        return [(5.0, "CORRECT")] * len(responses)
+
+
+def test_any_device_disagreement_trains_on_the_host_reward_and_is_logged(tok, caplog):
+    host = play_gamed(tok, None, steps=2)
+    with caplog.at_level(logging.WARNING, logger="sftrl_jax.episodes"):
+        dev = play_gamed(tok, LyingScorer(), steps=2)
+    assert [t.reward for t in dev] == [t.reward for t in host] == [-4.0] * 4
+    for t in dev:
+        assert t.info["reward_device_mismatch"] and t.info["reward_source"] == "host"
+        assert t.info["reward_device"] == 5.0
+    lines = [r.getMessage() for r in caplog.records if "device reward mismatch" in r.getMessage()]
+    assert len(lines) == 4
+    assert "env 1 (gp-l) episode 1 turn 1: host -4.0 (trained on), device 5.0 (CORRECT)" in lines[-1]
+    assert '"formula": "1+1"' in lines[-1]
 
 
 def test_rows_the_device_cannot_score_use_the_host_reward(tok):

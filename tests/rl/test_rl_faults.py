@@ -1,6 +1,6 @@
-"""RL fault paths end to end (issue 23): GRPO killed (SIGKILL) while a checkpoint is being written,
-and SIGTERM from outside. The resumed run logs each update once, with the metrics and final
-parameters of an uninterrupted run."""
+"""RL fault paths end to end (issues 23, 32): GRPO and PPO killed (SIGKILL) while a checkpoint is
+being written, and SIGTERM from outside. The resumed run logs each update once, with the metrics and
+final parameters of an uninterrupted run."""
 
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ RUN_RL = "from sftrl_jax.rl.config import RLConfig; from sftrl_jax.rl.train impo
 )
 UPDATES = 3
 GRPO = dict(algo__="grpo", train__updates=UPDATES)
+PPO = dict(algo__="ppo", train__updates=UPDATES)
 
 
 @pytest.fixture(scope="module")
@@ -65,8 +66,8 @@ def _same_as_full(run_dir, full):
         np.testing.assert_array_equal(mine[k], params[k], err_msg=k)
 
 
-def test_grpo_sigkill_while_a_checkpoint_is_written(tmp_path, full, xla_env):
-    cfg = make(tmp_path, "killed", **GRPO)
+def _sigkill_while_a_checkpoint_is_written(tmp_path, over, full, xla_env):
+    cfg = make(tmp_path, "killed", **over)
     code = KILL_DURING_SAVE.format(kill_step=2, run=RUN_RL)
     marker = tmp_path / "writing"
     proc = subprocess.run(
@@ -85,6 +86,26 @@ def test_grpo_sigkill_while_a_checkpoint_is_written(tmp_path, full, xla_env):
     assert trainer.update_idx == 1
     trainer.run()
     _same_as_full(cfg.train.run_dir, full)
+
+
+def test_grpo_sigkill_while_a_checkpoint_is_written(tmp_path, full, xla_env):
+    _sigkill_while_a_checkpoint_is_written(tmp_path, GRPO, full, xla_env)
+
+
+@pytest.fixture(scope="module")
+def full_ppo(tmp_path_factory, xla_env):
+    cfg = make(tmp_path_factory.mktemp("ppo_full"), "full", **PPO)
+    Trainer(cfg).run()
+    rows = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))
+    assert [r["step"] for r in rows] == [1, 2, 3]
+    return untimed(rows), final_params(cfg.train.run_dir)
+
+
+@pytest.mark.slow  # ~60 s with its uninterrupted run (~48 s); GRPO's twin above stays in the default suite
+def test_ppo_sigkill_while_a_checkpoint_is_written(tmp_path, full_ppo, xla_env):
+    """PPO's episodes run across updates: the resumed run replays the ones in progress at update 1
+    (from the checkpoint's rollout state) and ends with the uninterrupted run's metrics and params."""
+    _sigkill_while_a_checkpoint_is_written(tmp_path, PPO, full_ppo, xla_env)
 
 
 # Updates slowed by 1 s so that the test's SIGTERM arrives mid-run; only SIGTERM saves (save_every 10).

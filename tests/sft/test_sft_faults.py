@@ -175,3 +175,51 @@ def test_sigterm_end_to_end(tmp_path, data_file, full, xla_env):  # noqa: F811
     assert _steps(cfg.train.run_dir) == list(range(1, saved + 1))
     train(cfg)
     _same_as_full(cfg.train.run_dir, full)
+
+
+# Disk full (issue 32 item 4): making a checkpoint's folder (or the model's `final.partial`) fails with
+# ENOSPC. Orbax's writer threads then wait ~5 minutes for that folder, and used to hold the process
+# at exit; the error came a save late, as 751 lines of tracebacks with exit 1.
+DISK_FULL = textwrap.dedent("""
+    import errno, os, sys
+    from orbax.checkpoint._src.path import atomicity
+    from sftrl_jax import cli
+    create = atomicity._create_paths
+    async def full_disk(tmp_paths, *a, **k):
+        if any(sys.argv[2] in str(p.get()) for p in tmp_paths):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return await create(tmp_paths, *a, **k)
+    atomicity._create_paths = full_disk
+    sys.exit(cli.main(["sft", "--config", sys.argv[1]]))
+""")
+
+
+@pytest.mark.slow  # ~45 s and ~30 s (a child run, then the resume); the default suite has the fast
+# checks of the same paths in tests/train/test_save_faults.py
+@pytest.mark.parametrize("where", ["checkpoint", "final"])
+def test_disk_full_stops_at_once_with_one_line_and_the_run_resumes(tmp_path, data_file, full, xla_env, where):  # noqa: F811
+    cfg, path = make_cfg(tmp_path, data_file, where, train__async_checkpointing=True)
+    run = cfg.train.run_dir
+    marker = os.path.join(run, "checkpoints", "4.") if where == "checkpoint" else os.path.join(run, "final.partial")
+    t0 = time.monotonic()
+    proc = subprocess.run(
+        [sys.executable, "-c", DISK_FULL, str(path), marker], capture_output=True, text=True, timeout=600, env=xla_env
+    )
+    elapsed = time.monotonic() - t0
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert elapsed < 200, elapsed  # orbax's writer threads would hold it 300 s more
+    if where == "checkpoint":
+        what, kept = f"checkpoint save to {run}/checkpoints/4", 2
+        tail = " (the checkpoints before it are kept; the same command resumes from the latest)"
+        assert _steps(run) in ([1, 2, 3, 4], [1, 2, 3, 4, 5])  # stopped before the next save (6)
+    else:
+        what, kept, tail = f"model save to {run}/final", STEPS, ""
+        assert _steps(run) == list(range(1, STEPS + 1))
+    ours = [line for line in proc.stderr.splitlines() if line.startswith("sftrl sft: error: ")]
+    assert ours == [f"sftrl sft: error: {what} failed: [Errno 28] No space left on device{tail}"]
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(os.path.join(run, "final"))
+    with ckpt_lib.Checkpointer(os.path.join(run, "checkpoints"), async_save=False) as ck:
+        assert ck.latest_step() == kept
+    train(cfg)  # space again: the same command resumes from the kept checkpoint
+    _same_as_full(run, full)

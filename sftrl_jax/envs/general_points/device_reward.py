@@ -7,7 +7,9 @@
 Reading the answer as `answer.py` does, on the decoded text's bytes:
 - JSON: when the text is whitespace, an object and whitespace, `device_json.scan` parses it (CPython's
   json grammar); a top-level "formula" key (the last one; keys decoded) gives the formula if its value
-  is a string (else the formula is None: -3), decoded escapes included.
+  is a string (else the formula is None: -3), decoded escapes included. An object that starts the text
+  and nests deeper than `device_json.MAX_DEPTH` is left to the host (outcome JSON_TOO_DEEP): whether
+  `json.loads` reads it depends on Python's recursion limit.
 - Otherwise, or without the key: the regex `"formula": "(.*?)"`: the first `"formula": "` followed by
   a '"' before any '\\n'; none is the string "None" (-3).
 - The formula is cut at its first '=', packed into code points and checked by `device_formula`.
@@ -32,9 +34,9 @@ from sftrl_jax.envs.general_points import device_formula, verifier
 
 MAX_SOLUTIONS = 640  # the most solution strings of a hand of 1..13 for target 24 is 521
 SYMBOLS = ("A", "2", "3", "4", "5", "6", "7", "8", "9", "10", "J", "Q", "K")
-OUTCOMES = verifier.OUTCOMES  # outcome codes index this tuple (then DID_NOT_FIT)
+OUTCOMES = verifier.OUTCOMES  # outcome codes index this tuple (then JSON_TOO_DEEP, DID_NOT_FIT)
 DEFAULT_BYTES_PER_TOKEN = dt.DEFAULT_BYTES_PER_TOKEN
-_CODE = {name: i for i, name in enumerate(OUTCOMES)}
+_CODE = {name: i for i, name in enumerate((*OUTCOMES, dt.JSON_TOO_DEEP))}
 _JSON_WS = (32, 9, 10, 13)
 _CARD_DROP = tuple(map(ord, "[]' \""))
 
@@ -153,10 +155,10 @@ class GPDeviceReward(dt.ByteReward):
     """`fn(response_ids [B, L], lengths [B], state) -> rewards [B]`; `with_outcome` adds outcome codes
     (indices into `outcomes`). `max_bytes` (default `DEFAULT_BYTES_PER_TOKEN` * L) bounds the decoded
     bytes of a response: a longer one gets outcome DID_NOT_FIT (its reward, of the first `max_bytes`
-    bytes, is not the host's: score it on the host). GP-L and GP-VL share the
+    bytes, is not the host's: score it on the host), as does JSON_TOO_DEEP. GP-L and GP-VL share the
     program: the state's `check_cards` (GP-VL) switches the recognition check on per row."""
 
-    outcomes: tuple[str, ...] = (*OUTCOMES, dt.DID_NOT_FIT)
+    outcomes: tuple[str, ...] = (*OUTCOMES, *dt.HOST_OUTCOMES)
 
     def score_bytes(self, b, state):
         return score_bytes(b, state)
@@ -204,4 +206,5 @@ def score_bytes(b, state):
     limit = state["remaining"] <= 0
     reward = jnp.where(limit, verifier.STEP_LIMIT_REWARD, reward)
     code = jnp.where(limit, _CODE["STEP_LIMIT"], code)
+    code = jnp.where(~limit & (end == dj.TOO_DEEP), _CODE[dt.JSON_TOO_DEEP], code)
     return reward.astype(jnp.float32), code

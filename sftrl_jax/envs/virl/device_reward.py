@@ -6,6 +6,9 @@ Reading the answer as `verifier.parse_answer` does, on the decoded text's bytes:
   duplicates winning); a field whose value is not a string is None. `json.loads` of the whole text,
   tried first on the host, is the same object as `raw_decode` at its first '{', so it needs no pass
   of its own. The passes run in a `while_loop` that stops once every row has its object or no '{'.
+  A pass that meets nesting deeper than `device_json.MAX_DEPTH` before the row has its object leaves
+  the row to the host (outcome JSON_TOO_DEEP): whether `raw_decode` reads it depends on Python's
+  recursion limit.
 - Otherwise per key the regex `"key"\\s*:\\s*"((?:[^"\\\\]|\\\\.)*)"` (`\\s` Unicode whitespace):
   the capture ends at the first unescaped '"' and fails at an escaped newline; it is JSON-decoded
   when that succeeds (no control characters, valid escapes), else kept raw.
@@ -68,7 +71,8 @@ def _span(lo, hi, n):
 
 
 def _json_pass(b, unit, cp, start, state):
-    """One raw_decode pass from `start`: (has one of the keys, action equal, says intersection)."""
+    """One raw_decode pass from `start`: (has one of the keys, action equal, says intersection, nests
+    deeper than the device reads)."""
     N = b.shape[1]
     ev, depth, end = dj.scan(b, start)
     su, scp = dj.string_units(b, ev, unit, cp)
@@ -81,7 +85,7 @@ def _json_pass(b, unit, cp, start, state):
         close = dt.at(closes, v[:, None] + 1, N)[:, 0]
         spans.append(_span(v + 1, close, N) & (found & (v_ev == dj.EV_STR_OPEN))[:, None])
     eq, says = _field_checks(spans, su, scp, state)
-    return has, eq, says
+    return has, eq, says, end == dj.TOO_DEEP
 
 
 def _regex_field(b, unit, cp, wsbyte, key):
@@ -130,9 +134,10 @@ def _regex_field(b, unit, cp, wsbyte, key):
 @dataclasses.dataclass(frozen=True, eq=False)
 class VirlDeviceReward(dt.ByteReward):
     """`fn(response_ids [B, L], lengths [B], state) -> rewards [B]`; `with_outcome` adds outcome codes
-    (indices into `outcomes`, then DID_NOT_FIT). `max_bytes` as for GeneralPoints."""
+    (indices into `outcomes`, then JSON_TOO_DEEP and DID_NOT_FIT, left to the host). `max_bytes` as
+    for GeneralPoints."""
 
-    outcomes: tuple[str, ...] = (*OUTCOMES, dt.DID_NOT_FIT)
+    outcomes: tuple[str, ...] = (*OUTCOMES, *dt.HOST_OUTCOMES)
 
     def score_bytes(self, b, state):
         return score_bytes(b, state)
@@ -150,14 +155,15 @@ def score_bytes(b, state):
         return (k < MAX_JSON_STARTS) & jnp.any(pending)
 
     def body(carry):
-        k, done, eq, says = carry
+        k, done, eq, says, deep = carry
         start = jnp.where(done, N, braces[jnp.arange(B), k])
-        has, eq_k, says_k = _json_pass(b, unit, cp, start, state)
-        new = ~done & has
-        return k + 1, done | new, jnp.where(new, eq_k, eq), jnp.where(new, says_k, says)
+        has, eq_k, says_k, deep_k = _json_pass(b, unit, cp, start, state)
+        deep = deep | (~done & deep_k)  # the host may read this pass's object: it decides the row
+        new = ~done & (has | deep_k)
+        return k + 1, done | new, jnp.where(new, eq_k, eq), jnp.where(new, says_k, says), deep
 
     false = jnp.zeros((B,), bool)
-    _, from_json, eq_j, says_j = jax.lax.while_loop(cond, body, (jnp.int32(0), false, false, false))
+    _, from_json, eq_j, says_j, deep = jax.lax.while_loop(cond, body, (jnp.int32(0), false, false, false, false))
     # regex fallback
     ws_start = unit & dt.is_space(cp)
     wsbyte = ws_start | dt.shift(ws_start & (cp >= 0x80), -1, False) | dt.shift(ws_start & (cp >= 0x800), -2, False)
@@ -180,4 +186,5 @@ def score_bytes(b, state):
     exceeded = state["tries_left"] <= 0
     reward = jnp.where(exceeded, verifier.EXCEEDED, reward)
     code = jnp.where(exceeded, 3, code)
+    code = jnp.where(~exceeded & deep, len(OUTCOMES), code)  # JSON_TOO_DEEP: the host's reward
     return reward.astype(jnp.float32), code.astype(jnp.int32)

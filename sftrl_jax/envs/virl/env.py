@@ -83,20 +83,20 @@ class VirlEnv(Env):
         self.name = "virl-l" if language_only else "virl-vl"
         self.split = check_split(self.name, split)
         if isinstance(verify_iter, bool) or not isinstance(verify_iter, int) or verify_iter < 1:
-            raise EnvError(f"verify_iter must be an integer >= 1, got {verify_iter!r}")
+            raise EnvError(f"option 'verify_iter' must be an integer >= 1, got {verify_iter!r}")
         if isinstance(drop_rate, bool) or not isinstance(drop_rate, (int, float)) or not 0.0 <= drop_rate <= 1.0:
-            raise EnvError(f"drop_rate must be a number in [0, 1], got {drop_rate!r}")
+            raise EnvError(f"option 'drop_rate' must be a number in [0, 1], got {drop_rate!r}")
         if (
             isinstance(straight_line_length, bool)
             or not isinstance(straight_line_length, int)
             or straight_line_length < 0
         ):
-            raise EnvError(f"straight_line_length must be an integer >= 0, got {straight_line_length!r}")
+            raise EnvError(f"option 'straight_line_length' must be an integer >= 0, got {straight_line_length!r}")
         if isinstance(view_size, bool) or not isinstance(view_size, int) or view_size < 32:
-            raise EnvError(f"view_size must be an integer >= 32 pixels, got {view_size!r}")
+            raise EnvError(f"option 'view_size' must be an integer >= 32 pixels, got {view_size!r}")
         if len(view_offsets) != 4:
             raise EnvError(
-                f"view_offsets must list 4 headings (top-left, top-right, bottom-left, bottom-right), got {view_offsets!r}"
+                f"option 'view_offsets' must list 4 headings (top-left, top-right, bottom-left, bottom-right), got {view_offsets!r}"
             )
         self.language_only = bool(language_only)
         self.absolute_action = (split != "ood-rule") if absolute_action is None else bool(absolute_action)

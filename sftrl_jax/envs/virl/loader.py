@@ -32,6 +32,10 @@ from sftrl_jax.envs.virl.prompts import VIEW_OFFSETS
 from sftrl_jax.envs.virl.routes import parse_route
 
 ROUTE_INFO = "route_infos.json"
+# Read whole, so bounded: the released route file is a few MB, a panorama's metadata a few hundred bytes.
+MAX_ROUTE_INFO_BYTES = 512 * 2**20
+MAX_METADATA_BYTES = 2**20
+MAX_JSON_DEPTH = 64  # nesting of arrays / objects; a route file has 6 levels
 GPS_TO_PANO = "gps_pano_mapping.pkl"
 STREET_VIEWS = "street_views"
 MAPPING_RADIUS_M = 20.0
@@ -96,15 +100,41 @@ def load_gps_pano_mapping(path: str | pathlib.Path) -> dict[tuple[float, float],
     return out
 
 
+def _read_json(path: pathlib.Path, max_bytes: int) -> Any:
+    """A JSON file's value; FileNotFoundError passes, any other problem is an EnvError naming the file.
+
+    Bounded before parsing (`max_bytes`) and after (`MAX_JSON_DEPTH`: the checks and messages that
+    follow recurse into the values, so a file nested thousands deep must not reach them)."""
+    try:
+        size = path.stat().st_size
+        if size > max_bytes:
+            raise EnvError(f"{path}: {size:,} bytes, more than the {max_bytes:,} this file may hold")
+        obj = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise
+    except (ValueError, UnicodeDecodeError) as e:
+        raise EnvError(f"{path}: not valid JSON ({e})") from None
+    except RecursionError:  # arrays or objects nested thousands deep
+        raise EnvError(f"{path}: not valid JSON here (values nested deeper than {MAX_JSON_DEPTH})") from None
+    except OSError as e:  # a folder, no permission, ...
+        raise EnvError(f"{path}: cannot be read ({e.strerror or e})") from None
+    stack = [(obj, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_JSON_DEPTH:
+            raise EnvError(f"{path}: not valid JSON here (values nested deeper than {MAX_JSON_DEPTH})")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, dict | list))
+    return obj
+
+
 def load_route_infos(path: str | pathlib.Path) -> list[dict]:
     """Reads `[route_list, route_num]` and validates every route (errors name the file, route and key)."""
     path = pathlib.Path(path)
     try:
-        obj = json.loads(path.read_text(encoding="utf-8"))
+        obj = _read_json(path, MAX_ROUTE_INFO_BYTES)
     except FileNotFoundError:
         raise EnvError(f"route file not found: {path}") from None
-    except (ValueError, UnicodeDecodeError) as e:
-        raise EnvError(f"{path}: not valid JSON ({e})") from None
     if isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], list) and isinstance(obj[1], int):
         route_list, route_num = obj
         if not 0 < route_num <= len(route_list):
@@ -222,17 +252,17 @@ def _load_panorama(folder: str, pano_id: str) -> tuple[np.ndarray, float]:
     if not image_path.is_file():
         raise EnvError(f"pano id {pano_id!r} has no image: {image_path} does not exist")
     try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+        meta = _read_json(meta_path, MAX_METADATA_BYTES)
     except FileNotFoundError:
         raise EnvError(f"pano id {pano_id!r} has no metadata: {meta_path} does not exist") from None
-    except ValueError as e:
-        raise EnvError(f"{meta_path}: not valid JSON ({e})") from None
     if not isinstance(meta, dict) or "rotation" not in meta:
         raise EnvError(f"{meta_path}: missing key 'rotation'")
     try:
         rotation = float(meta["rotation"])
+        if not math.isfinite(rotation):
+            raise ValueError
     except (TypeError, ValueError):
-        raise EnvError(f"{meta_path}: 'rotation' must be a number, got {meta['rotation']!r}") from None
+        raise EnvError(f"{meta_path}: 'rotation' must be a finite number, got {meta['rotation']!r:.60}") from None
     try:
         with Image.open(image_path) as im:
             pano = np.asarray(im.convert("RGB"))
