@@ -16,19 +16,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from sftrl_jax import sampling
+from sftrl_jax.models import logprobs
 
 
 @nnx.jit
 def _logprobs(model, ids, mask):
-    out = model(input_ids=ids, attention_mask=mask)
-    logits = getattr(out, "logits", out)
-    return jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return logprobs.full_logprobs(model, {"input_ids": ids, "attention_mask": mask})
 
 
 def _pad(rows: Sequence[Sequence[int]], pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:

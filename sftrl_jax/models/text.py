@@ -330,7 +330,7 @@ class LlamaForCausalLM(nnx.Module):
 
     def lm_head_matrix(self) -> jax.Array:
         """The LM head as [D, V] (the embedding's first V rows transposed when tied), in the parameter
-        dtype: logits = hidden @ it. For losses that apply the head in chunks (`sampling.chunked`)."""
+        dtype: logits = hidden @ it. For losses that apply the head in chunks (`models.logprobs`)."""
         cfg = self.config.text
         if cfg.tie_word_embeddings:
             return self.model.embed_tokens[: cfg.vocab_size].T

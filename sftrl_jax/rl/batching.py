@@ -16,9 +16,9 @@ import numpy as np
 
 from sftrl_jax.config import ConfigError
 from sftrl_jax.episodes import Turn
+from sftrl_jax.models import logprobs
 from sftrl_jax.parallel import placement
 
-IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
 # The arrays that go to the device (the rest of a built batch stays on the host).
 BATCH_KEYS = (
     "input_ids",
@@ -32,7 +32,7 @@ BATCH_KEYS = (
     "advantages",
     "returns",
     "ref_token_logp",
-    *IMAGE_KEYS,
+    *logprobs.IMAGE_KEYS,
 )
 
 

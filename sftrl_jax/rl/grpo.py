@@ -22,10 +22,10 @@ from flax import nnx
 from sftrl_jax import episodes
 from sftrl_jax.config import ConfigError, check_ranges
 from sftrl_jax.episodes import Turn
+from sftrl_jax.models import logprobs
 from sftrl_jax.rl import batching, losses
 from sftrl_jax.rl import learner as learner_lib
 from sftrl_jax.rl.advantages import group_advantages
-from sftrl_jax.sampling import chunked
 from sftrl_jax.train import accumulate as accum_lib
 
 
@@ -100,12 +100,7 @@ def episode_advantages(episodes: Sequence[Sequence[Turn]], groups: Sequence[int]
 
 
 def _token_logp(model, mb, temperature: float) -> jax.Array:
-    inputs = {k: mb[k] for k in batching.IMAGE_KEYS if k in mb}
-    out = model(mb["input_ids"], attention_mask=mb["attention_mask"], return_logits=False, **inputs)
-    # The LM head chunk by chunk over the sequence: no whole-vocabulary logits tensor.
-    return chunked.head_logprobs(out.hidden_states, model.lm_head_matrix(), mb["targets"], temperature=temperature)[
-        "logp"
-    ]
+    return logprobs.forward(model, mb, temperature=temperature)["logp"]
 
 
 def make_logp_fn(graphdef, rest, temperature: float):

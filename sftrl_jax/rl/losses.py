@@ -94,13 +94,6 @@ def kl_k3(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array | None = None) -
     return jnp.exp(d) - d - 1.0
 
 
-def token_entropy(logits: jax.Array) -> jax.Array:
-    """Entropy of the next-token distribution at each position, [..., V] -> [...], in fp32:
-    H = logsumexp(z) - sum softmax(z) z."""
-    z = jnp.asarray(logits, jnp.float32)
-    return jax.nn.logsumexp(z, axis=-1) - (jax.nn.softmax(z, axis=-1) * z).sum(-1)
-
-
 def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
     """Mean of x over the positions where mask is 1 (0 when there are none)."""
     return _mean(x, mask)

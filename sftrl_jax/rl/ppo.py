@@ -24,10 +24,10 @@ from flax import nnx
 
 from sftrl_jax import episodes
 from sftrl_jax.config import ConfigError, check_ranges
+from sftrl_jax.models import logprobs
 from sftrl_jax.rl import batching, losses
 from sftrl_jax.rl import learner as learner_lib
 from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
-from sftrl_jax.sampling import chunked
 from sftrl_jax.train import accumulate as accum_lib
 
 
@@ -103,13 +103,8 @@ class PPOConfig:
 def forward(policy, batch: dict[str, jax.Array], temperature: float, *, entropy: bool = False):
     """Token log-probs [B, L] (logits / temperature, fp32) and values [B]; with `entropy`, also the
     token entropies [B, L] of the tempered distribution."""
-    model_inputs = {k: batch[k] for k in batching.IMAGE_KEYS if k in batch}
-    out = policy.model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=False, **model_inputs)
-    # The LM head chunk by chunk over the sequence: no whole-vocabulary logits tensor.
-    head = chunked.head_logprobs(
-        out.hidden_states, policy.model.lm_head_matrix(), batch["targets"], temperature=temperature, entropy=entropy
-    )
-    h = jnp.take_along_axis(out.hidden_states, batch["value_index"][:, None, None], axis=1)[:, 0]
+    head = logprobs.forward(policy.model, batch, temperature=temperature, entropy=entropy, hidden=True)
+    h = jnp.take_along_axis(head["hidden"], batch["value_index"][:, None, None], axis=1)[:, 0]  # [B, D]
     if entropy:
         return head["logp"], policy.value_head(h), head["entropy"]
     return head["logp"], policy.value_head(h)

@@ -17,8 +17,9 @@ import numpy as np
 from sftrl_jax.data import processor
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import config as config_lib
+from sftrl_jax.models import logprobs as model_logprobs
 
-IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")
+PIXEL_KEYS = model_logprobs.PIXEL_KEYS  # the processor's image arrays (+ cross_attention_mask: IMAGE_KEYS)
 
 
 def prompt_bucket(n: int) -> int:
@@ -108,7 +109,7 @@ def image_arrays(
     `cross_attention_mask`, if given, is one [len(prompt_b), I, C] array per prompt; by default it is
     derived from the `<|image|>` tokens and each image's tile count (as transformers' processor does).
     """
-    given = {k: v for k, v in zip(IMAGE_KEYS, (pixel_values, aspect_ratio_ids, aspect_ratio_mask)) if v is not None}
+    given = {k: v for k, v in zip(PIXEL_KEYS, (pixel_values, aspect_ratio_ids, aspect_ratio_mask)) if v is not None}
     is_mllama = isinstance(config, config_lib.MllamaConfig)
     if not given:
         if cross_attention_mask is not None:
@@ -120,7 +121,7 @@ def image_arrays(
         return {}
     if not is_mllama:
         raise UserError(f"image inputs were given but the model ({config.architecture}) has no vision tower")
-    missing = [k for k in IMAGE_KEYS if k not in given]
+    missing = [k for k in PIXEL_KEYS if k not in given]
     if missing:
         raise UserError(f"pixel_values need aspect_ratio_ids and aspect_ratio_mask too; missing {missing}")
     v = config.vision

@@ -1,13 +1,12 @@
 """Token log-probs of a forward, and the trainer-sampler gap: sampler log-probs vs the training
 forward's, for the same tokens.
 
-`token_logprobs` (defined in `chunked`, re-exported here) is the one definition every consumer scores
-with (the sampler's teacher-forced check here, the SFT loss, the PPO and GRPO losses), so it lives
-below both training arms; the training forwards apply it chunk by chunk (`chunked.head_logprobs`).
+`models.logprobs.forward` is the one forward to token log-probs (the SFT loss, PPO, GRPO, old and
+reference log-probs, and the teacher-forced check here); `token_logprobs` is re-exported from it.
 
 PPO (`sftrl_jax.rl.ppo.forward`) scores a response teacher-forced on context + response, right
 padded, as `log_softmax(logits / T)` over the full vocabulary. `teacher_forced_logprobs` runs exactly
-that forward (same model call, same `chunked.head_logprobs`); `logprob_gap` compares it with a sampler
+that forward (`models.logprobs.forward`, the same call); `logprob_gap` compares it with a sampler
 result's `logprobs_temperature`. A gap above ~1e-5 in fp32 means the two forwards disagree, and PPO
 ratios would be biased from the first epoch on; training runs log it.
 """
@@ -25,18 +24,14 @@ from flax import nnx
 from sftrl_jax.data import processor
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import config as config_lib
-from sftrl_jax.sampling import chunked, inputs
-from sftrl_jax.sampling.chunked import token_logprobs as token_logprobs  # re-exported
+from sftrl_jax.models import logprobs as model_logprobs
+from sftrl_jax.models.logprobs import token_logprobs as token_logprobs  # re-exported
+from sftrl_jax.sampling import inputs
 from sftrl_jax.sampling.sampler import GenerateResult
 
 
 def _forward(params, batch, temperature, *, graphdef):
-    model = nnx.merge(graphdef, params)
-    extra = {k: batch[k] for k in (*inputs.IMAGE_KEYS, "cross_attention_mask") if k in batch}
-    out = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_logits=False, **extra)
-    return chunked.head_logprobs(out.hidden_states, model.lm_head_matrix(), batch["targets"], temperature=temperature)[
-        "logp"
-    ]
+    return model_logprobs.forward(nnx.merge(graphdef, params), batch, temperature=temperature)["logp"]
 
 
 _forward_jit = jax.jit(_forward, static_argnames=("graphdef",))

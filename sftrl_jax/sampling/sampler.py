@@ -35,6 +35,7 @@ from flax import nnx
 from sftrl_jax import ops
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import kv_cache, text
+from sftrl_jax.models import logprobs as model_logprobs
 from sftrl_jax.parallel import rules
 from sftrl_jax.sampling import inputs, methods
 
@@ -136,7 +137,7 @@ def _prefill_body(params, batch, stop_tokens, key, *, graphdef, cfg: SamplerConf
     ids, row_valid = batch["input_ids"], batch["row_valid"]
     b, p = ids.shape
     cache = kv_cache.init_cache(model.config.text, b, p, model.dtype)
-    image_inputs = {k: batch[k] for k in (*inputs.IMAGE_KEYS, "cross_attention_mask") if k in batch}
+    image_inputs = {k: batch[k] for k in model_logprobs.IMAGE_KEYS if k in batch}
     out = model(ids, attention_mask=batch["attention_mask"], cache=cache, last_logits_only=True, **image_inputs)
     m = cfg.max_new_tokens
     zeros = jnp.zeros((b, m), jnp.float32)

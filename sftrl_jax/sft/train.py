@@ -34,10 +34,11 @@ from sftrl_jax.data import processor
 from sftrl_jax.data.sft import SFTData, SFTDataConfig
 from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation.compute import ComputeCounter
+from sftrl_jax.models import logprobs
 from sftrl_jax.parallel import distributed
 from sftrl_jax.parallel import mesh as mesh_lib
 from sftrl_jax.parallel.placement import global_batch, on_mesh, param_count
-from sftrl_jax.sft.losses import sft_loss_from_hidden
+from sftrl_jax.sft.losses import sft_loss_from_logp
 from sftrl_jax.train import accumulate as accum_lib
 from sftrl_jax.train import checkpoint as ckpt_lib
 from sftrl_jax.train import metrics as metrics_lib
@@ -53,7 +54,7 @@ from sftrl_jax.train.state import (
     tokenizer_for,
 )
 
-IMAGE_KEYS = ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask", "cross_attention_mask")
+IMAGE_KEYS = logprobs.IMAGE_KEYS
 BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", *IMAGE_KEYS)
 
 
@@ -101,10 +102,7 @@ class SFTConfig:
 # The step
 
 
-def model_inputs(batch: dict[str, jax.Array]) -> dict[str, jax.Array]:
-    out = {"attention_mask": batch["attention_mask"]}
-    out.update({k: batch[k] for k in IMAGE_KEYS if k in batch})
-    return out
+model_inputs = logprobs.model_inputs  # the model call's inputs besides input_ids (kept for callers)
 
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_accum: int, lr_fn, policy=None):
@@ -114,8 +112,8 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_ac
 
     def loss_fn(params, mb):
         model = nnx.merge(graphdef, params, rest)
-        out = model(mb["input_ids"], return_logits=False, **model_inputs(mb))
-        _, aux = sft_loss_from_hidden(out.hidden_states, model.lm_head_matrix(), mb["targets"], mb["loss_mask"])
+        out = logprobs.forward(model, mb, argmax=True)
+        _, aux = sft_loss_from_logp(out["logp"], out["argmax"], mb["targets"], mb["loss_mask"])
         return aux["nll_sum"], aux
 
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
@@ -135,9 +133,8 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_ac
 def make_eval_step(graphdef, rest, *, policy=None):
     def eval_step(params, batch):
         model = nnx.merge(graphdef, params, rest)
-        out = model(batch["input_ids"], return_logits=False, **model_inputs(batch))
-        head = model.lm_head_matrix()
-        _, aux = sft_loss_from_hidden(out.hidden_states, head, batch["targets"], batch["loss_mask"])
+        out = logprobs.forward(model, batch, argmax=True)
+        _, aux = sft_loss_from_logp(out["logp"], out["argmax"], batch["targets"], batch["loss_mask"])
         return aux["nll_sum"], aux["tokens"]
 
     return ops.traced_with(eval_step, policy)

@@ -95,6 +95,7 @@ def final_params(run_dir, ckpt="final"):
     return {jax.tree_util.keystr(k): np.asarray(v) for k, v in jax.tree_util.tree_leaves_with_path(nnx.state(model))}
 
 
+@pytest.mark.slow  # 83 s on a cold cache; RL resume after SIGKILL stays in the default suite with GRPO (test_rl_faults)
 def test_ppo_sigkill_resume_gives_identical_metrics(tmp_path, xla_cache):
     cfg = make(tmp_path, "full")
     Trainer(cfg).run()

@@ -36,7 +36,10 @@ def _batch(vocab: int):
     }
 
 
-@pytest.mark.parametrize(("moment_dtype", "expected"), [("float32", jnp.float32), ("param", jnp.bfloat16)])
+@pytest.mark.parametrize(
+    ("moment_dtype", "expected"),
+    [pytest.param("float32", jnp.float32, marks=pytest.mark.slow), ("param", jnp.bfloat16)],
+)
 def test_sft_step_with_bf16_params(moment_dtype, expected):
     mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec("data=1,fsdp=-1,tensor=1"))  # all 8 fake devices
     model = build.create_model(mc.LlamaConfig.tiny(), mesh=mesh, param_dtype=jnp.bfloat16, dtype=jnp.bfloat16)

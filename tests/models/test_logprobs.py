@@ -1,7 +1,9 @@
-"""`sampling.chunked.head_logprobs`: the LM head applied chunk by chunk over the sequence gives the
+"""`models.logprobs.head_logprobs`: the LM head applied chunk by chunk over the sequence gives the
 unchunked log-probs, entropies and argmax (and their gradients) within 1e-6 in fp32, for tied and
 untied heads, temperatures != 1 and lengths that are not a multiple of the chunk; and the compiled
 SFT step's temporaries shrink against the whole-logits loss."""
+
+import pathlib
 
 import jax
 import jax.numpy as jnp
@@ -11,7 +13,7 @@ from flax import nnx
 
 from sftrl_jax import ops
 from sftrl_jax.models import LlamaConfig, MllamaConfig, create_model
-from sftrl_jax.sampling import chunked
+from sftrl_jax.models import logprobs as chunked
 from sftrl_jax.sft import losses as sft_losses
 from sftrl_jax.sft import train as sft_train
 from sftrl_jax.train import accumulate as accum_lib
@@ -180,3 +182,41 @@ def test_sft_step_temporaries_shrink(monkeypatch):
     logits_bytes = b * t * config.text.vocab_size * 4
     assert temp["whole"] > 2 * logits_bytes  # several whole-logits copies alive
     assert temp["chunked"] < logits_bytes / 2 < temp["whole"] / 4, temp
+
+
+def test_forward_equals_the_models_logits_log_probs():
+    """`logprobs.forward`, the one forward to token log-probs, gives log_softmax(logits / T)[targets]
+    of the model's own logits, the argmax and the final hidden states."""
+    model = create_model(MODELS["llama-untied"](), seed=2)
+    vocab = model.config.text.vocab_size
+    ids = jax.random.randint(jax.random.key(1), (2, 24), 3, vocab)
+    batch = {"input_ids": ids, "attention_mask": jnp.ones_like(ids), "targets": jnp.roll(ids, -1, axis=1)}
+    out = chunked.forward(model, batch, temperature=0.7, entropy=True, argmax=True, hidden=True, chunk_tokens=8)
+    z = model(ids, attention_mask=batch["attention_mask"]).logits / 0.7
+    np.testing.assert_allclose(out["logp"], chunked.token_logprobs(z, batch["targets"]), **TOL)
+    np.testing.assert_allclose(out["entropy"], chunked.token_entropy(z), **TOL)
+    np.testing.assert_array_equal(out["argmax"], jnp.argmax(z, axis=-1))
+    assert out["hidden"].shape == (2, 24, model.config.text.hidden_size)
+
+
+# Code that computes token log-probs from a model: only models/logprobs.py may hold it (issue #31).
+_FORWARD_PATTERNS = {
+    "return_logits=False": {"models/logprobs.py", "models/mllama.py", "models/text.py"},
+    ".lm_head_matrix()": {"models/logprobs.py"},
+    "head_logprobs(": {"models/logprobs.py", "sft/losses.py"},  # losses over given hidden states + head
+    "jax.nn.log_softmax(": {"models/logprobs.py", "sampling/methods.py"},  # the sampler's draw
+    "jax.nn.logsumexp(": {"models/logprobs.py"},
+}
+
+
+def test_one_forward_to_token_log_probs():
+    root = pathlib.Path(__file__).resolve().parents[2] / "sftrl_jax"
+    found = []
+    for path in sorted(root.rglob("*.py")):
+        rel = path.relative_to(root).as_posix()
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            for pattern, allowed in _FORWARD_PATTERNS.items():
+                if pattern in code and rel not in allowed and not code.lstrip().startswith(('"', "'")):
+                    found.append(f"{rel}:{n}: {line.strip()}")
+    assert not found, "token log-probs computed outside models/logprobs.py:\n" + "\n".join(found)
