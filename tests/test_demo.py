@@ -2,6 +2,8 @@
 
 import json
 
+import pytest
+
 from sftrl_jax import cli
 from sftrl_jax.evaluation import report
 
@@ -20,6 +22,7 @@ TINY = [
 ]
 
 
+@pytest.mark.slow  # 69 s cold; the study it copies stays in the default suite (test_study)
 def test_demo_runs_all_stages_with_equal_compute_arms(tmp_path, capsys):
     run = tmp_path / "demo"
     assert cli.main(["demo", f"run_dir={run}", *TINY]) == 0

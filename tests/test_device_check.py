@@ -25,6 +25,7 @@ def device_check():
     return module
 
 
+@pytest.mark.slow  # 32 s cold; the GPU script's CPU smoke run
 def test_smoke_runs_end_to_end(device_check, tmp_path, capsys):
     out = tmp_path / "check.json"
     assert device_check.main(["--smoke", "--json", str(out)]) == 0

@@ -70,6 +70,7 @@ def _check(report, *, min_total):
     assert report.exception_count <= report.total / 1000, report.exceptions
 
 
+@pytest.mark.slow  # 17 s cold; device == host stays in the default suite (test_device_reward_gaming 2k fuzz)
 def test_gp_model_mix_equals_host(tok):
     cases = _gp_cases(tok, gp_device_answers.model_answer, 2800, seed=0)
     fn = envs.device_reward_fn("gp-l", tok)
@@ -89,6 +90,7 @@ def _fuzz(tok, byte_ids, n_episodes, seed, *, huge=False, max_len=LENGTH):
     return _gp_cases(tok, answer, n_episodes, seed, max_len=max_len)
 
 
+@pytest.mark.slow  # 9 s cold; as above
 def test_gp_fuzz_equals_host(tok, byte_ids):
     cases = _fuzz(tok, byte_ids, 700, seed=1)
     report = cases_lib.compare(envs.device_reward_fn("gp-l", tok), tok, cases, length=LENGTH, batch=4096)
@@ -122,6 +124,7 @@ def test_gp_fuzz_100k_equals_host(tok, byte_ids):
     print(f"gp fuzz: {total} answers, 0 mismatches, exceptions {[r.exceptions for r in reports]}")
 
 
+@pytest.mark.slow  # 8 s cold; as above
 def test_virl_mix_equals_host(tok, byte_ids):
     rng = np.random.default_rng(3)
     env = envs.make("virl-l")

@@ -157,6 +157,7 @@ def _old_train_step(graphdef, rest, tx, *, lr_fn):
     return train_step
 
 
+@pytest.mark.slow  # 15 s cold; a compiled-memory guard
 def test_sft_step_temporaries_shrink(monkeypatch):
     """Vocab 32000, 2 x 1024 tokens: one logits copy is 262 MB; chunks of 16 MiB (64 tokens)."""
     monkeypatch.setattr(chunked, "CHUNK_BYTES", 16 * 2**20)

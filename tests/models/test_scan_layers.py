@@ -65,7 +65,12 @@ def test_scanned_llama_equals_unrolled(remat):
 
 @pytest.mark.parametrize(
     ("images", "remat"),
-    [(False, False), (False, True), pytest.param(True, False, marks=pytest.mark.slow), (True, True)],
+    [
+        (False, False),
+        (False, True),
+        pytest.param(True, False, marks=pytest.mark.slow),
+        pytest.param(True, True, marks=pytest.mark.slow),  # 22 s cold
+    ],
 )
 def test_scanned_mllama_equals_unrolled(images, remat):
     cfg = config_lib.MllamaConfig.tiny()

@@ -144,6 +144,7 @@ def test_rows_the_device_cannot_score_use_the_host_reward(tok):
     assert state is None
 
 
+@pytest.mark.slow  # 16 s cold; the device reward is an opt-in check since #31
 def test_one_grpo_update_same_metrics_on_and_off(tmp_path, monkeypatch):
     scored = []
     score = device_scoring.DeviceScorer.score
@@ -203,6 +204,7 @@ def test_scorer_pads_rows_and_columns_to_one_shape(tok):
     assert np.isfinite(scorer.seconds)
 
 
+@pytest.mark.slow  # 10 s cold; the device reward is an opt-in check since #31
 def test_two_processes_score_their_own_envs(tok, monkeypatch):
     """Two runners in threads stand for two processes (as tests/rl/test_multihost.py): each scores its
     own envs' rows on the device; both see the turns of one process's runner with the same scorer."""

@@ -205,7 +205,7 @@ class _NullWriter:
         pass
 
 
-@pytest.mark.parametrize("algo", ["ppo", "grpo"])
+@pytest.mark.parametrize("algo", [pytest.param("ppo", marks=pytest.mark.slow), "grpo"])  # ppo: 16 s cold
 def test_kl_penalty_uses_the_starting_policy_as_reference(tmp_path, algo, monkeypatch):
     """`<algo>.kl_coef` > 0: the reference's token log-probs reach the loss (KL 0 at the first step,
     where the policy is the reference; > 0 in the next update), and a resumed run keeps the starting
@@ -264,6 +264,7 @@ def test_exact_cpu_passes_compile_without_ynnpack_fusions(tmp_path, monkeypatch)
     assert seen == [True, False]
 
 
+@pytest.mark.slow  # 10 s cold
 def test_ppo_success_reward_mode_reaches_gae(tmp_path, monkeypatch):
     """ppo.reward_mode="success": GAE sees 1 on solved turns and 0 elsewhere (not the env's table);
     the logged rewards stay the environment's."""

@@ -86,6 +86,7 @@ KILL_AFTER_SAVE = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # 70 s cold; SFT SIGKILL resume stays in the default suite mid-save (test_sft_faults)
 def test_loss_falls_and_sigkill_resume_is_bitwise(tmp_path, data_file):
     cfg, _ = make_cfg(tmp_path, data_file, "full")
     train(cfg)
@@ -106,6 +107,7 @@ def test_loss_falls_and_sigkill_resume_is_bitwise(tmp_path, data_file):
     assert resumed[:4] + resumed[-4:] == full  # steps 1-4 before the kill, 5-8 after
 
 
+@pytest.mark.slow  # 43 s cold; the sharded SFT step stays in the default suite (test_scan_layers on eight devices)
 def test_eight_devices_match_one(tmp_path, data_file):
     assert jax.device_count() == 8
     cfg8, _ = make_cfg(tmp_path, data_file, "d8", train__steps=3)
@@ -164,6 +166,7 @@ def test_nonfinite_steps_are_skipped_then_abort(tmp_path, data_file):
     assert rows[0]["train/finite"] == 1.0 and rows[-1]["train/skipped_nonfinite"] >= 1
 
 
+@pytest.mark.slow  # 30 s cold; RL snapshots stay in the default suite
 def test_snapshots_every_n_steps_survive_resume_and_the_last_equals_final(tmp_path, data_file):
     """train.snapshot_every=2 over 4 steps, interrupted after step 2 and resumed: model checkpoints
     snapshots/2 and snapshots/4 (none at step 0); the resumed run leaves snapshots/2 as it was;

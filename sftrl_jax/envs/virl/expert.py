@@ -28,8 +28,7 @@ import random
 from collections.abc import Mapping
 from typing import Any
 
-from tqdm.auto import tqdm
-
+from sftrl_jax import progress
 from sftrl_jax.envs.base import EnvError
 from sftrl_jax.envs.virl import env as virl_env
 
@@ -72,7 +71,7 @@ def generate_virl_sft(
     order: list[int] = []
     examples: list[dict] = []
     episodes = 0
-    with tqdm(total=n, desc=f"{variant} {split} SFT", unit="ex") as bar:
+    with progress.bar(total=n, desc=f"{variant} {split} SFT", unit="ex") as bar:
         while len(examples) < n:
             if not order:
                 order = list(range(env.n_routes))
