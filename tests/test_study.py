@@ -146,6 +146,28 @@ def test_study_resumes_after_a_kill_during_a_final_save(study_run, tiny_base, tm
     assert sorted(_rows(run / "kl.jsonl"), key=key) == sorted(kl, key=key)
 
 
+@pytest.mark.parametrize(("arm", "line"), [("rl", "seed 3: rl arm (ppo)"), ("sft", "seed 3: SFT arm")])
+def test_study_reruns_only_the_stage_killed_before_its_final(study_run, tiny_base, tmp_path, capsys, arm, line):
+    """Issue 32: a kill after a stage's last checkpoint but before its `final` (no `final` at all)
+    reruns that stage alone, from its checkpoint, to the same evaluations; the other stages are kept."""
+    import shutil
+
+    from sftrl_jax.models.checkpoint import is_checkpoint
+
+    run = tmp_path / "s"
+    shutil.copytree(study_run, run)
+    final = run / "seed3" / arm / "final"
+    shutil.rmtree(final)
+    evals = _rows(run / "evals.jsonl")
+    assert cli.main(["study", f"run_dir={run}", f"base={tiny_base}", *TINY]) == 0
+    out = capsys.readouterr().out
+    assert line in out
+    others = {"SFT warm-up from the base -> Init", "rl arm (ppo)", "grpo arm (grpo)", "SFT arm"} - {line[8:]}
+    assert not [o for o in others if o in out], out
+    assert is_checkpoint(str(final))
+    assert _rows(run / "evals.jsonl") == evals
+
+
 def test_study_refuses_a_missing_base(tmp_path, capsys):
     assert cli.main(["study", f"run_dir={tmp_path}", f"base={tmp_path / 'nope'}"]) == 2
     assert "nope" in capsys.readouterr().err

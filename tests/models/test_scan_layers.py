@@ -96,6 +96,7 @@ def test_scan_refuses_layers_of_different_structure():
         layers.scan([[lm.layers[0]], [lm.layers[1]]], lambda j, layer, x: x, jnp.zeros((1, 2, 3)), remat=False)
 
 
+@pytest.mark.slow  # 28 s cold; scan = unrolled stays in the default suite on one device
 def test_scanned_step_on_eight_devices_equals_unrolled():
     """The sharded (fsdp=8) SFT step with micro-batches: the same loss and updated parameters."""
     from sftrl_jax.parallel import mesh as mesh_lib

@@ -26,6 +26,7 @@ def test_an_old_per_algorithm_temperature_names_the_new_key(tmp_path, algo):
         config.load(RLConfig, path)
 
 
+@pytest.mark.slow  # 16 s cold
 def test_documented_grpo_command_starts_at_ratio_one(tmp_path, monkeypatch):
     """`configs/rl/gp_l_tiny.yaml algo=grpo` (commands/rl.py's example) with a tiny random model and
     fewer envs and tokens: the first step's token log ratios (old log-probs: the sampler's, at 0.3)

@@ -88,6 +88,7 @@ def _sigkill_while_a_checkpoint_is_written(tmp_path, over, full, xla_env):
     _same_as_full(cfg.train.run_dir, full)
 
 
+@pytest.mark.slow  # 36 s cold with its fixture; SIGKILL mid-save stays in the default suite for SFT (test_sft_faults)
 def test_grpo_sigkill_while_a_checkpoint_is_written(tmp_path, full, xla_env):
     _sigkill_while_a_checkpoint_is_written(tmp_path, GRPO, full, xla_env)
 

@@ -132,7 +132,7 @@ def test_ppo_sigkill_resume_gives_identical_metrics(tmp_path, xla_cache):
         np.testing.assert_array_equal(a[k], b[k], err_msg=k)
 
 
-@pytest.mark.parametrize("old_logp", ["sampler", "trainer"])
+@pytest.mark.parametrize("old_logp", [pytest.param("sampler", marks=pytest.mark.slow), "trainer"])  # sampler: 9 s cold
 def test_grpo_update(tmp_path, old_logp):
     cfg = make(tmp_path, "grpo", algo__="grpo", grpo__old_logp=old_logp)
     Trainer(cfg).run(stop_after=1)
