@@ -17,23 +17,14 @@ the shipped files, recorded so that tests/test_shipped_base.py can check they re
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import shutil
 import subprocess
 
-from sftrl_jax import study
+from sftrl_jax import integrity, study
 
 FILES = ("config.json", "model.safetensors")
-
-
-def sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def _stage(command: str, run_dir: str) -> dict:
@@ -78,7 +69,7 @@ def main() -> None:
     cfg = study.StudyConfig(base=args.out, probe_episodes=args.probe_episodes, progress=False)
     probe = study.probe_base(cfg, args.out)
     record = {
-        "sha256": {f: sha256(os.path.join(args.out, f)) for f in FILES},
+        "sha256": {f: integrity.sha256_of(os.path.join(args.out, f)) for f in FILES},
         "bytes": {f: os.path.getsize(os.path.join(args.out, f)) for f in FILES},
         "parameters": int(param_count(model.config)),
         "commit": commit,
