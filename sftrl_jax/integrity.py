@@ -7,6 +7,7 @@ file and refuses a mismatch in one line naming the file, the recorded digest and
 flipped bit or NaN bytes in `model.safetensors` stop the load instead of reaching a study. A copy of
 the folder carries its record and is checked the same way; a folder without a record is not checked.
 A file that verified is remembered by (path, size, mtime) for the process: ~10 MB hash in ~20 ms once.
+`read_json` reads a record, or any JSON file a loader is given, with a one-line error naming the file.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from typing import Any
 
 from sftrl_jax.errors import UserError
 
@@ -29,6 +31,16 @@ def sha256_of(path: str) -> str:
     return h.hexdigest()
 
 
+def read_json(path: str, *, what: str = "invalid JSON") -> Any:
+    """The JSON value of a file; a one-line UserError `"{path}: {what} (the cause)"` when it cannot
+    be read, is not UTF-8, not JSON, or nests too deep for Python's parser."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (ValueError, RecursionError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError included
+        raise UserError(f"{path}: {what} ({type(e).__name__}: {e})") from None
+
+
 def recorded_digests(folder: str) -> dict[str, str]:
     """{file name: sha256} of the folder's record (empty when it has none)."""
     out: dict[str, str] = {}
@@ -36,11 +48,7 @@ def recorded_digests(folder: str) -> dict[str, str]:
         record = os.path.join(folder, name)
         if not os.path.isfile(record):
             continue
-        try:
-            with open(record, encoding="utf-8") as f:
-                data = json.load(f)
-        except (ValueError, RecursionError, OSError) as e:  # JSONDecodeError and UnicodeDecodeError included
-            raise UserError(f"{record}: not a readable sha256 record ({type(e).__name__}: {e})") from None
+        data = read_json(record, what="not a readable sha256 record")
         digests = data.get("sha256") if isinstance(data, dict) else None
         if digests is None and name == "base.json":
             continue  # a study's run folder has a base.json of another kind (no sha256)

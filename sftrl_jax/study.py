@@ -2,13 +2,16 @@
 
     sftrl study --config configs/study/gp_l_small.yaml
     sftrl report runs/study/gp_l_small           # report.md, curves.png, kl.png
+    sftrl demo                                   # configs/demo/cpu.yaml: one seed, fewer hands, on a CPU
 
 1. Base: `base` (a model folder, default the shipped one, `sftrl_jax/data/assets/gp_l_base`) or,
    with `base: null`, pretraining here: the corpus of `sftrl_jax/data/pretrain.py` (card arithmetic
    under many stated J/Q/K rules and targets, its own wording, never the rule-OOD rule) and
    `sftrl sft --config <pretrain_config>`, then its second stage on the composed wording
-   (`composed_config`, configs/study/pretrain_composed.yaml; null skips it). The base is probed once on its own wording (greedy, one
-   turn): the ID rule (J/Q/K = 10) and the held-out rule (11/12/13), target 24 -> `base.json`.
+   (`composed_config`, configs/study/pretrain_composed.yaml; null skips it). The base is probed once on
+   its own wording (greedy, one turn, through the evaluation code: `evaluation/prompt_set.py`): the ID
+   rule (J/Q/K = 10) and the held-out rule (11/12/13), target 24 -> `base.json` (`probe_episodes: 0`
+   skips it).
 2. Per seed of the post-training (`seeds`): GP-L expert data of that seed (the post-training
    template, ID rule), a short SFT warm-up from the base -> Init; from Init three arms: PPO (the
    paper's RL, arm "rl"), GRPO (arm "grpo") and more SFT on the same expert data (arm "sft") with the
@@ -26,6 +29,9 @@ rows already written) and skipped when the command runs again; an interrupted tr
 `final` missing or incomplete) resumes from its checkpoint and writes `final` again. The study's
 folder and each stage's run folder are locked while in use (`train/run_lock.py`).
 The design was fixed before any evaluation number was looked at (docs/RESULTS.md states it).
+
+The CPU demo (`sftrl demo`) is this study on configs/demo/cpu.yaml: one seed, the PPO and SFT arms, one
+compute point each, 100 hands per split, no base probe; it ends with `final_tables`.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import resource
 import time
 from typing import Any
 
@@ -103,7 +110,7 @@ class StudyConfig:
     # the base's second stage (composed wording) on the first stage's model; null = one stage
     composed_config: str | None = "configs/study/pretrain_composed.yaml"
     composed_examples: int = 30000
-    probe_episodes: int = 234  # base probe prompts per rule (pretraining wording)
+    probe_episodes: int = 234  # base probe prompts per rule (pretraining wording); 0: no probe
     seeds: tuple[int, ...] = (0, 1, 2)
     eval_episodes: int = 234
     eval_splits: tuple[str, ...] = ("id", "ood-rule")
@@ -121,15 +128,8 @@ class StudyConfig:
             raise ConfigError(f"prompt must be one of {', '.join(PROMPT_LENGTHS)}; got {self.prompt!r}")
         if not self.seeds:
             raise ConfigError("seeds must name at least one seed")
-        counts = (
-            "pretrain_examples",
-            "composed_examples",
-            "probe_episodes",
-            "eval_episodes",
-            "eval_batch",
-            "kl_prompts",
-        )
-        config_lib.check_ranges(self, seeds="[0, inf)", **dict.fromkeys(counts, "[1, inf)"))
+        counts = ("pretrain_examples", "composed_examples", "eval_episodes", "eval_batch", "kl_prompts")
+        config_lib.check_ranges(self, seeds="[0, inf)", probe_episodes="[0, inf)", **dict.fromkeys(counts, "[1, inf)"))
         check_eval_splits(self.task, self.eval_splits)
 
     def env_options(self) -> dict[str, Any]:
@@ -149,7 +149,7 @@ def check_eval_splits(task: str, splits) -> None:
             raise ConfigError(f"eval_splits: {split!r}: {e}") from None
 
 
-# Padded lengths per post-training wording: (SFT buckets, RL training buckets); the demo's too.
+# Padded lengths per post-training wording: (SFT buckets, RL training buckets).
 PROMPT_LENGTHS = {"short": ((160, 192, 256), (384, 768)), "paper": ((288, 320, 448), (384, 768))}
 
 
@@ -286,37 +286,27 @@ def kl_prompts(cfg: StudyConfig, tokenizer, split: str) -> list[list[int]]:
     return out
 
 
+def _greedy(model, tokenizer, cfg: StudyConfig, *, seed: int, image_processor=None):
+    """The evaluation's policy: greedy, the arms' answer budget."""
+    from sftrl_jax.sampling.policy import SamplingSection, make_policy
+
+    section = SamplingSection(max_new_tokens=cfg.arms.max_new_tokens)
+    return make_policy(model, tokenizer, section, seed=seed, image_processor=image_processor, temperature=0.0)
+
+
 def probe_base(cfg: StudyConfig, base: str) -> dict[str, Any]:
     """Greedy one-turn success of the base on its own wording: the ID rule and the held-out rule."""
-    from sftrl_jax import sampling
     from sftrl_jax.data import pretrain
-    from sftrl_jax.envs.general_points import verifier
-    from sftrl_jax.envs.general_points.metrics import binomial_stderr
+    from sftrl_jax.evaluation import prompt_set
     from sftrl_jax.train.state import load_for_eval
 
     model, tokenizer, _ = load_for_eval(base, cfg.task)
+    policy = _greedy(model, tokenizer, cfg, seed=0)
     out = {}
     for name, rule in (("id_rule", (10, 10, 10)), ("held_out_rule", pretrain.HELD_OUT_RULE)):
-        probe = pretrain.probe(cfg.probe_episodes, rule=rule)
-        prompts = [
-            tokenizer.chat_ids([{"role": "user", "content": p["prompt"]}], add_generation_prompt=True) for p in probe
-        ]
-        wins = 0
-        for lo in range(0, len(prompts), cfg.eval_batch):
-            res = sampling.generate(
-                model,
-                prompts[lo : lo + cfg.eval_batch],
-                max_new_tokens=cfg.arms.max_new_tokens,
-                temperature=0.0,
-                stop_tokens=tokenizer.stop_ids,
-                pad_id=tokenizer.pad_id,
-            )
-            for j, p in enumerate(probe[lo : lo + cfg.eval_batch]):
-                text = tokenizer.decode(list(res.tokens[j, : int(res.lengths[j])]))
-                puzzle = verifier.Puzzle(p["values"], p["symbols"], p["target"])
-                wins += verifier.score(text, puzzle).reward == verifier.REWARDS["CORRECT"]
-        rate = wins / len(probe)
-        out[name] = {"success": rate, "stderr": binomial_stderr(rate, len(probe)), "n": len(probe), "rule": list(rule)}
+        items = pretrain.probe(cfg.probe_episodes, rule=rule)
+        r = prompt_set.evaluate(policy, tokenizer, items, name=name, batch_size=cfg.eval_batch, progress=cfg.progress)
+        out[name] = dict(success=r["success_rate"], stderr=r["success_rate_stderr"], n=r["episodes"], rule=list(rule))
     return out
 
 
@@ -367,7 +357,7 @@ def _run(cfg: StudyConfig) -> dict[str, Any]:
     with open(os.path.join(cfg.run_dir, "study.json"), "w") as f:
         json.dump({"task": cfg.task, "seeds": list(cfg.seeds), "base": base, "arms": list(cfg.arms.arms)}, f, indent=2)
     base_json = os.path.join(cfg.run_dir, "base.json")
-    if not os.path.exists(base_json):
+    if cfg.probe_episodes and not os.path.exists(base_json):
         stage("probing the base on its own wording")
         probe = probe_base(cfg, base)
         with open(base_json, "w") as f:
@@ -425,8 +415,7 @@ def _run(cfg: StudyConfig) -> dict[str, Any]:
                 points.append((arm, k, os.path.join(arm_dir, "snapshots", str(k)), _metric_at(arm_dir, k)))
         if "sft" in cfg.arms.arms:
             sft_dir = os.path.join(sdir, "sft")
-            # X_SFT = X_RL at the PPO arm's end (or GRPO's when PPO is not run).
-            ref_arm = "rl" if "rl" in cfg.arms.arms else "grpo"
+            ref_arm = _reference_arm(cfg)
             target = max((g for a, _, _, g in points if a == ref_arm), default=init_gflops * 2)
             per_step = init_gflops / cfg.warmup.steps
             steps = max(cfg.arms.points, int(round((target - init_gflops) / per_step)))
@@ -452,7 +441,8 @@ def _run(cfg: StudyConfig) -> dict[str, Any]:
                 points.append(("sft", k, os.path.join(sft_dir, "snapshots", str(k)), _metric_at(sft_dir, k)))
         _evaluate_points(cfg, seed, sdir, points, init, ledger, models, stage)
     stage("report")
-    out = {"minutes": round((time.time() - t0) / 60, 1)}
+    peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    out: dict[str, Any] = {"minutes": round((time.time() - t0) / 60, 1), "peak_rss_mb": round(peak_mb)}
     try:
         from sftrl_jax.evaluation import study_report
 
@@ -461,15 +451,40 @@ def _run(cfg: StudyConfig) -> dict[str, Any]:
             print(f.read())
     except ImportError:  # pragma: no cover - report module missing
         pass
-    print(f"study finished in {out['minutes']} min: {cfg.run_dir}")
+    print(f"study finished in {out['minutes']} min, peak memory {out['peak_rss_mb']} MB: {cfg.run_dir}")
     return out
+
+
+def final_tables(cfg: StudyConfig) -> str:
+    """Per seed: Init and each arm's last point on every split (`report.table`, with the change from Init
+    and the reward per turn), then each arm's compute; what `sftrl demo` ends with."""
+    from sftrl_jax.evaluation import report
+
+    rows = report.load_rows([cfg.run_dir])  # the study's evals.jsonl
+    order, titles = ("init", *ARM_NAMES), {"init": "Init", "rl": "RL", "grpo": "GRPO", "sft": "SFT"}  # as the table
+    out = []
+    for seed in cfg.seeds:
+        mine = [r for r in rows if r["seed"] == seed]
+        last = {}  # arm -> its last evaluated point
+        for r in sorted(mine, key=lambda r: (order.index(r["arm"]), r["gflops"])):
+            last[r["arm"]] = r
+        compute = ", ".join(f"{titles[arm]} {r['gflops']:.1f}" for arm, r in last.items())
+        if "sft" in last:
+            compute += f" (SFT arm: {last['sft']['step']} steps to match {titles[_reference_arm(cfg)]})"
+        out += [f"seed {seed}:"] if len(cfg.seeds) > 1 else []
+        out += [report.table(mine), f"compute (GFLOPs): {compute}\n"]
+    return "\n".join(out)
+
+
+def _reference_arm(cfg: StudyConfig) -> str:
+    """The arm whose compute the SFT arm matches: X_SFT = X_RL at the PPO arm's end (GRPO's without PPO)."""
+    return "rl" if "rl" in cfg.arms.arms else "grpo"
 
 
 def _evaluate_points(cfg, seed, sdir, points, init, ledger, models, stage) -> None:
     from sftrl_jax.evaluation import evaluate as ev
     from sftrl_jax.evaluation import kl as kl_lib
     from sftrl_jax.evaluation import report
-    from sftrl_jax.sampling.policy import SamplingSection, make_policy
 
     prompt_sets: dict[str, list] = {}
     for arm, step, ckpt, gflops in points:
@@ -480,14 +495,7 @@ def _evaluate_points(cfg, seed, sdir, points, init, ledger, models, stage) -> No
         stage(f"seed {seed}: evaluating {arm} at step {step}")
         model, tokenizer, proc = models.get(ckpt)
         for split in todo:
-            policy = make_policy(
-                model,
-                tokenizer,
-                SamplingSection(max_new_tokens=cfg.arms.max_new_tokens),
-                seed=seed,
-                image_processor=proc,
-                temperature=0.0,
-            )
+            policy = _greedy(model, tokenizer, cfg, seed=seed, image_processor=proc)
             proto = ev.protocol(cfg.task, split, n_episodes=cfg.eval_episodes)
             summary = ev.evaluate(
                 policy,

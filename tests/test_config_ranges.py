@@ -117,9 +117,9 @@ def test_sft_settings_out_of_range_are_refused(override, key, shown):
         ("study", "seeds=[0,-1]", "seeds[1]", "-1"),
         ("study", "kl_prompts=0", "kl_prompts", "0"),
         ("study", "eval_splits=[ood-visual]", "eval_splits", "'ood-visual'"),
-        ("demo", "rl.temperature=nan", "rl.temperature", "nan"),
-        ("demo", "sft.lr=-1", "sft.lr", "-1.0"),
-        ("demo", "rl.micro_batch=0", "rl.micro_batch", "0"),
+        ("demo", "arms.temperature=nan", "arms.temperature", "nan"),  # the demo is a study config
+        ("demo", "warmup.lr=-1", "warmup.lr", "-1.0"),
+        ("demo", "arms.micro_batch=0", "arms.micro_batch", "0"),
         ("demo", "eval_episodes=0", "eval_episodes", "0"),
     ],
 )
@@ -172,10 +172,6 @@ def config_cls(kind: str):
         from sftrl_jax.sft.train import SFTConfig
 
         return SFTConfig
-    if kind == "study":
-        from sftrl_jax.study import StudyConfig
+    from sftrl_jax.study import StudyConfig  # "study" and "demo" (configs/demo/cpu.yaml is a study config)
 
-        return StudyConfig
-    from sftrl_jax.demo import DemoConfig
-
-    return DemoConfig
+    return StudyConfig

@@ -20,11 +20,7 @@ def _cls(path: Path):
         from sftrl_jax.rl.config import RLConfig
 
         return RLConfig
-    if kind == "demo":
-        from sftrl_jax.demo import DemoConfig
-
-        return DemoConfig
-    if kind == "study":
+    if kind in ("study", "demo"):  # the demo is a study config (`sftrl demo`)
         if path.name.startswith("pretrain"):  # the base's pretraining stages: SFT runs
             from sftrl_jax.sft.train import SFTConfig
 
@@ -54,7 +50,6 @@ REWARD_FLOOR = -10.0  # what every shipped RL config trains GeneralPoints with (
 
 def _rl_envs():
     """(config path, task, split, env options, max_new_tokens) of every shipped config's RL env."""
-    from sftrl_jax.demo import DemoConfig
     from sftrl_jax.rl.config import RLConfig
     from sftrl_jax.study import StudyConfig
 
@@ -63,10 +58,7 @@ def _rl_envs():
         if path.parent.name == "rl":
             cfg = config.load(RLConfig, path)
             out.append((path, cfg.env.task, cfg.env.split, cfg.env.options, cfg.sampling.max_new_tokens))
-        elif path.parent.name == "demo":
-            cfg = config.load(DemoConfig, path)
-            out.append((path, cfg.task, "train", cfg.env_options(), cfg.rl.max_new_tokens))
-        elif path.parent.name == "study" and not path.name.startswith("pretrain"):
+        elif path.parent.name in ("study", "demo") and not path.name.startswith("pretrain"):
             cfg = config.load(StudyConfig, path)
             out.append((path, cfg.task, "train", cfg.env_options(), cfg.arms.max_new_tokens))
     return out

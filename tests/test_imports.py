@@ -132,3 +132,60 @@ def test_a_backwards_import_is_caught(tmp_path, unit, line, target):
     (pkg / unit / "bad.py").write_text(body)
     bad = import_violations(pkg)
     assert len(bad) == 1 and f"{unit} -> {target}" in bad[0] and "bad.py:" in bad[0], bad
+
+
+# ------------------------------------------------------------------------------------------------
+# The planner compiles the run's own programs (issue 31): it reaches into no other unit's private
+# names (a private sampler function once stood in for the sampler's program), and it does not
+# branch on the RL algorithm (the learner the registry names gives its programs).
+
+_ALGO_NAMES = ("ppo", "grpo")
+
+
+def planner_violations(package: pathlib.Path = PACKAGE) -> list[str]:
+    """'file:line: what' for every private name of another module that planning/ uses, and every
+    comparison with, or string of, an algorithm's name there."""
+    bad = []
+    for path in sorted((package / "planning").rglob("*.py")):
+        tree = ast.parse(path.read_text(), filename=str(path))
+        modules = set()  # local names bound to sftrl_jax modules
+        for node in ast.walk(tree):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("sftrl_jax"):
+                for a in node.names:
+                    if a.name.startswith("_"):
+                        bad.append(f"{path.name}:{node.lineno}: imports the private {node.module}.{a.name}")
+                    modules.add(a.asname or a.name)
+            elif isinstance(node, ast.Import):
+                modules.update((a.asname or a.name).split(".")[0] for a in node.names if a.name.startswith("sftrl_jax"))
+        for node in ast.walk(tree):
+            if (
+                isinstance(node, ast.Attribute)
+                and node.attr.startswith("_")
+                and not node.attr.startswith("__")
+                and isinstance(node.value, ast.Name)
+                and node.value.id in modules
+            ):
+                bad.append(f"{path.name}:{node.lineno}: uses the private {node.value.id}.{node.attr}")
+            if isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value in _ALGO_NAMES:
+                bad.append(f"{path.name}:{node.lineno}: branches on the algorithm ({node.value!r})")
+    return bad
+
+
+def test_the_planner_uses_no_private_name_and_no_algorithm_branch():
+    bad = planner_violations()
+    assert not bad, "planning/ must compile the run's programs through public names:\n" + "\n".join(bad)
+
+
+@pytest.mark.parametrize(
+    "body,what",
+    [
+        ("from sftrl_jax.sampling import sampler\nf = sampler._prefill\n", "private sampler._prefill"),
+        ("from sftrl_jax.sampling.sampler import _decode\n", "private sftrl_jax.sampling.sampler._decode"),
+        ("def f(cfg):\n    return cfg.algo == 'ppo'\n", "branches on the algorithm ('ppo')"),
+    ],
+)
+def test_the_planner_check_catches(tmp_path, body, what):
+    (tmp_path / "planning").mkdir()
+    (tmp_path / "planning" / "bad.py").write_text(body)
+    bad = planner_violations(tmp_path)
+    assert len(bad) == 1 and what in bad[0], bad

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from sftrl_jax.commands import config_arguments, train_from_config
 
 HELP = "reinforcement learning (PPO, GRPO) from a YAML config"
 EXAMPLES = """examples:
@@ -17,16 +17,11 @@ from its latest checkpoint; SIGTERM saves and exits 0.
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", required=True, help="YAML experiment file (configs/rl/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
+    config_arguments(parser, configs="configs/rl/*.yaml")
 
 
 def run(args) -> int:
-    from sftrl_jax import config
     from sftrl_jax.rl.config import RLConfig
     from sftrl_jax.rl.train import train
 
-    cfg = config.load(RLConfig, args.config, args.overrides)
-    last = train(cfg)
-    print(json.dumps({k: v for k, v in last.items() if not isinstance(v, list)}, default=str))
-    return 0
+    return train_from_config(RLConfig, train, args)

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import json
+from sftrl_jax.commands import config_arguments, train_from_config
 
 HELP = "supervised fine-tuning from a YAML config"
 EXAMPLES = """examples:
@@ -17,15 +17,10 @@ model: <run_dir>/final (load it with `sftrl eval --ckpt`, `sftrl rl`, `sftrl exp
 
 
 def add_arguments(parser):
-    parser.add_argument("--config", required=True, help="YAML experiment file (configs/sft/*.yaml)")
-    parser.add_argument("overrides", nargs="*", metavar="key.sub=value", help="config overrides (YAML values)")
+    config_arguments(parser, configs="configs/sft/*.yaml")
 
 
 def run(args) -> int:
-    from sftrl_jax import config
     from sftrl_jax.sft.train import SFTConfig, train
 
-    cfg = config.load(SFTConfig, args.config, args.overrides)
-    last = train(cfg)
-    print(json.dumps({k: v for k, v in last.items() if not isinstance(v, list)}, default=str))
-    return 0
+    return train_from_config(SFTConfig, train, args)

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from sftrl_jax.config import ConfigError, check_ranges
-from sftrl_jax.data import conversations
+from sftrl_jax.data import conversations, rows
 from sftrl_jax.errors import UserError
 
 
@@ -133,7 +133,7 @@ class Tokenize:
 
 
 def collate(
-    rows: Sequence[dict[str, Any]],
+    examples: Sequence[dict[str, Any]],
     *,
     pad_id: int,
     buckets: Sequence[int],
@@ -146,52 +146,26 @@ def collate(
     `loss_mask` [B, T] (1 where the target is an assistant token). With an image processor also
     `pixel_values` [B, I, C, 3, H, W], `aspect_ratio_ids` [B, I], `aspect_ratio_mask` [B, I, C],
     `cross_attention_mask` [B, T, I, C]."""
-    T = bucket_length(max(len(r["ids"]) for r in rows), buckets, max_length)
-    B = len(rows)
-    input_ids = np.full((B, T), pad_id, np.int32)
-    attention = np.zeros((B, T), np.int32)
-    targets = np.full((B, T), pad_id, np.int32)
-    loss_mask = np.zeros((B, T), np.float32)
-    for b, r in enumerate(rows):
-        n = len(r["ids"])
-        input_ids[b, :n] = r["ids"]
-        attention[b, :n] = 1
-        targets[b, : n - 1] = r["ids"][1:]
-        loss_mask[b, : n - 1] = r["mask"][1:]
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "targets": targets,
-        "loss_mask": loss_mask,
-        "truncated": np.array([r["truncated"] for r in rows], bool),
-    }
+    T = bucket_length(max(len(r["ids"]) for r in examples), buckets, max_length)
+    seqs = [r["ids"] for r in examples]
+    starts = [0] * len(examples)
+    batch = rows.right_padded(seqs, length=T, pad_id=pad_id)
+    batch["targets"] = rows.place([s[1:] for s in seqs], starts, length=T, fill=pad_id)
+    batch["loss_mask"] = rows.place([r["mask"][1:] for r in examples], starts, length=T, dtype=np.float32)
+    batch["truncated"] = np.array([r["truncated"] for r in examples], bool)
     if image_processor is not None:
         from PIL import Image
 
-        images = [[Image.open(p).convert("RGB") for p in r["images"]] for r in rows]
-        arrays = image_processor(images, max_images=max_images)
-        masks = [
-            cross_attention_mask(
-                r["ids"],
-                tokenizer.image_token_id,
-                arrays["num_tiles"][b][: len(r["images"])],
-                T,
-                image_processor.max_tiles,
-                max_images,
-            )
-            for b, r in enumerate(rows)
-        ]
-        batch.update({k: v for k, v in arrays.items() if k != "num_tiles"})
-        batch["cross_attention_mask"] = np.stack(masks)
+        images = [[Image.open(p).convert("RGB") for p in r["images"]] for r in examples]
+        batch |= rows.image_inputs(
+            seqs,
+            images,
+            image_processor=image_processor,
+            image_token_id=tokenizer.image_token_id,
+            length=T,
+            max_images=max_images,
+        )
     return batch
-
-
-def cross_attention_mask(ids, image_token_id, num_tiles, length, max_tiles, max_images):
-    from sftrl_jax.data import processor
-
-    return processor.cross_attention_mask(
-        ids, image_token_id, num_tiles=list(num_tiles), max_tiles=max_tiles, length=length, max_images=max_images
-    )
 
 
 class SFTData:
@@ -246,8 +220,8 @@ class SFTData:
         ds = ds.batch(
             batch_size,
             drop_remainder=train,
-            batch_fn=lambda rows: collate(
-                rows,
+            batch_fn=lambda examples: collate(
+                examples,
                 pad_id=self.tokenizer.pad_id,
                 buckets=cfg.buckets,
                 max_length=cfg.max_length,

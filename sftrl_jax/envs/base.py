@@ -8,6 +8,8 @@ or None. Model text passed to `step` is untrusted: an env never raises on it, it
 from __future__ import annotations
 
 import abc
+import os
+import pathlib
 from typing import Any
 
 from sftrl_jax.errors import UserError
@@ -46,3 +48,15 @@ def check_split(env_name: str, split: str) -> str:
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise EnvError(f"unknown split {split!r} for env {env_name!r}{hint}; valid splits: {', '.join(SPLITS)}")
     return split
+
+
+def read_template(path: str | os.PathLike, *, what: str) -> str:
+    """The text of a prompt template file (UTF-8, used verbatim); EnvError naming `what` and the file
+    when it is missing or unreadable."""
+    file = pathlib.Path(path).expanduser()
+    try:
+        return file.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise EnvError(f"{what} template not found: the template file {file} does not exist") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise EnvError(f"cannot read {what} template file {file}: {e}") from None

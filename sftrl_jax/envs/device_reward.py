@@ -33,12 +33,10 @@ def device_reward_fn(task: str, tokenizer, *, max_bytes: int | None = None):
         raise EnvError(f"no device reward for task {task!r}; tasks: {', '.join(TASKS)}")
     table = device_text.byte_table(tokenizer)
     if task.startswith("gp-"):
-        from sftrl_jax.envs.general_points import device_reward as gp
-
-        return gp.GPDeviceReward(table, max_bytes=max_bytes)
-    from sftrl_jax.envs.virl import device_reward as virl
-
-    return virl.VirlDeviceReward(table, max_bytes=max_bytes)
+        from sftrl_jax.envs.general_points import device_reward as task_reward
+    else:
+        from sftrl_jax.envs.virl import device_reward as task_reward
+    return device_text.ByteReward(table, task_reward.score_bytes, task_reward.OUTCOMES, max_bytes=max_bytes)
 
 
 def stack_states(states: Sequence[dict[str, np.ndarray]]) -> dict[str, np.ndarray]:

@@ -16,6 +16,7 @@ import dataclasses
 import json
 import sys
 import unicodedata
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -245,18 +246,21 @@ assert sum(chr(c).isspace() for c in range(sys.maxunicode + 1)) == len(_WS_EXTRA
 
 @dataclasses.dataclass(frozen=True, eq=False)
 class ByteReward:
-    """What every task's device reward shares: response ids -> bytes through the tokenizer's table
-    (at most `max_bytes`, default DEFAULT_BYTES_PER_TOKEN per token), then the task's `score_bytes`;
-    a response longer than that gets outcome DID_NOT_FIT (the last of `outcomes`). Rows with an outcome
-    in HOST_OUTCOMES (the last two) are undecided: their reward is not the host's, score them there."""
+    """A task's device reward: response ids -> bytes through the tokenizer's table (at most
+    `max_bytes`, default DEFAULT_BYTES_PER_TOKEN per token), then the task's
+    `score_bytes(b, state) -> (rewards [B] float32, outcome codes [B] int32)` of byte rows b [B, N].
+    `outcomes` names the codes: the task's `task_outcomes`, then HOST_OUTCOMES. A response longer than
+    `max_bytes` gets DID_NOT_FIT (the last); rows with an outcome in HOST_OUTCOMES are undecided: their
+    reward is not the host's, score them there."""
 
     table: ByteTable
+    score_bytes: Callable[[jax.Array, dict[str, jax.Array]], tuple[jax.Array, jax.Array]]
+    task_outcomes: tuple[str, ...]
     max_bytes: int | None = None
-    outcomes: tuple[str, ...] = HOST_OUTCOMES
 
-    def score_bytes(self, b, state):
-        """(rewards [B] float32, outcome codes [B] int32) of byte rows b [B, N]."""
-        raise NotImplementedError
+    @property
+    def outcomes(self) -> tuple[str, ...]:
+        return (*self.task_outcomes, *HOST_OUTCOMES)
 
     def __call__(self, response_ids, lengths, state):
         return self.with_outcome(response_ids, lengths, state)[0]

@@ -19,7 +19,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from sftrl_jax import envs, episodes
@@ -66,10 +66,22 @@ def protocol(task: str, split: str, *, recognition: bool = False, n_episodes: in
     return proto
 
 
-def make_runner(policy, tokenizer, proto: EvalProtocol, *, batch_size: int, env_options: dict | None = None):
+def make_runner(
+    policy,
+    tokenizer,
+    proto: EvalProtocol,
+    *,
+    batch_size: int,
+    env_options: dict | None = None,
+    make_env: Callable[[], Any] | None = None,
+):
+    """The episode runner of `proto`; `make_env()` builds each env instead of `envs.make` (fixed prompts:
+    `prompt_set.PromptEnv`)."""
     n_envs = max(1, min(batch_size, proto.n_episodes))
-    options = {"verify_iter": proto.verify_iter, **(env_options or {})}
-    env_list = [envs.make(proto.task, split=proto.split, **options) for _ in range(n_envs)]
+    if make_env is None:
+        options = {"verify_iter": proto.verify_iter, **(env_options or {})}
+        make_env = lambda: envs.make(proto.task, split=proto.split, **options)  # noqa: E731
+    env_list = [make_env() for _ in range(n_envs)]
     if proto.task.startswith("gp"):
         reset_fn = lambda i, ep: (proto.seed * 1_000_003 + ep, None)  # noqa: E731
     else:
@@ -143,9 +155,10 @@ def evaluate(
     out_dir: str | os.PathLike | None = None,
     progress: bool = True,
     env_options: dict | None = None,
+    make_env: Callable[[], Any] | None = None,
 ) -> dict[str, Any]:
     """Runs the protocol with `policy` (see `episodes.Policy`); writes the files when `out_dir` is set."""
-    runner = make_runner(policy, tokenizer, proto, batch_size=batch_size, env_options=env_options)
+    runner = make_runner(policy, tokenizer, proto, batch_size=batch_size, env_options=env_options, make_env=make_env)
     bar = progress_lib.bar(total=proto.n_episodes, desc=f"eval {proto.name}", unit="episode", enabled=progress)
     try:
         turns = episodes.run_episodes(runner, proto.n_episodes, progress=bar)

@@ -113,9 +113,31 @@ ffi::Error CheckDims(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Bu
   return ffi::Error::Success();
 }
 
-// One unit's view of the [B, T, heads, H] arrays.
+// What both passes read: the BLAS, the checked dims and the data of q, k, v and mask.
+struct Inputs {
+  sftrl::SgemmFn sgemm;
+  Dims d;
+  const float *q, *k, *v;
+  const uint8_t* mask;
+};
+
+ffi::Error ReadInputs(ffi::Buffer<ffi::F32>& q, ffi::Buffer<ffi::F32>& k, ffi::Buffer<ffi::F32>& v,
+                      ffi::Buffer<ffi::PRED>& mask, int64_t block, Inputs* in) {
+  in->sgemm = sftrl::CurrentSgemm();
+  if (in->sgemm == nullptr) return ffi::Error::Internal("causal_attention: no BLAS was set");
+  if (auto err = CheckDims(q, k, v, mask, block, &in->d); err.failure()) return err;
+  in->q = q.typed_data();
+  in->k = k.typed_data();
+  in->v = v.typed_data();
+  in->mask = reinterpret_cast<const uint8_t*>(mask.typed_data());
+  return ffi::Error::Success();
+}
+
+// One unit's view of the [B, T, heads, H] arrays: its k and v rows (stride K * H) and mask [T, T].
 struct Unit {
-  Unit(const Dims& d, int64_t u) : d(d), b(u / d.kv), k(u % d.kv) {}
+  Unit(const Inputs& in, int64_t u)
+      : d(in.d), b(u / d.kv), k(u % d.kv), keys(in.k + KRow(0)), values(in.v + KRow(0)),
+        mask(in.mask + b * d.t * d.t) {}
   // Offset of q's (or out's) row (t, g) of this unit, and of k's (v's) row s.
   int64_t QRow(int64_t t) const { return ((b * d.t + t) * d.n + k * d.g) * d.h; }
   int64_t KRow(int64_t s) const { return ((b * d.t + s) * d.kv + k) * d.h; }
@@ -130,6 +152,9 @@ struct Unit {
   }
   const Dims& d;
   const int64_t b, k;
+  const float* const keys;
+  const float* const values;
+  const uint8_t* const mask;
 };
 
 // Masked, scaled scores of block rows (positions t0.., G per position) against keys [0, end) (in `s`,
@@ -163,38 +188,31 @@ void SoftmaxRows(float* s, int64_t nr, int64_t end, int64_t t0, int64_t g, const
 ffi::Error Forward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<ffi::F32> k, ffi::Buffer<ffi::F32> v,
                    ffi::Buffer<ffi::PRED> mask, float scale, int64_t block, int64_t threads,
                    ffi::ResultBuffer<ffi::F32> out, ffi::ResultBuffer<ffi::F32> lse) {
-  sftrl::SgemmFn sgemm = sftrl::CurrentSgemm();
-  if (sgemm == nullptr) return ffi::Error::Internal("causal_attention: no BLAS was set");
-  Dims d;
-  if (auto err = CheckDims(q, k, v, mask, block, &d); err.failure()) return err;
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.typed_data());
+  Inputs in;
+  if (auto err = ReadInputs(q, k, v, mask, block, &in); err.failure()) return err;
+  const sftrl::SgemmFn sgemm = in.sgemm;
+  const Dims& d = in.d;
   float* op = out->typed_data();
   float* lp = lse->typed_data();
   const int64_t t = d.t, h = d.h, g = d.g, ldk = d.kv * d.h, rows = t * g;
   sftrl::parallel_for(pool, d.b * d.kv, threads, [=](int64_t u) {
-    const Unit unit(d, u);
-    const float* ku = kp + unit.KRow(0);
-    const float* vu = vp + unit.KRow(0);
-    const uint8_t* mb = mp + unit.b * t * t;
+    const Unit unit(in, u);
     float* lu = lp + u * rows;
     const int64_t most = std::min(block, t) * g;
     std::vector<float> s(static_cast<size_t>(most * t)), qb(most * h), ob(most * h);
     std::vector<float> mean;  // of v over all keys, for rows with no key
     for (int64_t t0 = 0; t0 < t; t0 += block) {
       const int64_t end = std::min(t, t0 + block), nr = (end - t0) * g, r0 = t0 * g;
-      unit.Pack(qp, t0, end, qb.data());
-      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qb.data(), h, ku, ldk, 0.0f, s.data(), end);
-      SoftmaxRows(s.data(), nr, end, t0, g, mb, t, scale, lu + r0);
-      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, s.data(), end, vu, ldk, 0.0f, ob.data(), h);
+      unit.Pack(in.q, t0, end, qb.data());
+      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qb.data(), h, unit.keys, ldk, 0.0f, s.data(), end);
+      SoftmaxRows(s.data(), nr, end, t0, g, unit.mask, t, scale, lu + r0);
+      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, s.data(), end, unit.values, ldk, 0.0f, ob.data(), h);
       for (int64_t i = 0; i < nr; ++i) {
         if (!std::isinf(lu[r0 + i])) continue;
         if (mean.empty()) {
           mean.assign(h, 0.0f);
           for (int64_t j = 0; j < t; ++j)
-            for (int64_t c = 0; c < h; ++c) mean[c] += vu[j * ldk + c];
+            for (int64_t c = 0; c < h; ++c) mean[c] += unit.values[j * ldk + c];
           for (auto& x : mean) x /= static_cast<float>(t);
         }
         std::copy(mean.begin(), mean.end(), ob.data() + i * h);
@@ -209,18 +227,14 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
                     ffi::Buffer<ffi::PRED> mask, ffi::Buffer<ffi::F32> out, ffi::Buffer<ffi::F32> lse,
                     ffi::Buffer<ffi::F32> dout, float scale, int64_t block, int64_t threads,
                     ffi::ResultBuffer<ffi::F32> dq, ffi::ResultBuffer<ffi::F32> dk, ffi::ResultBuffer<ffi::F32> dv) {
-  sftrl::SgemmFn sgemm = sftrl::CurrentSgemm();
-  if (sgemm == nullptr) return ffi::Error::Internal("causal_attention: no BLAS was set");
-  Dims d;
-  if (auto err = CheckDims(q, k, v, mask, block, &d); err.failure()) return err;
+  Inputs in;
+  if (auto err = ReadInputs(q, k, v, mask, block, &in); err.failure()) return err;
+  const sftrl::SgemmFn sgemm = in.sgemm;
+  const Dims& d = in.d;
   if (out.element_count() != q.element_count() || dout.element_count() != q.element_count() ||
       lse.element_count() != d.b * d.n * d.t) {
     return ffi::Error::InvalidArgument("causal_attention: out, dout or lse do not fit q");
   }
-  const float* qp = q.typed_data();
-  const float* kp = k.typed_data();
-  const float* vp = v.typed_data();
-  const uint8_t* mp = reinterpret_cast<const uint8_t*>(mask.typed_data());
   const float* op = out.typed_data();
   const float* lp = lse.typed_data();
   const float* gp = dout.typed_data();
@@ -229,12 +243,9 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   float* dvp = dv->typed_data();
   const int64_t t = d.t, h = d.h, g = d.g, ldk = d.kv * d.h, rows = t * g;
   sftrl::parallel_for(pool, d.b * d.kv, threads, [=](int64_t u) {
-    const Unit unit(d, u);
-    const float* ku = kp + unit.KRow(0);
-    const float* vu = vp + unit.KRow(0);
+    const Unit unit(in, u);
     float* dku = dkp + unit.KRow(0);
     float* dvu = dvp + unit.KRow(0);
-    const uint8_t* mb = mp + unit.b * t * t;
     const float* lu = lp + u * rows;
     for (int64_t j = 0; j < t; ++j) {
       std::fill(dku + j * ldk, dku + j * ldk + h, 0.0f);
@@ -245,16 +256,16 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
     std::vector<float> uniform;  // sum of dO over rows with no key, / T: their share of every dV row
     for (int64_t t0 = 0; t0 < t; t0 += block) {
       const int64_t end = std::min(t, t0 + block), nr = (end - t0) * g, r0 = t0 * g;
-      unit.Pack(qp, t0, end, qb.data());
+      unit.Pack(in.q, t0, end, qb.data());
       unit.Pack(gp, t0, end, gb.data());
       unit.Pack(op, t0, end, ob.data());
-      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qb.data(), h, ku, ldk, 0.0f, p.data(), end);
-      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, gb.data(), h, vu, ldk, 0.0f, dp.data(), end);
+      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, qb.data(), h, unit.keys, ldk, 0.0f, p.data(), end);
+      sgemm(kRowMajor, kNoTrans, kTrans, nr, end, h, 1.0f, gb.data(), h, unit.values, ldk, 0.0f, dp.data(), end);
       for (int64_t i = 0; i < nr; ++i) {
         float* pr = p.data() + i * end;
         float* dr = dp.data() + i * end;
         const float* gi = gb.data() + i * h;
-        const uint8_t* m = mb + (t0 + i / g) * t;
+        const uint8_t* m = unit.mask + (t0 + i / g) * t;
         const float l = lu[r0 + i];
         if (std::isinf(l)) {
           std::fill(pr, pr + end, 0.0f);
@@ -272,7 +283,7 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
           dr[j] = x * (dr[j] - dl) * scale;
         }
       }
-      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, dp.data(), end, ku, ldk, 0.0f, ob.data(), h);
+      sgemm(kRowMajor, kNoTrans, kNoTrans, nr, h, end, 1.0f, dp.data(), end, unit.keys, ldk, 0.0f, ob.data(), h);
       unit.Unpack(ob.data(), t0, end, dqp);
       sgemm(kRowMajor, kTrans, kNoTrans, end, h, nr, 1.0f, dp.data(), end, qb.data(), h, 1.0f, dku, ldk);
       sgemm(kRowMajor, kTrans, kNoTrans, end, h, nr, 1.0f, p.data(), end, gb.data(), h, 1.0f, dvu, ldk);
@@ -286,34 +297,34 @@ ffi::Error Backward(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::Buffer<f
   return ffi::Error::Success();
 }
 
+// The arguments both passes start with: XLA's intra-op pool, q, k, v and mask.
+auto BindQkvMask() {
+  return ffi::Ffi::Bind()
+      .Ctx<ffi::ThreadPool>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::F32>>()
+      .Arg<ffi::Buffer<ffi::PRED>>();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SftrlCausalAttentionFwdF32, Forward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
+                              BindQkvMask()
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block")
                                   .Attr<int64_t>("threads")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // out
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // lse
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(SftrlCausalAttentionBwdF32, Backward,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::PRED>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
+                              BindQkvMask()
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // out
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // lse
+                                  .Arg<ffi::Buffer<ffi::F32>>()  // dout
                                   .Attr<float>("scale")
                                   .Attr<int64_t>("block")
                                   .Attr<int64_t>("threads")
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>());
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dq
+                                  .Ret<ffi::Buffer<ffi::F32>>()    // dk
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dv

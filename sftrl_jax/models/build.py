@@ -34,9 +34,15 @@ def canonical_dtype(dtype) -> jnp.dtype:
 
 
 def abstract_model(
-    config: config_lib.ModelConfig, *, param_dtype=jnp.float32, dtype=None, remat: bool = False
+    config: config_lib.ModelConfig,
+    *,
+    param_dtype=jnp.float32,
+    dtype=None,
+    remat: bool = False,
+    scan_layers: bool = False,
 ) -> nnx.Module:
-    """The model with `jax.ShapeDtypeStruct` in place of every weight."""
+    """The model with `jax.ShapeDtypeStruct` in place of every weight. `scan_layers`: each layer stack
+    (text decoder, vision encoders) stored stacked and run as one scan (`layers.loop`)."""
     cls = model_class(config)
     return nnx.eval_shape(
         lambda: cls(
@@ -44,24 +50,10 @@ def abstract_model(
             param_dtype=canonical_dtype(param_dtype),
             dtype=canonical_dtype(dtype),
             remat=remat,
+            scan_layers=scan_layers,
             rngs=nnx.Rngs(0),
         )
     )
-
-
-def scan_layers(model: nnx.Module, on: bool = True) -> nnx.Module:
-    """Run the model's layer stacks (text decoder, vision encoders) as one `jax.lax.scan` each in
-    every pass without a KV cache (training steps, log-prob and value passes; sampling stays
-    unrolled): compile time and the memory XLA keeps across layers stop growing with depth. The
-    parameters keep their per-layer layout (checkpoints and conversion unchanged); the scan stacks
-    them inside the program, one extra copy of the layer weights per device (see `layers.scan`).
-    Returns `model`, changed in place."""
-    from sftrl_jax.models import text, vision
-
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, (text.TextModel, vision.VisionEncoder)):
-            module.scan_layers = on
-    return model
 
 
 def path_str(path) -> str:
@@ -99,11 +91,12 @@ def create_model(
     param_dtype=jnp.float32,
     dtype=None,
     remat: bool = False,
+    scan_layers: bool = False,
     seed: int = 0,
 ) -> nnx.Module:
     """Randomly initialised model (tests, demos); each parameter is drawn on the host and placed
     directly in its sharding, one at a time."""
-    abstract = abstract_model(config, param_dtype=param_dtype, dtype=dtype, remat=remat)
+    abstract = abstract_model(config, param_dtype=param_dtype, dtype=dtype, remat=remat, scan_layers=scan_layers)
     graphdef, abstract_state = nnx.split(abstract)
 
     def init(path: str, var: nnx.Variable) -> jax.Array:

@@ -29,7 +29,7 @@ from flax import nnx
 
 from sftrl_jax import errors
 from sftrl_jax.errors import SaveError, UserError
-from sftrl_jax.models import build
+from sftrl_jax.models import build, stacking
 from sftrl_jax.models import config as config_lib
 
 CONFIG_FILE = "model_config.json"
@@ -163,20 +163,30 @@ def load_checkpoint(
     dtype=None,
     compute_dtype=None,
     remat: bool = False,
+    scan_layers: bool = False,
     config: config_lib.ModelConfig | None = None,
 ) -> nnx.Module:
     """Restore a checkpoint written by `save_checkpoint` / `sftrl convert`.
 
     Each parameter is read directly into its sharding on `mesh` (default: one device). `dtype`
     (default: as stored) casts the parameters; `config` may replace the stored one (same shapes).
+    `scan_layers`: the model's layer stacks stored stacked; a checkpoint of the other layout is
+    restored as stored, then stacked or unstacked on the devices parameter by parameter.
     """
     path = os.path.abspath(path)
     stored, stored_dtype = read_checkpoint_config(path)
     config = stored if config is None else config
     param_dtype = jnp.dtype(dtype if dtype is not None else stored_dtype)
-    graphdef, abstract_state = nnx.split(
-        build.abstract_model(config, param_dtype=param_dtype, dtype=compute_dtype, remat=remat)
-    )
+    stored_stacked = _stored_stacked(os.path.join(path, PARAMS_DIR))
+    stored_stacked = scan_layers if stored_stacked is None else stored_stacked
+
+    def abstract(stacked: bool):
+        model = build.abstract_model(
+            config, param_dtype=param_dtype, dtype=compute_dtype, remat=remat, scan_layers=stacked
+        )
+        return nnx.split(model)
+
+    graphdef, abstract_state = abstract(stored_stacked)
     if mesh is None:
         device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
         target = jax.tree.map(lambda v: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=device), abstract_state)
@@ -191,7 +201,22 @@ def load_checkpoint(
     except Exception as e:  # tensorstore raises plain Exception on a damaged file
         raise UserError(restore_problem(os.path.join(path, PARAMS_DIR), e, against="this config")) from None
     nnx.replace_by_pure_dict(abstract_state, restored)
+    if stored_stacked != scan_layers:
+        graphdef, target = abstract(scan_layers)
+        abstract_state = stacking.relayout(abstract_state, target, mesh=mesh, consume=True)
     return nnx.merge(graphdef, abstract_state)
+
+
+def _stored_stacked(params_dir: str) -> bool | None:
+    """Whether a checkpoint's parameters are stored stacked (`stacking`), from orbax's metadata; None
+    when it cannot be read (the restore then says what is wrong)."""
+    try:
+        with ocp.StandardCheckpointer() as ckptr:
+            tree = ckptr.metadata(params_dir).item_metadata
+        leaves = jax.tree_util.tree_flatten_with_path(getattr(tree, "tree", tree))[0]
+    except Exception:  # a missing or damaged checkpoint: reported by the restore
+        return None
+    return stacking.is_stacked(build.path_str(p) for p, _ in leaves)
 
 
 _MISMATCH = ("tree structures do not match", "is not compatible with the stored shape")

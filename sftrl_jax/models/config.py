@@ -203,56 +203,47 @@ class LlamaConfig:
 
     @classmethod
     def llama_3_2_1b(cls) -> LlamaConfig:
-        return cls(
-            TextConfig(
-                hidden_size=2048,
-                intermediate_size=8192,
-                num_layers=16,
-                num_heads=32,
-                num_kv_heads=8,
-                head_dim=64,
-                rope_factor=32.0,
-                tie_word_embeddings=True,
-                eos_token_id=(128001, 128008, 128009),
-            )
-        )
+        return cls._llama_3_2(hidden_size=2048, num_layers=16, num_heads=32, head_dim=64)
 
     @classmethod
     def llama_3_2_3b(cls) -> LlamaConfig:
+        return cls._llama_3_2(hidden_size=3072, num_layers=28, num_heads=24, head_dim=128)
+
+    @classmethod
+    def _llama_3_2(cls, **sizes) -> LlamaConfig:
+        """Llama 3.2 1B / 3B: what the two share (8 kv heads, MLP 8192, tied embeddings, RoPE x32)."""
         return cls(
             TextConfig(
-                hidden_size=3072,
                 intermediate_size=8192,
-                num_layers=28,
-                num_heads=24,
                 num_kv_heads=8,
-                head_dim=128,
                 rope_factor=32.0,
                 tie_word_embeddings=True,
                 eos_token_id=(128001, 128008, 128009),
+                **sizes,
             )
         )
 
     @classmethod
     def tiny(cls, **text_overrides) -> LlamaConfig:
         """A few-hundred-thousand-parameter Llama for CPU tests (GQA, llama3 RoPE scaling)."""
-        text = dict(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=2,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            rope_theta=10000.0,
-            rope_original_max_position=64,
-            max_position_embeddings=512,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
-        text.update(text_overrides)
-        return cls(TextConfig(**text))
+        return cls(TextConfig(**{**_TINY_TEXT, "num_layers": 2, **text_overrides}))
+
+
+# The text decoder of both tiny presets (CPU tests).
+_TINY_TEXT = dict(
+    vocab_size=256,
+    hidden_size=64,
+    intermediate_size=128,
+    num_heads=4,
+    num_kv_heads=2,
+    head_dim=16,
+    rope_theta=10000.0,
+    rope_original_max_position=64,
+    max_position_embeddings=512,
+    bos_token_id=1,
+    eos_token_id=2,
+    pad_token_id=0,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -281,23 +272,7 @@ class MllamaConfig:
     @classmethod
     def tiny(cls, **text_overrides) -> MllamaConfig:
         """Tiny Mllama for CPU tests: 4 text layers (1 and 3 cross-attention), 28-px tiles of 2x2 patches."""
-        text = dict(
-            vocab_size=256,
-            hidden_size=64,
-            intermediate_size=128,
-            num_layers=4,
-            num_heads=4,
-            num_kv_heads=2,
-            head_dim=16,
-            rope_theta=10000.0,
-            rope_original_max_position=64,
-            max_position_embeddings=512,
-            cross_attention_layers=(1, 3),
-            extra_embeddings=8,
-            bos_token_id=1,
-            eos_token_id=2,
-            pad_token_id=0,
-        )
+        text = {**_TINY_TEXT, "num_layers": 4, "cross_attention_layers": (1, 3), "extra_embeddings": 8}
         text.update(text_overrides)
         vision = VisionConfig(
             hidden_size=32,

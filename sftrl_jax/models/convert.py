@@ -1,9 +1,11 @@
 """Hugging Face checkpoints <-> our models, through ONE declarative key table used both ways.
 
-Each rule pairs an HF key with one of our parameter paths (`{i}` = layer index) and a layout
-transform. Loading is strict: every key in the files is consumed, every parameter filled, every
+Each rule pairs an HF key with one of our parameter paths (layer rules: under `layers.{i}.`) and a
+layout transform. Loading is strict: every key in the files is consumed, every parameter filled, every
 shape checked; errors name the file, key or config field. Tensors are streamed one at a time from
-memory-mapped safetensors (numpy, never torch) straight into their shardings.
+memory-mapped safetensors (numpy, never torch) straight into their shardings. A model with stacked
+layers (`scan_layers`) is filled stack by stack (`stacking.locate`: layer i is slice i // p of stack
+i % p) and written layer by layer, so its HF files are the per-layer model's.
 
 Mllama checkpoints come in two key layouts: the hub's (`language_model.model.layers...`,
 `language_model.lm_head`, `vision_model...`, `multi_modal_projector...`, also what transformers 5
@@ -26,7 +28,7 @@ from flax import nnx
 
 from sftrl_jax import integrity
 from sftrl_jax.errors import UserError
-from sftrl_jax.models import build, safetensors_io
+from sftrl_jax.models import build, safetensors_io, stacking
 from sftrl_jax.models import config as config_lib
 
 # --------------------------------------------------------------------------------------------------
@@ -95,56 +97,53 @@ class Conv:
 COPY, LINEAR, LINEAR_OUT, FLAT, CONV = Copy(), Linear(1), Linear(2), FlattenTail(), Conv()
 
 # --------------------------------------------------------------------------------------------------
-# The table: (HF key, our path, transform), grouped by where it repeats.
+# The table: (HF key, our path, transform), grouped by where it repeats. Layer rules are relative to
+# `layers.{i}.` (`_expand` adds it).
 
-TEXT_SELF_LAYER = (
-    ("layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.scale", COPY),
-    ("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj", LINEAR),
-    ("layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj", LINEAR),
-    ("layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj", LINEAR),
-    ("layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj", LINEAR_OUT),
-    ("layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.scale", COPY),
-    ("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj", LINEAR),
-    ("layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj", LINEAR),
-    ("layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj", LINEAR),
-)
+
+def _norm(name: str, bias: bool = False) -> tuple:
+    """An RMSNorm (weight -> scale) or, with `bias`, a LayerNorm."""
+    return ((f"{name}.weight", f"{name}.scale", COPY),) + (((f"{name}.bias", f"{name}.bias", COPY),) if bias else ())
+
+
+def _linear(*names: str, transform=LINEAR) -> tuple:
+    return tuple((f"{name}.weight", name, transform) for name in names)
+
+
+def _attention(name: str) -> tuple:
+    return _linear(f"{name}.q_proj", f"{name}.k_proj", f"{name}.v_proj") + _linear(
+        f"{name}.o_proj", transform=LINEAR_OUT
+    )
+
+
+def _copy(*names: str) -> tuple:
+    return tuple((name, name, COPY) for name in names)
+
+
+SWIGLU = _linear("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+TEXT_SELF_LAYER = _norm("input_layernorm") + _attention("self_attn") + _norm("post_attention_layernorm") + SWIGLU
 TEXT_CROSS_LAYER = (
-    ("layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.scale", COPY),
-    ("layers.{i}.cross_attn.q_proj.weight", "layers.{i}.cross_attn.q_proj", LINEAR),
-    ("layers.{i}.cross_attn.k_proj.weight", "layers.{i}.cross_attn.k_proj", LINEAR),
-    ("layers.{i}.cross_attn.v_proj.weight", "layers.{i}.cross_attn.v_proj", LINEAR),
-    ("layers.{i}.cross_attn.o_proj.weight", "layers.{i}.cross_attn.o_proj", LINEAR_OUT),
-    ("layers.{i}.cross_attn.q_norm.weight", "layers.{i}.cross_attn.q_norm.scale", COPY),
-    ("layers.{i}.cross_attn.k_norm.weight", "layers.{i}.cross_attn.k_norm.scale", COPY),
-    ("layers.{i}.cross_attn_attn_gate", "layers.{i}.cross_attn_attn_gate", COPY),
-    ("layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.scale", COPY),
-    ("layers.{i}.mlp.gate_proj.weight", "layers.{i}.mlp.gate_proj", LINEAR),
-    ("layers.{i}.mlp.up_proj.weight", "layers.{i}.mlp.up_proj", LINEAR),
-    ("layers.{i}.mlp.down_proj.weight", "layers.{i}.mlp.down_proj", LINEAR),
-    ("layers.{i}.cross_attn_mlp_gate", "layers.{i}.cross_attn_mlp_gate", COPY),
+    _norm("input_layernorm")
+    + _attention("cross_attn")
+    + _norm("cross_attn.q_norm")
+    + _norm("cross_attn.k_norm")
+    + _copy("cross_attn_attn_gate")
+    + _norm("post_attention_layernorm")
+    + SWIGLU
+    + _copy("cross_attn_mlp_gate")
 )
 TEXT_MODEL = (
     ("embed_tokens.weight", "embed_tokens", COPY),
     ("norm.weight", "norm.scale", COPY),
 )
 VISION_LAYER = (
-    ("layers.{i}.input_layernorm.weight", "layers.{i}.input_layernorm.scale", COPY),
-    ("layers.{i}.input_layernorm.bias", "layers.{i}.input_layernorm.bias", COPY),
-    ("layers.{i}.self_attn.q_proj.weight", "layers.{i}.self_attn.q_proj", LINEAR),
-    ("layers.{i}.self_attn.k_proj.weight", "layers.{i}.self_attn.k_proj", LINEAR),
-    ("layers.{i}.self_attn.v_proj.weight", "layers.{i}.self_attn.v_proj", LINEAR),
-    ("layers.{i}.self_attn.o_proj.weight", "layers.{i}.self_attn.o_proj", LINEAR_OUT),
-    ("layers.{i}.post_attention_layernorm.weight", "layers.{i}.post_attention_layernorm.scale", COPY),
-    ("layers.{i}.post_attention_layernorm.bias", "layers.{i}.post_attention_layernorm.bias", COPY),
-    ("layers.{i}.mlp.fc1.weight", "layers.{i}.mlp.fc1.kernel", LINEAR),
-    ("layers.{i}.mlp.fc1.bias", "layers.{i}.mlp.fc1.bias", COPY),
-    ("layers.{i}.mlp.fc2.weight", "layers.{i}.mlp.fc2.kernel", LINEAR),
-    ("layers.{i}.mlp.fc2.bias", "layers.{i}.mlp.fc2.bias", COPY),
+    _norm("input_layernorm", bias=True)
+    + _attention("self_attn")
+    + _norm("post_attention_layernorm", bias=True)
+    + (("mlp.fc1.weight", "mlp.fc1.kernel", LINEAR), ("mlp.fc1.bias", "mlp.fc1.bias", COPY))
+    + (("mlp.fc2.weight", "mlp.fc2.kernel", LINEAR), ("mlp.fc2.bias", "mlp.fc2.bias", COPY))
 )
-VISION_GLOBAL_LAYER = VISION_LAYER + (
-    ("layers.{i}.gate_attn", "layers.{i}.gate_attn", COPY),
-    ("layers.{i}.gate_ffn", "layers.{i}.gate_ffn", COPY),
-)
+VISION_GLOBAL_LAYER = VISION_LAYER + _copy("gate_attn", "gate_ffn")
 VISION_MODEL = (
     ("patch_embedding.weight", "patch_embedding", CONV),
     ("class_embedding", "class_embedding", COPY),
@@ -188,10 +187,12 @@ class Entry:
     transform: Copy | Linear | FlattenTail | Conv
 
 
-def _expand(rules, hf_prefix: str, our_prefix: str, indices=(None,)) -> Iterator[Entry]:
-    for i in indices:
+def _expand(rules, hf_prefix: str, our_prefix: str, indices=None) -> Iterator[Entry]:
+    """The rules under the two prefixes; with `indices`, once per layer i under `layers.{i}.`."""
+    for i in [None] if indices is None else indices:
+        layer = "" if i is None else f"layers.{i}."
         for hf, ours, transform in rules:
-            yield Entry(hf_prefix + hf.format(i=i), our_prefix + ours.format(i=i), transform)
+            yield Entry(hf_prefix + layer + hf, our_prefix + layer + ours, transform)
 
 
 def key_table(config: config_lib.ModelConfig) -> list[Entry]:
@@ -285,13 +286,15 @@ def from_pretrained(
     compute_dtype=None,
     mesh: jax.sharding.Mesh | None = None,
     remat: bool = False,
+    scan_layers: bool = False,
     config: config_lib.ModelConfig | None = None,
 ) -> nnx.Module:
     """Load an HF checkpoint folder (config.json + safetensors, sharded or not) of
     `MllamaForConditionalGeneration` or `LlamaForCausalLM`.
 
     `dtype` is the parameter dtype, `compute_dtype` the activation dtype (default: `dtype`). With a
-    `mesh`, every parameter goes straight into its sharding under the rules table. `config`
+    `mesh`, every parameter goes straight into its sharding under the rules table. `scan_layers`:
+    the layer stacks stored stacked (each stack's tensors are stacked on the host). `config`
     overrides the one read from config.json (e.g. to pick transformers' semantics flags); it must
     describe the same shapes.
     """
@@ -323,28 +326,43 @@ def from_pretrained(
     if missing:
         raise UserError(f"{path}: missing tensor(s) for {config.architecture}: {_list(missing)}")
 
-    abstract = build.abstract_model(config, param_dtype=dtype, dtype=compute_dtype, remat=remat)
+    abstract = build.abstract_model(
+        config, param_dtype=dtype, dtype=compute_dtype, remat=remat, scan_layers=scan_layers
+    )
     graphdef, abstract_state = nnx.split(abstract)
+    periods = stacking.periods(build.flat_params(abstract_state))
+    slices: dict[str, dict] = {}  # our parameter path -> {slice g (None outside the layer stacks): entry}
+    for e in table.values():
+        ours, g = stacking.locate(e.ours, periods)
+        slices.setdefault(ours, {})[g] = e
     filled = set()
 
-    def load(our_path: str, var: nnx.Variable) -> jax.Array:
-        if our_path not in table:
-            raise AssertionError(f"parameter {our_path} has no entry in the conversion table")
-        entry = table[our_path]
+    def read(entry: Entry, shape: tuple[int, ...], dtype) -> np.ndarray:
         name, key = location[entry.hf]
         f = files[name]
-        want = entry.transform.hf_shape(tuple(var.shape))
+        want = entry.transform.hf_shape(shape)
         if f.shape(key) != want:
             raise UserError(
                 f"{os.path.join(path, name)}: tensor {key!r} has shape {list(f.shape(key))}, expected "
                 f"{list(want)} for this config.json"
             )
-        value = entry.transform.to_ours(f.get(key), tuple(var.shape)).astype(var.dtype)
+        return entry.transform.to_ours(f.get(key), shape).astype(dtype)
+
+    def load(our_path: str, var: nnx.Variable) -> jax.Array:
+        if our_path not in slices:
+            raise AssertionError(f"parameter {our_path} has no entry in the conversion table")
+        entries, shape = slices[our_path], tuple(var.shape)
+        if None in entries:
+            value = read(entries[None], shape, var.dtype)
+        else:  # a layer stack [G, ...]: its layers' tensors, stacked on the host
+            if sorted(entries) != list(range(shape[0])):
+                raise AssertionError(f"layer stack {our_path} of {shape[0]} layers has table entries {sorted(entries)}")
+            value = np.stack([read(entries[g], shape[1:], var.dtype) for g in range(shape[0])])
         filled.add(our_path)
         return build.put(np.ascontiguousarray(value), var, mesh)
 
     state = build.map_params(abstract_state, load)
-    unfilled = set(table) - filled
+    unfilled = set(slices) - filled
     if unfilled:
         raise AssertionError(f"conversion table entries without a parameter: {_list(unfilled)}")
     for f in files.values():
@@ -377,22 +395,28 @@ def save_pretrained(
     config = model.config
     params = build.flat_params(nnx.state(model, nnx.Param))
     table = key_table(config)
-    missing = {e.ours for e in table} - set(params)
+    periods = stacking.periods(params)
+    where = {e.hf: stacking.locate(e.ours, periods) for e in table}  # HF key -> (our path, slice or None)
+    paths = {p for p, _ in where.values()}
+    missing = paths - set(params)
     if missing:
         raise AssertionError(f"model lacks parameters of the conversion table: {_list(missing)}")
-    extra = set(params) - {e.ours for e in table}
+    extra = set(params) - paths
     if extra:
         raise AssertionError(f"parameters without a conversion table entry: {_list(extra)}")
     store = np.dtype(dtype) if dtype is not None else None
     by_hf = {e.hf: e for e in table}
     entries = []
     for e in table:
-        var = params[e.ours]
-        entries.append((e.hf, e.transform.hf_shape(tuple(var.shape)), store or np.dtype(var.dtype)))
+        ours, g = where[e.hf]
+        var = params[ours]
+        shape = tuple(var.shape[1:] if g is not None else var.shape)
+        entries.append((e.hf, e.transform.hf_shape(shape), store or np.dtype(var.dtype)))
 
     def get(key: str) -> np.ndarray:
-        e = by_hf[key]
-        value = e.transform.to_hf(_host(params[e.ours][...]))
+        ours, g = where[key]
+        value = params[ours][...]
+        value = by_hf[key].transform.to_hf(_host(value if g is None else stacking.layer(value, g)))
         return value.astype(store or value.dtype)
 
     dtype_name = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}

@@ -8,6 +8,10 @@ attended; `next_position` [B] is each row's next RoPE position (its count of rea
 Cross-attention keys/values (Mllama) are computed once from the vision features at prefill and kept
 as `[B, S_x, K, H]` per cross-attention layer; `cross_row` [B, I, C] is the tile mask that later
 tokens reuse (transformers' generate repeats the last row of `cross_attention_mask` the same way).
+
+A decoder with stacked layers (`scan_layers`) keeps its cache stacked the same way: one
+`[G, B, S_max, K, H]` buffer per self-attention stack (and `[G, B, S_x, K, H]` per cross-attention
+stack), the leading axis named `layers`.
 """
 
 from __future__ import annotations
@@ -18,14 +22,15 @@ import jax
 import jax.numpy as jnp
 
 from sftrl_jax.models import config as config_lib
+from sftrl_jax.models import layers
 from sftrl_jax.parallel import rules
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-    k: tuple[jax.Array, ...]  # per self-attention layer, [B, S_max, K, H]
-    v: tuple[jax.Array, ...]  # per self-attention layer, [B, S_max, K, H]
+    k: tuple[jax.Array, ...]  # per self-attention layer, [B, S_max, K, H] (or per stack, [G, B, S_max, K, H])
+    v: tuple[jax.Array, ...]  # per self-attention layer, [B, S_max, K, H] (or per stack, [G, B, S_max, K, H])
     key_mask: jax.Array  # [B, S_max] bool: slot holds a real (non-padding) token
     index: jax.Array  # [] int32: next slot to write
     next_position: jax.Array  # [B] int32: RoPE position of each row's next real token
@@ -49,9 +54,14 @@ class KVCache:
 KV_NAMES = ("batch", "seq", "act_kv_heads", None)
 
 
+def kv_names(x: jax.Array) -> tuple[str | None, ...]:
+    """Logical names of a [B, S, K, H] buffer, or of a stack of them [G, B, S, K, H]."""
+    return (layers.LAYERS,) * (x.ndim - len(KV_NAMES)) + KV_NAMES
+
+
 def logical_names(cache: KVCache) -> KVCache:
     """The cache's logical axis names, leaf for leaf (a KVCache of name tuples)."""
-    kv = lambda xs: None if xs is None else tuple(KV_NAMES for _ in xs)  # noqa: E731
+    kv = lambda xs: None if xs is None else tuple(kv_names(x) for x in xs)  # noqa: E731
     return KVCache(
         k=kv(cache.k),
         v=kv(cache.v),
@@ -73,12 +83,23 @@ def shardings(cache: KVCache, mesh: jax.sharding.Mesh) -> KVCache:
 
 
 def init_cache(
-    cfg: config_lib.TextConfig, batch_size: int, max_length: int, dtype=jnp.float32, *, mesh=None
+    cfg: config_lib.TextConfig,
+    batch_size: int,
+    max_length: int,
+    dtype=jnp.float32,
+    *,
+    mesh=None,
+    period: int | None = None,
 ) -> KVCache:
     """An empty cache for `batch_size` rows of up to `max_length` tokens (prompt + generated),
-    created directly in its sharding (batch over data/fsdp, kv heads over tensor) when `mesh` is given."""
+    created directly in its sharding (batch over data/fsdp, kv heads over tensor) when `mesh` is given.
+    `period`: a stacked decoder's number of stacks (one buffer per self-attention stack), None for one
+    buffer per self-attention layer."""
     shape = (batch_size, max_length, cfg.num_kv_heads, cfg.head_dim)
     n = len(cfg.self_attention_layers)
+    if period is not None:
+        shape = (cfg.num_layers // period, *shape)
+        n = sum(j not in cfg.cross_attention_layers for j in range(period))
 
     def zeros():
         return KVCache(
@@ -118,8 +139,10 @@ def extend(cache: KVCache, max_length: int) -> KVCache:
     if pad < 0:
         raise ValueError(f"cannot shrink a cache of {cache.max_length} slots to {max_length}")
 
-    def grow(x):  # [B, P, K, H] -> [B, S, K, H]
-        return rules.constrain(jnp.pad(x, ((0, 0), (0, pad), (0, 0), (0, 0))), KV_NAMES)
+    def grow(x):  # [..., B, P, K, H] -> [..., B, S, K, H]
+        widths = [(0, 0)] * x.ndim
+        widths[-3] = (0, pad)
+        return rules.constrain(jnp.pad(x, widths), kv_names(x))
 
     return dataclasses.replace(
         cache,

@@ -149,57 +149,83 @@ def rope_inv_freq(cfg: config_lib.TextConfig) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------------------------------
-# Scanning over layers
+# Layer stacks and the layer loop
+
+LAYERS = "layers"  # the logical name of a stack's leading axis (`parallel.rules`: replicated)
 
 
-def scan(groups: Sequence[Sequence[nnx.Module]], call, x: jax.Array, *, remat: bool, keep: str | None = None):
-    """x through `groups` of layers with one `jax.lax.scan` over the groups (`model.scan_layers`).
+def stack(modules: Sequence[nnx.Module]) -> nnx.Module:
+    """The `modules` as one module of their structure whose parameters are theirs stacked: [G, ...],
+    the leading axis named `layers`. They must share their structure (class, shapes, static
+    attributes): layer g of the stack is `modules[g]`."""
+    splits = [nnx.split(m) for m in modules]
+    graphdef = splits[0][0]
+    if any(s[0] != graphdef for s in splits[1:]):
+        raise ValueError("layers differ in structure: they cannot be stacked (and scanned)")
+    return nnx.merge(graphdef, jax.tree.map(_stack, *[s[1] for s in splits], is_leaf=_is_variable))
 
-    `groups[g][j]` is the j-th layer of group g; layers at the same position j share their structure
-    (class, shapes, static attributes). `call(j, layer, x) -> x` runs one layer. The parameters of
-    each position are stacked (one copy, sharded like the layers': [G, ...]) and the scan body holds
-    one group: XLA compiles one group instead of every layer, and what a layer gathers (its FSDP
-    weights) or produces in the backward pass (its full-size weight gradients before the
-    reduce-scatter) lives for one iteration, not across the whole unrolled stack. With `remat` each
-    layer is a `jax.checkpoint`: its input is all the backward pass keeps of it.
 
-    keep: None, or "inputs" / "outputs" to also return every group's input / output stacked [G, ...].
-    """
-    period = len(groups[0])
-    defs, stacks = [], []
-    for j in range(period):
-        splits = [nnx.split(group[j]) for group in groups]
-        graphdef = splits[0][0]
-        if any(s[0] != graphdef for s in splits[1:]):
-            raise ValueError(f"layers at position {j} of their group differ in structure: they cannot be scanned")
-        defs.append(graphdef)
-        stacks.append(jax.tree.map(_stack, *[s[1] for s in splits], is_leaf=_is_variable))
+def _stack(*variables: nnx.Variable) -> nnx.Variable:
+    value = jnp.stack([v[...] for v in variables])
+    return variables[0].replace(value, out_sharding=(LAYERS, *rules.param_names(variables[0])))
 
-    def position(j):
-        def run(state, x):
-            return call(j, nnx.merge(defs[j], state), x)
 
-        return jax.checkpoint(run, prevent_cse=False) if remat else run
-
-    runs = [position(j) for j in range(period)]
-
-    def body(x, states):
-        x_in = x
-        for run, state in zip(runs, states):
-            x = run(state, x)
-        return x, (x_in if keep == "inputs" else x if keep == "outputs" else None)
-
-    x, kept = jax.lax.scan(body, x, stacks)
-    return (x, kept) if keep else x
+def _one_layer(state):
+    """A stack's state as the scan slices it, [...] of [G, ...]: named as one layer's parameters."""
+    return jax.tree.map(lambda v: v.replace(out_sharding=rules.param_names(v)[1:]), state, is_leaf=_is_variable)
 
 
 def _is_variable(x) -> bool:
     return isinstance(x, nnx.Variable)
 
 
-def _stack(*variables: nnx.Variable) -> nnx.Variable:
-    value = jnp.stack([v[...] for v in variables])
-    return variables[0].replace(rules.constrain(value, (None,) + rules.param_names(variables[0])))
+def loop(units, step, x, *, state=None, inputs=None, active=None, stacked: bool, remat: bool):
+    """x through a stack of layers, `step(layer, x, s, c) -> (x, s, y)` once per layer, in order.
+
+    `units` are the layers one by one (per-layer layout), or, `stacked`, the stacks of a repeating
+    pattern of p layers (`stack`: unit j holds layers j, j + p, ...), run as one `jax.lax.scan` over
+    the G groups whose body holds one group: XLA compiles p layers instead of every layer, and what a
+    layer gathers (its FSDP weights) or produces in the backward pass lives for one iteration.
+    Per unit, aligned with `units` (None: nothing): `state` is what a layer reads and rewrites (its
+    KV cache; stacked: [G, ...], updated in place in the scan's carry), `inputs` what it only reads
+    (cached vision keys; stacked: [G, ...], scanned over); units not `active` are skipped. With
+    `remat` each layer is a `jax.checkpoint`: its inputs are all the backward pass keeps of it.
+
+    Returns (x, state, outs), `outs[u]` the units' `y`s (stacked: [G, ...]).
+    """
+    n = len(units)
+    state = [None] * n if state is None else list(state)
+    inputs = [None] * n if inputs is None else list(inputs)
+    run = [u for u in range(n) if active is None or active[u]]
+    outs = [None] * n
+    defs, params = {}, {}
+    for u in run:
+        defs[u], params[u] = nnx.split(units[u])
+
+    def call(u, p, x, s, c):
+        return step(nnx.merge(defs[u], _one_layer(p) if stacked else p), x, s, c)
+
+    if remat:  # inside a scan, CSE cannot merge the recomputation with the forward: no barrier needed
+        call = jax.checkpoint(call, static_argnums=0, prevent_cse=not stacked)
+    if not stacked:
+        for u in run:
+            x, state[u], outs[u] = call(u, params[u], x, state[u], inputs[u])
+        return x, state, outs
+
+    def body(carry, xs):
+        x, st, g = carry
+        ys = {}
+        for u in run:
+            s = jax.tree.map(lambda a: jax.lax.dynamic_index_in_dim(a, g, keepdims=False), st[u])
+            x, s, ys[u] = call(u, xs[0][u], x, s, xs[1][u])
+            st[u] = jax.tree.map(lambda a, b: jax.lax.dynamic_update_index_in_dim(a, b, g, 0), st[u], s)
+        return (x, st, g + 1), ys
+
+    carry = (x, {u: state[u] for u in run}, jnp.zeros((), jnp.int32))
+    (x, st, _), ys = jax.lax.scan(body, carry, ({u: params[u] for u in run}, {u: inputs[u] for u in run}))
+    for u in run:
+        state[u], outs[u] = st[u], ys[u]
+    return x, state, outs
 
 
 def period(kinds: Sequence) -> int:

@@ -30,8 +30,8 @@ class ModelOutput:
     cache: kv_cache.KVCache | None = None
 
 
-class SelfAttention(nnx.Module):
-    """GQA self-attention with RoPE; optional KV cache."""
+class Attention(nnx.Module):
+    """The four projections of an attention block: q [D, N, H], k and v [D, K, H], o [N, H, D]."""
 
     def __init__(self, cfg: config_lib.TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
@@ -39,9 +39,16 @@ class SelfAttention(nnx.Module):
         self.k_proj = layers.param(rngs, layers.normal, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.v_proj = layers.param(rngs, layers.normal, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
         self.o_proj = layers.param(rngs, layers.normal, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
-        self.inv_freq = tuple(float(f) for f in layers.rope_inv_freq(cfg))
         self.dtype = dtype
         self.scale = h**-0.5
+
+
+class SelfAttention(Attention):
+    """GQA self-attention with RoPE; optional KV cache."""
+
+    def __init__(self, cfg: config_lib.TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.inv_freq = tuple(float(f) for f in layers.rope_inv_freq(cfg))
 
     def __call__(self, x, *, rope, mask, cache_kv=None, cache_index=None):
         """x [B, T, D], rope: `ops.rope_cos_sin` of the positions ([B, T, H/2] * 2), mask [B, T, S];
@@ -66,20 +73,14 @@ class SelfAttention(nnx.Module):
         return ops.dense(out, layers.weight(self.o_proj, self.dtype), n_in=2), (k, v)  # [B, T, D]
 
 
-class CrossAttention(nnx.Module):
+class CrossAttention(Attention):
     """Attention from text to vision tokens: RMSNorm on q and k over the head dim, no RoPE."""
 
     def __init__(self, cfg: config_lib.TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
-        d, n, k, h = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.q_proj = layers.param(rngs, layers.normal, (d, n, h), ("embed", "heads", "head_dim"), param_dtype)
-        self.k_proj = layers.param(rngs, layers.normal, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.v_proj = layers.param(rngs, layers.normal, (d, k, h), ("embed", "kv_heads", "head_dim"), param_dtype)
-        self.o_proj = layers.param(rngs, layers.normal, (n, h, d), ("heads", "head_dim", "embed"), param_dtype)
+        super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         norm = functools.partial(layers.RMSNorm, eps=cfg.rms_norm_eps, name="head_dim", param_dtype=param_dtype)
-        self.q_norm = norm(h, rngs=rngs)
-        self.k_norm = norm(h, rngs=rngs)
-        self.dtype = dtype
-        self.scale = h**-0.5
+        self.q_norm = norm(cfg.head_dim, rngs=rngs)
+        self.k_norm = norm(cfg.head_dim, rngs=rngs)
 
     def kv(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys/values of the projected vision tokens [B, S_x, D] -> ([B, S_x, K, H],) * 2."""
@@ -160,24 +161,48 @@ def _cross_masks(tile_mask: jax.Array, num_keys: int) -> tuple[jax.Array, jax.Ar
 
 
 class TextModel(nnx.Module):
-    """Embedding, decoder layers, final norm. `cross_attention_layers` are skipped without images."""
+    """Embedding, decoder layers, final norm. `cross_attention_layers` are skipped without images.
 
-    def __init__(self, cfg: config_lib.TextConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs):
+    The layers are `layers` (one module per layer), or with `scan_layers` `stacks`: one per position
+    j of the shortest repeating pattern of self- and cross-attention layers (Llama 3.2 Vision: 3 self,
+    1 cross, 1 self), holding layers j, j + p, ... stacked (`layers.stack`), run by one scan.
+    """
+
+    def __init__(
+        self,
+        cfg: config_lib.TextConfig,
+        *,
+        dtype,
+        param_dtype,
+        remat: bool = False,
+        scan_layers: bool = False,
+        rngs: nnx.Rngs,
+    ):
         self.embed_tokens = layers.param(
             rngs, layers.normal, (cfg.num_embeddings, cfg.hidden_size), ("vocab", "embed"), param_dtype
         )
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-        self.layers = nnx.List(
-            [
-                CrossAttentionLayer(cfg, **kw) if i in cfg.cross_attention_layers else DecoderLayer(cfg, **kw)
-                for i in range(cfg.num_layers)
-            ]
-        )
+        cross = cfg.cross_attention_layers
+
+        def layer(i):
+            return CrossAttentionLayer(cfg, **kw) if i in cross else DecoderLayer(cfg, **kw)
+
+        n = cfg.num_layers
+        if scan_layers:
+            p = layers.period([i in cross for i in range(n)])
+            self.stacks = nnx.List([layers.stack([layer(i) for i in range(j, n, p)]) for j in range(p)])
+        else:
+            self.layers = nnx.List([layer(i) for i in range(n)])
         self.norm = layers.RMSNorm(cfg.hidden_size, eps=cfg.rms_norm_eps, param_dtype=param_dtype, rngs=rngs)
-        self.cross_attention_layers = cfg.cross_attention_layers
+        self.cross_attention_layers = cross
         self.dtype = dtype
         self.remat = remat
-        self.scan_layers = False  # `build.scan_layers`: one scan over the layers in passes without a cache
+        self.scan_layers = scan_layers
+
+    @property
+    def units(self) -> nnx.List:
+        """What the layer loop runs: the layers, or the stacks (`scan_layers`)."""
+        return self.stacks if self.scan_layers else self.layers
 
     def __call__(
         self,
@@ -188,9 +213,11 @@ class TextModel(nnx.Module):
         cross_states: jax.Array | None = None,
         cross_attention_mask: jax.Array | None = None,
         cache: kv_cache.KVCache | None = None,
+        remat: bool | None = None,
     ) -> tuple[jax.Array, kv_cache.KVCache | None]:
         """input_ids [B, T]; attention_mask [B, T] (1 = real token); positions [B, T] (default: from the
-        mask); cross_states [B, S_x, D] projected vision tokens; cross_attention_mask [B, T, I, C].
+        mask); cross_states [B, S_x, D] projected vision tokens; cross_attention_mask [B, T, I, C];
+        remat: default the constructor's (sampling passes False: no gradients, nothing to recompute).
         Returns the final normed hidden state [B, T, D] and the updated cache (if one was given)."""
         b, t = input_ids.shape
         valid = jnp.ones((b, t), bool) if attention_mask is None else attention_mask.astype(bool)
@@ -210,86 +237,70 @@ class TextModel(nnx.Module):
         mask = key_valid[:, None, :] & (k_slot[None, None, :] <= q_slot[None, :, None])  # [B, T, S]
 
         # Cross-attention: keys/values from new vision features, else from the cache, else skipped.
-        cross_kv, cross_row, num_keys, xmask, row_mask = None, None, None, None, None
-        scanned = self.scan_layers and cache is None
+        cached_cross = cross_states is None and cache is not None and cache.has_cross
+        cross_row, xmask, row_mask = None, None, None
         if cross_states is not None:
             if cross_attention_mask is None:
                 raise ValueError("cross_attention_mask [B, T, I, C] is required with image features")
             cross_states = cross_states.astype(self.dtype)
-            num_keys = cross_states.shape[1]
-            if not scanned:  # scanned: each cross-attention layer projects them in the scan body
-                xlayers = [self.layers[i] for i in self.cross_attention_layers]
-                cross_kv = [layer.cross_attn.kv(cross_states) for layer in xlayers]
-            tile_mask = cross_attention_mask
-            cross_row = cross_attention_mask[:, -1]
-        elif cache is not None and cache.has_cross:
-            cross_kv = list(zip(cache.cross_k, cache.cross_v))
-            num_keys = cross_kv[0][0].shape[1]
+            tile_mask, cross_row = cross_attention_mask, cross_attention_mask[:, -1]
+            xmask, row_mask = _cross_masks(tile_mask, cross_states.shape[1])
+        elif cached_cross:
             cross_row = cache.cross_row
-            if cross_attention_mask is None:
+            tile_mask = cross_attention_mask
+            if tile_mask is None:
                 tile_mask = jnp.broadcast_to(cross_row[:, None], (b, t, *cross_row.shape[1:]))
-            else:
-                tile_mask = cross_attention_mask
-        if num_keys is not None:
-            xmask, row_mask = _cross_masks(tile_mask, num_keys)
+            xmask, row_mask = _cross_masks(tile_mask, cache.cross_k[0].shape[-3])
 
-        self_layers = [layer for i, layer in enumerate(self.layers) if i not in self.cross_attention_layers]
-        rope = ops.rope_cos_sin(positions, self_layers[0].self_attn.inv_freq) if self_layers else None
-        if scanned:
-            x = self._scan(x, rope=rope, mask=mask, cross_states=cross_states, xmask=xmask, row_mask=row_mask)
-            return self.norm(x), None
-        new_k, new_v = [], []
-        n_self = n_cross = 0
-        for i, layer in enumerate(self.layers):
-            if i in self.cross_attention_layers:
-                if cross_kv is not None:
-                    x = self._call(layer, x, kv=cross_kv[n_cross], mask=xmask, row_mask=row_mask)
-                n_cross += 1
-                continue
-            cache_kv = None if cache is None else (cache.k[n_self], cache.v[n_self])
-            index = None if cache is None else cache.index
-            x, (k, v) = self._call(layer, x, rope=rope, mask=mask, cache_kv=cache_kv, cache_index=index)
-            new_k.append(k)
-            new_v.append(v)
-            n_self += 1
+        units = self.units
+        is_cross = [u in self.cross_attention_layers for u in range(len(units))]  # unit j: layer j's kind
+        selfs = [u for u in range(len(units)) if not is_cross[u]]
+        crosses = [u for u in range(len(units)) if is_cross[u]]
+        rope = ops.rope_cos_sin(positions, units[selfs[0]].self_attn.inv_freq) if selfs else None
+        index = None if cache is None else cache.index
+
+        def step(layer, x, kv, cached_kv):
+            """One layer. Self-attention: `kv` its cache or None. Cross-attention: `cached_kv` its vision
+            keys/values from the cache, else projected here; handed out (y) to fill a new cache."""
+            if isinstance(layer, CrossAttentionLayer):
+                xkv = layer.cross_attn.kv(cross_states) if cached_kv is None else cached_kv
+                x = layer(x, kv=xkv, mask=xmask, row_mask=row_mask)
+                return x, None, xkv if cache is not None and cached_kv is None else None
+            x, new_kv = layer(x, rope=rope, mask=mask, cache_kv=kv, cache_index=index)
+            return x, None if kv is None else new_kv, None
+
+        state, inputs = [None] * len(units), [None] * len(units)
+        if cache is not None:
+            for u, k, v in zip(selfs, cache.k, cache.v):
+                state[u] = (k, v)
+            if cached_cross:
+                for u, k, v in zip(crosses, cache.cross_k, cache.cross_v):
+                    inputs[u] = (k, v)
+        x, state, outs = layers.loop(
+            units,
+            step,
+            x,
+            state=state,
+            inputs=inputs,
+            active=[not c or xmask is not None for c in is_cross],
+            stacked=self.scan_layers,
+            remat=self.remat if remat is None else remat,
+        )
         hidden = self.norm(x)
 
         if cache is not None:
-            cross_k = tuple(kv[0] for kv in cross_kv) if cross_kv is not None else None
+            cross_kv = [inputs[u] if cached_cross else outs[u] for u in crosses] if xmask is not None else None
             cache = kv_cache.KVCache(
-                k=tuple(new_k),
-                v=tuple(new_v),
+                k=tuple(state[u][0] for u in selfs),
+                v=tuple(state[u][1] for u in selfs),
                 key_mask=key_valid,
                 index=cache.index + t,
                 next_position=cache.next_position + jnp.sum(valid, axis=-1, dtype=jnp.int32),
-                cross_k=cross_k,
-                cross_v=tuple(kv[1] for kv in cross_kv) if cross_kv is not None else None,
+                cross_k=None if cross_kv is None else tuple(kv[0] for kv in cross_kv),
+                cross_v=None if cross_kv is None else tuple(kv[1] for kv in cross_kv),
                 cross_row=cross_row,
             )
         return hidden, cache
-
-    def _scan(self, x, *, rope, mask, cross_states, xmask, row_mask):
-        """The layers as one scan over groups (`layers.scan`): without images the self-attention
-        layers, one per group; with them every layer, a group being the shortest repeating pattern
-        of self- and cross-attention layers (Llama 3.2 Vision: 8 groups of 3 self, 1 cross, 1 self)."""
-        cross = set(self.cross_attention_layers)
-        active = [i for i in range(len(self.layers)) if cross_states is not None or i not in cross]
-        kinds = [i in cross for i in active]
-        p = layers.period(kinds)
-        groups = [[self.layers[i] for i in active[g : g + p]] for g in range(0, len(active), p)]
-
-        def call(j, layer, x):
-            if kinds[j]:
-                return layer(x, kv=layer.cross_attn.kv(cross_states), mask=xmask, row_mask=row_mask)
-            return layer(x, rope=rope, mask=mask)[0]
-
-        return layers.scan(groups, call, x, remat=self.remat)
-
-    def _call(self, layer, x, **kwargs):
-        if not self.remat:
-            return layer(x, **kwargs)
-        # Recompute each layer's activations in the backward pass instead of storing them.
-        return nnx.remat(lambda layer, x, kwargs: layer(x, **kwargs))(layer, x, kwargs)
 
 
 def lm_logits(hidden: jax.Array, kernel: jax.Array, *, tied: bool) -> jax.Array:
@@ -299,47 +310,83 @@ def lm_logits(hidden: jax.Array, kernel: jax.Array, *, tied: bool) -> jax.Array:
     return ops.dense(hidden, kernel.astype(hidden.dtype), out_dtype=jnp.float32)
 
 
-class LlamaForCausalLM(nnx.Module):
-    """Llama 3 text model with its LM head (tied to the embedding for Llama 3.2 1B/3B)."""
+class CausalLM(nnx.Module):
+    """What both model classes share around their towers (`build_towers`; `decoder`: their
+    `TextModel`): the LM head (the embedding's first V rows when tied, else `lm_head` [D, V]), the
+    KV cache, the output.
+
+    dtype: the compute dtype (default: `param_dtype`); remat: each layer a `jax.checkpoint` in the
+    backward pass (a call may override it); scan_layers: the layer stacks stored stacked and run as
+    one scan each (`TextModel`, `layers.loop`).
+    """
 
     def __init__(
         self,
-        config: config_lib.LlamaConfig,
+        config: config_lib.ModelConfig,
         *,
         dtype=None,
         param_dtype=jnp.float32,
         remat: bool = False,
+        scan_layers: bool = False,
         rngs: nnx.Rngs,
     ):
         rngs = layers.KeyGen.of(rngs)
         dtype = param_dtype if dtype is None else dtype
-        cfg = config.text
         self.config = config
-        self.model = TextModel(cfg, dtype=dtype, param_dtype=param_dtype, remat=remat, rngs=rngs)
-        if not cfg.tie_word_embeddings:
+        self.build_towers(config, dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers, rngs=rngs)
+        tc = config.text
+        if not tc.tie_word_embeddings:
             self.lm_head = layers.param(
-                rngs, layers.normal, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), param_dtype
+                rngs, layers.normal, (tc.hidden_size, tc.vocab_size), ("embed", "vocab"), param_dtype
             )
         self.dtype = dtype
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        cfg = self.config.text
-        if cfg.tie_word_embeddings:
-            return lm_logits(hidden, self.model.embed_tokens[: cfg.vocab_size], tied=True)
-        return lm_logits(hidden, self.lm_head[...], tied=False)
+    def build_towers(self, config: config_lib.ModelConfig, **kw) -> None:
+        """Create the model's towers, named as in transformers (`kw`: `TextModel`'s options)."""
+        raise NotImplementedError
+
+    @property
+    def decoder(self) -> TextModel:
+        raise NotImplementedError
 
     def lm_head_matrix(self) -> jax.Array:
         """The LM head as [D, V] (the embedding's first V rows transposed when tied), in the parameter
         dtype: logits = hidden @ it. For losses that apply the head in chunks (`models.logprobs`)."""
         cfg = self.config.text
         if cfg.tie_word_embeddings:
-            return self.model.embed_tokens[: cfg.vocab_size].T
+            return self.decoder.embed_tokens[: cfg.vocab_size].T
         return self.lm_head[...]
 
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        cfg = self.config.text
+        if cfg.tie_word_embeddings:
+            return lm_logits(hidden, self.decoder.embed_tokens[: cfg.vocab_size], tied=True)
+        return lm_logits(hidden, self.lm_head[...], tied=False)
+
     def init_cache(self, batch_size: int, max_length: int, dtype=None, *, mesh=None) -> kv_cache.KVCache:
-        """Empty cache (dtype: the compute dtype), sharded on `mesh` if given; see `kv_cache`."""
+        """Empty cache (dtype: the compute dtype) in the decoder's layout, sharded on `mesh` if given;
+        see `kv_cache`."""
         dtype = self.dtype if dtype is None else dtype
-        return kv_cache.init_cache(self.config.text, batch_size, max_length, dtype, mesh=mesh)
+        period = len(self.decoder.stacks) if self.decoder.scan_layers else None
+        return kv_cache.init_cache(self.config.text, batch_size, max_length, dtype, mesh=mesh, period=period)
+
+    def output(self, hidden, cache, *, last_logits_only: bool, return_logits: bool) -> ModelOutput:
+        logits = None
+        if return_logits:
+            logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)
+            logits = constrain(logits, ("batch", "seq", "act_vocab"))
+        return ModelOutput(logits=logits, hidden_states=hidden, cache=cache)
+
+
+class LlamaForCausalLM(CausalLM):
+    """Llama 3 text model with its LM head (tied to the embedding for Llama 3.2 1B/3B)."""
+
+    def build_towers(self, config: config_lib.LlamaConfig, **kw) -> None:
+        self.model = TextModel(config.text, **kw)
+
+    @property
+    def decoder(self) -> TextModel:
+        return self.model
 
     def __call__(
         self,
@@ -350,10 +397,9 @@ class LlamaForCausalLM(nnx.Module):
         cache: kv_cache.KVCache | None = None,
         last_logits_only: bool = False,
         return_logits: bool = True,
+        remat: bool | None = None,
     ) -> ModelOutput:
-        hidden, cache = self.model(input_ids, attention_mask=attention_mask, positions=position_ids, cache=cache)
-        logits = None
-        if return_logits:
-            logits = self.logits(hidden[:, -1:] if last_logits_only else hidden)
-            logits = constrain(logits, ("batch", "seq", "act_vocab"))
-        return ModelOutput(logits=logits, hidden_states=hidden, cache=cache)
+        hidden, cache = self.model(
+            input_ids, attention_mask=attention_mask, positions=position_ids, cache=cache, remat=remat
+        )
+        return self.output(hidden, cache, last_logits_only=last_logits_only, return_logits=return_logits)

@@ -98,33 +98,31 @@ class VisionLayer(nnx.Module):
 
 
 class VisionEncoder(nnx.Module):
-    def __init__(self, cfg: config_lib.VisionConfig, num_layers: int, *, gated: bool, remat: bool, **kw):
-        self.layers = nnx.List([VisionLayer(cfg, gated=gated, **kw) for _ in range(num_layers)])
-        self.remat = remat
-        self.scan_layers = False  # `build.scan_layers`: one scan over the layers
+    """`num_layers` layers: `layers`, or with `scan_layers` one stack of them (`stacks[0]`, [G, ...])."""
 
-    def __call__(self, x, mask, *, collect: tuple[int, ...] = (), collect_inputs: bool = True):
+    def __init__(
+        self, cfg: config_lib.VisionConfig, num_layers: int, *, gated: bool, remat: bool, scan_layers: bool, **kw
+    ):
+        built = [VisionLayer(cfg, gated=gated, **kw) for _ in range(num_layers)]
+        if scan_layers:
+            self.stacks = nnx.List([layers.stack(built)] if built else [])
+        else:
+            self.layers = nnx.List(built)
+        self.remat = remat
+        self.scan_layers = scan_layers
+
+    def __call__(self, x, mask, *, collect: tuple[int, ...] = (), collect_inputs: bool = True, remat=None):
         """Returns the output and the features of the layers in `collect` (their inputs or outputs)."""
-        if self.scan_layers:
-            keep = ("inputs" if collect_inputs else "outputs") if collect else None
-            out = layers.scan(
-                [[layer] for layer in self.layers], lambda _, layer, x: layer(x, mask), x, remat=self.remat, keep=keep
-            )
-            if not collect:
-                return out, []
-            x, kept = out
-            return x, [kept[i] for i in collect]
-        features = {}
-        for i, layer in enumerate(self.layers):
-            if collect_inputs and i in collect:
-                features[i] = x
-            if self.remat:
-                x = nnx.remat(lambda layer, x, mask: layer(x, mask))(layer, x, mask)
-            else:
-                x = layer(x, mask)
-            if not collect_inputs and i in collect:
-                features[i] = x
-        return x, [features[i] for i in collect]
+
+        def step(layer, x, s, c):
+            y = layer(x, mask)
+            return y, s, (x if collect_inputs else y) if collect else None
+
+        units = self.stacks if self.scan_layers else self.layers
+        remat = self.remat if remat is None else remat
+        x, _, outs = layers.loop(units, step, x, stacked=self.scan_layers, remat=remat)
+        # stacked: one stack, its features [G, ...]
+        return x, [outs[0][i] if self.scan_layers else outs[i] for i in collect]
 
 
 class TileEmbedding(nnx.Module):
@@ -163,7 +161,7 @@ class PositionEmbedding(nnx.Module):
 
 
 class VisionModel(nnx.Module):
-    def __init__(self, cfg: config_lib.VisionConfig, *, dtype, param_dtype, remat: bool = False, rngs: nnx.Rngs):
+    def __init__(self, cfg: config_lib.VisionConfig, *, dtype, param_dtype, remat=False, scan_layers=False, rngs):
         kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         d, p = cfg.hidden_size, cfg.patch_size
         self.patch_embedding = layers.param(
@@ -176,14 +174,18 @@ class VisionModel(nnx.Module):
         # transformers builds these two with nn.LayerNorm's default eps, not norm_eps.
         self.layernorm_pre = layers.LayerNorm(d, eps=1e-5, param_dtype=param_dtype, rngs=rngs)
         self.layernorm_post = layers.LayerNorm(d, eps=1e-5, param_dtype=param_dtype, rngs=rngs)
-        self.transformer = VisionEncoder(cfg, cfg.num_layers, gated=False, remat=remat, **kw)
-        self.global_transformer = VisionEncoder(cfg, cfg.num_global_layers, gated=True, remat=remat, **kw)
+        kw = dict(remat=remat, scan_layers=scan_layers, **kw)
+        self.transformer = VisionEncoder(cfg, cfg.num_layers, gated=False, **kw)
+        self.global_transformer = VisionEncoder(cfg, cfg.num_global_layers, gated=True, **kw)
         self.cfg = cfg
         self.dtype = dtype
 
-    def __call__(self, pixel_values: jax.Array, aspect_ratio_ids: jax.Array, aspect_ratio_mask: jax.Array) -> jax.Array:
+    def __call__(
+        self, pixel_values: jax.Array, aspect_ratio_ids: jax.Array, aspect_ratio_mask: jax.Array, *, remat=None
+    ) -> jax.Array:
         """pixel_values [B, I, C, 3, px, px], aspect_ratio_ids [B, I], aspect_ratio_mask [B, I, C]
-        -> features [B, I, C, P, D * (1 + len(intermediate_layers_indices))]."""
+        -> features [B, I, C, P, D * (1 + len(intermediate_layers_indices))]. `remat`: default the
+        constructor's."""
         cfg = self.cfg
         b, i, c, ch, hpx, wpx = pixel_values.shape
         if c != cfg.max_num_tiles:
@@ -221,10 +223,11 @@ class VisionModel(nnx.Module):
             mask,
             collect=cfg.intermediate_layers_indices,
             collect_inputs=cfg.intermediate_layer_features == "input",
+            remat=remat,
         )
         x = self.layernorm_post(x)
         x = self.post_tile_positional_embedding(x.reshape(b * i, c, padded, d), ar_ids)
-        x, _ = self.global_transformer(x.reshape(b * i, c * padded, d), mask)
+        x, _ = self.global_transformer(x.reshape(b * i, c * padded, d), mask, remat=remat)
         x = x.reshape(b * i, c, padded, d)[:, :, :n_tok]
 
         # Intermediate features are interleaved per channel (stacked on a new last axis, then flattened).

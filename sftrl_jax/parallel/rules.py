@@ -34,6 +34,7 @@ RULES: Mapping[str, str | tuple[str, ...] | None] = {
     "vision_embed": FSDP,
     "vision_mlp": TENSOR,
     "vision_heads": TENSOR,
+    "layers": None,  # a layer stack's leading axis (`model.scan_layers`): every device holds every layer's shard
     # activations
     "batch": (DATA, FSDP),
     "seq": None,

@@ -14,8 +14,7 @@ figure counts what such a device must hold at the step's worst moment:
   + one chunk of fp32 LM-head logits (the chunked head's budget, 256 MiB, or all of them if fewer)
     x 3 (logits, softmax, gradient)
   + with images: the vision layers' saved inputs ([rows, I x C x P, D_v] per layer, compute dtype)
-  + with `model.scan_layers`: the scanned layers' weights stacked once and their stacked gradient
-    (two copies of those layers' parameters / devices, in the parameter dtype)
+  (`model.scan_layers` stores the layer stacks stacked: no copy beyond the parameters and gradients)
 
 It is an estimate (no fragmentation, no collective buffers), reported next to the measured peak,
 never instead of it.
@@ -26,7 +25,6 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from sftrl_jax.models import config as config_lib
-from sftrl_jax.planning import flops
 
 LOGIT_CHUNK_BYTES = 256 * 2**20
 
@@ -49,9 +47,7 @@ def train_step_bytes(
     length: int,
     compute_dtype,
     remat: bool,
-    param_dtype=jnp.float32,
     images: int = 0,
-    scan_layers: bool = False,
 ) -> int | None:
     """The analytic figure of one micro-batch of a training step (None without remat: the saved
     activations of a non-remat backward depend on XLA's choices too much to count by hand)."""
@@ -66,15 +62,8 @@ def train_step_bytes(
     layer = 2 * lp * act + 4 * lp + local_rows * length * (4 * t.hidden_size + 3 * t.intermediate_size) * act
     logits = min(LOGIT_CHUNK_BYTES, local_rows * length * t.vocab_size * 4)  # one chunk, at most all of them
     vision = 0
-    # The scanned layers' matrices: those a token multiplies with (`flops.matmul_params`) less the LM
-    # head, plus, with images, the cross-attention layers' k/v projections (applied to vision tokens).
-    text_matrices, vision_matrices = flops.matmul_params(cfg, images=bool(images))
-    stacked = text_matrices - t.hidden_size * t.vocab_size + vision_matrices
     if images and isinstance(cfg, config_lib.MllamaConfig):
         v = cfg.vision
         tokens = images * v.max_num_tiles * (-(-v.num_patches // 8) * 8)  # padded to a multiple of 8
         vision = (v.num_layers + v.num_global_layers) * local_rows * tokens * v.hidden_size * act
-        cross = t.num_layers - len(t.self_attention_layers)
-        stacked += cross * 2 * t.hidden_size * t.num_kv_heads * t.head_dim
-    scan = 2 * stacked * jnp.dtype(param_dtype).itemsize // devices if scan_layers else 0
-    return int(argument_bytes + grads + residuals + layer + 3 * logits + vision + scan)
+    return int(argument_bytes + grads + residuals + layer + 3 * logits + vision)

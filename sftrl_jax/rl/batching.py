@@ -15,6 +15,7 @@ import jax
 import numpy as np
 
 from sftrl_jax.config import ConfigError
+from sftrl_jax.data import rows
 from sftrl_jax.episodes import Turn
 from sftrl_jax.models import logprobs
 from sftrl_jax.parallel import placement
@@ -75,59 +76,49 @@ def build_batch(
     response token), `weights` (`cfg.thought_coef` before the action key `cfg.action_keys`, 1 after:
     PPO's turn log-prob), `value_index` [B] (last prompt token), `old_token_logp` [B, L] (sampler
     log-probs, aligned with targets); plus Mllama image arrays when `image_processor` is given."""
-    lengths = [len(t.context_ids) + len(t.response_ids) for t in turns]
-    L = pad_length(max(lengths), buckets)
-    B = len(turns)
-    input_ids = np.full((B, L), tokenizer.pad_id, np.int32)
-    attention = np.zeros((B, L), np.int32)
-    targets = np.zeros((B, L), np.int32)
-    resp_mask = np.zeros((B, L), np.float32)
-    weights = np.zeros((B, L), np.float32)
-    old = np.zeros((B, L), np.float32)
-    value_index = np.zeros((B,), np.int32)
-    for b, t in enumerate(turns):
-        c, r = len(t.context_ids), len(t.response_ids)
-        seq = list(t.context_ids) + list(t.response_ids)
-        input_ids[b, : c + r] = seq
-        attention[b, : c + r] = 1
-        # Targets only where a response token is predicted: prompt positions are never scored, and
-        # one of them predicts <|image|>, which is outside the output vocabulary of Mllama (an extra
-        # embedding row), so its log-prob would be a NaN gather that poisons masked sums and grads.
-        targets[b, c - 1 : c + r - 1] = t.response_ids
-        resp_mask[b, c - 1 : c + r - 1] = 1.0
-        s = action_start(tokenizer, t.response_ids, cfg.action_keys)
-        w = np.where(np.arange(r) < s, cfg.thought_coef, 1.0)
-        weights[b, c - 1 : c + r - 1] = w
-        old[b, c - 1 : c - 1 + len(t.logprobs)] = t.logprobs[:r]
-        value_index[b] = c - 1
-    batch = {
-        "input_ids": input_ids,
-        "attention_mask": attention,
-        "targets": targets,
-        "resp_mask": resp_mask,
-        "weights": weights,
-        "old_token_logp": old,
-        "value_index": value_index,
+    seqs = [list(t.context_ids) + list(t.response_ids) for t in turns]
+    L = pad_length(max(len(s) for s in seqs), buckets)
+    # Targets only where a response token is predicted (position c - 1 predicts the first): prompt
+    # positions are never scored, and one of them predicts <|image|>, which is outside the output
+    # vocabulary of Mllama (an extra embedding row), so its log-prob would be a NaN gather that
+    # poisons masked sums and grads.
+    at = [len(t.context_ids) - 1 for t in turns]
+    responses = [list(t.response_ids) for t in turns]
+    batch = rows.right_padded(seqs, length=L, pad_id=tokenizer.pad_id)
+    batch["targets"] = rows.place(responses, at, length=L)
+    per_token = {
+        "resp_mask": [[1.0] * len(r) for r in responses],
+        "weights": [_weights(tokenizer, r, cfg) for r in responses],
+        "old_token_logp": [t.logprobs[: len(r)] for t, r in zip(turns, responses)],
     }
+    batch |= {k: rows.place(v, at, length=L, dtype=np.float32) for k, v in per_token.items()}
+    batch["value_index"] = np.array(at, np.int32)
     if image_processor is not None:
-        from sftrl_jax.data.processor import cross_attention_mask
-
-        arrays = image_processor([t.images for t in turns], max_images=max_images)
-        batch.update({k: v for k, v in arrays.items() if k != "num_tiles"})
-        batch["cross_attention_mask"] = np.stack(
-            [
-                cross_attention_mask(
-                    list(input_ids[b, : lengths[b]]),
-                    tokenizer.image_token_id,
-                    num_tiles=list(arrays["num_tiles"][b][: len(t.images)]),
-                    max_tiles=image_processor.max_tiles,
-                    length=L,
-                    max_images=max_images,
-                )
-                for b, t in enumerate(turns)
-            ]
+        batch |= rows.image_inputs(
+            seqs,
+            [t.images for t in turns],
+            image_processor=image_processor,
+            image_token_id=tokenizer.image_token_id,
+            length=L,
+            max_images=max_images,
         )
     return batch
+
+
+def batch_spec(rows: int, length: int) -> dict[str, tuple[tuple[int, ...], np.dtype]]:
+    """{key: (shape, dtype)} of `build_batch`'s text arrays for `rows` turns padded to `length`: what
+    `sftrl plan` compiles the training passes at (tests/rl/test_batching.py checks it against a
+    built batch)."""
+    spec = {k: ((rows, length), np.dtype(np.int32)) for k in ("input_ids", "attention_mask", "targets")}
+    spec |= {k: ((rows, length), np.dtype(np.float32)) for k in ("resp_mask", "weights", "old_token_logp")}
+    spec["value_index"] = ((rows,), np.dtype(np.int32))
+    return spec
+
+
+def _weights(tokenizer, response_ids: list[int], cfg) -> np.ndarray:
+    """[R]: `cfg.thought_coef` on the thought tokens (before `action_start`), 1 on the action's."""
+    start = action_start(tokenizer, response_ids, cfg.action_keys)
+    return np.where(np.arange(len(response_ids)) < start, cfg.thought_coef, 1.0)
 
 
 def response_row(turn: Turn, row: np.ndarray) -> np.ndarray:
@@ -140,11 +131,9 @@ def response_row(turn: Turn, row: np.ndarray) -> np.ndarray:
 def put_token_logp(batch: dict[str, np.ndarray], key: str, turns: Sequence[Turn], table: dict[int, np.ndarray]):
     """batch[key] [B, L]: each turn's response token log-probs from `table` (id(turn) -> [R]),
     aligned with targets."""
-    out = np.zeros_like(batch["old_token_logp"])
-    for b, t in enumerate(turns):
-        c = len(t.context_ids)
-        out[b, c - 1 : c - 1 + len(t.response_ids)] = table[id(t)]
-    batch[key] = out
+    old = batch["old_token_logp"]
+    at = [len(t.context_ids) - 1 for t in turns]
+    batch[key] = rows.place([table[id(t)] for t in turns], at, length=old.shape[1], dtype=old.dtype)
 
 
 def token_gap(turns: Sequence[Turn], trainer_logps: Sequence[np.ndarray]) -> float:

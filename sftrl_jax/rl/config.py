@@ -16,9 +16,11 @@ from sftrl_jax.rl import grpo as grpo_lib
 from sftrl_jax.rl import ppo as ppo_lib
 from sftrl_jax.sampling.policy import SamplingSection
 from sftrl_jax.train import optim as optim_lib
+from sftrl_jax.train.run import RunSection
 from sftrl_jax.train.state import ModelSection
 
 __all__ = [
+    "ALGORITHMS",
     "EVAL_ENV_KEYS",
     "EnvSection",
     "EvalSection",
@@ -27,6 +29,14 @@ __all__ = [
     "SamplingSection",
     "eval_env_options",
 ]
+
+
+# The algorithm registry: `algo: NAME` picks its config class (the config section of the same name)
+# and its learner. No other place branches on the algorithm.
+ALGORITHMS = {
+    "ppo": (ppo_lib.PPOConfig, ppo_lib.PPOLearner),
+    "grpo": (grpo_lib.GRPOConfig, grpo_lib.GRPOLearner),
+}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -80,47 +90,29 @@ class EvalSection:
 
 
 @dataclasses.dataclass(frozen=True)
-class RLTrainSection:
+class RLTrainSection(RunSection):
+    """`train:` of an RL run: the harness's keys (`train.run.RunSection`) and the loop's."""
+
     run_dir: str = "runs/rl"
+    save_every: int = 1  # updates
     updates: int = 20  # paper: num_updates (20 GP, 15 V-IRL)
     steps_per_update: int = 256  # PPO: lock-step turns per env per update (paper: num_steps 256)
     prompts_per_update: int = 8  # GRPO: groups per update
     length_buckets: tuple[int, ...] = (256, 512, 1024, 2048)  # padded lengths of training samples
-    seed: int = 0
-    mesh: str = "data=1,fsdp=-1,tensor=1"
-    devices: int | None = None
-    save_every: int = 1  # updates
-    keep: int = 3
-    resume: bool = True
     max_bad_updates: int = 3
-    tensorboard: bool = False
-    progress: bool = True
-    distributed: bool = False
-    d_init: int = 0  # tokens of the SFT that produced model.init (compute axis)
-    async_checkpointing: bool = True
     # CPU: the training passes compiled without YNNPACK fusions, so the first update's ratio is
     # exactly 1 (`ops.exact_compiler_options`); false: ~20-35% faster passes at the tiny configs' sizes.
     exact_cpu_passes: bool = True
-    # > 0: every N updates (never update 0) the language model as <run_dir>/snapshots/<update>, a
-    # model checkpoint like <run_dir>/final (`sftrl eval --ckpt`): a study's intermediate compute
-    # points; 0 = none
-    snapshot_every: int = 0
 
     def __post_init__(self):
-        if self.snapshot_every < 0:
-            raise ConfigError(f"train.snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
+        super().__post_init__()
         check_ranges(
             self,
             updates="[0, inf)",  # 0: no update (the final evaluation of model.init only)
             steps_per_update="[1, inf)",
             prompts_per_update="[1, inf)",
             length_buckets="[1, 1048576]",  # 2**20 tokens: far past any context we train
-            seed="[0, inf)",
-            devices="[1, inf)",
-            save_every="[1, inf)",
-            keep="[1, inf)",
             max_bad_updates="[1, inf)",
-            d_init="[0, inf)",
         )
         if list(self.length_buckets) != sorted(set(self.length_buckets)) or not self.length_buckets:
             raise ConfigError(f"train.length_buckets must be increasing lengths, got {list(self.length_buckets)}")
@@ -141,11 +133,7 @@ class RLConfig:
     train: RLTrainSection = dataclasses.field(default_factory=RLTrainSection)
 
     def __post_init__(self):
-        if self.algo == "ppo" and (self.env.num_envs * self.train.steps_per_update) % self.ppo.samples_per_step:
-            raise ConfigError(
-                f"env.num_envs x train.steps_per_update ({self.env.num_envs} x {self.train.steps_per_update}) "
-                f"must be a multiple of ppo.samples_per_step ({self.ppo.samples_per_step})"
-            )
+        self.algo_cfg.check_run(self)
         if self.sampling.temperature <= 0:
             raise ConfigError("sampling.temperature must be positive during RL (log-probs use logits / temperature)")
         from sftrl_jax.evaluation import evaluate as eval_lib
@@ -158,15 +146,16 @@ class RLConfig:
 
     @property
     def algo_cfg(self):
-        return self.ppo if self.algo == "ppo" else self.grpo
+        """The algorithm's config section (`ppo:` or `grpo:`)."""
+        return getattr(self, self.algo)
+
+    @property
+    def learner_class(self):
+        return ALGORITHMS[self.algo][1]
 
     def updates_steps(self) -> int:
         """Optimiser steps per update (PPO: fixed; GRPO: an estimate for the schedule)."""
-        if self.algo == "ppo":
-            return self.ppo.epochs * self.env.num_envs * self.train.steps_per_update // self.ppo.samples_per_step
-        return self.grpo.epochs * max(
-            1, self.train.prompts_per_update * self.grpo.group_size // self.grpo.samples_per_step
-        )
+        return self.algo_cfg.steps_per_update(self)
 
 
 def check_mesh(cfg: RLConfig, mesh) -> None:

@@ -26,7 +26,6 @@ from sftrl_jax.models import logprobs
 from sftrl_jax.rl import batching, losses
 from sftrl_jax.rl import learner as learner_lib
 from sftrl_jax.rl.advantages import group_advantages
-from sftrl_jax.train import accumulate as accum_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,6 +77,13 @@ class GRPOConfig:
         if self.old_logp not in ("trainer", "sampler"):
             raise ConfigError(f"grpo.old_logp must be 'trainer' or 'sampler', got {self.old_logp!r}")
 
+    def check_run(self, run_cfg) -> None:
+        """The run's other sections against this one (nothing to check for GRPO)."""
+
+    def steps_per_update(self, run_cfg) -> int:
+        """Optimiser steps per update: an estimate for the schedule (episodes vary in turns)."""
+        return self.epochs * max(1, run_cfg.train.prompts_per_update * self.group_size // self.samples_per_step)
+
 
 def episode_advantages(episodes: Sequence[Sequence[Turn]], groups: Sequence[int], cfg: GRPOConfig) -> np.ndarray:
     """Per-episode advantages: `groups[i]` is the group (prompt) index of episode i; each group has
@@ -117,7 +123,6 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: GRPO
     """Pure GRPO optimiser step; batch = `batching.build_batch` arrays + `advantages` [B]
     (+ `ref_token_logp` [B, L] when kl_coef > 0). Log-probs are of logits / `temperature` (the
     sampling temperature)."""
-    n_micro = cfg.samples_per_step // cfg.micro_batch
 
     def loss_fn(params, mb):
         logp = _token_logp(nnx.merge(graphdef, params, rest), mb, temperature)
@@ -135,17 +140,7 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: GRPO
         gap = jnp.abs((logp - mb["old_token_logp"]) * mb["resp_mask"]).max()
         return loss, {"loss": loss, **aux, "logprob_gap_max": gap}
 
-    def update(state, batch):
-        if cfg.kl_coef > 0 and "ref_token_logp" not in batch:
-            raise ValueError(
-                f"grpo.kl_coef = {cfg.kl_coef} needs the reference's token log-probs in the batch (ref_token_logp)"
-            )
-        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=n_micro)
-        grads = jax.tree.map(lambda g: g / n_micro, grads)
-        state, update_metrics = accum_lib.apply(state, grads, tx, lr_fn=lr_fn)
-        return state, {**accum_lib.reduce_aux(aux), **update_metrics}
-
-    return update
+    return learner_lib.make_update(loss_fn, tx, cfg, lr_fn=lr_fn, name="grpo")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -159,29 +154,43 @@ class GRPOLearner(learner_lib.Learner):
     advantages. No value head; nothing survives an update (no checkpointed learner state)."""
 
     name = "grpo"
+    nograd_name = "old_logp_pass"
 
-    def __init__(self, loop):
-        super().__init__(loop, loop.cfg.grpo)
-        step = make_update_step(
-            loop.graphdef, loop.rest, loop.tx, self.cfg, lr_fn=loop.lr_fn, temperature=self.temperature
-        )
-        self.update_fn = loop.compile(step, donate_argnums=0, out_shardings=(loop.state_shardings, None))
-        self.logp_fn = loop.compile(make_logp_fn(loop.graphdef, loop.rest, self.temperature))
+    def __init__(self, run, rl_cfg, compute):
+        super().__init__(run, rl_cfg, compute)
+        self.logp_fn = self.nograd_fn
+
+    @classmethod
+    def programs(cls, run, rl_cfg) -> dict:
+        t = rl_cfg.sampling.temperature
+        step = make_update_step(run.graphdef, run.rest, run.tx, rl_cfg.grpo, lr_fn=run.lr_fn, temperature=t)
+        return {
+            "update": run.compile(step, donate_argnums=0, out_shardings=(run.state_shardings, None)),
+            cls.nograd_name: run.compile(make_logp_fn(run.graphdef, run.rest, t)),
+        }
+
+    @classmethod
+    def update_arrays(cls, cfg: GRPOConfig, rows: int) -> dict:
+        return {"advantages": ((rows,), np.float32)}
+
+    @classmethod
+    def rollout_rows(cls, rl_cfg) -> int:
+        return rl_cfg.env.num_envs * rl_cfg.grpo.group_size
 
     def no_grad_logp(self, params, batch):
         return (self.logp_fn(params, batch),)
 
     def update(self) -> dict[str, float]:
-        loop, gcfg = self.loop, self.cfg
-        G, P = gcfg.group_size, loop.cfg.train.prompts_per_update
-        group_seeds = [loop.episode_seed(p) for p in range(P)]
+        gcfg = self.cfg
+        G, P = gcfg.group_size, self.rl_cfg.train.prompts_per_update
+        group_seeds = [self.episode_seed(p) for p in range(P)]
         reset = self.hooks.group_reset
         runner = episodes.EpisodeRunner(
-            loop.envs,
-            loop.tokenizer,
-            loop.policy(),
-            reset_fn=lambda i, ep: reset(loop.envs[0], group_seeds[ep // G]),
-            scorer=loop.reward_scorer,
+            self.envs,
+            self.run.tokenizer,
+            self.policy(),
+            reset_fn=lambda i, ep: reset(self.envs[0], group_seeds[ep // G]),
+            scorer=self.reward_scorer,
         )
         t0 = time.perf_counter()
         turns = episodes.run_episodes(runner, P * G)
@@ -194,7 +203,7 @@ class GRPOLearner(learner_lib.Learner):
         # grpo.old_logp "trainer": the training forward's token log-probs of every turn under the
         # rollout's parameters become the ratio's old log-probs (and give the trainer-sampler gap).
         S = gcfg.samples_per_step
-        rng = np.random.default_rng([loop.cfg.train.seed, loop.update_idx])
+        rng = np.random.default_rng([self.rl_cfg.train.seed, self.update_idx])
         epoch_steps = [batching.epoch_steps(rng.permutation(len(samples)), S) for _ in range(gcfg.epochs)]
         first_steps = epoch_steps[0]
         sample_turns = [t for t, _ in samples]

@@ -1,11 +1,14 @@
 """The interface of an RL algorithm's learner, and what every learner shares.
 
-A learner (`ppo.PPOLearner`, `grpo.GRPOLearner`) owns its algorithm: the model it trains (with or
-without a value head), its jitted update step and no-gradient pass, how it collects turns, and how
-it turns them into optimiser steps. The loop (`rl.train.Trainer`) owns everything else (mesh,
-parameters, optimiser, rollouts' policy, evaluation, checkpoints) and calls `update()` once per
-update. Shared here: the steps over built batches, the old / reference token log-prob tables in the
-first step's layout, and the per-update statistics (the env package's own via `envs.rl_hooks`).
+A learner (`ppo.PPOLearner`, `grpo.GRPOLearner`) is the RL job's algorithm. It receives the run
+harness (`train.run.Run`: mesh, tokenizer, parameters, optimiser, the ops policy its programs are
+compiled under) and owns its algorithm's part: the module it trains (with or without a value
+head), its jitted programs (`programs`: the update step and the no-gradient pass, the same ones
+`sftrl plan` compiles), the environments and the rollouts' policy, how it collects turns and how
+it turns them into optimiser steps. `rl.train.Trainer` (the RL job) calls `update()` once per
+update. Shared here: the environments, batcher and reward scorer, the rollouts' policy and the
+episode seeds, the steps over built batches, the old / reference token log-prob tables in the first
+step's layout, and the per-update statistics (the env package's own via `envs.rl_hooks`).
 """
 
 from __future__ import annotations
@@ -13,23 +16,47 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+import jax
 import numpy as np
 
 from sftrl_jax import envs
+from sftrl_jax.envs import device_scoring
 from sftrl_jax.episodes import Turn
 from sftrl_jax.evaluation import compute as compute_lib
 from sftrl_jax.rl import batching
+from sftrl_jax.sampling import policy as policy_lib
+from sftrl_jax.train import accumulate as accum_lib
 
 
 class Learner:
-    """One algorithm's update over the loop's shared state (`loop`: the `rl.train.Trainer`)."""
+    """One algorithm's update over the harness's state (`run`: the `train.run.Run`; `rl_cfg`: the
+    `rl.config.RLConfig`; `compute`: the run's `ComputeCounter`)."""
 
-    name: str = ""
+    name: str = ""  # the algorithm's name: `algo` in the config, and its config section
+    nograd_name: str = ""  # its no-gradient program's name (`programs`)
 
-    def __init__(self, loop, cfg):
-        self.loop, self.cfg = loop, cfg
-        self.temperature = loop.cfg.sampling.temperature  # the run's one temperature (sampler and losses)
-        self.hooks = envs.rl_hooks(loop.cfg.env.task)
+    def __init__(self, run, rl_cfg, compute: compute_lib.ComputeCounter):
+        self.run, self.rl_cfg, self.compute = run, rl_cfg, compute
+        self.cfg = getattr(rl_cfg, self.name)
+        self.temperature = rl_cfg.sampling.temperature  # the run's one temperature (sampler and losses)
+        self.hooks = envs.rl_hooks(rl_cfg.env.task)
+        self.batcher = batching.Batcher(
+            run.tokenizer,
+            run.mesh,
+            rl_cfg.ppo,
+            buckets=rl_cfg.train.length_buckets,
+            image_processor=run.image_processor,
+        )
+        env = rl_cfg.env
+        self.envs = [envs.make(env.task, split=env.split, **env.options) for _ in range(env.num_envs)]
+        # env.reward_on_device: the rollouts' rewards from one compiled program after sampling (or None)
+        self.reward_scorer = device_scoring.make_scorer(
+            env.reward_on_device, env.task, env.options, run.tokenizer, width=rl_cfg.sampling.max_new_tokens
+        )
+        # The frozen reference of the KL penalty (kl_coef > 0): the policy the run started from.
+        self.ref_params = run.reference_params
+        programs = self.programs(run, rl_cfg)
+        self.update_fn, self.nograd_fn = programs["update"], programs[self.nograd_name]
 
     # -- the interface ---------------------------------------------------------------------------
 
@@ -43,8 +70,24 @@ class Learner:
         """The language model inside `policy_module`'s module (for sampling and the final save)."""
         return module
 
+    @classmethod
+    def programs(cls, run, rl_cfg) -> dict[str, Any]:
+        """The learner's jitted programs over `run` (`train.run.Run`, or `train.run.AbstractRun`
+        for `sftrl plan`): "update" (the optimiser step, state donated) and `nograd_name`."""
+        raise NotImplementedError
+
+    @classmethod
+    def update_arrays(cls, cfg, rows: int) -> dict[str, tuple[tuple[int, ...], Any]]:
+        """{name: (shape, dtype)} of the update batch's arrays beyond `batching.batch_spec`'s."""
+        raise NotImplementedError
+
+    @classmethod
+    def rollout_rows(cls, rl_cfg) -> int:
+        """The rows of one sampling call of the rollouts (one per env)."""
+        return rl_cfg.env.num_envs
+
     def update(self) -> dict[str, float]:
-        """One update: collect turns with the loop's current policy, then optimiser steps."""
+        """One update: collect turns with the current policy, then optimiser steps."""
         raise NotImplementedError
 
     def state(self) -> dict[str, Any] | None:
@@ -60,19 +103,47 @@ class Learner:
 
     # -- shared ----------------------------------------------------------------------------------
 
+    @property
+    def update_idx(self) -> int:
+        """Updates done (the harness's step)."""
+        return self.run.step
+
+    def lm(self):
+        """The current language model (shares the train state's arrays; no copy)."""
+        return self.language_model(self.run.module())
+
+    def policy(self, temperature=None, seed_offset: int = 0):
+        """The sampler at the current parameters: the rollouts' policy (seeded per update)."""
+        return policy_lib.make_policy(
+            self.lm(),
+            self.run.tokenizer,
+            self.rl_cfg.sampling,
+            seed=self.rl_cfg.train.seed * 7919 + self.update_idx * 104729 + seed_offset,
+            image_processor=self.run.image_processor,
+            temperature=temperature,
+        )
+
+    def episode_seed(self, episode: int) -> int:
+        return (self.rl_cfg.train.seed * 1_000_003 + self.update_idx) * 100_003 + episode
+
+    def update_step(self, batch) -> dict[str, jax.Array]:
+        """One optimiser step on the device batch; the harness's state advances."""
+        self.run.state, m = self.update_fn(self.run.state, batch)
+        return m
+
     def token_logps_of(self, turns: Sequence[Turn], params=None, steps=None) -> list[np.ndarray]:
         """The training forward's token log-probs of each turn's response under `params` (default: the
-        current ones; `loop.ref_params` for the KL reference), in micro-batches laid out as `steps`
+        current ones; `ref_params` for the KL reference), in micro-batches laid out as `steps`
         (`batching.Batcher.rows_of`)."""
-        params = self.loop.state.params if params is None else params
-        rows = self.loop.batcher.rows_of(turns, self.cfg.micro_batch, lambda b: self.no_grad_logp(params, b), steps)
+        params = self.run.state.params if params is None else params
+        rows = self.batcher.rows_of(turns, self.cfg.micro_batch, lambda b: self.no_grad_logp(params, b), steps)
         return [batching.response_row(t, logp) for t, (logp,) in zip(turns, rows)]
 
     def ref_table(self, turns: Sequence[Turn], steps=None) -> dict[int, np.ndarray] | None:
         """id(turn) -> the reference policy's token log-probs (None without a KL penalty)."""
-        if self.loop.ref_params is None:
+        if self.ref_params is None:
             return None
-        return {id(t): lp for t, lp in zip(turns, self.token_logps_of(turns, self.loop.ref_params, steps))}
+        return {id(t): lp for t, lp in zip(turns, self.token_logps_of(turns, self.ref_params, steps))}
 
     def train_steps(
         self,
@@ -84,33 +155,30 @@ class Learner:
         """Runs the optimiser steps (epoch, turns, extra arrays): each batch built from its turns, the
         ratio's old token log-probs from `old_of` (None: the sampler's, as built) and the reference's
         from `ref_of`; returns each step's metrics."""
-        loop = self.loop
         metrics = []
         for epoch, turns, extra in steps:
-            batch = loop.batcher.build(turns)
+            batch = self.batcher.build(turns)
             batch.update(extra)
             if old_of is not None:
                 batching.put_token_logp(batch, "old_token_logp", turns, old_of)
             if ref_of is not None:
                 batching.put_token_logp(batch, "ref_token_logp", turns, ref_of)
-            loop.state, m = self.update_fn(loop.state, loop.batcher.device(batch))
-            m = {k: float(v) for k, v in m.items()}
+            m = {k: float(v) for k, v in self.update_step(self.batcher.device(batch)).items()}
             m["epoch"] = epoch
             metrics.append(m)
-            loop.compute.add_train(int(batch["attention_mask"].sum()), n_images=sum(len(t.images) for t in turns))
+            self.compute.add_train(int(batch["attention_mask"].sum()), n_images=sum(len(t.images) for t in turns))
         return metrics
 
     def count_generation(self, turns: Sequence[Turn]) -> None:
         for t in turns:
-            self.loop.compute.add_generation(len(t.context_ids), len(t.response_ids))
+            self.compute.add_generation(len(t.context_ids), len(t.response_ids))
 
     def rollout_stats(self, turns: Sequence[Turn], t_roll: float, t_train: float) -> dict[str, float]:
         """The update's rollout statistics: the loop's own, then the env package's (`turn_stats`)."""
-        loop = self.loop
         rewards = [t.reward for t in turns]
         done = [t for t in turns if t.done]
         gen_tokens = sum(len(t.response_ids) for t in turns)
-        n, c = loop.n_params, loop.compute
+        n, c = self.run.n_params, self.compute
         out = {
             "turns": len(turns),
             "episodes_finished": len(done),
@@ -123,7 +191,7 @@ class Learner:
             "gflops": c.flops(rl=True) / 1e9,
             "gflops_paper_lambda": (
                 6 * n * (c.d_init + c.trained_tokens)
-                + 2 * n * compute_lib.lambda_for(loop.cfg.env.task) * c.trained_tokens
+                + 2 * n * compute_lib.lambda_for(self.rl_cfg.env.task) * c.trained_tokens
             )
             / 1e9,
         }
@@ -133,6 +201,25 @@ class Learner:
             out["reward_device_mismatch"] = sum(bool(t.info.get("reward_device_mismatch")) for t in turns)
         out.update(self.hooks.turn_stats(turns))
         return out
+
+
+def make_update(loss_fn, tx, cfg, *, lr_fn, name: str):
+    """The pure optimiser step of an algorithm over (TrainState, batch): `loss_fn(params, micro_batch)
+    -> (loss, aux)` over `cfg.samples_per_step // cfg.micro_batch` scanned micro-batches, gradients
+    averaged, one optimiser update; `cfg.kl_coef` > 0 needs `ref_token_logp` in the batch."""
+    n_micro = cfg.samples_per_step // cfg.micro_batch
+
+    def update(state, batch):
+        if cfg.kl_coef > 0 and "ref_token_logp" not in batch:
+            raise ValueError(
+                f"{name}.kl_coef = {cfg.kl_coef} needs the reference's token log-probs in the batch (ref_token_logp)"
+            )
+        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=n_micro)
+        grads = jax.tree.map(lambda g: g / n_micro, grads)
+        state, update_metrics = accum_lib.apply(state, grads, tx, lr_fn=lr_fn)
+        return state, {**accum_lib.reduce_aux(aux), **update_metrics}
+
+    return update
 
 
 def mean_metrics(rows: list[dict]) -> dict[str, float]:

@@ -28,7 +28,6 @@ from sftrl_jax.models import logprobs
 from sftrl_jax.rl import batching, losses
 from sftrl_jax.rl import learner as learner_lib
 from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
-from sftrl_jax.train import accumulate as accum_lib
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,6 +94,19 @@ class PPOConfig:
         if self.old_logp not in ("trainer", "sampler"):
             raise ConfigError(f"ppo.old_logp must be 'trainer' or 'sampler', got {self.old_logp!r}")
 
+    def check_run(self, run_cfg) -> None:
+        """The run's other sections against this one (`rl.config.RLConfig`)."""
+        env, t = run_cfg.env, run_cfg.train
+        if (env.num_envs * t.steps_per_update) % self.samples_per_step:
+            raise ConfigError(
+                f"env.num_envs x train.steps_per_update ({env.num_envs} x {t.steps_per_update}) "
+                f"must be a multiple of ppo.samples_per_step ({self.samples_per_step})"
+            )
+
+    def steps_per_update(self, run_cfg) -> int:
+        """Optimiser steps per update."""
+        return self.epochs * run_cfg.env.num_envs * run_cfg.train.steps_per_update // self.samples_per_step
+
 
 # ----------------------------------------------------------------------------------------------
 # Device side
@@ -136,7 +148,6 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
     `thought_coef` weights: the ratio of the turn-level action probabilities of `turn_logp`.
     Log-probs are of logits / `temperature` (the sampling temperature).
     """
-    n_micro = cfg.samples_per_step // cfg.micro_batch
     use_entropy = cfg.entropy_coef > 0
 
     def loss_fn(params, mb):
@@ -165,17 +176,7 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
         aux = {"loss": loss, "policy_loss": pg, "value_loss": vl, **pg_aux, **v_aux, **extra}
         return loss, {**aux, "logprob_gap_max": gap, "ratio_dev_max": ratio_dev}
 
-    def update(state, batch):
-        if cfg.kl_coef > 0 and "ref_token_logp" not in batch:
-            raise ValueError(
-                f"ppo.kl_coef = {cfg.kl_coef} needs the reference's token log-probs in the batch (ref_token_logp)"
-            )
-        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=n_micro)
-        grads = jax.tree.map(lambda g: g / n_micro, grads)
-        state, update_metrics = accum_lib.apply(state, grads, tx, lr_fn=lr_fn)
-        return state, {**accum_lib.reduce_aux(aux), **update_metrics}
-
-    return update
+    return learner_lib.make_update(loss_fn, tx, cfg, lr_fn=lr_fn, name="ppo")
 
 
 def advantages_for(
@@ -205,16 +206,26 @@ class PPOLearner(learner_lib.Learner):
     and GAE, and runs `ppo.epochs` shuffled passes of clipped steps."""
 
     name = "ppo"
+    nograd_name = "values_pass"
 
-    def __init__(self, loop):
-        super().__init__(loop, loop.cfg.ppo)
+    def __init__(self, run, rl_cfg, compute):
+        super().__init__(run, rl_cfg, compute)
+        self.value_fn = self.nograd_fn
         self.runner: episodes.EpisodeRunner | None = None
         self._rollout_state: dict[str, Any] | None = None  # restored runner state, applied lazily
-        step = make_update_step(
-            loop.graphdef, loop.rest, loop.tx, self.cfg, lr_fn=loop.lr_fn, temperature=self.temperature
-        )
-        self.update_fn = loop.compile(step, donate_argnums=0, out_shardings=(loop.state_shardings, None))
-        self.value_fn = loop.compile(make_value_fn(loop.graphdef, loop.rest, self.temperature))
+
+    @classmethod
+    def programs(cls, run, rl_cfg) -> dict[str, Any]:
+        t = rl_cfg.sampling.temperature
+        step = make_update_step(run.graphdef, run.rest, run.tx, rl_cfg.ppo, lr_fn=run.lr_fn, temperature=t)
+        return {
+            "update": run.compile(step, donate_argnums=0, out_shardings=(run.state_shardings, None)),
+            cls.nograd_name: run.compile(make_value_fn(run.graphdef, run.rest, t)),
+        }
+
+    @classmethod
+    def update_arrays(cls, cfg: PPOConfig, rows: int) -> dict:
+        return {k: ((rows,), np.float32) for k in ("old_values", "advantages", "returns")}
 
     @staticmethod
     def policy_module(model, *, seed: int):
@@ -237,20 +248,19 @@ class PPOLearner(learner_lib.Learner):
 
     def collect(self) -> tuple[list[list[episodes.Turn]], list[episodes.Turn]]:
         """The update's [T][E] turn buffer and its turns flattened (time-major)."""
-        loop = self.loop
         if self.runner is None:
             self.runner = episodes.EpisodeRunner(
-                loop.envs,
-                loop.tokenizer,
+                self.envs,
+                self.run.tokenizer,
                 None,
-                reset_fn=lambda i, ep: (loop.episode_seed(ep), None),
-                scorer=loop.reward_scorer,
+                reset_fn=lambda i, ep: (self.episode_seed(ep), None),
+                scorer=self.reward_scorer,
             )
             if self._rollout_state is not None:
                 self.runner.load_state(self._rollout_state)
                 self._rollout_state = None
-        self.runner.policy = loop.policy()
-        buffer = episodes.collect(self.runner, loop.cfg.train.steps_per_update)
+        self.runner.policy = self.policy()
+        buffer = episodes.collect(self.runner, self.rl_cfg.train.steps_per_update)
         flat = [t for row in buffer for t in row]
         self.count_generation(flat)
         return buffer, flat
@@ -258,8 +268,8 @@ class PPOLearner(learner_lib.Learner):
     def values_of(self, turns, steps=None) -> tuple[np.ndarray, np.ndarray, list[np.ndarray]]:
         """(values, trainer turn log-probs, trainer token log-probs of each response) of turns, in
         micro-batches laid out as `steps` (`batching.Batcher.rows_of`)."""
-        params = self.loop.state.params
-        rows = self.loop.batcher.rows_of(turns, self.cfg.micro_batch, lambda b: self.value_fn(params, b), steps)
+        params = self.run.state.params
+        rows = self.batcher.rows_of(turns, self.cfg.micro_batch, lambda b: self.value_fn(params, b), steps)
         tokens = [batching.response_row(t, r[2]) for t, r in zip(turns, rows)]
         return np.array([r[0] for r in rows]), np.array([r[1] for r in rows]), tokens
 
@@ -279,19 +289,19 @@ class PPOLearner(learner_lib.Learner):
 
     def sampler_turn_logp(self, t: episodes.Turn) -> float:
         """The sampler's turn log-prob (`turn_logp` of its token log-probs)."""
-        start = batching.action_start(self.loop.tokenizer, t.response_ids, self.cfg.action_keys)
+        start = batching.action_start(self.run.tokenizer, t.response_ids, self.cfg.action_keys)
         lp = np.asarray(t.logprobs, np.float64)
         w = np.where(np.arange(len(lp)) < start, self.cfg.thought_coef, 1.0)
         return float((lp * w).sum())
 
     def update(self) -> dict[str, float]:
-        loop, pcfg = self.loop, self.cfg
+        pcfg = self.cfg
         t0 = time.perf_counter()
         buffer, flat = self.collect()
         t_roll = time.perf_counter() - t0
         T, E = len(buffer), len(buffer[0])
         rewards, dones = episodes.rewards_array(buffer, pcfg.reward_mode)
-        rng = np.random.default_rng([loop.cfg.train.seed, loop.update_idx])
+        rng = np.random.default_rng([self.rl_cfg.train.seed, self.update_idx])
         orders = [rng.permutation(len(flat)) for _ in range(pcfg.epochs)]
         S = pcfg.samples_per_step
         first_steps = [orders[0][s : s + S] for s in range(0, len(flat), S)]

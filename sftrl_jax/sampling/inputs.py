@@ -14,12 +14,10 @@ from typing import Any
 
 import numpy as np
 
-from sftrl_jax.data import processor
+from sftrl_jax.data import rows
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import config as config_lib
 from sftrl_jax.models import logprobs as model_logprobs
-
-PIXEL_KEYS = model_logprobs.PIXEL_KEYS  # the processor's image arrays (+ cross_attention_mask: IMAGE_KEYS)
 
 
 def prompt_bucket(n: int) -> int:
@@ -84,11 +82,9 @@ def check_cache_length(lengths: Sequence[int], prompt_len: int, max_new_tokens: 
 
 def left_pad(prompts: list[list[int]], *, batch: int, length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
     """[batch, length] ids and attention mask, prompts right-aligned; extra rows hold one pad token."""
-    ids = np.full((batch, length), pad_id, np.int32)
-    mask = np.zeros((batch, length), np.int32)
-    for b, p in enumerate(prompts):
-        ids[b, length - len(p) :] = p
-        mask[b, length - len(p) :] = 1
+    starts = [length - len(p) for p in prompts]
+    ids = rows.place(prompts, starts, length=length, fill=pad_id, batch=batch)
+    mask = rows.place([[1] * len(p) for p in prompts], starts, length=length, batch=batch)
     mask[len(prompts) :, -1] = 1  # padding rows: a single (ignored) token keeps their softmax finite
     return ids, mask
 
@@ -109,7 +105,8 @@ def image_arrays(
     `cross_attention_mask`, if given, is one [len(prompt_b), I, C] array per prompt; by default it is
     derived from the `<|image|>` tokens and each image's tile count (as transformers' processor does).
     """
-    given = {k: v for k, v in zip(PIXEL_KEYS, (pixel_values, aspect_ratio_ids, aspect_ratio_mask)) if v is not None}
+    pixels = dict(zip(model_logprobs.PIXEL_KEYS, (pixel_values, aspect_ratio_ids, aspect_ratio_mask)))
+    given = {k: v for k, v in pixels.items() if v is not None}
     is_mllama = isinstance(config, config_lib.MllamaConfig)
     if not given:
         if cross_attention_mask is not None:
@@ -121,7 +118,7 @@ def image_arrays(
         return {}
     if not is_mllama:
         raise UserError(f"image inputs were given but the model ({config.architecture}) has no vision tower")
-    missing = [k for k in PIXEL_KEYS if k not in given]
+    missing = [k for k in model_logprobs.PIXEL_KEYS if k not in given]
     if missing:
         raise UserError(f"pixel_values need aspect_ratio_ids and aspect_ratio_mask too; missing {missing}")
     v = config.vision
@@ -148,35 +145,35 @@ def image_arrays(
     if ar_ids.min() < 0 or ar_ids.max() > len(v.supported_aspect_ratios):
         raise UserError(f"aspect_ratio_ids must be in [0, {len(v.supported_aspect_ratios)}], got {ar_ids.max()}")
 
-    if cross_attention_mask is not None and len(cross_attention_mask) != n:
-        raise UserError(f"cross_attention_mask has {len(cross_attention_mask)} entries for {n} prompts")
-    xmask = np.zeros((batch, length, images, v.max_num_tiles), np.int32)
-    num_tiles = ar_mask.astype(bool).sum(-1)
-    for b, p in enumerate(prompts):
-        if cross_attention_mask is not None:
-            m = np.asarray(cross_attention_mask[b])
+    if cross_attention_mask is not None:
+        if len(cross_attention_mask) != n:
+            raise UserError(f"cross_attention_mask has {len(cross_attention_mask)} entries for {n} prompts")
+        masks = [np.asarray(m) for m in cross_attention_mask]
+        for b, (p, m) in enumerate(zip(prompts, masks)):
             if m.shape != (len(p), images, v.max_num_tiles):
                 raise UserError(
                     f"cross_attention_mask[{b}] has shape {m.shape}; expected [len(prompt)={len(p)}, I={images}, "
                     f"C={v.max_num_tiles}]"
                 )
-        else:
-            n_tokens = sum(t == config.image_token_index for t in p)
-            if n_tokens > images:
-                raise UserError(f"prompt {b} has {n_tokens} <|image|> tokens but pixel_values holds {images} images")
-            if (ar_ids[b, :n_tokens] == 0).any():
-                raise UserError(
-                    f"prompt {b} has {n_tokens} <|image|> tokens but fewer real images (aspect_ratio_ids 0)"
-                )
-            m = processor.cross_attention_mask(
-                p,
-                config.image_token_index,
-                num_tiles=list(num_tiles[b, :n_tokens]),
-                max_tiles=v.max_num_tiles,
-                length=len(p),
-                max_images=images,
-            )
-        xmask[b, length - len(p) :] = m
+        xmask = rows.place(masks, [length - len(p) for p in prompts], length=length, batch=batch)
+    else:
+        counts = [p.count(config.image_token_index) for p in prompts]
+        for b, k in enumerate(counts):
+            if k > images:
+                raise UserError(f"prompt {b} has {k} <|image|> tokens but pixel_values holds {images} images")
+            if (ar_ids[b, :k] == 0).any():
+                raise UserError(f"prompt {b} has {k} <|image|> tokens but fewer real images (aspect_ratio_ids 0)")
+        tiles = ar_mask.astype(bool).sum(-1)  # [B, I]
+        xmask = rows.cross_attention_mask(
+            prompts,
+            [tiles[b, :k] for b, k in enumerate(counts)],
+            image_token_id=config.image_token_index,
+            max_tiles=v.max_num_tiles,
+            images=images,
+            length=length,
+            left_padded=True,
+            batch=batch,
+        )
     pad = batch - n
     pad_mask = np.zeros((pad, *ar_mask.shape[1:]), ar_mask.dtype)
     pad_mask[..., 0] = 1  # a padding image has one (blank) tile, as transformers' processor marks it

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from sftrl_jax.data import processor
+from sftrl_jax.data import rows
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import config as config_lib
 from sftrl_jax.models import logprobs as model_logprobs
@@ -57,34 +57,26 @@ def teacher_forced_logprobs(
     t = float(temperature) if temperature > 0 else 1.0
     config = model.config
     seqs = [list(map(int, p)) + list(map(int, r)) for p, r in zip(prompts, responses)]
-    n, length = len(seqs), inputs.prompt_bucket(max(len(s) for s in seqs))
-    ids = np.full((n, length), config.text.pad_token_id or 0, np.int32)
-    mask = np.zeros((n, length), np.int32)
-    targets = np.zeros((n, length), np.int32)
-    for b, s in enumerate(seqs):
-        ids[b, : len(s)], mask[b, : len(s)], targets[b, : len(s) - 1] = s, 1, s[1:]
-    batch = {"input_ids": ids, "attention_mask": mask, "targets": targets}
+    length = inputs.prompt_bucket(max(len(s) for s in seqs))
+    batch = rows.right_padded(seqs, length=length, pad_id=config.text.pad_token_id or 0)
+    batch["targets"] = rows.place([s[1:] for s in seqs], [0] * len(seqs), length=length)
     if pixel_values is not None:
         if not isinstance(config, config_lib.MllamaConfig):
             raise UserError(f"image inputs were given but the model ({config.architecture}) has no vision tower")
         ar_mask = np.asarray(aspect_ratio_mask)
-        images = ar_mask.shape[1]
-        xmask = np.zeros((n, length, images, ar_mask.shape[2]), np.int32)
-        for b, s in enumerate(seqs):
-            k = sum(tok == config.image_token_index for tok in s)
-            xmask[b] = processor.cross_attention_mask(
-                s,
-                config.image_token_index,
-                num_tiles=list(ar_mask[b, :k].astype(bool).sum(-1)),
-                max_tiles=ar_mask.shape[2],
-                length=length,
-                max_images=images,
-            )
+        tiles = ar_mask.astype(bool).sum(-1)  # [B, I]
         batch.update(
             pixel_values=np.asarray(pixel_values, np.float32),
             aspect_ratio_ids=np.asarray(aspect_ratio_ids, np.int32),
             aspect_ratio_mask=ar_mask.astype(np.int32),
-            cross_attention_mask=xmask,
+            cross_attention_mask=rows.cross_attention_mask(
+                seqs,
+                [tiles[b, : s.count(config.image_token_index)] for b, s in enumerate(seqs)],
+                image_token_id=config.image_token_index,
+                max_tiles=ar_mask.shape[2],
+                images=ar_mask.shape[1],
+                length=length,
+            ),
         )
     graphdef, params = nnx.split(model)
     logp = np.asarray(_forward_jit(params, batch, jnp.float32(t), graphdef=graphdef))

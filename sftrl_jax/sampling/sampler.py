@@ -34,7 +34,7 @@ from flax import nnx
 
 from sftrl_jax import ops
 from sftrl_jax.errors import UserError
-from sftrl_jax.models import kv_cache, text
+from sftrl_jax.models import kv_cache, layers
 from sftrl_jax.models import logprobs as model_logprobs
 from sftrl_jax.parallel import rules
 from sftrl_jax.sampling import inputs, methods
@@ -114,17 +114,7 @@ def _keys(state: State) -> jax.Array:
     return methods.row_keys(state.key, state.step, jnp.arange(state.done.shape[0]))
 
 
-def _for_sampling(model):
-    """The model without remat: sampling takes no gradients, so recomputing activations in a
-    backward pass only costs, and `nnx.remat` inside the decode `while_loop` does not trace (flax's
-    TraceContextError on the 11B recipes' `model.remat: true`, found by `sftrl plan`)."""
-    for _, module in nnx.iter_graph(model):
-        if isinstance(module, text.TextModel):
-            module.remat = False
-    return model
-
-
-def _prefill(
+def prefill(
     params, batch: dict[str, jax.Array], stop_tokens: jax.Array, key: jax.Array, *, graphdef, cfg: SamplerConfig
 ) -> State:
     """The prompt through the model's forward; the first token; the decode state."""
@@ -133,12 +123,15 @@ def _prefill(
 
 
 def _prefill_body(params, batch, stop_tokens, key, *, graphdef, cfg: SamplerConfig) -> State:
-    model = _for_sampling(nnx.merge(graphdef, params))
+    model = nnx.merge(graphdef, params)
     ids, row_valid = batch["input_ids"], batch["row_valid"]
     b, p = ids.shape
-    cache = kv_cache.init_cache(model.config.text, b, p, model.dtype)
+    cache = model.init_cache(b, p)  # the model's own layout (per layer, or stacked)
     image_inputs = {k: batch[k] for k in model_logprobs.IMAGE_KEYS if k in batch}
-    out = model(ids, attention_mask=batch["attention_mask"], cache=cache, last_logits_only=True, **image_inputs)
+    # remat=False: sampling takes no gradients, so recomputing activations in a backward pass only costs.
+    out = model(
+        ids, attention_mask=batch["attention_mask"], cache=cache, last_logits_only=True, remat=False, **image_inputs
+    )
     m = cfg.max_new_tokens
     zeros = jnp.zeros((b, m), jnp.float32)
     state = State(
@@ -158,7 +151,7 @@ def _prefill_body(params, batch, stop_tokens, key, *, graphdef, cfg: SamplerConf
     return _record(state, methods.choose(out.logits[:, -1], _keys(state), cfg.method), cfg)
 
 
-def _decode(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
+def decode(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
     """Generates columns 1 .. M-1 through the model's own forward, one token per row per step, with
     the KV cache; stops early once every row is done. `params`: see `prepare_weights`."""
     with rules.using(cfg.layout):
@@ -166,7 +159,7 @@ def _decode(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
 
 
 def _decode_body(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
-    model = _for_sampling(nnx.merge(graphdef, params))
+    model = nnx.merge(graphdef, params)
     b = state.last.shape[0]
     one = jnp.ones((b, 1), jnp.int32)
 
@@ -174,17 +167,17 @@ def _decode_body(params, state: State, *, graphdef, cfg: SamplerConfig) -> State
         return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
 
     def body(s: State) -> State:
-        out = model(s.last[:, None], attention_mask=one, cache=s.cache, last_logits_only=True)
+        out = model(s.last[:, None], attention_mask=one, cache=s.cache, last_logits_only=True, remat=False)
         s = dataclasses.replace(s, cache=out.cache)
         return _record(s, methods.choose(out.logits[:, -1], _keys(s), cfg.method), cfg)
 
     return jax.lax.while_loop(cond, body, state)
 
 
-_prefill_jit = jax.jit(_prefill, static_argnames=("graphdef", "cfg"))
+_prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "cfg"))
 # The state (above all the KV cache) is donated: the loop rewrites it in place, so XLA reuses the
 # prefill's buffers for the output instead of allocating a second cache and copying into it.
-_decode_jit = jax.jit(_decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
+_decode_jit = jax.jit(decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
 _decode_jits: dict = {}  # compiler options (ops.decode_compiler_options) -> jitted decode
 
 
@@ -194,7 +187,7 @@ def _decode_fn(options: dict | None):
     key = tuple(sorted(options.items()))
     if key not in _decode_jits:
         _decode_jits[key] = jax.jit(
-            _decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",), compiler_options=options
+            decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",), compiler_options=options
         )
     return _decode_jits[key]
 
@@ -204,13 +197,19 @@ def compile_count() -> int:
     return sum(f._cache_size() for f in (_prefill_jit, _decode_jit, *_decode_jits.values()))
 
 
-def _is_matrix(x) -> bool:
-    # Matrices only: 1-D parameters (norm scales, tanh gates) are read in fp32 by the model.
-    return x.ndim >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+def is_matrix(x) -> bool:
+    # Matrices only: 1-D parameters (norm scales, tanh gates) are read in fp32 by the model. A
+    # Variable's names tell a layer stack's leading axis: its [G, D] norm scales are no matrices.
+    stacked = isinstance(x, nnx.Variable) and rules.param_names(x)[:1] == (layers.LAYERS,)
+    return x.ndim - stacked >= 2 and jnp.issubdtype(x.dtype, jnp.floating)
+
+
+def _is_variable(x) -> bool:
+    return isinstance(x, nnx.Variable)
 
 
 def _cast(params, *, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if _is_matrix(x) else x, params)
+    return jax.tree.map(lambda v: v.replace(v[...].astype(dtype)) if is_matrix(v) else v, params, is_leaf=_is_variable)
 
 
 _cast_jit = jax.jit(_cast, static_argnames=("dtype",))
@@ -248,12 +247,12 @@ def resolve_layout(layout: str, config, mesh: jax.sharding.Mesh | None) -> str:
     return "decode" if all(d % ways == 0 for d in dims) else "train"
 
 
-def _reshard(x: jax.Array, sharding, dtype) -> jax.Array:
-    key = (sharding, jnp.dtype(dtype).name if _is_matrix(x) else None)
+def _reshard(v: nnx.Variable, sharding, dtype) -> jax.Array:
+    key = (sharding, jnp.dtype(dtype).name if is_matrix(v) else None)
     if key not in _reshard_jits:
         to = key[1]
         _reshard_jits[key] = jax.jit(lambda a: a.astype(to) if to else a, out_shardings=sharding)
-    return _reshard_jits[key](x)
+    return _reshard_jits[key](v[...])
 
 
 def prepare_weights(params, dtype, *, mesh: jax.sharding.Mesh | None = None, layout: str = "train"):
@@ -266,7 +265,7 @@ def prepare_weights(params, dtype, *, mesh: jax.sharding.Mesh | None = None, lay
     copy of the model. The parameters themselves when nothing changes."""
     leaves = tuple(jax.tree.leaves(params))
     relayout = mesh is not None and mesh.size > 1 and layout != "train"
-    same_dtype = all(not _is_matrix(x) or x.dtype == jnp.dtype(dtype) for x in leaves)
+    same_dtype = all(not is_matrix(x) or x.dtype == jnp.dtype(dtype) for x in leaves)
     if same_dtype and not relayout:
         return params
     key = (jnp.dtype(dtype).name, layout if relayout else None, tuple(map(id, leaves)))
@@ -274,12 +273,44 @@ def prepare_weights(params, dtype, *, mesh: jax.sharding.Mesh | None = None, lay
         _PREPARED.clear()
         if relayout:
             shardings = layout_shardings(params, mesh, layout)
-            out = jax.tree.map(lambda x, sh: _reshard(x, sh, dtype), params, shardings)
+            reshard = lambda v, sh: v.replace(_reshard(v, sh.get_value(), dtype))  # noqa: E731
+            out = jax.tree.map(reshard, params, shardings, is_leaf=_is_variable)
         else:
             out = _cast_jit(params, dtype=jnp.dtype(dtype))
         _PREPARED.update(key=key, leaves=leaves, params=out)
         PREPARE_COUNT[0] += 1
     return _PREPARED["params"]
+
+
+def abstract_weights(params, mesh: jax.sharding.Mesh, layout: str, dtype):
+    """Abstract parameters (`jax.ShapeDtypeStruct`s) as `prepare_weights` leaves them: floating
+    matrices in the compute `dtype`, every leaf in the `layout` table's sharding (`sftrl plan`)."""
+    shardings = layout_shardings(params, mesh, layout)
+
+    def one(v, s):
+        dt = jnp.dtype(dtype) if is_matrix(v) else v.dtype
+        return v.replace(jax.ShapeDtypeStruct(v.shape, dt, sharding=s.get_value()))
+
+    return jax.tree.map(one, params, shardings, is_leaf=_is_variable)
+
+
+def abstract_state(state: State, mesh: jax.sharding.Mesh, layout: str) -> State:
+    """An abstract decode state (`jax.eval_shape` of `prefill`) sharded as `prefill` leaves it under
+    the `layout` table: the KV cache by its logical names (batch, kv heads), other leading batch axes
+    over the batch mesh axes where they divide, scalars replicated (`sftrl plan`)."""
+
+    def shard(x):
+        names = ("batch",) + (None,) * (x.ndim - 1) if x.ndim else ()
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=rules.named_sharding(names, x.shape, mesh))
+
+    with rules.using(layout):
+        out = jax.tree.map(shard, state)
+        cache = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+            state.cache,
+            kv_cache.shardings(state.cache, mesh),
+        )
+    return dataclasses.replace(out, cache=cache)
 
 
 # -------------------------------------------------------------------------------------------- host

@@ -4,19 +4,17 @@
 
 `train_step(state, batch) -> (state, metrics)` is jitted once per padded length bucket, with the
 state donated and sharded by the logical-axis rules; gradient accumulation scans over micro-batches
-inside the step (one optimiser update per call). The loop resumes from the run folder's latest
-checkpoint (params, optimiser, step, RNG, data iterator), saves and exits 0 on SIGTERM, skips steps
-with non-finite gradients and aborts after `train.max_bad_steps` of them in a row. The run folder is
-locked for the run (`train/run_lock.py`: a second run on it stops with one line); checkpoints,
-snapshots and `final` are written atomically, and a failed save stops the run with one line
-(`errors.SaveError`).
+inside the step (one optimiser update per call). `programs` gives the run's jitted programs, the
+same ones `sftrl plan` compiles. The run is the one harness (`train.run.Run`: lock, mesh, model,
+optimiser, checkpoints, resume, SIGTERM, non-finite steps, snapshots, `final`); `SFTJob` is the
+SFT part: data batches, the step, the logged rows, the eval loss. A resumed run continues the data
+iterator where the checkpoint left it; `train.max_bad_steps` non-finite steps in a row abort.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
 from typing import Any
 
@@ -28,66 +26,38 @@ from flax import nnx
 
 from sftrl_jax import config as config_lib
 from sftrl_jax import ops
-from sftrl_jax import progress as progress_lib
 from sftrl_jax.config import ConfigError
-from sftrl_jax.data import processor
 from sftrl_jax.data.sft import SFTData, SFTDataConfig
-from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation.compute import ComputeCounter
 from sftrl_jax.models import logprobs
-from sftrl_jax.parallel import distributed
-from sftrl_jax.parallel import mesh as mesh_lib
-from sftrl_jax.parallel.placement import global_batch, on_mesh, param_count
+from sftrl_jax.parallel.placement import global_batch
 from sftrl_jax.sft.losses import sft_loss_from_logp
 from sftrl_jax.train import accumulate as accum_lib
-from sftrl_jax.train import checkpoint as ckpt_lib
 from sftrl_jax.train import metrics as metrics_lib
 from sftrl_jax.train import optim as optim_lib
-from sftrl_jax.train import run_lock
-from sftrl_jax.train.state import (
-    ModelSection,
-    TrainState,
-    abstract_like,
-    load_model,
-    rng_data,
-    split_params,
-    tokenizer_for,
-)
+from sftrl_jax.train.run import Run, RunSection
+from sftrl_jax.train.state import ModelSection, TrainState
 
-IMAGE_KEYS = logprobs.IMAGE_KEYS
-BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", *IMAGE_KEYS)
+BATCH_KEYS = ("input_ids", "attention_mask", "targets", "loss_mask", *logprobs.IMAGE_KEYS)
 
 
 @dataclasses.dataclass(frozen=True)
-class TrainSection:
+class TrainSection(RunSection):
+    """`train:` of an SFT run: the harness's keys (`train.run.RunSection`) and the loop's."""
+
     run_dir: str = "runs/sft"
     steps: int = 100  # optimiser steps
     grad_accum: int = 1  # micro-batches per optimiser step (data.batch_size is the whole step's batch)
     log_every: int = 10
     eval_every: int = 0  # 0 = no periodic eval loss
-    save_every: int = 100
-    keep: int = 3  # checkpoints kept
-    seed: int = 0
-    mesh: str = "data=1,fsdp=-1,tensor=1"  # -1 = the rest of the devices
-    devices: int | None = None  # use only the first N devices (single-process runs); None = all
     max_bad_steps: int = 5  # abort after this many non-finite steps in a row
-    resume: bool = True  # continue from the run folder's latest checkpoint
-    tensorboard: bool = False
-    async_checkpointing: bool = True
-    progress: bool = True  # a tqdm bar on a terminal, a line per interval in a log (sftrl_jax/progress.py)
-    distributed: bool = False  # jax.distributed with cluster auto-detection (or set SFTRL_COORDINATOR, ...)
-    d_init: int = 0  # tokens of the SFT that produced model.init (for the compute axis)
-    # > 0: every N steps (never step 0) the model as <run_dir>/snapshots/<step>, a model checkpoint
-    # like <run_dir>/final (`sftrl eval --ckpt`): a study's intermediate compute points; 0 = none
-    snapshot_every: int = 0
 
     def __post_init__(self):
         for name in ("steps", "grad_accum", "log_every", "save_every", "keep", "max_bad_steps"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"train.{name} must be positive, got {getattr(self, name)}")
-        if self.snapshot_every < 0:
-            raise ConfigError(f"train.snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
-        config_lib.check_ranges(self, eval_every="[0, inf)", seed="[0, inf)", devices="[1, inf)", d_init="[0, inf)")
+        super().__post_init__()
+        config_lib.check_ranges(self, eval_every="[0, inf)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,9 +70,6 @@ class SFTConfig:
 
 # ----------------------------------------------------------------------------------------------
 # The step
-
-
-model_inputs = logprobs.model_inputs  # the model call's inputs besides input_ids (kept for callers)
 
 
 def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_accum: int, lr_fn, policy=None):
@@ -144,6 +111,16 @@ def make_eval_step(graphdef, rest, *, policy=None):
 # The loop
 
 
+def programs(run, cfg: SFTConfig) -> dict[str, Any]:
+    """The SFT run's jitted programs over `run` (`train.run.Run`, or `train.run.AbstractRun` for
+    `sftrl plan`): "train_step" (state donated, sharded like the run's state) and "eval_step"."""
+    step = make_train_step(run.graphdef, run.rest, run.tx, grad_accum=cfg.train.grad_accum, lr_fn=run.lr_fn)
+    return {
+        "train_step": run.compile(step, donate_argnums=0, out_shardings=(run.state_shardings, None)),
+        "eval_step": run.compile(make_eval_step(run.graphdef, run.rest)),
+    }
+
+
 def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     """Runs (or resumes) the SFT run of `cfg`; returns the last logged metrics.
 
@@ -151,151 +128,90 @@ def train(cfg: SFTConfig, *, stop_after: int | None = None) -> dict[str, Any]:
     (tests use it to interrupt a run and resume it).
     """
     t = cfg.train
-    distributed.maybe_initialize(auto=t.distributed)
-    lock = run_lock.acquire(t.run_dir)  # one run per folder: a second one stops here, writing nothing
+    run = Run(cfg, name="sft", optim=cfg.optim, total_steps=t.steps, check_mesh=lambda mesh: _check_batch(cfg, mesh))
     try:
-        return _train(cfg, stop_after=stop_after)
-    finally:
-        lock.release()
+        job = SFTJob(run, cfg)
+    except BaseException:
+        run.close()
+        raise
+    return run.loop(job, total=t.steps, max_bad=t.max_bad_steps, final=run.module, stop_after=stop_after)
 
 
-def _train(cfg: SFTConfig, *, stop_after: int | None) -> dict[str, Any]:
-    t = cfg.train
-    os.makedirs(t.run_dir, exist_ok=True)
-    if jax.process_index() == 0:
-        config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
-    devices = jax.devices() if t.devices is None else jax.devices()[: t.devices]
-    mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(t.mesh), devices=devices)
+def _check_batch(cfg: SFTConfig, mesh) -> None:
     batch_axes = mesh.shape["data"] * mesh.shape["fsdp"]
-    if cfg.data.batch_size % (t.grad_accum * batch_axes):
+    if cfg.data.batch_size % (cfg.train.grad_accum * batch_axes):
         raise ConfigError(
-            f"data.batch_size {cfg.data.batch_size} must be divisible by train.grad_accum ({t.grad_accum}) x "
+            f"data.batch_size {cfg.data.batch_size} must be divisible by train.grad_accum ({cfg.train.grad_accum}) x "
             f"the batch-sharding mesh axes data*fsdp ({batch_axes})"
         )
-    tokenizer = tokenizer_for(cfg.model)
-    model = load_model(cfg.model, mesh=mesh, seed=t.seed)  # not under set_mesh: eval_shape of logical names
-    vocab = model.config.text.vocab_size
-    if tokenizer.vocab_size > vocab:
-        raise ConfigError(f"the tokenizer has {tokenizer.vocab_size} ids but the model's vocab_size is {vocab}")
-    data = SFTData(cfg.data, tokenizer, image_processor=processor.for_model(model))
-    graphdef, params, rest = split_params(model)
-    del model
-    lr_fn = optim_lib.schedule(cfg.optim, t.steps)
-    tx = optim_lib.make_optimizer(cfg.optim, params, total_steps=t.steps)
-    with jax.set_mesh(mesh):
-        opt_state = optim_lib.init_state(tx, params, mesh)
-    state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng_data(t.seed))
-    state = on_mesh(state, mesh)
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
 
-    checkpointer = ckpt_lib.Checkpointer(
-        os.path.join(t.run_dir, "checkpoints"), keep=t.keep, every=t.save_every, async_save=t.async_checkpointing
-    )
-    iterator = data.iterator()
-    compute = ComputeCounter(n_params=param_count(params), d_init=t.d_init)
-    start, resumed = 0, None
-    if t.resume and checkpointer.latest_step() is not None:
-        step0, restored, extra = checkpointer.restore_latest(abstract_like(state))
-        state = restored
-        iterator.set_state(extra["data"])
-        compute = ComputeCounter.from_state(extra["compute"])
-        start = resumed = int(step0)
-        print(f"sft: resumed {t.run_dir} at step {start}")
 
-    policy = ops.policy_for(mesh)
-    step_fn = jax.jit(
-        make_train_step(graphdef, rest, tx, grad_accum=t.grad_accum, lr_fn=lr_fn, policy=policy),
-        donate_argnums=0,
-        out_shardings=(state_shardings, None),
-    )
-    eval_fn = jax.jit(make_eval_step(graphdef, rest, policy=policy))
+class SFTJob:
+    """The SFT steps the harness (`train.run.Run`) loops over: a data batch, the jitted step, the
+    logged row every `train.log_every` steps, the eval loss every `train.eval_every` and at the end."""
 
-    def extra_state() -> dict[str, Any]:
-        return {"data": _jsonable(iterator.get_state()), "compute": compute.state()}
+    unit = "step"
 
-    # Process 0 writes metrics.jsonl (the losses are global); others keep their own file.
-    name = "metrics.jsonl" if jax.process_index() == 0 else f"metrics.process{jax.process_index()}.jsonl"
-    metrics_lib.rewind(os.path.join(t.run_dir, name), checkpoint_step=resumed)  # each step logged once
-    writer = metrics_lib.MetricsWriter(t.run_dir, filename=name, tensorboard=t.tensorboard and jax.process_index() == 0)
-    last: dict[str, Any] = {}
-    bad_in_row = 0
-    tokens_window, padded_window, t_window = 0, 0, time.perf_counter()
-    peak = metrics_lib.peak_flops()
-    progress = _progress(t, start)
-    steps_this_call = 0
-    try:
-        with ckpt_lib.PreemptionGuard() as guard, jax.set_mesh(mesh):
-            for step in range(start, t.steps):
-                local = next(iterator)
-                batch = global_batch({k: local[k] for k in BATCH_KEYS if k in local}, mesh, pad_id=tokenizer.pad_id)
-                state, m = step_fn(state, batch)
-                n_tokens = int(local["attention_mask"].sum()) * jax.process_count()
-                tokens_window += n_tokens
-                padded_window += local["attention_mask"].size * jax.process_count()
-                compute.add_train(
-                    n_tokens,
-                    n_images=int(local["pixel_values"].shape[1] * local["pixel_values"].shape[0])
-                    if "pixel_values" in local
-                    else 0,
-                )
-                if not bool(m["finite"]):
-                    bad_in_row += 1
-                    if bad_in_row >= t.max_bad_steps:
-                        raise UserError(
-                            f"sft: {bad_in_row} steps in a row had non-finite gradients (last at step {step + 1}); "
-                            f"aborting. Lower optim.lr, check the data, or resume from the last checkpoint "
-                            f"({checkpointer.latest_step()}) with other settings."
-                        )
-                else:
-                    bad_in_row = 0
-                done = step + 1
-                if done % t.log_every == 0 or done == t.steps:
-                    elapsed = max(time.perf_counter() - t_window, 1e-9)
-                    tps = tokens_window / elapsed
-                    row = {k: float(v) for k, v in m.items()}
-                    row.update(
-                        tokens_per_s=tps,
-                        padding_fraction=1.0 - tokens_window / max(padded_window, 1),
-                        mfu=6.0 * compute.n_params * tps / peak if peak else float("nan"),
-                        skipped_nonfinite=_skipped(state.opt_state),
-                        gflops=compute.flops(rl=False) / 1e9,
-                        truncated=int(local["truncated"].sum()),
-                    )
-                    last = writer.write(done, row, prefix="train")
-                    tokens_window, padded_window, t_window = 0, 0, time.perf_counter()
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{row['loss']:.4f}", tok_s=f"{tps:.0f}")
-                if t.eval_every and done % t.eval_every == 0:
-                    writer.write(done, evaluate_loss(eval_fn, state.params, data, mesh), prefix="eval")
-                # the snapshot before the checkpoint: a run resumed from the checkpoint of `done` has it
-                snapshot = ckpt_lib.snapshot_path(t.run_dir, done, every=t.snapshot_every)
-                if snapshot is not None:
-                    save_model(graphdef, state.params, rest, snapshot)
-                checkpointer.maybe_save(done, state, extra_state())
-                checkpointer.check()  # a background save that failed stops the run now
-                if progress is not None:
-                    progress.update(1)
-                steps_this_call += 1
-                if guard.requested:
-                    if checkpointer.latest_step() != done:
-                        checkpointer.save(done, state, extra_state())
-                    print(f"sft: SIGTERM received; saved step {done} to {checkpointer.directory}; exiting")
-                    break
-                if stop_after is not None and steps_this_call >= stop_after:
-                    break
-            else:
-                if checkpointer.latest_step() != t.steps:
-                    checkpointer.save(t.steps, state, extra_state())
-                if data.eval:
-                    last.update(writer.write(t.steps, evaluate_loss(eval_fn, state.params, data, mesh), prefix="eval"))
-                checkpointer.wait()  # the last checkpoint is on disk before `final` says the run is done
-                save_final(graphdef, state.params, rest, t.run_dir)
-    finally:
-        checkpointer.close()
-        writer.close()
-        if progress is not None:
-            progress.close()
-    return last
+    def __init__(self, run: Run, cfg: SFTConfig):
+        self.run, self.cfg = run, cfg
+        self.data = SFTData(cfg.data, run.tokenizer, image_processor=run.image_processor)
+        self.iterator = self.data.iterator()
+        self.compute = ComputeCounter(n_params=run.n_params, d_init=cfg.train.d_init)
+        if run.resumed is not None:
+            self.iterator.set_state(run.extra["data"])
+            self.compute = ComputeCounter.from_state(run.extra["compute"])
+        fns = programs(run, cfg)
+        self.step_fn, self.eval_fn = fns["train_step"], fns["eval_step"]
+        self.peak = metrics_lib.peak_flops()
+        self.tokens, self.padded, self.t0 = 0, 0, time.perf_counter()  # since the last logged row
+
+    def begin(self) -> None:
+        self.t0 = time.perf_counter()
+
+    def step(self, i: int) -> tuple[dict[str, float] | None, bool]:
+        run, t = self.run, self.cfg.train
+        local = next(self.iterator)
+        batch = global_batch({k: local[k] for k in BATCH_KEYS if k in local}, run.mesh, pad_id=run.tokenizer.pad_id)
+        run.state, m = self.step_fn(run.state, batch)
+        n_tokens = int(local["attention_mask"].sum()) * jax.process_count()
+        self.tokens += n_tokens
+        self.padded += local["attention_mask"].size * jax.process_count()
+        images = local["pixel_values"].shape[0] * local["pixel_values"].shape[1] if "pixel_values" in local else 0
+        self.compute.add_train(n_tokens, n_images=int(images))
+        finite = bool(m["finite"])
+        done = i + 1
+        if done % t.log_every and done != t.steps:
+            return None, finite
+        tps = self.tokens / max(time.perf_counter() - self.t0, 1e-9)
+        row = {k: float(v) for k, v in m.items()}
+        row.update(
+            tokens_per_s=tps,
+            padding_fraction=1.0 - self.tokens / max(self.padded, 1),
+            mfu=6.0 * self.compute.n_params * tps / self.peak if self.peak else float("nan"),
+            skipped_nonfinite=_skipped(run.state.opt_state),
+            gflops=self.compute.flops(rl=False) / 1e9,
+            truncated=int(local["truncated"].sum()),
+        )
+        self.tokens, self.padded, self.t0 = 0, 0, time.perf_counter()
+        return row, finite
+
+    def postfix(self, row: dict[str, float]) -> dict[str, str]:
+        return {"loss": f"{row['loss']:.4f}", "tok_s": f"{row['tokens_per_s']:.0f}"}
+
+    def after(self, done: int) -> None:
+        if self.cfg.train.eval_every and done % self.cfg.train.eval_every == 0:
+            self.run.writer.write(done, self.eval_loss(), prefix="eval")
+
+    def eval_loss(self) -> dict[str, float]:
+        return evaluate_loss(self.eval_fn, self.run.state.params, self.data, self.run.mesh)
+
+    def extra_state(self) -> dict[str, Any]:
+        return {"data": _jsonable(self.iterator.get_state()), "compute": self.compute.state()}
+
+    def finish(self) -> dict[str, Any] | None:
+        if self.data.eval:
+            return self.run.writer.write(self.cfg.train.steps, self.eval_loss(), prefix="eval")
+        return None
 
 
 def evaluate_loss(eval_fn, params, data: SFTData, mesh) -> dict[str, float]:
@@ -310,19 +226,6 @@ def evaluate_loss(eval_fn, params, data: SFTData, mesh) -> dict[str, float]:
     return {"loss": nll / max(tokens, 1.0), "tokens": tokens}
 
 
-def save_final(graphdef, params, rest, run_dir: str) -> str:
-    """The trained model as a model checkpoint (`<run_dir>/final`) that `sftrl eval/rl/export` load."""
-    return save_model(graphdef, params, rest, os.path.join(run_dir, "final"))
-
-
-def save_model(graphdef, params, rest, path: str) -> str:
-    """The model at `params` as a model checkpoint at `path` (final, or a `train.snapshot_every` snapshot)."""
-    from sftrl_jax.models.checkpoint import save_checkpoint
-
-    save_checkpoint(nnx.merge(graphdef, params, rest), path)
-    return path
-
-
 def _skipped(opt_state) -> int:
     counts = optim_lib.nonfinite_counts(opt_state)
     return int(counts[1]) if counts is not None else 0
@@ -330,8 +233,3 @@ def _skipped(opt_state) -> int:
 
 def _jsonable(state: Any) -> Any:
     return json.loads(json.dumps(state, default=lambda o: o.decode() if isinstance(o, bytes) else str(o)))
-
-
-def _progress(t: TrainSection, start: int):
-    enabled = t.progress and jax.process_index() == 0
-    return progress_lib.bar(total=t.steps, initial=start, desc="sft", unit="step", enabled=enabled)

@@ -41,8 +41,8 @@ class ModelSection:
     param_dtype: str = "float32"
     dtype: str | None = None  # compute dtype (bfloat16 on accelerators); None = param_dtype
     remat: bool = False  # rematerialise each layer in the backward pass (saves activation memory)
-    # One jax.lax.scan over each layer stack in the training passes (build.scan_layers): compile time
-    # and cross-layer memory independent of depth, at one stacked copy of the layer weights (11B recipes).
+    # Each layer stack stored stacked and run as one jax.lax.scan in every pass (the models'
+    # `scan_layers`): compile time and cross-layer memory independent of depth (11B recipes).
     scan_layers: bool = False
 
     def __post_init__(self):
@@ -103,20 +103,18 @@ def load_model(section: ModelSection, *, mesh=None, seed: int = 0):
 
     param_dtype = jnp.dtype(section.param_dtype)
     dtype = jnp.dtype(section.dtype) if section.dtype else None
+    kw = dict(mesh=mesh, remat=section.remat, scan_layers=section.scan_layers)
     if section.preset is not None:
         cfg = preset_config(section.preset, section.text_overrides)
-        model = build.create_model(cfg, mesh=mesh, param_dtype=param_dtype, dtype=dtype, remat=section.remat, seed=seed)
-        return build.scan_layers(model, section.scan_layers)
+        return build.create_model(cfg, param_dtype=param_dtype, dtype=dtype, seed=seed, **kw)
     path = section.init
     if not os.path.exists(path):
         raise ConfigError(f"model.init {path!r} does not exist")
     if os.path.exists(os.path.join(path, "config.json")):
-        model = models.from_pretrained(path, dtype=param_dtype, mesh=mesh, compute_dtype=dtype, remat=section.remat)
-    else:
-        from sftrl_jax.models.checkpoint import load_checkpoint
+        return models.from_pretrained(path, dtype=param_dtype, compute_dtype=dtype, **kw)
+    from sftrl_jax.models.checkpoint import load_checkpoint
 
-        model = load_checkpoint(path, mesh=mesh, dtype=param_dtype, compute_dtype=dtype, remat=section.remat)
-    return build.scan_layers(model, section.scan_layers)
+    return load_checkpoint(path, dtype=param_dtype, compute_dtype=dtype, **kw)
 
 
 def split_params(model: nnx.Module):

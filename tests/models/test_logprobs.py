@@ -144,7 +144,7 @@ def _old_train_step(graphdef, rest, tx, *, lr_fn):
 
     def loss_fn(params, mb):
         model = nnx.merge(graphdef, params, rest)
-        out = model(mb["input_ids"], **sft_train.model_inputs(mb))
+        out = model(mb["input_ids"], **chunked.model_inputs(mb))
         _, aux = sft_losses.sft_loss(out.logits, mb["targets"], mb["loss_mask"])
         return aux["nll_sum"], aux
 

@@ -1,5 +1,6 @@
-"""`model.scan_layers`: the layer stacks as one scan give the unrolled model's logits and gradients
-(fp32, 1e-5), with and without remat, text-only and with images; the sharded 8-device step too."""
+"""`model.scan_layers`: the layer stacks stored stacked and run as one scan give the unrolled model's
+logits and gradients (fp32, 1e-5), with and without remat, text-only and with images; the sharded
+8-device step too. The stacked model holds the per-layer model's weights (`stacking.relayout`)."""
 
 import jax
 import jax.numpy as jnp
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from sftrl_jax.models import build, layers
+from sftrl_jax.models import build, layers, stacking
 from sftrl_jax.models import config as config_lib
 from tests.models import hf_helpers as H
 
@@ -38,12 +39,17 @@ def _loss_and_grads(model, inputs):
     return loss, logits, grads
 
 
+def stacked_twin(model, cfg, **kw):
+    """`model` (per layer) as a model built with `scan_layers`, holding the same weights."""
+    graphdef, target = nnx.split(build.abstract_model(cfg, scan_layers=True, **kw))
+    return nnx.merge(graphdef, stacking.relayout(nnx.state(model), target))
+
+
 def _compare(cfg, inputs, remat):
-    runs = []
-    for scan in (False, True):
-        model = build.scan_layers(build.create_model(cfg, seed=3, remat=remat), scan)
-        runs.append(_loss_and_grads(model, inputs))
+    model = build.create_model(cfg, seed=3, remat=remat)
+    runs = [_loss_and_grads(m, inputs) for m in (model, stacked_twin(model, cfg, remat=remat))]
     (l0, z0, g0), (l1, z1, g1) = runs
+    g1 = stacking.relayout(g1, g0)  # the stacked gradients, one per layer
     assert _close(z1, z0)
     assert abs(float(l1 - l0)) < TOL * abs(float(l0))
     flat0, flat1 = build.flat_params(g0), build.flat_params(g1)
@@ -93,7 +99,7 @@ def test_scan_refuses_layers_of_different_structure():
     model = build.create_model(cfg, seed=0)
     lm = model.language_model
     with pytest.raises(ValueError, match="differ in structure"):
-        layers.scan([[lm.layers[0]], [lm.layers[1]]], lambda j, layer, x: x, jnp.zeros((1, 2, 3)), remat=False)
+        layers.stack([lm.layers[0], lm.layers[1]])
 
 
 @pytest.mark.slow  # 28 s cold; scan = unrolled stays in the default suite on one device
@@ -114,9 +120,13 @@ def test_scanned_step_on_eight_devices_equals_unrolled():
     }
     cfg = optim.OptimConfig(lr=1e-3, warmup_ratio=0.0, schedule="constant")
     results = []
+    cfg3 = config_lib.LlamaConfig.tiny(num_layers=3)
     for scan in (False, True):
-        model = build.create_model(config_lib.LlamaConfig.tiny(num_layers=3), mesh=mesh, seed=2, remat=True)
-        graphdef, params, rest = split_params(build.scan_layers(model, scan))
+        model = build.create_model(cfg3, mesh=mesh, seed=2, remat=True)
+        if scan:
+            graphdef, target = nnx.split(build.abstract_model(cfg3, remat=True, scan_layers=True))
+            model = nnx.merge(graphdef, stacking.relayout(nnx.state(model), target, mesh=mesh))
+        graphdef, params, rest = split_params(model)
         tx = optim.make_optimizer(cfg, params, total_steps=10)
         state = TrainState(
             step=jnp.int32(0), params=params, opt_state=optim.init_state(tx, params, mesh), rng=rng_data(0)
@@ -127,8 +137,9 @@ def test_scanned_step_on_eight_devices_equals_unrolled():
             for _ in range(2):  # the second step's loss sees the first update
                 state, m = step(state, batch)
                 metrics += [float(m["loss"]), float(m["grad_norm"])]
-        results.append((np.array(metrics), build.flat_params(state.params)))
+        results.append((np.array(metrics), state.params))
     (m0, p0), (m1, p1) = results
+    p0, p1 = build.flat_params(p0), build.flat_params(stacking.relayout(p1, p0))
     assert np.all(np.abs(m1 - m0) <= TOL * np.abs(m0)), (m0, m1)
     assert m1[2] < m1[0]  # it trains
     assert all(p1[k][...].sharding.is_equivalent_to(p0[k][...].sharding, p0[k][...].ndim) for k in p0)

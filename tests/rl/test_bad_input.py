@@ -119,7 +119,9 @@ def test_failing_env_stops_the_run_and_keeps_checkpoints(tmp_path, xla_cache):
         cfg = make(tmp_path, how, train__updates=3)
         trainer = Trainer(cfg)
         Breaks.calls = 0
-        trainer.envs = [Breaks(e, after=8, how=how) for e in trainer.envs]  # update 1 = 2 steps x 4 envs
+        trainer.learner.envs = [
+            Breaks(e, after=8, how=how) for e in trainer.learner.envs
+        ]  # update 1 = 2 steps x 4 envs
         with pytest.raises(rollout.RolloutError, match=message):
             trainer.run()
         run = cfg.train.run_dir

@@ -159,7 +159,7 @@ def test_one_grpo_update_same_metrics_on_and_off(tmp_path, monkeypatch):
     for flag in (False, True):
         cfg = make(tmp_path, f"on{flag}", algo__="grpo", env__reward_on_device=flag)
         trainer = Trainer(cfg)
-        assert (trainer.reward_scorer is not None) == flag
+        assert (trainer.learner.reward_scorer is not None) == flag
         trainer.run(stop_after=1)
         rows[flag] = untimed(read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl")))[-1]
     on, off = rows[True], rows[False]

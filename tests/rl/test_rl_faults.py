@@ -131,7 +131,7 @@ def test_rl_sigterm_end_to_end(tmp_path, full, xla_env):
     proc = sigterm_after(SLOW_RL, tmp_path / "sigterm.yaml", metrics, rows=1, env=xla_env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = next(x for x in proc.stdout.splitlines() if "SIGTERM received" in x)
-    saved = int(line.split("saved update ")[1].split(";")[0])
+    saved = int(line.split("saved update ")[1].split()[0])
     assert 1 <= saved < UPDATES, line
     assert not os.path.exists(os.path.join(cfg.train.run_dir, "final"))
     with ckpt_lib.Checkpointer(os.path.join(cfg.train.run_dir, "checkpoints"), async_save=False) as ck:

@@ -1,7 +1,8 @@
 """PPO and GRPO from a short SFT warm-up raise the greedy GP-L reward on a fixed evaluation set.
 
-Slow (several minutes on one core). The warm-up is the CPU demo's recipe (configs/demo/cpu.yaml:
-compact prompt, dealt-order expert formulas, half two-turn revision examples, 400 steps); each RL
+Slow (several minutes on one core). The warm-up is the CPU demo's data recipe (compact prompt,
+dealt-order expert formulas, half two-turn revision examples) on a tiny Llama from scratch (the demo's
+former `base: null`, 400 steps, `scratch_sft_config`); each RL
 run starts from it and is evaluated with the paper's GP protocol (5 graded attempts with feedback)
 on the same 32 ID hands. Measured on this machine (2026-11-27, 8.6 min for the whole test, 8 updates
 of 16 episodes x 6 turns each at temperature 0.3): mean reward per turn -2.636 -> -2.561 (PPO) and
@@ -12,17 +13,33 @@ import os
 
 import pytest
 
-from sftrl_jax.demo import DemoConfig, _sft_config
+from sftrl_jax.data.sft import SFTDataConfig
+from sftrl_jax.envs.general_points import prompts
 from sftrl_jax.evaluation import evaluate as ev
 from sftrl_jax.rl.config import EnvSection, EvalSection, RLConfig, RLTrainSection
 from sftrl_jax.rl.grpo import GRPOConfig
 from sftrl_jax.rl.ppo import PPOConfig
 from sftrl_jax.rl.train import Trainer
 from sftrl_jax.sampling.policy import SamplingSection, make_policy
+from sftrl_jax.sft.train import SFTConfig, TrainSection
+from sftrl_jax.study import PROMPT_LENGTHS
 from sftrl_jax.train.optim import OptimConfig
 from sftrl_jax.train.state import ModelSection, load_model, tokenizer_for
 
-SHORT = DemoConfig().env_options()  # the demo's compact prompt
+SHORT = prompts.template_options("short")  # the demo's compact prompt
+
+
+def scratch_sft_config(run_dir: str, data: str) -> SFTConfig:
+    """A tiny Llama from scratch, 400 SFT steps at lr 3e-3 (cosine, 5% warm-up), on the short prompt's buckets."""
+    tiny = dict(vocab_size=2048, hidden_size=128, intermediate_size=384, num_layers=2, num_heads=4, num_kv_heads=2)
+    buckets = PROMPT_LENGTHS["short"][0]
+    once = dict(steps=400, save_every=400, keep=1, resume=False)  # one save, at the end; a fresh run
+    return SFTConfig(
+        model=ModelSection(preset="llama-tiny", text_overrides=dict(tiny, head_dim=32, max_position_embeddings=2048)),
+        data=SFTDataConfig(train_files=(data,), max_length=buckets[-1], buckets=buckets, batch_size=16, seed=0),
+        optim=OptimConfig(lr=3e-3, schedule="cosine", warmup_ratio=0.05, weight_decay=0.0, grad_clip=1.0),
+        train=TrainSection(run_dir=run_dir, log_every=10, seed=0, progress=False, devices=1, d_init=0, **once),
+    )
 
 
 def greedy_eval(ckpt: str, out_dir: str) -> dict:
@@ -39,10 +56,9 @@ def warmup(tmp_path_factory):
     from sftrl_jax.sft.train import train
 
     root = tmp_path_factory.mktemp("warmup")
-    cfg = DemoConfig(run_dir=str(root), progress=False)
     data = str(root / "gp_l_train.json")
     generate_gp_sft("gp-l", "train", 2000, data, seed=0, dealt_order=True, revisions=0.5, env_options=SHORT)
-    train(_sft_config(cfg, run_dir=str(root / "init"), data=data, steps=400, lr=3e-3, init=None, d_init=0))
+    train(scratch_sft_config(str(root / "init"), data))
     ckpt = str(root / "init" / "final")
     return ckpt, greedy_eval(ckpt, str(root / "eval"))
 

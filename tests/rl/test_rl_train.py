@@ -210,13 +210,11 @@ def test_kl_penalty_uses_the_starting_policy_as_reference(tmp_path, algo, monkey
     """`<algo>.kl_coef` > 0: the reference's token log-probs reach the loss (KL 0 at the first step,
     where the policy is the reference; > 0 in the next update), and a resumed run keeps the starting
     policy as its reference, not the checkpoint's parameters."""
-    from sftrl_jax.rl import train as rl_train
+    from sftrl_jax.rl import grpo as grpo_lib
 
     # A random policy fails every episode alike: equal returns, zero group advantages, and (now that
     # the first step's KL gradient is exactly 0) no update at all. Give the episodes +-1 instead.
-    monkeypatch.setattr(
-        rl_train.grpo_lib, "episode_advantages", lambda eps, groups, cfg: np.resize([1.0, -1.0], len(eps))
-    )
+    monkeypatch.setattr(grpo_lib, "episode_advantages", lambda eps, groups, cfg: np.resize([1.0, -1.0], len(eps)))
     over = {f"{algo}__kl_coef": 0.5, "algo__": algo, "train__save_every": 1}
     cfg = make(tmp_path, f"{algo}_kl", **over)
     Trainer(cfg).run()  # 2 updates
@@ -227,9 +225,9 @@ def test_kl_penalty_uses_the_starting_policy_as_reference(tmp_path, algo, monkey
     resumed = Trainer(cfg)
     fresh = Trainer(make(tmp_path, f"{algo}_fresh", **over))
     assert resumed.update_idx == 2
-    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), resumed.ref_params, fresh.state.params)
+    same = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), resumed.learner.ref_params, fresh.state.params)
     assert all(jax.tree.leaves(same))
-    moved = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), resumed.ref_params, resumed.state.params)
+    moved = jax.tree.map(lambda a, b: bool(np.array_equal(a, b)), resumed.learner.ref_params, resumed.state.params)
     assert not all(jax.tree.leaves(moved))
 
 

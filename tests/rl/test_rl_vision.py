@@ -51,8 +51,8 @@ def test_gp_vl_images_reach_the_ppo_update(tmp_path, mllama_dir):
     }
     (tmp_path / "vl.yaml").write_text(json.dumps(d))
     trainer = Trainer(config.load(RLConfig, tmp_path / "vl.yaml"))
-    tok = trainer.tokenizer
-    with jax.set_mesh(trainer.mesh):
+    tok = trainer.harness.tokenizer
+    with jax.set_mesh(trainer.harness.mesh):
         _, turns = trainer.learner.collect()
         assert len(turns) == 2
         for t in turns:  # the env's table image rode along with the first turn's context
@@ -62,11 +62,11 @@ def test_gp_vl_images_reach_the_ppo_update(tmp_path, mllama_dir):
         # Another hand's image in place of each turn's own (same prompt text: gp-vl shows cards only in the image).
         other = []
         for k, t in enumerate(turns):
-            trainer.envs[0].reset(seed=10_000 + k)
-            other.append(dataclasses.replace(t, images=[trainer.envs[0].render()]))
+            trainer.learner.envs[0].reset(seed=10_000 + k)
+            other.append(dataclasses.replace(t, images=[trainer.learner.envs[0].render()]))
 
         def update_batch(ts, values):
-            batch = trainer.batcher.build(ts)
+            batch = trainer.learner.batcher.build(ts)
             n = len(ts)
             batch.update(
                 old_logp=np.array([trainer.learner.sampler_turn_logp(t) for t in turns], np.float32),
@@ -76,15 +76,15 @@ def test_gp_vl_images_reach_the_ppo_update(tmp_path, mllama_dir):
             )
             return batch
 
-        own = trainer.batcher.build(turns)
-        swapped = trainer.batcher.build(other)
+        own = trainer.learner.batcher.build(turns)
+        swapped = trainer.learner.batcher.build(other)
         assert "pixel_values" in own and own["cross_attention_mask"].sum() > 0
         assert not np.array_equal(own["pixel_values"], swapped["pixel_values"])
         np.testing.assert_array_equal(own["input_ids"], swapped["input_ids"])
 
         # Trainer forward (values and token log-probs) vs the sampler's log-probs.
-        v_own, _, lp_own = trainer.learner.value_fn(trainer.state.params, trainer.batcher.device(own))
-        v_swap, _, lp_swap = trainer.learner.value_fn(trainer.state.params, trainer.batcher.device(swapped))
+        v_own, _, lp_own = trainer.learner.value_fn(trainer.state.params, trainer.learner.batcher.device(own))
+        v_swap, _, lp_swap = trainer.learner.value_fn(trainer.state.params, trainer.learner.batcher.device(swapped))
         mask = own["resp_mask"] > 0
         gap_own = np.abs(np.asarray(lp_own) - own["old_token_logp"])[mask].max()
         gap_swap = np.abs(np.asarray(lp_swap) - own["old_token_logp"])[mask].max()
@@ -96,10 +96,10 @@ def test_gp_vl_images_reach_the_ppo_update(tmp_path, mllama_dir):
         copy = lambda s: jax.tree.map(jnp.copy, s)  # noqa: E731 (update_fn donates its state)
         values = np.asarray(v_own)
         s_own, m_own = trainer.learner.update_fn(
-            copy(trainer.state), trainer.batcher.device(update_batch(turns, values))
+            copy(trainer.state), trainer.learner.batcher.device(update_batch(turns, values))
         )
         s_swap, m_swap = trainer.learner.update_fn(
-            copy(trainer.state), trainer.batcher.device(update_batch(other, values))
+            copy(trainer.state), trainer.learner.batcher.device(update_batch(other, values))
         )
         assert float(m_own["logprob_gap_max"]) < 1e-5, float(m_own["logprob_gap_max"])
         assert float(m_own["ratio_mean"]) == pytest.approx(1.0, abs=1e-5)
@@ -113,4 +113,4 @@ def test_gp_vl_images_reach_the_ppo_update(tmp_path, mllama_dir):
             ]
         )
         assert vis(s_own).size > 0 and np.abs(vis(s_own) - vis(s_swap)).max() > 0
-    trainer.checkpointer.close()
+    trainer.harness.checkpointer.close()

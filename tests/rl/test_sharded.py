@@ -79,11 +79,11 @@ class Scripted:
         self.trainer, self.calls = trainer, 0
 
     def __call__(self, contexts, images):
-        tr, tok = self.trainer, self.trainer.tokenizer
+        tr, tok = self.trainer, self.trainer.harness.tokenizer
         out = []
         for r in range(len(contexts)):
             if self.calls == 0 and r % 2 == 0:
-                env = tr.envs[r]
+                env = tr.learner.envs[r]
                 text = expert.format_answer(env.hand.symbols, env.puzzle.values, env.puzzle.solutions[0])
             elif (r + self.calls) % 2:
                 text = expert.format_answer(["A", "2", "3", "4"], [1, 2, 3, 4], "1+2+3+4")
@@ -95,7 +95,7 @@ class Scripted:
             Turn(0, 0, 0, list(c), resp, [], "", 0.0, False, False, list(im), {})
             for c, resp, im in zip(contexts, out, images)
         ]
-        token_logp = teacher_forced_logp(tr, tr.batcher.build(turns))
+        token_logp = teacher_forced_logp(tr, tr.learner.batcher.build(turns))
         return [
             (resp, token_logp[b, len(c) - 1 : len(c) - 1 + len(resp)].tolist())
             for b, (c, resp) in enumerate(zip(contexts, out))
@@ -104,13 +104,13 @@ class Scripted:
 
 def teacher_forced_logp(tr, batch) -> np.ndarray:
     """[B, L] token log-probs of the current policy (logits / temperature), as the sampler returns them."""
-    b = tr.batcher.device(batch)
+    b = tr.learner.batcher.device(batch)
     if tr.cfg.algo == "ppo":
         return np.asarray(tr.learner.value_fn(tr.state.params, b)[2])
     if not hasattr(tr, "_test_logp_fn"):
 
         def logp_fn(params, b):
-            model = nnx.merge(tr.graphdef, params, tr.rest)
+            model = nnx.merge(tr.harness.graphdef, params, tr.harness.rest)
             logits = model(b["input_ids"], attention_mask=b["attention_mask"]).logits
             return token_logprobs(logits / tr.cfg.sampling.temperature, b["targets"])
 
@@ -127,11 +127,11 @@ def params(trainer):
 def one_update(cfg):
     trainer = Trainer(cfg)
     scripted = Scripted(trainer)
-    trainer.policy = lambda *a, **k: scripted
+    trainer.learner.policy = lambda *a, **k: scripted
     before = params(trainer)
-    with jax.set_mesh(trainer.mesh):
+    with jax.set_mesh(trainer.harness.mesh):
         m = trainer.update()
-    trainer.checkpointer.close()
+    trainer.harness.checkpointer.close()
     return trainer, before, {k: v for k, v in m.items() if k not in TIMING}
 
 
@@ -148,7 +148,7 @@ def test_eight_devices_match_one(tmp_path, algo, mesh, monkeypatch):
     monkeypatch.setenv("SFTRL_CPU_GEMM", "0")
     t1, p1_before, m1 = one_update(make(tmp_path, "one", algo, devices=1))
     t8, p8_before, m8 = one_update(make(tmp_path, "eight", algo, mesh=mesh))
-    assert dict(t8.mesh.shape) == (
+    assert dict(t8.harness.mesh.shape) == (
         {"data": 2, "fsdp": 2, "tensor": 2} if algo == "ppo" else {"data": 1, "fsdp": 8, "tensor": 1}
     )
     sharded = [

@@ -22,8 +22,6 @@ Not on the device (`device_state` refuses them): `exact=False`, `reference_card_
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax.numpy as jnp
 import numpy as np
 
@@ -150,22 +148,10 @@ def _cards_match(b, ev, depth, unit, cp, su, scp, json_ok, cards, symbols):
     return ok & jnp.all(jnp.sort(codes, axis=1) == symbols, axis=1)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class GPDeviceReward(dt.ByteReward):
-    """`fn(response_ids [B, L], lengths [B], state) -> rewards [B]`; `with_outcome` adds outcome codes
-    (indices into `outcomes`). `max_bytes` (default `DEFAULT_BYTES_PER_TOKEN` * L) bounds the decoded
-    bytes of a response: a longer one gets outcome DID_NOT_FIT (its reward, of the first `max_bytes`
-    bytes, is not the host's: score it on the host), as does JSON_TOO_DEEP. GP-L and GP-VL share the
-    program: the state's `check_cards` (GP-VL) switches the recognition check on per row."""
-
-    outcomes: tuple[str, ...] = (*OUTCOMES, *dt.HOST_OUTCOMES)
-
-    def score_bytes(self, b, state):
-        return score_bytes(b, state)
-
-
 def score_bytes(b, state):
-    """Rewards [B] float32 and outcome codes [B] int32 of byte rows b [B, N] (END-padded)."""
+    """Rewards [B] float32 and outcome codes [B] int32 (indices into OUTCOMES, then
+    `device_text.HOST_OUTCOMES`) of byte rows b [B, N] (END-padded). GP-L and GP-VL share the program:
+    the state's `check_cards` (GP-VL) switches the recognition check on per row."""
     B, N = b.shape
     unit, cp = dt.utf8_units(b)
     ws = jnp.zeros(b.shape, bool)

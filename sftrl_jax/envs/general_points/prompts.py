@@ -16,6 +16,7 @@ import string
 from collections.abc import Sequence
 from pathlib import Path
 
+from sftrl_jax.envs import base
 from sftrl_jax.envs.base import EnvError
 
 TEMPLATE_DIR = Path(__file__).parent / "templates"
@@ -120,10 +121,5 @@ def load_template(path: str | os.PathLike | None, *, variant: str) -> Template:
     if variant not in DEFAULT_TEMPLATES:
         raise EnvError(f"unknown GeneralPoints variant {variant!r}; valid: {', '.join(DEFAULT_TEMPLATES)}")
     file = Path(DEFAULT_TEMPLATES[variant] if path is None else os.fspath(path)).expanduser()
-    try:
-        text = file.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EnvError(f"template file {file} does not exist") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EnvError(f"cannot read template file {file}: {e}") from None
+    text = base.read_template(file, what="GeneralPoints prompt")
     return check_template(text, variant=variant, source=str(file))

@@ -19,8 +19,6 @@ the ground truth, else -1; a call with no attempt left is -1 "exceeded".
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -131,20 +129,9 @@ def _regex_field(b, unit, cp, wsbyte, key):
     return span, decodable, jnp.where(span, fake, 0)
 
 
-@dataclasses.dataclass(frozen=True, eq=False)
-class VirlDeviceReward(dt.ByteReward):
-    """`fn(response_ids [B, L], lengths [B], state) -> rewards [B]`; `with_outcome` adds outcome codes
-    (indices into `outcomes`, then JSON_TOO_DEEP and DID_NOT_FIT, left to the host). `max_bytes` as
-    for GeneralPoints."""
-
-    outcomes: tuple[str, ...] = (*OUTCOMES, *dt.HOST_OUTCOMES)
-
-    def score_bytes(self, b, state):
-        return score_bytes(b, state)
-
-
 def score_bytes(b, state):
-    """Rewards [B] float32 and outcome codes [B] int32 of byte rows b [B, N] (END-padded)."""
+    """Rewards [B] float32 and outcome codes [B] int32 (indices into OUTCOMES, then
+    `device_text.HOST_OUTCOMES`) of byte rows b [B, N] (END-padded)."""
     B, N = b.shape
     unit, cp = dt.utf8_units(b)
     braces, _ = dt.compact(b == ord("{"), dt.positions(b), MAX_JSON_STARTS, fill=N)

@@ -12,6 +12,7 @@ import pathlib
 import string
 from collections.abc import Sequence
 
+from sftrl_jax.envs import base
 from sftrl_jax.envs.base import EnvError
 from sftrl_jax.envs.virl import geo
 
@@ -63,14 +64,8 @@ def obs_act_seq_text(observations: Sequence[str], actions: Sequence[str]) -> str
 
 
 def _read(path: str) -> string.Template:
-    p = pathlib.Path(path)
-    try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise EnvError(f"V-IRL prompt template not found: {p}") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise EnvError(f"cannot read V-IRL prompt template {p}: {e}") from None
-    tpl = string.Template(text)
+    p = pathlib.Path(path).expanduser()
+    tpl = string.Template(base.read_template(p, what="V-IRL prompt"))
     if not tpl.is_valid():
         raise EnvError(f"V-IRL prompt template {p} has a malformed '$' placeholder (write '$$' for a literal '$')")
     unknown = sorted(set(tpl.get_identifiers()) - PLACEHOLDERS)
