@@ -29,56 +29,26 @@ from sftrl_jax.rl.advantages import group_advantages
 
 
 @dataclasses.dataclass(frozen=True)
-class GRPOConfig:
+class GRPOConfig(learner_lib.AlgoConfig):
     """GRPO hyper-parameters (G = `group_size`, epsilon = `clip`, beta = `kl_coef`)."""
 
+    NAME: ClassVar[str] = "grpo"
     group_size: int = 8  # G: episodes per prompt (same dealt hand / route)
     clip: float = 0.2
     clip_high: float | None = None  # asymmetric upper clip (DAPO); None = `clip`
-    kl_coef: float = 0.0  # beta; > 0: `sftrl rl` keeps the starting policy (model.init) as the frozen reference
     aggregation: str = "token_mean"  # token_mean | seq_mean | seq_sum_norm
     std_normalize: bool = True  # False: Dr. GRPO (centred rewards only)
     return_mode: str = "sum"  # "sum" of turn rewards or "success" (1 if the episode succeeded)
-    epochs: int = 1
-    samples_per_step: int = 64  # turns per optimiser step
-    micro_batch: int = 8
-    # Where the ratio's old token log-probs come from: "sampler" = the sampler's log-probs (no extra
-    # forward); "trainer" = one forward of the training function over the rollout before the first
-    # step, each turn in that step's batch layout: the first step's ratio is exactly 1 in the tests'
-    # settings, not always on trained models (XLA may round the update's own forward differently).
-    old_logp: str = "sampler"
-    # Keys that moved out of this section (`config.from_dict` names the new one): log-probs are
-    # scored at the run's one temperature, the sampler's (this one defaulted to 1.0 while the
-    # sampler drew at `sampling.temperature`, so a run could score at another temperature).
-    MOVED_KEYS: ClassVar[dict[str, str]] = {"temperature": "sampling.temperature"}
 
     def __post_init__(self):
         if self.group_size < 2:
             raise ConfigError(
                 f"grpo.group_size must be >= 2 (advantages are relative to the group), got {self.group_size}"
             )
-        check_ranges(
-            self,
-            clip="(0, inf)",
-            clip_high="(0, inf)",
-            kl_coef="[0, inf)",
-            epochs="[1, inf)",
-            samples_per_step="[1, inf)",
-            micro_batch="[1, inf)",
-        )
-        if self.aggregation not in ("token_mean", "seq_mean", "seq_sum_norm"):
-            raise ConfigError(
-                f"grpo.aggregation must be token_mean, seq_mean or seq_sum_norm, got {self.aggregation!r}"
-            )
-        if self.return_mode not in ("sum", "success"):
-            raise ConfigError(f"grpo.return_mode must be 'sum' or 'success', got {self.return_mode!r}")
-        if self.samples_per_step % self.micro_batch:
-            raise ConfigError("grpo.samples_per_step must be a multiple of grpo.micro_batch")
-        if self.old_logp not in ("trainer", "sampler"):
-            raise ConfigError(f"grpo.old_logp must be 'trainer' or 'sampler', got {self.old_logp!r}")
-
-    def check_run(self, run_cfg) -> None:
-        """The run's other sections against this one (nothing to check for GRPO)."""
+        super().__post_init__()
+        check_ranges(self, clip="(0, inf)", clip_high="(0, inf)")
+        self.choice("aggregation", ("token_mean", "seq_mean", "seq_sum_norm"))
+        self.choice("return_mode", ("sum", "success"))
 
     def steps_per_update(self, run_cfg) -> int:
         """Optimiser steps per update: an estimate for the schedule (episodes vary in turns)."""
@@ -160,14 +130,8 @@ class GRPOLearner(learner_lib.Learner):
         super().__init__(run, rl_cfg, compute)
         self.logp_fn = self.nograd_fn
 
-    @classmethod
-    def programs(cls, run, rl_cfg) -> dict:
-        t = rl_cfg.sampling.temperature
-        step = make_update_step(run.graphdef, run.rest, run.tx, rl_cfg.grpo, lr_fn=run.lr_fn, temperature=t)
-        return {
-            "update": run.compile(step, donate_argnums=0, out_shardings=(run.state_shardings, None)),
-            cls.nograd_name: run.compile(make_logp_fn(run.graphdef, run.rest, t)),
-        }
+    make_update_step = staticmethod(make_update_step)
+    make_nograd_fn = staticmethod(make_logp_fn)
 
     @classmethod
     def update_arrays(cls, cfg: GRPOConfig, rows: int) -> dict:

@@ -13,19 +13,62 @@ step's layout, and the per-update statistics (the env package's own via `envs.rl
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Iterable, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import numpy as np
 
 from sftrl_jax import envs
+from sftrl_jax.config import ConfigError, check_ranges
 from sftrl_jax.envs import device_scoring
 from sftrl_jax.episodes import Turn
 from sftrl_jax.evaluation import compute as compute_lib
 from sftrl_jax.rl import batching
 from sftrl_jax.sampling import policy as policy_lib
 from sftrl_jax.train import accumulate as accum_lib
+
+
+@dataclasses.dataclass(frozen=True)
+class AlgoConfig:
+    """What every algorithm's config section has (`ppo:`, `grpo:`); `NAME` is the section's name."""
+
+    NAME: ClassVar[str] = ""
+    # Keys that moved out of the section (`config.from_dict` names the new one): log-probs are scored
+    # at the run's one temperature, the sampler's.
+    MOVED_KEYS: ClassVar[dict[str, str]] = {"temperature": "sampling.temperature"}
+    kl_coef: float = 0.0  # beta; > 0: + beta KL(pi || pi_ref), pi_ref the starting policy (model.init), frozen
+    epochs: int = 1  # passes over the update's turns
+    samples_per_step: int = 64  # turns per optimiser step
+    micro_batch: int = 8  # turns per forward/backward inside a step
+    # Where the ratio's old token log-probs come from: "trainer" = the training forward over the
+    # rollout's turns, each in the first optimiser step's batch layout (the first step's ratio is then
+    # exactly 1 in the tests' settings; on trained models XLA may round the update's own forward
+    # differently, ~4e-5); "sampler" = the sampler's log-probs (no extra forward).
+    old_logp: str = "sampler"
+
+    def __post_init__(self):
+        n = self.NAME
+        check_ranges(self, kl_coef="[0, inf)", epochs="[1, inf)", samples_per_step="[1, inf)", micro_batch="[1, inf)")
+        if self.samples_per_step % self.micro_batch:
+            raise ConfigError(
+                f"{n}.samples_per_step ({self.samples_per_step}) must be a multiple of {n}.micro_batch ({self.micro_batch})"
+            )
+        self.choice("old_logp", ("trainer", "sampler"))
+
+    def choice(self, key: str, allowed: tuple[str, ...]) -> None:
+        value = getattr(self, key)
+        if value not in allowed:
+            names = " or ".join(repr(a) for a in allowed)
+            raise ConfigError(f"{self.NAME}.{key} must be {names}, got {value!r}")
+
+    def check_run(self, run_cfg) -> None:
+        """The run's other sections against this one (`rl.config.RLConfig`)."""
+
+    def steps_per_update(self, run_cfg) -> int:
+        """Optimiser steps per update (for the learning-rate schedule)."""
+        raise NotImplementedError
 
 
 class Learner:
@@ -70,11 +113,21 @@ class Learner:
         """The language model inside `policy_module`'s module (for sampling and the final save)."""
         return module
 
+    # make_update_step(graphdef, rest, tx, cfg, *, lr_fn, temperature) -> the pure optimiser step;
+    # make_nograd_fn(graphdef, rest, temperature) -> the pure no-gradient pass (each learner's own)
+    make_update_step: Any = None
+    make_nograd_fn: Any = None
+
     @classmethod
     def programs(cls, run, rl_cfg) -> dict[str, Any]:
         """The learner's jitted programs over `run` (`train.run.Run`, or `train.run.AbstractRun`
         for `sftrl plan`): "update" (the optimiser step, state donated) and `nograd_name`."""
-        raise NotImplementedError
+        t, cfg = rl_cfg.sampling.temperature, getattr(rl_cfg, cls.name)
+        step = cls.make_update_step(run.graphdef, run.rest, run.tx, cfg, lr_fn=run.lr_fn, temperature=t)
+        return {
+            "update": run.compile(step, donate_argnums=0, out_shardings=(run.state_shardings, None)),
+            cls.nograd_name: run.compile(cls.make_nograd_fn(run.graphdef, run.rest, t)),
+        }
 
     @classmethod
     def update_arrays(cls, cfg, rows: int) -> dict[str, tuple[tuple[int, ...], Any]]:

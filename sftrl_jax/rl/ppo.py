@@ -31,33 +31,25 @@ from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
 
 
 @dataclasses.dataclass(frozen=True)
-class PPOConfig:
-    """PPO hyper-parameters; defaults are the paper's (SPEC.md §3.3)."""
+class PPOConfig(learner_lib.AlgoConfig):
+    """PPO hyper-parameters; defaults are the paper's (SPEC.md §3.3). `old_logp`: "trainer" is the
+    values pass's own forward (it costs nothing), as the reference does (RL4VLM's llava_evaluate after
+    llava_generate). `kl_coef` is off in the paper (the k3 estimator per response token, mean over the
+    step's tokens); `entropy_coef`: - coef x the mean entropy over response tokens."""
 
+    NAME: ClassVar[str] = "ppo"
+    epochs: int = 4  # passes over the buffer per update
+    samples_per_step: int = 128  # turns per optimiser step (reference: mini-batch 1 x accumulation 128)
+    old_logp: str = "trainer"
     gamma: float = 0.9  # discount over turns
     lam: float = 0.95  # GAE lambda
     clip: float = 0.1  # epsilon of the ratio clip
     value_clip: float | None = 0.1  # epsilon of the value clip (None = unclipped)
     value_coef: float = 0.5
     max_ratio: float | None = 10.0  # above it, the clipped surrogate alone is used
-    epochs: int = 4  # passes over the buffer per update
-    samples_per_step: int = 128  # turns per optimiser step (reference: mini-batch 1 x accumulation 128)
-    micro_batch: int = 8  # turns per forward/backward inside a step
     thought_coef: float = 0.5  # weight of the tokens before the action key
     action_keys: tuple[str, ...] = ('"formula"', '"action"')
     normalize_advantages: bool = True
-    # Where the ratio's old turn log-probs come from: "trainer" = the training forward over the
-    # rollout's turns (the pass that computes the values, so it costs nothing), as the reference
-    # does (RL4VLM's llava_evaluate after llava_generate); "sampler" = the sampler's log-probs.
-    # "trainer" runs each turn in the first optimiser step's batch layout: the first step's ratio is
-    # exactly 1 in the tests' settings, while on trained tiny models the update's own forward still
-    # differs from it by up to ~4e-5 (XLA compiles the two programs differently), about as much as
-    # the sampler's log-probs do (docs/RESULTS.md).
-    old_logp: str = "trainer"
-    # Off in the paper. kl_coef beta: + beta * KL(pi || pi_ref), the k3 estimator per response token
-    # (mean over the step's tokens), pi_ref = the policy the run started from (model.init, frozen).
-    # entropy_coef: - coef * the mean entropy of the next-token distribution over response tokens.
-    kl_coef: float = 0.0
     entropy_coef: float = 0.0
     # The per-turn reward GAE sees: "env" = the environment's (the paper's table, SPEC.md 1.6);
     # "success" = 1 on the turn that solves the task, 0 on every other turn (GRPO's
@@ -65,13 +57,10 @@ class PPOConfig:
     # solving more: a legal wrong answer (-1) repeated on every revision turn is safer than a new try
     # that may be illegal (-3); measured on the tiny GP-L model, docs/RESULTS.md.
     reward_mode: str = "env"
-    # Keys that moved out of this section (`config.from_dict` names the new one): log-probs are
-    # scored at the run's one temperature, the sampler's.
-    MOVED_KEYS: ClassVar[dict[str, str]] = {"temperature": "sampling.temperature"}
 
     def __post_init__(self):
-        if self.reward_mode not in ("env", "success"):
-            raise ConfigError(f"ppo.reward_mode must be 'env' or 'success', got {self.reward_mode!r}")
+        self.choice("reward_mode", ("env", "success"))
+        super().__post_init__()
         check_ranges(
             self,
             gamma="(0, 1]",
@@ -80,19 +69,9 @@ class PPOConfig:
             value_clip="(0, inf)",
             value_coef="[0, inf)",
             max_ratio="(1, inf)",  # a ratio threshold: every ratio starts at 1
-            epochs="[1, inf)",
-            samples_per_step="[1, inf)",
-            micro_batch="[1, inf)",
             thought_coef="[0, inf)",
-            kl_coef="[0, inf)",
             entropy_coef="[0, inf)",
         )
-        if self.samples_per_step % self.micro_batch:
-            raise ConfigError(
-                f"ppo.samples_per_step ({self.samples_per_step}) must be a multiple of ppo.micro_batch ({self.micro_batch})"
-            )
-        if self.old_logp not in ("trainer", "sampler"):
-            raise ConfigError(f"ppo.old_logp must be 'trainer' or 'sampler', got {self.old_logp!r}")
 
     def check_run(self, run_cfg) -> None:
         """The run's other sections against this one (`rl.config.RLConfig`)."""
@@ -214,14 +193,8 @@ class PPOLearner(learner_lib.Learner):
         self.runner: episodes.EpisodeRunner | None = None
         self._rollout_state: dict[str, Any] | None = None  # restored runner state, applied lazily
 
-    @classmethod
-    def programs(cls, run, rl_cfg) -> dict[str, Any]:
-        t = rl_cfg.sampling.temperature
-        step = make_update_step(run.graphdef, run.rest, run.tx, rl_cfg.ppo, lr_fn=run.lr_fn, temperature=t)
-        return {
-            "update": run.compile(step, donate_argnums=0, out_shardings=(run.state_shardings, None)),
-            cls.nograd_name: run.compile(make_value_fn(run.graphdef, run.rest, t)),
-        }
+    make_update_step = staticmethod(make_update_step)
+    make_nograd_fn = staticmethod(make_value_fn)
 
     @classmethod
     def update_arrays(cls, cfg: PPOConfig, rows: int) -> dict:
