@@ -1,12 +1,24 @@
-"""Builds the small byte-level BPE tokenizer shipped for CPU runs (sftrl_jax/data/assets/tokenizer).
+"""Builds the small byte-level BPE tokenizers shipped for CPU runs: a Llama-3 one
+(sftrl_jax/data/assets/tokenizer) and a Qwen2.5-style ChatML one (sftrl_jax/data/assets/tokenizer_chatml).
 
-    .venv/bin/python tools/make_tokenizer.py [--vocab 2048] [--out sftrl_jax/data/assets/tokenizer]
+    .venv/bin/python tools/make_tokenizer.py [--family llama3|chatml|both] [--vocab 2048] [--out DIR]
 
-Trained on text the environments generate (prompts of every split, expert answers, verifier
-feedback) plus a little generic English, so any text still encodes (byte fallback). Digits are
-split one per token, which helps tiny models learn arithmetic. The Llama-3 special tokens follow
-the learned vocabulary, `<|image|>` last as in Llama 3.2 Vision, and the chat template is
-`sftrl_jax/data/chat_template.jinja`. Loadable with `transformers.AutoTokenizer.from_pretrained`.
+Both are trained on the same text, the text the environments generate (prompts of every split,
+expert answers, verifier feedback) plus a little generic English, so any text still encodes (byte
+fallback). Digits are split one per token, which helps tiny models learn arithmetic (Qwen2.5 splits
+them so too). The special tokens follow the learned vocabulary:
+
+- llama3: the Llama-3 special tokens, `<|image|>` last as in Llama 3.2 Vision; the chat template is
+  `sftrl_jax/data/chat_template.jinja`; pre-tokenizer GPT-2's byte-level regex.
+- chatml: Qwen2.5's special tokens in Qwen's order (`<|endoftext|>`, `<|im_start|>`, `<|im_end|>`,
+  then the vision/box ones; the tool-call and fill-in-the-middle added tokens are left out), Qwen2's
+  pre-tokenizer (NFC, its split regex, byte-level), and a tokenizer_config.json laid out as
+  Qwen2.5-Instruct's (`Qwen2Tokenizer`, eos `<|im_end|>`, pad `<|endoftext|>`, no BOS) whose
+  `chat_template` is `sftrl_jax/data/chat_template_chatml.jinja` (Qwen2.5-Instruct's, tool calls left
+  out). It is what a Qwen2.5-Instruct folder gives the wrapper, in 2048 tokens.
+
+Each folder gets the sha256 record `sftrl_jax.integrity` checks at every load. The build is
+deterministic: rerunning it rewrites the same bytes. Loadable with `transformers.AutoTokenizer`.
 """
 
 from __future__ import annotations
@@ -76,52 +88,122 @@ def corpus(episodes: int) -> Iterator[str]:
                 break
 
 
-def build(vocab: int, episodes: int):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+# Qwen2's pre-tokenizer split (transformers' `tokenization_qwen2.PRETOKENIZE_REGEX`): single digits,
+# letters with one leading non-letter, newline runs apart from what follows them.
+QWEN2_SPLIT = (
+    r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
+    r"""|\s*[\r\n]+|\s+(?!\S)|\s+"""
+)
+
+
+def train_bpe(texts: list[str], *, vocab: int, specials: tuple[str, ...], family: str):
+    """A byte-level BPE of `vocab` ids in all, `specials` last (in their order)."""
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 
     bpe = Tokenizer(models.BPE())
-    bpe.pre_tokenizer = pre_tokenizers.Sequence(
-        [
-            pre_tokenizers.Digits(individual_digits=True),
-            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-        ]
-    )
+    if family == "llama3":
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Digits(individual_digits=True),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
+            ]
+        )
+    else:  # as transformers' Qwen2Tokenizer builds it
+        bpe.normalizer = normalizers.NFC()
+        bpe.pre_tokenizer = pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(QWEN2_SPLIT), behavior="isolated", invert=False),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
     bpe.decoder = decoders.ByteLevel()
-    n_special = len(tok_lib.SPECIAL_TOKENS)
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab - n_special,
+        vocab_size=vocab - len(specials),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    bpe.train_from_iterator(corpus(episodes), trainer=trainer)
-    bpe.add_special_tokens(list(tok_lib.SPECIAL_TOKENS))
-    template = (ROOT / "sftrl_jax" / "data" / "chat_template.jinja").read_text()
-    return PreTrainedTokenizerFast(
+    bpe.train_from_iterator(texts, trainer=trainer)
+    bpe.add_special_tokens(list(specials))
+    return bpe
+
+
+def write_llama3(bpe, out: Path) -> int:
+    from transformers import PreTrainedTokenizerFast
+
+    hf = PreTrainedTokenizerFast(
         tokenizer_object=bpe,
         bos_token="<|begin_of_text|>",
         eos_token="<|eot_id|>",
         pad_token="<|finetune_right_pad_id|>",
-        chat_template=template,
+        chat_template=(ROOT / "sftrl_jax" / "data" / "chat_template.jinja").read_text(),
         model_max_length=131072,
     )
+    hf.save_pretrained(str(out))
+    return len(hf)
+
+
+def write_chatml(bpe, out: Path) -> int:
+    """tokenizer.json and a tokenizer_config.json with Qwen2.5-Instruct's keys (chat template inside,
+    as in Qwen's folders, not a separate chat_template.jinja)."""
+    bpe.save(str(out / "tokenizer.json"))
+    vocab = bpe.get_vocab(with_added_tokens=True)
+    added = {
+        str(vocab[t]): {
+            "content": t,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": True,
+        }
+        for t in tok_lib.CHATML.special_tokens
+    }
+    config = {
+        "add_bos_token": False,
+        "add_prefix_space": False,
+        "added_tokens_decoder": added,
+        "additional_special_tokens": [t for t in tok_lib.CHATML.special_tokens if t != "<|endoftext|>"],
+        "bos_token": None,
+        "chat_template": (ROOT / "sftrl_jax" / "data" / "chat_template_chatml.jinja").read_text(),
+        "clean_up_tokenization_spaces": False,
+        "eos_token": "<|im_end|>",
+        "errors": "replace",
+        "model_max_length": 131072,
+        "pad_token": "<|endoftext|>",
+        "split_special_tokens": False,
+        "tokenizer_class": "Qwen2Tokenizer",
+        "unk_token": None,
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    return bpe.get_vocab_size(with_added_tokens=True)
+
+
+def build(family: str, texts: list[str], *, vocab: int, out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sha256.json").unlink(missing_ok=True)  # the old record would refuse the new files
+    fmt = tok_lib.CHAT_FORMATS[family]
+    bpe = train_bpe(texts, vocab=vocab, specials=fmt.special_tokens, family=family)
+    n = (write_llama3 if family == "llama3" else write_chatml)(bpe, out)
+    # the record `sftrl_jax.integrity` checks at every load of the folder
+    record = {"sha256": {p.name: integrity.sha256_of(str(p)) for p in sorted(out.iterdir()) if p.is_file()}}
+    (out / "sha256.json").write_text(json.dumps(record, indent=2) + "\n")
+    print(f"wrote {out}: {family}, {n} tokens")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--family", choices=("llama3", "chatml", "both"), default="both")
     parser.add_argument("--vocab", type=int, default=2048, help="total size including special tokens")
     parser.add_argument("--episodes", type=int, default=300, help="episodes per env split in the corpus")
-    parser.add_argument("--out", default=tok_lib.default_tokenizer_path())
+    parser.add_argument("--out", default=None, help="output folder (one family only; default: the shipped one)")
     args = parser.parse_args()
-    hf = build(args.vocab, args.episodes)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "sha256.json").unlink(missing_ok=True)  # the old record would refuse the new files
-    hf.save_pretrained(args.out)
-    # the record `sftrl_jax.integrity` checks at every load of the folder
-    record = {"sha256": {p.name: integrity.sha256_of(str(p)) for p in sorted(out.iterdir()) if p.is_file()}}
-    (out / "sha256.json").write_text(json.dumps(record, indent=2) + "\n")
-    print(f"wrote {args.out}: {len(hf)} tokens")
+    families = ("llama3", "chatml") if args.family == "both" else (args.family,)
+    if args.out is not None and len(families) > 1:
+        parser.error("--out needs one --family")
+    texts = list(corpus(args.episodes))  # both families learn from the same text
+    for family in families:
+        out = args.out if args.out is not None else tok_lib.default_tokenizer_path(family)
+        build(family, texts, vocab=args.vocab, out=Path(out))
 
 
 if __name__ == "__main__":

@@ -8,10 +8,12 @@ HELP = "convert a Hugging Face checkpoint folder to an orbax checkpoint"
 EXAMPLES = """examples:
   sftrl convert --hf /path/to/Llama-3.2-11B-Vision-Instruct --out ckpts/init
   sftrl convert --hf /path/to/Llama-3.2-1B-Instruct --out ckpts/llama1b --dtype bfloat16 --mesh data=1,fsdp=-1,tensor=1
+  sftrl convert --hf /path/to/Qwen2.5-1.5B-Instruct --out ckpts/qwen1.5b --dtype bfloat16
 
 The folder holds config.json and model.safetensors (or shards + model.safetensors.index.json) of a
-MllamaForConditionalGeneration or LlamaForCausalLM. Weights stream tensor by tensor into their
-shardings on the mesh (default: every device on fsdp), so the model is never whole on one device.
+MllamaForConditionalGeneration, LlamaForCausalLM or Qwen2ForCausalLM (Qwen2.5). Weights stream
+tensor by tensor into their shardings on the mesh (default: every device on fsdp), so the model is
+never whole on one device.
 """
 
 

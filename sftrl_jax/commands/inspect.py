@@ -8,6 +8,7 @@ import os
 HELP = "print a model's config summary and parameter count without allocating weights"
 EXAMPLES = """examples:
   sftrl inspect /path/to/Llama-3.2-11B-Vision-Instruct
+  sftrl inspect /path/to/Qwen2.5-7B-Instruct
   sftrl inspect /path/to/config.json --mesh data=1,fsdp=8,tensor=1
   sftrl inspect ckpts/init --mesh data=2,fsdp=4,tensor=1 --dtype bfloat16
 
@@ -44,6 +45,7 @@ def _summary(config) -> list[str]:
         f"text: {t.num_layers} layers, width {t.hidden_size}, mlp {t.intermediate_size}, heads {t.num_heads} "
         f"(kv {t.num_kv_heads}, dim {t.head_dim}), vocab {t.vocab_size}"
         + (f" (+{t.extra_embeddings} embedding rows)" if t.extra_embeddings else "")
+        + (", q/k/v bias" if t.qkv_bias else "")
         + (", tied lm_head" if t.tie_word_embeddings else ""),
         f"rope: {rope}",
     ]

@@ -1,4 +1,4 @@
-"""Llama 3.2 Vision (Mllama) and Llama 3 text models in Flax NNX, with HF conversion both ways."""
+"""Llama 3.2 Vision (Mllama), Llama 3 and Qwen2.5 text models in Flax NNX, with HF conversion both ways."""
 
 from sftrl_jax.models.build import abstract_model, create_model, model_class, param_count, per_device_bytes
 from sftrl_jax.models.checkpoint import load_checkpoint, save_checkpoint
@@ -6,6 +6,7 @@ from sftrl_jax.models.config import (
     LlamaConfig,
     MllamaConfig,
     ModelConfig,
+    Qwen2Config,
     TextConfig,
     VisionConfig,
     from_hf_dict,
@@ -14,7 +15,7 @@ from sftrl_jax.models.config import (
 from sftrl_jax.models.convert import from_pretrained, read_config, save_pretrained
 from sftrl_jax.models.kv_cache import KVCache, init_cache
 from sftrl_jax.models.mllama import MllamaForConditionalGeneration
-from sftrl_jax.models.text import LlamaForCausalLM, ModelOutput
+from sftrl_jax.models.text import LlamaForCausalLM, ModelOutput, Qwen2ForCausalLM
 
 __all__ = [
     "KVCache",
@@ -24,6 +25,8 @@ __all__ = [
     "MllamaForConditionalGeneration",
     "ModelConfig",
     "ModelOutput",
+    "Qwen2Config",
+    "Qwen2ForCausalLM",
     "TextConfig",
     "VisionConfig",
     "abstract_model",

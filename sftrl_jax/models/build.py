@@ -20,13 +20,17 @@ from sftrl_jax.models import config as config_lib
 from sftrl_jax.models import layers, mllama, text
 from sftrl_jax.parallel import rules
 
+_CLASSES = {
+    config_lib.LlamaConfig: text.LlamaForCausalLM,
+    config_lib.Qwen2Config: text.Qwen2ForCausalLM,
+    config_lib.MllamaConfig: mllama.MllamaForConditionalGeneration,
+}
+
 
 def model_class(config: config_lib.ModelConfig) -> type[nnx.Module]:
-    if isinstance(config, config_lib.MllamaConfig):
-        return mllama.MllamaForConditionalGeneration
-    if isinstance(config, config_lib.LlamaConfig):
-        return text.LlamaForCausalLM
-    raise TypeError(f"not a model config: {type(config).__name__}")
+    if type(config) not in _CLASSES:
+        raise TypeError(f"not a model config: {type(config).__name__}")
+    return _CLASSES[type(config)]
 
 
 def canonical_dtype(dtype) -> jnp.dtype:

@@ -1,8 +1,10 @@
 """Model configs: frozen dataclasses with presets (Hugging Face config.json: `models.hf_config`).
 
-`TextConfig` describes the Llama-3 decoder (shared by `LlamaForCausalLM` and Mllama's language
-model), `VisionConfig` Mllama's vision encoder. `LlamaConfig` and `MllamaConfig` are the two model
-configs. Field comments give the Hugging Face name.
+`TextConfig` describes the Llama-3 decoder (shared by `LlamaForCausalLM`, `Qwen2ForCausalLM` and
+Mllama's language model), `VisionConfig` Mllama's vision encoder. `LlamaConfig`, `Qwen2Config` and
+`MllamaConfig` are the model configs: `Qwen2Config` is a `LlamaConfig` (the same decoder, one
+forward) whose family, and so its config.json and class name, is Qwen2; what the math needs
+(q/k/v bias, RoPE theta, tied head) is in `TextConfig`. Field comments give the Hugging Face name.
 
 Two config flags choose between Meta's reference code (what the released weights were trained
 with, the default) and transformers >= 4.56 (see docs/MODELS.md):
@@ -86,6 +88,9 @@ class TextConfig:
     rope_original_max_position: int = 8192  # rope_scaling.original_max_position_embeddings
     max_position_embeddings: int = 131072  # max_position_embeddings
     tie_word_embeddings: bool = False  # tie_word_embeddings (lm_head = embed_tokens[:vocab_size])
+    # Bias on the q, k and v projections (not o): Qwen2 always (no config.json field). Llama's
+    # `attention_bias` would also bias o_proj: not implemented, refused.
+    qkv_bias: bool = False
     # Mllama only: layer indices that are gated cross-attention layers, and the extra embedding rows
     # (Mllama's embed_tokens has vocab_size + 8 rows; the image token is row vocab_size).
     cross_attention_layers: tuple[int, ...] = ()  # cross_attention_layers
@@ -200,6 +205,15 @@ class LlamaConfig:
     text: TextConfig = dataclasses.field(default_factory=TextConfig)
 
     architecture = "LlamaForCausalLM"
+    qkv_bias = False  # what the family's config.json implies for `text.qkv_bias`
+
+    def __post_init__(self):
+        _check(
+            self.text.qkv_bias == self.qkv_bias,
+            f"{self.architecture} has {'' if self.qkv_bias else 'no '}q/k/v bias: text.qkv_bias must be "
+            f"{self.qkv_bias}",
+            self,
+        )
 
     @classmethod
     def llama_3_2_1b(cls) -> LlamaConfig:
@@ -229,7 +243,47 @@ class LlamaConfig:
         return cls(TextConfig(**{**_TINY_TEXT, "num_layers": 2, **text_overrides}))
 
 
-# The text decoder of both tiny presets (CPU tests).
+# What Qwen2 changes in the Llama decoder (every Qwen2.5 size and the tiny preset).
+_QWEN2 = dict(qkv_bias=True, rms_norm_eps=1e-6, rope_type="default", rope_theta=1000000.0)
+# Qwen2.5 sizes, from the hub's config.json of Qwen/Qwen2.5-{size}-Instruct.
+_QWEN2_5_FIELDS = ("hidden_size", "intermediate_size", "num_layers", "num_heads", "num_kv_heads", "vocab_size")
+QWEN2_5_SIZES = {  # size -> (D, F, layers, N, K, V), tied head; parameters
+    "0.5b": ((896, 4864, 24, 14, 2, 151936), True),  # 494,032,768
+    "1.5b": ((1536, 8960, 28, 12, 2, 151936), True),  # 1,543,714,304
+    "3b": ((2048, 11008, 36, 16, 2, 151936), True),  # 3,085,938,688
+    "7b": ((3584, 18944, 28, 28, 4, 152064), False),  # 7,615,616,512
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Qwen2Config(LlamaConfig):
+    """`Qwen2ForCausalLM` (Qwen2 / Qwen2.5 causal LMs): the Llama decoder with bias on q/k/v, RoPE
+    theta 1e6 without scaling, RMSNorm eps 1e-6. Sliding-window attention (`use_sliding_window`,
+    off in every Qwen2.5 release) is not implemented and refused when a config.json turns it on."""
+
+    text: TextConfig = dataclasses.field(default_factory=lambda: Qwen2Config.qwen2_5("7b").text)
+
+    architecture = "Qwen2ForCausalLM"
+    qkv_bias = True
+
+    @classmethod
+    def qwen2_5(cls, size: str) -> Qwen2Config:
+        """Qwen2.5-{size}(-Instruct), `size` one of `QWEN2_5_SIZES`: "0.5b", "1.5b", "3b", "7b"."""
+        if size not in QWEN2_5_SIZES:
+            raise UserError(f"Qwen2.5 comes in sizes {', '.join(QWEN2_5_SIZES)}, not {size!r}")
+        sizes, tied = QWEN2_5_SIZES[size]
+        text = dict(zip(_QWEN2_5_FIELDS, sizes, strict=True), head_dim=sizes[0] // sizes[3], tie_word_embeddings=tied)
+        tokens = dict(bos_token_id=151643, eos_token_id=151645, pad_token_id=None)  # <|endoftext|>, <|im_end|>
+        return cls(TextConfig(**_QWEN2, **text, **tokens, max_position_embeddings=32768))
+
+    @classmethod
+    def tiny(cls, **text_overrides) -> Qwen2Config:
+        """A tiny Qwen2.5 for CPU tests: the tiny Llama's sizes with q/k/v bias, theta 1e6, tied head."""
+        text = {k: v for k, v in _TINY_TEXT.items() if k != "rope_original_max_position"}  # llama3 RoPE only
+        return cls(TextConfig(**{**text, "num_layers": 2, **_QWEN2, "tie_word_embeddings": True, **text_overrides}))
+
+
+# The text decoder of the tiny presets (CPU tests).
 _TINY_TEXT = dict(
     vocab_size=256,
     hidden_size=64,
@@ -262,6 +316,7 @@ class MllamaConfig:
 
     def __post_init__(self):
         _check(bool(self.text.cross_attention_layers), "Mllama needs cross_attention_layers", self)
+        _check(not self.text.qkv_bias, "Mllama has no q/k/v bias: text.qkv_bias must be False", self)
         _check_params(approx_params(self.text) + approx_params(self.vision), self)
 
     @classmethod
@@ -295,7 +350,7 @@ class MllamaConfig:
         )
 
 
-ModelConfig = LlamaConfig | MllamaConfig
+ModelConfig = LlamaConfig | Qwen2Config | MllamaConfig
 
 
 def _check(ok: bool, message: str, config) -> None:
@@ -326,7 +381,8 @@ def approx_params(config: TextConfig | VisionConfig) -> int:
         t = config
         D, F, H, N, K = t.hidden_size, t.intermediate_size, t.head_dim, t.num_heads, t.num_kv_heads
         embed = (t.num_embeddings + (0 if t.tie_word_embeddings else t.vocab_size)) * D
-        return embed + t.num_layers * (2 * D * H * (N + K) + 3 * D * F + 2 * D) + D
+        bias = (N + 2 * K) * H if t.qkv_bias else 0
+        return embed + t.num_layers * (2 * D * H * (N + K) + 3 * D * F + 2 * D + bias) + D
     v = config
     D, P = v.hidden_size, v.num_patches
     tiles = v.num_aspect_ratios * v.max_num_tiles
@@ -354,8 +410,9 @@ def from_dict(d: Mapping[str, Any]) -> ModelConfig:
     d = dict(d)
     arch = d.pop("architecture", None)
     try:
-        if arch == LlamaConfig.architecture:
-            return LlamaConfig(TextConfig(**d["text"]))
+        for cls in (LlamaConfig, Qwen2Config):
+            if arch == cls.architecture:
+                return cls(TextConfig(**d["text"]))
         if arch == MllamaConfig.architecture:
             return MllamaConfig(
                 TextConfig(**d["text"]), VisionConfig(**d["vision"]), image_token_index=d["image_token_index"]
@@ -374,6 +431,8 @@ __all__ = [
     "LlamaConfig",
     "MllamaConfig",
     "ModelConfig",
+    "QWEN2_5_SIZES",
+    "Qwen2Config",
     "TextConfig",
     "VisionConfig",
     "from_dict",

@@ -94,7 +94,21 @@ class Conv:
         return a.transpose(3, 0, 1, 2)
 
 
-COPY, LINEAR, LINEAR_OUT, FLAT, CONV = Copy(), Linear(1), Linear(2), FlattenTail(), Conv()
+@dataclasses.dataclass(frozen=True)
+class Flatten:
+    """HF [N * H] (a torch Linear's bias) <-> ours [N, H]."""
+
+    def hf_shape(self, ours):
+        return (math.prod(ours),)
+
+    def to_ours(self, a, ours):
+        return a.reshape(ours)
+
+    def to_hf(self, a):
+        return a.reshape(-1)
+
+
+COPY, LINEAR, LINEAR_OUT, FLAT, CONV, FLATTEN = Copy(), Linear(1), Linear(2), FlattenTail(), Conv(), Flatten()
 
 # --------------------------------------------------------------------------------------------------
 # The table: (HF key, our path, transform), grouped by where it repeats. Layer rules are relative to
@@ -122,6 +136,7 @@ def _copy(*names: str) -> tuple:
 
 SWIGLU = _linear("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
 TEXT_SELF_LAYER = _norm("input_layernorm") + _attention("self_attn") + _norm("post_attention_layernorm") + SWIGLU
+QKV_BIAS = tuple((f"self_attn.{p}_proj.bias", f"self_attn.{p}_bias", FLATTEN) for p in "qkv")  # Qwen2
 TEXT_CROSS_LAYER = (
     _norm("input_layernorm")
     + _attention("cross_attn")
@@ -164,7 +179,7 @@ PROJECTOR = (
     ("multi_modal_projector.bias", "multi_modal_projector.bias", COPY),
 )
 
-# (HF prefix, our prefix) of each part, per architecture, in the hub's layout.
+# (HF prefix, our prefix) of each part, per architecture, in the hub's layout (Qwen2: Llama's).
 LLAMA_PREFIXES = {"text": ("model.", "model."), "lm_head": "lm_head.weight"}
 MLLAMA_PREFIXES = {
     "text": ("language_model.model.", "language_model."),
@@ -184,7 +199,7 @@ MLLAMA_NEW_LAYOUT = (
 class Entry:
     hf: str
     ours: str
-    transform: Copy | Linear | FlattenTail | Conv
+    transform: Copy | Linear | FlattenTail | Conv | Flatten
 
 
 def _expand(rules, hf_prefix: str, our_prefix: str, indices=None) -> Iterator[Entry]:
@@ -202,7 +217,7 @@ def key_table(config: config_lib.ModelConfig) -> list[Entry]:
     prefixes = MLLAMA_PREFIXES if mllama else LLAMA_PREFIXES
     hf_text, our_text = prefixes["text"]
     out = list(_expand(TEXT_MODEL, hf_text, our_text))
-    out += _expand(TEXT_SELF_LAYER, hf_text, our_text, t.self_attention_layers)
+    out += _expand(TEXT_SELF_LAYER + (QKV_BIAS if t.qkv_bias else ()), hf_text, our_text, t.self_attention_layers)
     out += _expand(TEXT_CROSS_LAYER, hf_text, our_text, t.cross_attention_layers)
     if not t.tie_word_embeddings:
         out.append(Entry(prefixes["lm_head"], "lm_head", LINEAR))
@@ -290,7 +305,7 @@ def from_pretrained(
     config: config_lib.ModelConfig | None = None,
 ) -> nnx.Module:
     """Load an HF checkpoint folder (config.json + safetensors, sharded or not) of
-    `MllamaForConditionalGeneration` or `LlamaForCausalLM`.
+    `MllamaForConditionalGeneration`, `LlamaForCausalLM` or `Qwen2ForCausalLM`.
 
     `dtype` is the parameter dtype, `compute_dtype` the activation dtype (default: `dtype`). With a
     `mesh`, every parameter goes straight into its sharding under the rules table. `scan_layers`:

@@ -19,6 +19,7 @@ from sftrl_jax.models.config import (
     LlamaConfig,
     MllamaConfig,
     ModelConfig,
+    Qwen2Config,
     TextConfig,
     VisionConfig,
 )
@@ -136,7 +137,7 @@ def _number(value: Any, name: str, *, positive: bool = True) -> float:
     return float(value)
 
 
-def _rope_from_hf(f: _Fields) -> dict[str, Any]:
+def _rope_from_hf(f: _Fields, default_theta: float) -> dict[str, Any]:
     """RoPE settings from `rope_parameters` (transformers 5) or `rope_scaling` + `rope_theta` (older).
 
     When both are present they must agree (transformers 5 would let `rope_scaling` win silently).
@@ -147,9 +148,9 @@ def _rope_from_hf(f: _Fields) -> dict[str, Any]:
         if f.d.get(key) is not None and not isinstance(f.d[key], dict):
             raise UserError(f"config.json: field {f.name(key)!r} must be an object, got {_short(f.d[key])}")
     if f.d.get("rope_parameters") is not None:
-        found["rope_parameters"] = _parse_rope(f, "rope_parameters", dict(f.d["rope_parameters"]))
+        found["rope_parameters"] = _parse_rope(f, "rope_parameters", dict(f.d["rope_parameters"]), default_theta)
     if f.d.get("rope_scaling") is not None or not found:
-        found["rope_scaling"] = _parse_rope(f, "rope_scaling", dict(f.d.get("rope_scaling") or {}))
+        found["rope_scaling"] = _parse_rope(f, "rope_scaling", dict(f.d.get("rope_scaling") or {}), default_theta)
     if len(set(map(repr, found.values()))) > 1:
         raise UserError(
             f"config.json: {f.name('rope_scaling')} and {f.name('rope_parameters')} disagree: {found}; keep one"
@@ -157,8 +158,8 @@ def _rope_from_hf(f: _Fields) -> dict[str, Any]:
     return next(iter(found.values()))
 
 
-def _parse_rope(f: _Fields, key: str, rope: dict) -> dict[str, Any]:
-    theta = rope.get("rope_theta", f.d.get("rope_theta", 500000.0))
+def _parse_rope(f: _Fields, key: str, rope: dict, default_theta: float) -> dict[str, Any]:
+    theta = rope.get("rope_theta", f.d.get("rope_theta", default_theta))
     rope_type = rope.get("rope_type", rope.get("type", "default"))
     if rope_type not in ("default", "llama3"):
         raise UserError(
@@ -189,15 +190,22 @@ def _parse_rope(f: _Fields, key: str, rope: dict) -> dict[str, Any]:
     return out
 
 
-def _text_from_hf(d: Mapping[str, Any], where: str, *, mllama: bool) -> TextConfig:
+def _text_from_hf(d: Mapping[str, Any], where: str, *, family: str) -> TextConfig:
+    """The decoder of a config.json section; `family`: "llama", "qwen2" or "mllama" (its text_config)."""
     f = _Fields(d, where)
     f.refuse_unless("hidden_act", ("silu",), "only SwiGLU with silu is implemented")
-    f.refuse_unless("attention_bias", (False,), "Llama 3 projections have no bias")
-    f.refuse_unless("mlp_bias", (False,), "Llama 3 MLPs have no bias")
+    if family == "qwen2":
+        _qwen2_attention_from_hf(f)
+    else:  # Qwen2 has no such fields (its q/k/v bias is implied): there they are unknown fields
+        f.refuse_unless("attention_bias", (False,), "Llama 3 projections have no bias")
+        f.refuse_unless("mlp_bias", (False,), "Llama 3 MLPs have no bias")
     if "quantization_config" in f.d:
         raise UserError(f"config.json: unsupported {f.name('quantization_config')}: load unquantised weights")
+    mllama = family == "mllama"
     hidden, heads = f.integer("hidden_size"), f.integer("num_attention_heads")
     head_dim = hidden // heads if mllama else f.integer("head_dim", hidden // heads)
+    # Defaults where a field is absent: each family's transformers config class.
+    max_position = {"llama": 2048, "qwen2": 32768, "mllama": 131072}[family]
     text = TextConfig(
         vocab_size=f.integer("vocab_size"),
         hidden_size=hidden,
@@ -206,18 +214,40 @@ def _text_from_hf(d: Mapping[str, Any], where: str, *, mllama: bool) -> TextConf
         num_heads=heads,
         num_kv_heads=f.integer("num_key_value_heads", heads),
         head_dim=head_dim,
-        rms_norm_eps=f.number("rms_norm_eps", 1e-6 if not mllama else 1e-5),
-        max_position_embeddings=f.integer("max_position_embeddings", 131072 if mllama else 2048),
+        rms_norm_eps=f.number("rms_norm_eps", 1e-5 if mllama else 1e-6),
+        max_position_embeddings=f.integer("max_position_embeddings", max_position),
         tie_word_embeddings=f.flag("tie_word_embeddings", False),
+        qkv_bias=family == "qwen2",
         cross_attention_layers=f.integers("cross_attention_layers", (3, 8, 13, 18, 23, 28, 33, 38)) if mllama else (),
         extra_embeddings=8 if mllama else 0,
         bos_token_id=f.token_id("bos_token_id"),
         eos_token_id=f.token_id("eos_token_id", many=True),
         pad_token_id=f.token_id("pad_token_id"),
-        **_rope_from_hf(f),
+        **_rope_from_hf(f, 10000.0 if family == "qwen2" else 500000.0),
     )
     f.check_all_used()
     return text
+
+
+def _qwen2_attention_from_hf(f: _Fields) -> None:
+    """Qwen2's attention fields: full causal attention in every layer is all that is implemented.
+
+    `sliding_window` and `max_window_layers` only act with `use_sliding_window` (false in every
+    Qwen2.5 release, whose files still carry both numbers); transformers 5 writes the per-layer
+    result as `layer_types`."""
+    if f.flag("use_sliding_window", False):
+        raise UserError(
+            f"config.json: unsupported {f.name('use_sliding_window')}=true: sliding-window attention is not "
+            "implemented (every Qwen2.5 release has it false)"
+        )
+    f.used |= {"sliding_window", "max_window_layers"}
+    types = f.get("layer_types", [])
+    if not isinstance(types, list) or any(t != "full_attention" for t in types):
+        raise UserError(
+            f"config.json: unsupported {f.name('layer_types')}={_short(types)}: only 'full_attention' layers "
+            "are implemented"
+        )
+    f.refuse_unless("use_mrope", (False,), "multimodal RoPE is Qwen2-VL's")
 
 
 def _vision_from_hf(d: Mapping[str, Any], where: str) -> VisionConfig:
@@ -274,29 +304,30 @@ def from_hf_dict(d: Mapping[str, Any]) -> ModelConfig:
     if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
         raise UserError(f"config.json: field 'architectures' must be a list of names, got {_short(archs)}")
     model_type = d.get("model_type")
-    known = {LlamaConfig.architecture: "llama", MllamaConfig.architecture: "mllama"}
+    known = {LlamaConfig.architecture: "llama", Qwen2Config.architecture: "qwen2", MllamaConfig.architecture: "mllama"}
     arch = next((a for a in archs if a in known), None)
     if arch is None and archs:
         raise UserError(
             f"config.json: unknown architecture {archs} (field 'architectures'); supported: {sorted(known)}"
         )
     kind = known[arch] if arch else model_type
-    if kind == "llama":
-        return LlamaConfig(_text_from_hf(d, "", mllama=False))
+    if kind in ("llama", "qwen2"):
+        cls = Qwen2Config if kind == "qwen2" else LlamaConfig
+        return cls(_text_from_hf(d, "", family=kind))
     if kind != "mllama":
         raise UserError(
             f"config.json: unknown model_type {model_type!r} and no supported 'architectures' "
             f"(supported: {sorted(known)})"
         )
     top = _Fields(d, "")
-    text = _text_from_hf(top.get("text_config"), "text_config", mllama=True)
+    text = _text_from_hf(top.get("text_config"), "text_config", family="mllama")
     vision = _vision_from_hf(top.get("vision_config"), "vision_config")
     image_token = top.integer("image_token_index", 128256)
     top.check_all_used()
     return MllamaConfig(text, vision, image_token_index=image_token)
 
 
-def _text_to_hf(t: TextConfig, *, mllama: bool) -> dict[str, Any]:
+def _text_to_hf(t: TextConfig, *, family: str) -> dict[str, Any]:
     d: dict[str, Any] = {
         "vocab_size": t.vocab_size,
         "hidden_size": t.hidden_size,
@@ -322,11 +353,17 @@ def _text_to_hf(t: TextConfig, *, mllama: bool) -> dict[str, Any]:
             "high_freq_factor": t.rope_high_freq_factor,
             "original_max_position_embeddings": t.rope_original_max_position,
         }
-    if mllama:
+    if family == "mllama":
         if t.head_dim * t.num_heads != t.hidden_size:
             raise UserError("Mllama requires head_dim * num_heads == hidden_size to be expressible in config.json")
         d["cross_attention_layers"] = list(t.cross_attention_layers)
         d["model_type"] = "mllama_text_model"
+    elif family == "qwen2":
+        # as the hub's files: head_dim only where it is not hidden_size // heads (older transformers
+        # ignore it), no bias fields (the q/k/v bias is implied), sliding window off
+        if t.head_dim * t.num_heads != t.hidden_size:
+            d["head_dim"] = t.head_dim
+        d.update(use_sliding_window=False, sliding_window=None, max_window_layers=t.num_layers, model_type="qwen2")
     else:
         d.update(head_dim=t.head_dim, attention_bias=False, mlp_bias=False, model_type="llama")
     return d
@@ -335,8 +372,9 @@ def _text_to_hf(t: TextConfig, *, mllama: bool) -> dict[str, Any]:
 def to_hf_dict(config: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]:
     """config.json in the layout of the hub's files (`rope_scaling` + `rope_theta`), which both older
     transformers and transformers 5 read. The two semantic flags are not HF fields and are not written."""
-    if isinstance(config, LlamaConfig):
-        return {"architectures": [config.architecture], **_text_to_hf(config.text, mllama=False), "torch_dtype": dtype}
+    if isinstance(config, LlamaConfig):  # Qwen2Config too
+        family = "qwen2" if isinstance(config, Qwen2Config) else "llama"
+        return {"architectures": [config.architecture], **_text_to_hf(config.text, family=family), "torch_dtype": dtype}
     v = config.vision
     vision = {
         "model_type": "mllama_vision_model",
@@ -359,7 +397,7 @@ def to_hf_dict(config: ModelConfig, *, dtype: str = "float32") -> dict[str, Any]
         "architectures": [config.architecture],
         "model_type": "mllama",
         "image_token_index": config.image_token_index,
-        "text_config": _text_to_hf(config.text, mllama=True),
+        "text_config": _text_to_hf(config.text, family="mllama"),
         "vision_config": vision,
         "torch_dtype": dtype,
     }

@@ -1,5 +1,5 @@
-"""Llama-3 text decoder (self-attention layers and Mllama's gated cross-attention layers) and
-`LlamaForCausalLM`.
+"""Llama-3 text decoder (self-attention layers and Mllama's gated cross-attention layers),
+`LlamaForCausalLM` and `Qwen2ForCausalLM` (the same decoder with q/k/v bias).
 
 Shape legend: B batch, T query length, S key length (S_x: vision tokens), D width, F MLP width,
 N query heads, K kv heads, H head dim, V vocab; I images, C tiles per image.
@@ -44,17 +44,26 @@ class Attention(nnx.Module):
 
 
 class SelfAttention(Attention):
-    """GQA self-attention with RoPE; optional KV cache."""
+    """GQA self-attention with RoPE; optional KV cache; with `qkv_bias` (Qwen2) q/k/v biases [N, H],
+    [K, H], [K, H]."""
 
     def __init__(self, cfg: config_lib.TextConfig, *, dtype, param_dtype, rngs: nnx.Rngs):
         super().__init__(cfg, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
         self.inv_freq = tuple(float(f) for f in layers.rope_inv_freq(cfg))
+        self.qkv_bias = cfg.qkv_bias
+        if cfg.qkv_bias:
+            n, k, h = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+            self.q_bias = layers.param(rngs, layers.normal, (n, h), ("heads", "head_dim"), param_dtype)
+            self.k_bias = layers.param(rngs, layers.normal, (k, h), ("kv_heads", "head_dim"), param_dtype)
+            self.v_bias = layers.param(rngs, layers.normal, (k, h), ("kv_heads", "head_dim"), param_dtype)
 
     def __call__(self, x, *, rope, mask, cache_kv=None, cache_index=None):
         """x [B, T, D], rope: `ops.rope_cos_sin` of the positions ([B, T, H/2] * 2), mask [B, T, S];
         cache_kv: ([B, S_max, K, H],) * 2 or None."""
         # [B, T, N, H], [B, T, K, H] * 2
         q, k, v = ops.dense_fused(x, [layers.weight(p, self.dtype) for p in (self.q_proj, self.k_proj, self.v_proj)])
+        if self.qkv_bias:  # before RoPE, as transformers' Qwen2 adds it inside the projection
+            q, k, v = (y + b[...].astype(self.dtype) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
         q, k = ops.rope(q, *rope), ops.rope(k, *rope)
         if cache_kv is not None:
             k = constrain(kv_cache.write(cache_kv[0], k, cache_index), kv_cache.KV_NAMES)
@@ -403,3 +412,9 @@ class LlamaForCausalLM(CausalLM):
             input_ids, attention_mask=attention_mask, positions=position_ids, cache=cache, remat=remat
         )
         return self.output(hidden, cache, last_logits_only=last_logits_only, return_logits=return_logits)
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Qwen2 / Qwen2.5: the Llama decoder and forward with q/k/v bias (`TextConfig.qkv_bias`), RoPE
+    theta 1e6 and a tied head at 0.5B-3B, all from the config. Its own class so that the HF family
+    (config.json, `architectures`) round-trips and `isinstance` tells the two apart."""

@@ -18,7 +18,18 @@ from flax import nnx
 from sftrl_jax.config import ConfigError
 from sftrl_jax.errors import UserError
 
-PRESETS = ("llama-tiny", "mllama-tiny", "llama-3.2-1b", "llama-3.2-3b", "llama-3.2-11b-vision")
+PRESETS = (
+    "llama-tiny",
+    "mllama-tiny",
+    "qwen2.5-tiny",
+    "llama-3.2-1b",
+    "llama-3.2-3b",
+    "llama-3.2-11b-vision",
+    "qwen2.5-0.5b",
+    "qwen2.5-1.5b",
+    "qwen2.5-3b",
+    "qwen2.5-7b",
+)
 
 
 @jax.tree_util.register_dataclass
@@ -35,7 +46,7 @@ class ModelSection:
     """Which model a run trains. Exactly one of `init` (a folder) or `preset` (random init)."""
 
     init: str | None = None  # HF checkpoint folder (config.json + safetensors) or orbax ckpt (`sftrl convert`)
-    preset: str | None = None  # random init: llama-tiny, mllama-tiny, llama-3.2-1b, llama-3.2-3b, llama-3.2-11b-vision
+    preset: str | None = None  # random init: one of PRESETS (llama-tiny, mllama-tiny, qwen2.5-tiny, full sizes)
     text_overrides: dict[str, Any] = dataclasses.field(default_factory=dict)  # preset TextConfig fields
     tokenizer: str | None = None  # tokenizer folder; None = the init folder's, else the shipped small one
     param_dtype: str = "float32"
@@ -70,15 +81,17 @@ def preset_config(name: str, text_overrides: dict[str, Any] | None = None):
         raise ConfigError(
             f"model.text_overrides: unknown TextConfig field(s) {unknown}; fields: {', '.join(sorted(fields))}"
         )
-    if name == "llama-tiny":
-        return mc.LlamaConfig.tiny(**overrides)
-    if name == "mllama-tiny":
-        return mc.MllamaConfig.tiny(**overrides)
-    base = {
-        "llama-3.2-1b": mc.LlamaConfig.llama_3_2_1b,
-        "llama-3.2-3b": mc.LlamaConfig.llama_3_2_3b,
-        "llama-3.2-11b-vision": mc.MllamaConfig.llama_3_2_11b_vision,
-    }[name]()
+    tiny = {"llama-tiny": mc.LlamaConfig, "mllama-tiny": mc.MllamaConfig, "qwen2.5-tiny": mc.Qwen2Config}
+    if name in tiny:
+        return tiny[name].tiny(**overrides)
+    if name.startswith("qwen2.5-"):
+        base = mc.Qwen2Config.qwen2_5(name.removeprefix("qwen2.5-"))
+    else:
+        base = {
+            "llama-3.2-1b": mc.LlamaConfig.llama_3_2_1b,
+            "llama-3.2-3b": mc.LlamaConfig.llama_3_2_3b,
+            "llama-3.2-11b-vision": mc.MllamaConfig.llama_3_2_11b_vision,
+        }[name]()
     if overrides:
         base = dataclasses.replace(base, text=dataclasses.replace(base.text, **overrides))
     return base

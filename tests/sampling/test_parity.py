@@ -32,18 +32,23 @@ def _twin(config, tmp_path, seed):
     return hf, convert.from_pretrained(H.save_hf(hf, str(tmp_path)), config=ours_config)
 
 
-def test_llama_greedy_equals_transformers(tmp_path):
-    hf, ours = _twin(config_lib.LlamaConfig.tiny(), tmp_path, seed=3)
+def check_text_greedy(hf, ours):
+    """A ragged batch of text prompts: greedy tokens equal transformers', also with a per-row stop
+    token (the first token row 1 produces after its 3rd). Returns our unstopped result."""
     prompts = [[1, 5, 9, 22, 7], [1, 7], [3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19]]
     result = sampling.generate(ours, prompts, max_new_tokens=M, temperature=0.0)
     for b, p in enumerate(prompts):
         assert result.tokens[b].tolist() == _hf_greedy(hf, p)
-    # per-row stop: the first token row 1 produces after its 3rd is a stop token
     eos = int(result.tokens[1, 3])
     stopped = sampling.generate(ours, prompts, max_new_tokens=M, temperature=0.0, stop_tokens=(eos,))
     assert stopped.lengths[1] <= 4
     for b, p in enumerate(prompts):
         assert stopped.responses()[b] == _hf_greedy(hf, p, eos=eos)
+    return result
+
+
+def test_llama_greedy_equals_transformers(tmp_path):
+    check_text_greedy(*_twin(config_lib.LlamaConfig.tiny(), tmp_path, seed=3))
 
 
 def test_mllama_greedy_equals_transformers_text_and_images(tmp_path):
