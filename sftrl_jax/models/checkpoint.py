@@ -20,6 +20,7 @@ import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -35,6 +36,17 @@ from sftrl_jax.models import config as config_lib
 CONFIG_FILE = "model_config.json"
 PARAMS_DIR = "params"
 PARTIAL, OLD = ".partial", ".old"  # suffixes of the folders of an atomic save (see the module doc)
+# A run saves its tokenizer beside the model (`save_checkpoint(..., extra=...)`), so that `sftrl eval
+# --ckpt` and `sftrl rl model.init=` read the checkpoint with the tokenizer it was trained with.
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "chat_template.jinja",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+)
 
 
 def is_checkpoint(path: str) -> bool:
@@ -62,10 +74,11 @@ def read_checkpoint_config(path: str) -> tuple[config_lib.ModelConfig, str]:
         raise UserError(f"{file}: {e}") from None
 
 
-def save_checkpoint(model: nnx.Module, path: str) -> None:
+def save_checkpoint(model: nnx.Module, path: str, *, extra: Callable[[str], None] | None = None) -> None:
     """Write `model`'s parameters (any sharding; every process calls this) and config to `path`,
     atomically (the module doc); an existing model checkpoint at `path` is replaced (a folder with
-    other files is refused). SaveError when a write fails."""
+    other files is refused). `extra(folder)` writes more files into the checkpoint before it is
+    complete (a run's tokenizer: `TOKENIZER_FILES`). SaveError when a write fails."""
     path = os.path.abspath(path).rstrip(os.sep)
     tmp, old = path + PARTIAL, path + OLD
     lead = jax.process_index() == 0
@@ -73,7 +86,7 @@ def save_checkpoint(model: nnx.Module, path: str) -> None:
     leaves = jax.tree.leaves(state)
     dtype = np.dtype(leaves[0].dtype).name if leaves else "float32"
     if os.path.isdir(path):  # replaced whole: only a model checkpoint (complete or not) may be there
-        others = sorted(set(os.listdir(path)) - {PARAMS_DIR, CONFIG_FILE})
+        others = sorted(set(os.listdir(path)) - {PARAMS_DIR, CONFIG_FILE, *TOKENIZER_FILES})
         if others:
             more = ", ..." if len(others) > 3 else ""
             raise UserError(
@@ -93,6 +106,8 @@ def save_checkpoint(model: nnx.Module, path: str) -> None:
         ckptr.save(os.path.join(tmp, PARAMS_DIR), nnx.to_pure_dict(state), force=True)
         ckptr.wait_until_finished()
         if lead:
+            if extra is not None:
+                extra(tmp)
             with open(os.path.join(tmp, CONFIG_FILE), "w") as f:
                 json.dump({**config_lib.to_dict(model.config), "param_dtype": dtype}, f, indent=2)
                 f.flush()

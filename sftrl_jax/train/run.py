@@ -183,10 +183,12 @@ class Run:
         return "metrics.jsonl" if p == 0 else f"metrics.process{p}.jsonl"
 
     def save_model(self, module: nnx.Module, path: str) -> str:
-        """`module` as a model checkpoint at `path` (final, or a `train.snapshot_every` snapshot)."""
+        """`module` as a model checkpoint at `path` (final, or a `train.snapshot_every` snapshot),
+        with the run's tokenizer."""
         from sftrl_jax.models.checkpoint import save_checkpoint
 
-        save_checkpoint(module, path)
+        # the run's tokenizer beside the model: `sftrl eval --ckpt` / `model.init=` read it back
+        save_checkpoint(module, path, extra=self.tokenizer.hf.save_pretrained)
         return path
 
     def save(self, extra: dict[str, Any]) -> None:

@@ -106,6 +106,10 @@ def tokenizer_for(section: ModelSection):
         for folder in (section.init, os.path.join(section.init, "hf")):
             if os.path.exists(os.path.join(folder, "tokenizer_config.json")):
                 return load_tokenizer(folder)
+    if section.preset is not None and section.preset.startswith("qwen"):  # Qwen2.5 chats in ChatML
+        from sftrl_jax.data.tokenizer import default_tokenizer_path
+
+        return load_tokenizer(default_tokenizer_path("chatml"))
     return load_tokenizer()
 
 
