@@ -206,3 +206,29 @@ def test_policy_kl_is_zero_against_itself_and_matches_a_direct_computation(tiny_
     want = float((np.exp(lp[pos]) * (lp[pos] - lq[pos])).sum() / len(ans))
     assert got["tokens"] == len(ans) > 0
     assert got["kl"] == pytest.approx(want, rel=1e-4) and got["kl"] > 0
+
+
+@pytest.mark.slow  # ~60 s: a whole (toy) study on a Qwen2.5 base
+def test_study_takes_a_qwen_base_with_its_chatml_tokenizer(tmp_path):
+    """`base:` is any model folder: a Qwen2.5 HF folder (with its ChatML tokenizer, as a user's
+    Qwen2.5-0.5B-Instruct download) runs the small-scale protocol; Init and the arms stay Qwen2 and
+    keep its tokenizer."""
+    from sftrl_jax.data.tokenizer import CHATML, default_tokenizer_path, load_tokenizer
+    from sftrl_jax.models import checkpoint, save_pretrained
+    from sftrl_jax.models import config as config_lib
+    from sftrl_jax.train.state import ModelSection, load_model, tokenizer_for
+
+    base = tmp_path / "qwen-base"
+    tiny = dict(vocab_size=2048, hidden_size=32, intermediate_size=64, num_layers=1, num_heads=2, num_kv_heads=1)
+    model = load_model(ModelSection(preset="qwen2.5-tiny", text_overrides=dict(tiny, head_dim=16)), seed=0)
+    save_pretrained(model, str(base))
+    load_tokenizer(default_tokenizer_path("chatml")).hf.save_pretrained(str(base))
+    run = tmp_path / "s"
+    assert cli.main(["study", f"run_dir={run}", f"base={base}", "arms.arms=[rl]", *TINY]) == 0
+    for stage in ("init", "rl"):
+        final = run / "seed3" / stage / "final"
+        config, _ = checkpoint.read_checkpoint_config(str(final))
+        assert type(config) is config_lib.Qwen2Config and config.text.qkv_bias
+        assert tokenizer_for(ModelSection(init=str(final))).chat_format == CHATML
+    evals = _rows(run / "evals.jsonl")
+    assert {r["arm"] for r in evals} >= {"init", "rl"} and all(r["seed"] == 3 for r in evals)

@@ -22,6 +22,8 @@ def _write(d: dict, path) -> str:
 def _qwen(section: dict) -> dict:
     d = json.loads(json.dumps(section))
     d["model"]["preset"] = "qwen2.5-tiny"
+    # the ChatML prompt (Qwen's default system message) pads to 512: room for the answer beyond it
+    d["model"].setdefault("text_overrides", {})["max_position_embeddings"] = 1024
     return d
 
 
