@@ -6,7 +6,7 @@ import os
 
 HELP = "tables and plots from run folders"
 EXAMPLES = """examples:
-  sftrl report runs/demo/sft runs/demo/rl --out runs/demo/report
+  sftrl report runs/demo --out runs/demo/report
   sftrl report runs/*/ --out report
   sftrl report runs/study/gp_l_small                 # a study folder: writes runs/study/gp_l_small/report/
 
