@@ -223,7 +223,7 @@ def _text_from_hf(d: Mapping[str, Any], where: str, *, family: str) -> TextConfi
         bos_token_id=f.token_id("bos_token_id"),
         eos_token_id=f.token_id("eos_token_id", many=True),
         pad_token_id=f.token_id("pad_token_id"),
-        **_rope_from_hf(f, 10000.0 if family == "qwen2" else 500000.0),
+        **_rope_from_hf(f, 500000.0 if mllama else 10000.0),  # transformers: LlamaConfig and Qwen2Config 1e4
     )
     f.check_all_used()
     return text

@@ -81,6 +81,29 @@ def test_llama_1b_style_config():
     assert config_lib.from_hf_dict(d) == config_lib.LlamaConfig.llama_3_2_1b()
 
 
+@pytest.mark.parametrize("arch,model_type", [("LlamaForCausalLM", "llama"), ("Qwen2ForCausalLM", "qwen2")])
+def test_absent_fields_take_the_transformers_class_defaults(arch, model_type):
+    """A config.json without rope_theta / rms_norm_eps / max_position_embeddings reads as transformers
+    reads it (LlamaConfig's rope_theta default is 1e4; this reader once took Mllama's 5e5 for Llama)."""
+    import transformers
+
+    d = {
+        "architectures": [arch],
+        "model_type": model_type,
+        "vocab_size": 256,
+        "hidden_size": 64,
+        "intermediate_size": 128,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 4,
+    }
+    ours = config_lib.from_hf_dict(d).text
+    hf = transformers.AutoConfig.for_model(model_type, **{k: v for k, v in d.items() if k != "model_type"})
+    theta = hf.rope_parameters["rope_theta"] if getattr(hf, "rope_parameters", None) else hf.rope_theta
+    assert ours.rope_theta == theta == 10000.0
+    assert ours.rms_norm_eps == hf.rms_norm_eps
+    assert ours.max_position_embeddings == hf.max_position_embeddings
+
+
 @pytest.mark.parametrize(
     "cfg", [config_lib.MllamaConfig.tiny(), config_lib.LlamaConfig.tiny(), config_lib.LlamaConfig.llama_3_2_1b()]
 )
