@@ -131,6 +131,14 @@ class StudyConfig:
         counts = ("pretrain_examples", "composed_examples", "eval_episodes", "eval_batch", "kl_prompts")
         config_lib.check_ranges(self, seeds="[0, inf)", probe_episodes="[0, inf)", **dict.fromkeys(counts, "[1, inf)"))
         check_eval_splits(self.task, self.eval_splits)
+        # The RL arms' run configs now, not after the base and the warm-up: a batch layout the
+        # learner refuses (envs x steps per update not a multiple of samples_per_step) stops here.
+        for algo, arm in RL_ARMS:
+            if arm in self.arms.arms:
+                try:
+                    _rl_cfg(self, algo=algo, run_dir=self.run_dir, init=self.run_dir, seed=self.seeds[0], d_init=0)
+                except ConfigError as e:
+                    raise ConfigError(f"arms: the {arm} arm's RL run ({algo}): {e}") from None
 
     def env_options(self) -> dict[str, Any]:
         from sftrl_jax.envs.general_points import prompts
@@ -148,6 +156,8 @@ def check_eval_splits(task: str, splits) -> None:
         except UserError as e:
             raise ConfigError(f"eval_splits: {split!r}: {e}") from None
 
+
+RL_ARMS = (("ppo", "rl"), ("grpo", "grpo"))  # (algorithm, arm name)
 
 # Padded lengths per post-training wording: (SFT buckets, RL training buckets).
 PROMPT_LENGTHS = {"short": ((160, 192, 256), (384, 768)), "paper": ((288, 320, 448), (384, 768))}
@@ -401,7 +411,7 @@ def _run(cfg: StudyConfig) -> dict[str, Any]:
         init_gflops = _metric_at(init_dir, cfg.warmup.steps)
         d_init = int(round(init_gflops * 1e9 / (6 * n_params)))
         points = [("init", 0, init, init_gflops)]
-        for algo, arm in (("ppo", "rl"), ("grpo", "grpo")):
+        for algo, arm in RL_ARMS:
             if arm not in cfg.arms.arms:
                 continue
             arm_dir = os.path.join(sdir, arm)

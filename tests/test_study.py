@@ -232,3 +232,14 @@ def test_study_takes_a_qwen_base_with_its_chatml_tokenizer(tmp_path):
         assert tokenizer_for(ModelSection(init=str(final))).chat_format == CHATML
     evals = _rows(run / "evals.jsonl")
     assert {r["arm"] for r in evals} >= {"init", "rl"} and all(r["seed"] == 3 for r in evals)
+
+
+def test_an_rl_arm_the_learner_would_refuse_stops_at_config_time(tmp_path, capsys):
+    """8 envs x 6 turns = 48 turns per update is no multiple of 32 turns per step: refused when the
+    config is read (exit 2, one line naming the arm), not after the base probe and the warm-up."""
+    run = tmp_path / "s"
+    args = ["study", f"run_dir={run}", "arms.num_envs=8", "arms.steps_per_update=6", "arms.samples_per_step=32"]
+    assert cli.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the rl arm's RL run (ppo)" in err[0] and "ppo.samples_per_step (32)" in err[0], err
+    assert not run.exists()
