@@ -49,6 +49,7 @@ def _load_image(path: str):
 def run(args) -> int:
     from sftrl_jax import sampling
     from sftrl_jax.data.processor import for_model
+    from sftrl_jax.models import logprobs as model_logprobs
     from sftrl_jax.sampling import inputs
     from sftrl_jax.train.state import ModelSection, load_model, tokenizer_for
 
@@ -84,7 +85,7 @@ def run(args) -> int:
                 f"{config.image_token_index}: pass the model's tokenizer with --tokenizer"
             )
         arrays = processor([[_load_image(args.image)]])
-        image_inputs = {k: arrays[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        image_inputs = {k: arrays[k] for k in model_logprobs.PIXEL_KEYS}
         content = [{"type": "image"}, {"type": "text", "text": args.prompt}]
     ids = tokenizer.chat_ids([{"role": "user", "content": content}], add_generation_prompt=True)
 

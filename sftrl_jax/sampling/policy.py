@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sftrl_jax.errors import UserError
+from sftrl_jax.models import logprobs as model_logprobs
 from sftrl_jax.sampling import sampler
 
 
@@ -60,7 +61,7 @@ class Policy:
         if self.image_processor is None:
             raise UserError("contexts carry images but the policy has no image_processor (a text-only model?)")
         arrays = self.image_processor([list(imgs) for imgs in images])
-        return {k: arrays[k] for k in ("pixel_values", "aspect_ratio_ids", "aspect_ratio_mask")}
+        return {k: arrays[k] for k in model_logprobs.PIXEL_KEYS}
 
     def __call__(
         self, contexts: Sequence[Sequence[int]], images: Sequence[Sequence[Any]] | None = None
