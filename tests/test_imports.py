@@ -34,10 +34,9 @@ ALLOWED = {
     "train": _BASE | {"models", "data", "parallel", "ops"},
     "sft": _BASE | {"models", "sampling", "data", "parallel", "ops", "train", "evaluation"},
     "rl": _BASE | {"models", "sampling", "data", "parallel", "ops", "train", "evaluation", "envs", "episodes"},
-    # `sftrl study` runs both arms and the evaluation (like the demo, which is one seed of it)
+    # `sftrl study` runs both arms and the evaluation (`sftrl demo` is one study config)
     "study": _BASE | {"models", "sampling", "data", "parallel", "train", "evaluation", "envs", "sft", "rl"},
-    "demo": _BASE | {"models", "sampling", "data", "parallel", "train", "evaluation", "envs", "sft", "rl", "study"},
-    # `sftrl plan`: compiles both arms' programs abstractly, so it sits above them (like the demo)
+    # `sftrl plan`: compiles both arms' programs abstractly, so it sits above them (like the study)
     "planning": _BASE | {"models", "ops", "parallel", "sampling", "data", "train", "sft", "rl"},
     "commands": set(),  # filled below: the CLI's commands may import anything but each other's callers
     "cli": _BASE | {"commands"},
