@@ -126,10 +126,6 @@ class GRPOLearner(learner_lib.Learner):
     name = "grpo"
     nograd_name = "old_logp_pass"
 
-    def __init__(self, run, rl_cfg, compute):
-        super().__init__(run, rl_cfg, compute)
-        self.logp_fn = self.nograd_fn
-
     make_update_step = staticmethod(make_update_step)
     make_nograd_fn = staticmethod(make_logp_fn)
 
@@ -142,7 +138,7 @@ class GRPOLearner(learner_lib.Learner):
         return rl_cfg.env.num_envs * rl_cfg.grpo.group_size
 
     def no_grad_logp(self, params, batch):
-        return (self.logp_fn(params, batch),)
+        return (self.nograd_fn(params, batch),)
 
     def update(self) -> dict[str, float]:
         gcfg = self.cfg

@@ -81,7 +81,6 @@ class Learner:
     def __init__(self, run, rl_cfg, compute: compute_lib.ComputeCounter):
         self.run, self.rl_cfg, self.compute = run, rl_cfg, compute
         self.cfg = getattr(rl_cfg, self.name)
-        self.temperature = rl_cfg.sampling.temperature  # the run's one temperature (sampler and losses)
         self.hooks = envs.rl_hooks(rl_cfg.env.task)
         self.batcher = batching.Batcher(
             run.tokenizer,

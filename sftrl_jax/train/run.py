@@ -300,9 +300,7 @@ class AbstractRun:
         self.state_shardings = jax.tree.map(lambda x: x.sharding, self.state)
 
     compile = Run.compile
-
-    def module(self, params=None) -> nnx.Module:
-        return nnx.merge(self.graphdef, self.state.params if params is None else params, self.rest)
+    module = Run.module
 
 
 def _any_process(flag: bool) -> bool:
