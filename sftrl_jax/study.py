@@ -59,10 +59,20 @@ class WarmupSection:
     steps: int = 50  # chosen among 25 / 50 / 100 on seed-99 validation hands (docs/RESULTS.md)
     batch_size: int = 16
     lr: float = 5e-4
+    # The fraction of warm-up examples under another J/Q/K rule (`generate_gp_sft(diverse_rules=)`: any
+    # values but the rule-OOD split's, stated in the template's rule sentence), so that Init reads the rule
+    # the prompt states; 0 = the warm-up on the arms' ID data. The arms' data stays ID-only either way.
+    diverse_rules: float = 0.0
 
     def __post_init__(self):
         config_lib.check_ranges(
-            self, examples="[1, inf)", revisions="[0, 1]", steps="[1, inf)", batch_size="[1, inf)", lr="[0, inf)"
+            self,
+            examples="[1, inf)",
+            revisions="[0, 1]",
+            steps="[1, inf)",
+            batch_size="[1, inf)",
+            lr="[0, inf)",
+            diverse_rules="[0, 1]",
         )
 
 
@@ -181,10 +191,12 @@ class _Ledger:
     def has(self, *key) -> bool:
         return tuple(key) in self.done
 
-    def write(self, kind: str, row: dict[str, Any]) -> None:
+    def write(self, kind: str, *rows: dict[str, Any]) -> None:
+        """Appends `rows` (one point's rows: its metrics) in one write, so a kill keeps all or none."""
         with open(os.path.join(self.run_dir, f"{'evals' if kind == 'eval' else 'kl'}.jsonl"), "a") as f:
-            f.write(json.dumps(row) + "\n")
-        self.done.add((kind, row["seed"], row["arm"], row["step"], row["split"]))
+            f.write("".join(json.dumps(row) + "\n" for row in rows))
+        for row in rows:
+            self.done.add((kind, row["seed"], row["arm"], row["step"], row["split"]))
 
 
 def _sft_cfg(cfg: StudyConfig, *, run_dir, data, steps, lr, init, seed, d_init, snapshot_every=0, schedule="cosine"):
@@ -380,18 +392,21 @@ def _run(cfg: StudyConfig) -> dict[str, Any]:
     for seed in cfg.seeds:
         sdir = os.path.join(cfg.run_dir, f"seed{seed}")
         data = os.path.join(sdir, "data", "gp_l_train.json")
-        if not os.path.exists(data):
-            stage(f"seed {seed}: expert data")
-            generate_gp_sft(
-                cfg.task,
-                "train",
-                cfg.warmup.examples,
-                data,
-                seed=seed,
-                dealt_order=True,
-                revisions=cfg.warmup.revisions,
-                env_options=cfg.env_options(),
-            )
+        warmup_data = data if not cfg.warmup.diverse_rules else os.path.join(sdir, "data_warmup", "gp_l_train.json")
+        for path, diverse in ((data, 0.0), (warmup_data, cfg.warmup.diverse_rules)):
+            if not os.path.exists(path):
+                stage(f"seed {seed}: expert data" + (f" (warm-up, {diverse:g} under other rules)" if diverse else ""))
+                generate_gp_sft(
+                    cfg.task,
+                    "train",
+                    cfg.warmup.examples,
+                    path,
+                    seed=seed,
+                    dealt_order=True,
+                    revisions=cfg.warmup.revisions,
+                    env_options=cfg.env_options(),
+                    diverse_rules=diverse,
+                )
         init_dir = os.path.join(sdir, "init")
         init = os.path.join(init_dir, "final")
         if not is_checkpoint(init):
@@ -400,7 +415,7 @@ def _run(cfg: StudyConfig) -> dict[str, Any]:
                 _sft_cfg(
                     cfg,
                     run_dir=init_dir,
-                    data=data,
+                    data=warmup_data,
                     steps=cfg.warmup.steps,
                     lr=cfg.warmup.lr,
                     init=base,
@@ -491,6 +506,32 @@ def _reference_arm(cfg: StudyConfig) -> str:
     return "rl" if "rl" in cfg.arms.arms else "grpo"
 
 
+def rule_use_row(row: dict[str, Any], proto, out_dir: str, cfg: StudyConfig) -> dict[str, Any]:
+    """The study's primary endpoint beside an evaluation row: the share of first answers whose "number"
+    field is the split's card values under the prompt's rule (`evaluation.failures.rule_use`; on ID the
+    numbers right), with its binomial standard error; `as_10` = J/Q/K written as 10 where that differs."""
+    import math
+
+    from sftrl_jax.evaluation import failures
+
+    use = failures.rule_use(
+        os.path.join(out_dir, "turns.jsonl"),
+        task=cfg.task,
+        split=row["split"],
+        env_options=cfg.env_options(),
+        seed=proto.seed,
+    )
+    p, n = use["rule"], use["n"]
+    keep = {k: row[k] for k in ("arm", "step", "gflops", "task", "split")}
+    return keep | {
+        "metric": "rule_use",
+        "value": p,
+        "stderr": math.sqrt(p * (1 - p) / max(n, 1)),
+        "episodes": n,
+        "as_10": use["as_10"],
+    }
+
+
 def _evaluate_points(cfg, seed, sdir, points, init, ledger, models, stage) -> None:
     from sftrl_jax.evaluation import evaluate as ev
     from sftrl_jax.evaluation import kl as kl_lib
@@ -513,11 +554,12 @@ def _evaluate_points(cfg, seed, sdir, points, init, ledger, models, stage) -> No
                 proto,
                 batch_size=cfg.eval_batch,
                 progress=cfg.progress,
-                out_dir=os.path.join(sdir, "eval", f"{arm}_{step}", split),
+                out_dir=(out_dir := os.path.join(sdir, "eval", f"{arm}_{step}", split)),
                 env_options=cfg.env_options(),
             )
             row = report.eval_row(arm=arm, step=step, gflops=gflops, summary=summary)
-            ledger.write("eval", {**row, "seed": seed})
+            rows = [row] + ([rule_use_row(row, proto, out_dir, cfg)] if cfg.task.startswith("gp") else [])
+            ledger.write("eval", *({**r, "seed": seed} for r in rows))
         for split in kl_todo:
             if split not in prompt_sets:
                 prompt_sets[split] = kl_prompts(cfg, tokenizer, split)

@@ -27,6 +27,7 @@ TINY = [
     "arms.max_new_tokens=8",
     "progress=false",
 ]
+STUDY = ["warmup.diverse_rules=0.5", *TINY]  # the module's study run: Init warmed up on diverse rules too
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +64,7 @@ def _rows(path):
 @pytest.fixture(scope="module")
 def study_run(tiny_base, tmp_path_factory):
     run = tmp_path_factory.mktemp("study") / "s"
-    assert cli.main(["study", f"run_dir={run}", f"base={tiny_base}", *TINY]) == 0
+    assert cli.main(["study", f"run_dir={run}", f"base={tiny_base}", *STUDY]) == 0
     return run
 
 
@@ -74,6 +75,8 @@ def test_study_evaluates_every_checkpoint_of_every_arm_and_seed(study_run):
     assert set(probe) == {"id_rule", "held_out_rule"} and probe["held_out_rule"]["rule"] == [11, 12, 13]
     evals = _rows(run / "evals.jsonl")
     keys = {(r["seed"], r["arm"], r["step"], r["split"]) for r in evals}
+    uses = [r for r in evals if r["metric"] == "rule_use"]
+    evals = [r for r in evals if r["metric"] == "success_rate"]
     sft_steps = sorted({r["step"] for r in evals if r["arm"] == "sft"})
     assert len(sft_steps) == 2 and sft_steps[1] == 2 * sft_steps[0]
     want = {
@@ -85,6 +88,18 @@ def test_study_evaluates_every_checkpoint_of_every_arm_and_seed(study_run):
     }
     assert keys == want and len(evals) == len(want)  # each once
     assert all(r["episodes"] == 4 for r in evals)
+    # The primary endpoint beside every evaluation: the first answers' rule use, from its turns.jsonl.
+    from sftrl_jax.envs.general_points import prompts
+    from sftrl_jax.evaluation import failures
+
+    assert {(r["seed"], r["arm"], r["step"], r["split"]) for r in uses} == want and len(uses) == len(want)
+    for r in uses:
+        turns = run / f"seed{r['seed']}" / "eval" / f"{r['arm']}_{r['step']}" / r["split"] / "turns.jsonl"
+        got = failures.rule_use(
+            str(turns), task="gp-l", split=r["split"], env_options=prompts.template_options("short")
+        )
+        assert (r["value"], r["as_10"], r["episodes"]) == (got["rule"], got["as_10"], got["n"]) and got["n"] == 4
+        assert r["stderr"] == pytest.approx((got["rule"] * (1 - got["rule"]) / 4) ** 0.5)
     for s in (3,):
         for arm, steps in (("rl", [1, 2]), ("grpo", [1, 2]), ("sft", sft_steps)):
             for k in steps:
@@ -103,9 +118,31 @@ def test_study_evaluates_every_checkpoint_of_every_arm_and_seed(study_run):
     assert any(r["kl"] > 0 for r in moved)
 
 
+def test_the_warm_up_reads_other_rules_and_the_arms_data_only_the_id_rule(study_run):
+    """warmup.diverse_rules=0.5: Init's data states other J/Q/K rules in about half its examples (never
+    11/12/13); the SFT arm trains on the ID-only expert data."""
+    from sftrl_jax import config as config_lib
+
+    def rules(path):
+        return [
+            ex["conversations"][0]["value"].split("count as ", 1)[1].split(".")[0]
+            for ex in json.loads(path.read_text())
+        ]
+
+    seed = study_run / "seed3"
+    warm, ident = rules(seed / "data_warmup" / "gp_l_train.json"), rules(seed / "data" / "gp_l_train.json")
+    assert set(ident) == {"'10'"} and len(ident) == len(warm) == 32
+    other = [r for r in warm if r != "'10'"]
+    assert 8 <= len(other) <= 24 and "'11', '12', and '13' respectively" not in warm
+    init_files = config_lib.read_yaml(str(seed / "init" / "config.yaml"))["data"]["train_files"]
+    sft_files = config_lib.read_yaml(str(seed / "sft" / "config.yaml"))["data"]["train_files"]
+    assert init_files == [str(seed / "data_warmup" / "gp_l_train.json")]
+    assert sft_files == [str(seed / "data" / "gp_l_train.json")]
+
+
 def test_study_resumes_without_redoing_finished_stages(study_run, tiny_base, capsys):
     before = (study_run / "evals.jsonl").read_text(), (study_run / "kl.jsonl").read_text()
-    assert cli.main(["study", f"run_dir={study_run}", f"base={tiny_base}", *TINY]) == 0
+    assert cli.main(["study", f"run_dir={study_run}", f"base={tiny_base}", *STUDY]) == 0
     out = capsys.readouterr().out
     assert "evaluating" not in out and "arm (" not in out and "warm-up" not in out
     assert ((study_run / "evals.jsonl").read_text(), (study_run / "kl.jsonl").read_text()) == before
@@ -130,7 +167,7 @@ def test_study_resumes_after_a_kill_during_a_final_save(study_run, tiny_base, tm
     evals, kl = _rows(run / "evals.jsonl"), _rows(run / "kl.jsonl")
     for name, rows in (("evals.jsonl", evals), ("kl.jsonl", kl)):  # Init's rows were not written yet
         (run / name).write_text("".join(json.dumps(r) + "\n" for r in rows if r["arm"] != "init"))
-    assert cli.main(["study", f"run_dir={run}", f"base={tiny_base}", *TINY]) == 0
+    assert cli.main(["study", f"run_dir={run}", f"base={tiny_base}", *STUDY]) == 0
     out = capsys.readouterr().out
     assert "seed 3: SFT warm-up from the base -> Init" in out and "seed 3: grpo arm (grpo)" in out
     assert "rl arm" not in out and "SFT arm" not in out and "evaluating init at step 0" in out
@@ -159,7 +196,7 @@ def test_study_reruns_only_the_stage_killed_before_its_final(study_run, tiny_bas
     final = run / "seed3" / arm / "final"
     shutil.rmtree(final)
     evals = _rows(run / "evals.jsonl")
-    assert cli.main(["study", f"run_dir={run}", f"base={tiny_base}", *TINY]) == 0
+    assert cli.main(["study", f"run_dir={run}", f"base={tiny_base}", *STUDY]) == 0
     out = capsys.readouterr().out
     assert line in out
     others = {"SFT warm-up from the base -> Init", "rl arm (ppo)", "grpo arm (grpo)", "SFT arm"} - {line[8:]}

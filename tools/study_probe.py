@@ -3,8 +3,8 @@
 python tools/study_probe.py base sftrl_jax/data/assets/gp_l_base
     # the base's first answers on its own wording: share writing each rule's values (128 prompts)
 python tools/study_probe.py warmup NAME STEPS LR DATA
-    # an SFT warm-up variant from the shipped base -> /tmp/fix/NAME, then its first answers to 128 ID
-    # and 128 rule-OOD hands dealt from seed 99 (the evaluation uses 42): numbers right, success
+    # an SFT warm-up variant from the shipped base -> /tmp/fix/NAME, then its first answers to 234 ID
+    # and 234 rule-OOD hands dealt from seed 99 (the evaluation uses 42): numbers right, success
 python tools/study_probe.py validate NAME STEPS LR DATA [BASE]
     # the same warm-up, then the evaluation's protocol (234 hands, 5 tries with feedback, greedy) on
     # validation hands dealt from seed 99 instead of 42, ID and rule-OOD: how the study's warm-up is chosen
@@ -19,6 +19,9 @@ from sftrl_jax.data import pretrain
 from sftrl_jax.envs.general_points import answer as A
 from sftrl_jax.envs.general_points import prompts, verifier
 from sftrl_jax.train.state import load_for_eval
+
+
+N_VALID = 234  # validation hands per split (dealt from seed 99; the evaluation deals from 42)
 
 
 def _numbers(text):
@@ -59,7 +62,7 @@ def warmup(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
     for split in ("id", "ood-rule"):
         env = envs.make("gp-l", split=split, template=str(prompts.SHORT_TEMPLATE))
         hands, texts = [], []
-        for i in range(128):
+        for i in range(N_VALID):
             o, info = env.reset(seed=99 * 1_000_003 + i)
             hands.append(info)
             texts.append(o["text"])
@@ -68,7 +71,7 @@ def warmup(name, steps, lr, data, base_dir=study.SHIPPED_BASE):
         win = sum(
             verifier.score(t, verifier.Puzzle(h["numbers"], h["cards"], 24)).reward == 5 for t, h in zip(outs, hands)
         )
-        out[split] = {"numbers_right": rule / 128, "first_turn_success": win / 128}
+        out[split] = {"numbers_right": rule / N_VALID, "first_turn_success": win / N_VALID, "n": N_VALID}
     print(json.dumps(out))
 
 

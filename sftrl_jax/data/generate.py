@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from sftrl_jax import envs, progress
+from sftrl_jax.data import pretrain
 from sftrl_jax.envs.base import EnvError
 from sftrl_jax.envs.general_points import expert
 
@@ -38,6 +39,7 @@ def generate_gp_sft(
     revisions: float = 0.0,
     max_failed: int = 1,
     env_options: Mapping[str, Any] | None = None,
+    diverse_rules: float = 0.0,
 ) -> dict[str, Any]:
     """Writes `n` GeneralPoints SFT examples to `out_path`; returns counts.
 
@@ -50,7 +52,11 @@ def generate_gp_sft(
     (the paper's SFT data is single-turn: 0). `max_failed`: a revision has 1..`max_failed` failed
     attempts, uniformly (at most the env's `verify_iter` - 1, so that the answer is still graded),
     all different, as the later turns of an evaluation episode look. `env_options`: environment
-    keywords, e.g. `{"template": PATH}`."""
+    keywords, e.g. `{"template": PATH}`. `diverse_rules` (ours): the fraction of examples dealt and answered
+    under a J/Q/K rule drawn as the pretraining corpus draws them (`data.pretrain.draw_rule`: any values
+    1..13, never the rule-OOD split's 11/12/13), stated in the template's rule sentence with those values
+    (the env option `face_values`); 0 keeps the split's rule in every example (the file is then the same
+    as without the option)."""
     if variant not in GP_VARIANTS:
         raise EnvError(f"unknown GeneralPoints variant {variant!r}; valid: {', '.join(GP_VARIANTS)}")
     if isinstance(n, bool) or not isinstance(n, int) or n <= 0:
@@ -64,15 +70,28 @@ def generate_gp_sft(
         image_dir.mkdir(exist_ok=True)
     if not 0.0 <= revisions <= 1.0:
         raise EnvError(f"revisions must be a fraction in [0, 1], got {revisions!r}")
+    if not 0.0 <= diverse_rules <= 1.0:
+        raise EnvError(f"diverse_rules must be a fraction in [0, 1], got {diverse_rules!r}")
     if isinstance(max_failed, bool) or not isinstance(max_failed, int) or not 1 <= max_failed < env.verify_iter:
         raise EnvError(
             f"max_failed must be an integer in 1..{env.verify_iter - 1} (the env's verify_iter - 1), got {max_failed!r}"
         )
     choice_rng = np.random.default_rng([seed, 1])  # which solution the expert writes
     revision_rng = np.random.default_rng([seed, 2])  # which examples are revisions, and their failed tries
-    examples, hands, n_revisions = [], set(), 0
+    rule_rng = np.random.default_rng([seed, 3])  # which examples get another rule, which rule, their deal
+    examples, hands, n_revisions, rules, n_diverse = [], set(), 0, set(), 0
+    split_env, split_seed = env, seed  # the split's env is seeded on its first hand
     for i in progress.iterate(range(n), desc=f"{variant} {split}", unit="ex", enabled=n >= 100):
-        obs, info = env.reset(seed=seed if i == 0 else None)
+        if diverse_rules and rule_rng.random() < diverse_rules:
+            rule = pretrain.draw_rule(rule_rng)
+            rules.add(rule)
+            n_diverse += 1
+            env = envs.make(variant, split=split, **{**dict(env_options or {}), "face_values": rule})
+            obs, info = env.reset(seed=int(rule_rng.integers(2**31)))
+        else:
+            env = split_env
+            obs, info = env.reset(seed=split_seed)
+            split_seed = None
         hands.add(tuple(sorted(info["cards"])))
         answer = expert.expert_answer(
             info["cards"], info["numbers"], info["target"], rng=choice_rng, dealt_order=dealt_order
@@ -111,4 +130,6 @@ def generate_gp_sft(
         "dealt_order": dealt_order,
         "revisions": n_revisions,
         "max_failed": max_failed,
+        "diverse_rule_examples": n_diverse,
+        "distinct_rules": len(rules),
     }

@@ -79,8 +79,9 @@ def load_rows(run_dirs: Iterable[str | os.PathLike]) -> list[dict[str, Any]]:
     return rows
 
 
-def _final(rows: Sequence[dict], arm: str, task: str, split: str) -> dict | None:
-    cands = [r for r in rows if r["arm"] == arm and r["task"] == task and r["split"] == split]
+def _final(rows: Sequence[dict], arm: str, task: str, split: str, metric: str | None = None) -> dict | None:
+    cands = [r for r in rows if (r["arm"], r["task"], r["split"]) == (arm, task, split)]
+    cands = [r for r in cands if metric is None or r["metric"] == metric]
     return max(cands, key=lambda r: (r["gflops"], r["step"])) if cands else None
 
 
@@ -96,7 +97,7 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
         "|---|---|---|" + "---|" * len(arms),
     ]
     for task, split, metric in keys:
-        final = {arm: _final(rows, arm, task, split) for arm in arms}
+        final = {arm: _final(rows, arm, task, split, metric) for arm in arms}
         init = final["init"]
         lines = [(metric, "value", lambda v: f"{100 * v:.1f}%", lambda d: f"{100 * d:+.1f}")]
         if any(r is not None and "reward_mean" in r for r in final.values()):
@@ -118,26 +119,25 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
 
 
 def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
-    """Success vs GFLOPs per task/split (ID and OOD panels), one curve per arm, standard-error bars;
+    """Success vs GFLOPs per task/split/metric (ID and OOD panels), one curve per arm, standard-error bars;
     a second row of panels with the mean reward per turn when the rows carry it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = sorted({(r["task"], r["split"]) for r in rows}, key=lambda k: (k[0], k[1] != "id", k[1]))
+    panels = sorted({(r["task"], r["split"], r["metric"]) for r in rows}, key=lambda k: (k[0], k[1] != "id", k[1:]))
     n = len(panels)
     with_reward = any("reward_mean" in r for r in rows)
     n_rows = 2 if with_reward else 1
     fig, axes = plt.subplots(n_rows, n, figsize=(4.2 * n, 3.4 * n_rows), squeeze=False)
-    for col, (task, split) in enumerate(panels):
-        metric = next(r["metric"] for r in rows if r["task"] == task and r["split"] == split)
+    for col, (task, split, metric) in enumerate(panels):
         lines = [("value", 100.0, f"{metric.replace('_', ' ')} (%)")]
         if with_reward:
             lines.append(("reward_mean", 1.0, "reward per turn"))
         for row, (key, scale, label) in enumerate(lines):
             ax = axes[row][col]
-            _panel(ax, rows, task, split, key, scale)
+            _panel(ax, [r for r in rows if r["metric"] == metric], task, split, key, scale)
             ax.set_title(f"{task} {split}")
             ax.set_xlabel("GFLOPs")
             ax.set_ylabel(label)

@@ -323,7 +323,7 @@ def markdown(study: Study) -> str:
 
     out.append(f"## OOD vs Init at the final point (beyond the error bars = more than {Z:g} combined s.e.)\n")
     out.append("Combined s.e. = sqrt(se_arm² + se_Init²), each se the larger of std/sqrt(seeds) and the pooled s.e.\n")
-    for (task, split, _), arms in stats.items():
+    for (task, split, metric), arms in stats.items():
         if split == "id":
             continue
         init = arms.get("init")
@@ -331,7 +331,7 @@ def markdown(study: Study) -> str:
             if arm not in arms:
                 continue
             if init is None:
-                out.append(f"- {NAMES[arm]} ({split}): no Init evaluation on {split} to compare with.")
+                out.append(f"- {NAMES[arm]} ({split}, {metric}): no Init evaluation on {split} to compare with.")
                 continue
             d = direction(init, arms[arm])
             verdict = {
@@ -340,7 +340,7 @@ def markdown(study: Study) -> str:
                 "within": "within the error bars: no clear change from Init",
             }[d.verdict]
             out.append(
-                f"- {NAMES[arm]} ({task} {split}): {_pct(arms[arm].mean)}% vs Init {_pct(init.mean)}%, "
+                f"- {NAMES[arm]} ({task} {split}, {metric}): {_pct(arms[arm].mean)}% vs Init {_pct(init.mean)}%, "
                 f"{100 * d.diff:+.1f} points, combined s.e. {_pct(d.se)} (z = {d.z:+.1f}): {verdict}."
             )
     out.append("")

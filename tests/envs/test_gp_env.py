@@ -41,6 +41,28 @@ def test_ood_rule_prompt_and_values():
     assert info["numbers"] == [11, 12, 13, 1]
 
 
+def test_face_values_option_states_and_scores_another_rule():
+    env = envs.make("gp-l", split="train", face_values=[3, 7, 12])
+    obs, info = env.reset(options={"cards": ["J", "Q", "K", "2"]})
+    assert "'J', 'Q', and 'K' count as '3', '7', and '12' respectively." in obs["text"]
+    assert info["numbers"] == [3, 7, 12, 2] and info["solutions"] == list(solver.solutions((3, 7, 12, 2)))
+    wrong = expert.format_answer(info["cards"], [10, 10, 10, 2], "10+10+2+2", 24)  # the ID rule's values
+    assert env.step(wrong)[1] < 0
+    _, reward, terminated, _, _ = env.step(answer(info, info["solutions"][0]))
+    assert reward == 5 and terminated
+    same = envs.make("gp-l", split="train", face_values=(5, 5, 5)).reset(seed=1)[0]["text"]
+    assert "'J', 'Q', and 'K' count as '5'." in same
+    # the paper's two rules are the same as their face_values: same text, same deal
+    for split, values in (("train", (10, 10, 10)), ("ood-rule", (11, 12, 13))):
+        a, b = envs.make("gp-l", split=split), envs.make("gp-l", split=split, face_values=values)
+        assert a.face_card_msg == b.face_card_msg
+        for seed in range(20):
+            assert a.reset(seed=seed) == b.reset(seed=seed)
+    for bad in ([1, 2], [0, 5, 5], [True, 2, 3], "11,12,13", [1, 2, 14]):
+        with pytest.raises(EnvError, match="option 'face_values' must be three integers 1..13"):
+            envs.make("gp-l", face_values=bad)
+
+
 def test_gp_vl_splits_suits_and_prompt():
     expected = {"train": {"S", "C"}, "id": {"S", "C"}, "ood-rule": {"S", "C"}, "ood-visual": {"H", "D"}}
     for split, suits in expected.items():

@@ -139,3 +139,34 @@ def test_bad_arguments(tmp_path):
     with pytest.raises(EnvError, match="positive integer"):
         generate_gp_sft("gp-l", "train", 0, tmp_path / "x.json")
     assert not (tmp_path / "x.json").exists()
+
+
+def test_diverse_rules_deal_and_answer_under_other_stated_rules_never_the_ood_one(tmp_path):
+    """`diverse_rules`: that share of examples states another J/Q/K rule in the template's sentence and
+    is answered under it; the rule-OOD split's 11/12/13 never appears; 0 leaves the file as it was."""
+    import re
+
+    from sftrl_jax.envs.general_points import answer as answer_lib
+
+    out = tmp_path / "d.json"
+    stats = generate_gp_sft("gp-l", "train", 300, out, seed=1, dealt_order=True, revisions=0.5, diverse_rules=0.5)
+    examples = json.loads(out.read_text())
+    n_other = 0
+    for ex in examples:
+        prompt, answer = ex["conversations"][0]["value"], ex["conversations"][-1]["value"]
+        m = re.search(r"'J', 'Q', and 'K' count as '(\d+)'(?:, '(\d+)', and '(\d+)' respectively)?\.", prompt)
+        rule = (int(m[1]),) * 3 if m[2] is None else (int(m[1]), int(m[2]), int(m[3]))
+        assert rule != (11, 12, 13)
+        n_other += rule != (10, 10, 10)
+        cards = prompt_cards(prompt)
+        values = [rule[{"J": 0, "Q": 1, "K": 2}[c]] if c in "JQK" else {"A": 1}.get(c) or int(c) for c in cards]
+        assert [int(v) for v in answer_lib.parse_answer(answer).numbers] == values
+        assert verifier.score(answer, verifier.Puzzle(values, cards)).reward == 5
+    assert stats["diverse_rule_examples"] >= n_other and 0.4 < stats["diverse_rule_examples"] / 300 < 0.6
+    assert stats["distinct_rules"] > 50
+    plain, zero = tmp_path / "plain.json", tmp_path / "zero.json"
+    generate_gp_sft("gp-l", "train", 40, plain, seed=1, revisions=0.5)
+    generate_gp_sft("gp-l", "train", 40, zero, seed=1, revisions=0.5, diverse_rules=0.0)
+    assert plain.read_text() == zero.read_text()
+    with pytest.raises(EnvError, match="diverse_rules must be a fraction"):
+        generate_gp_sft("gp-l", "train", 4, tmp_path / "x.json", diverse_rules=1.5)

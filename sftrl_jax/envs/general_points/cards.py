@@ -39,8 +39,11 @@ def symbol(rank: int) -> str:
     return RANK_SYMBOLS[rank - 1]
 
 
-def value(rank: int, *, face_cards_as_10: bool) -> int:
-    """Number a card counts as: J/Q/K are 10 under the ID rule and 11/12/13 under the OOD rule."""
+def value(rank: int, *, face_cards_as_10: bool, face_values: Sequence[int] | None = None) -> int:
+    """Number a card counts as: J/Q/K are 10 under the ID rule and 11/12/13 under the OOD rule;
+    `face_values` (J, Q, K), when given, is the rule instead (ours: rules other than the paper's two)."""
+    if face_values is not None and rank > 10:
+        return int(face_values[rank - 11])
     return min(rank, 10) if face_cards_as_10 else rank
 
 
@@ -55,8 +58,8 @@ class Hand:
     def symbols(self) -> tuple[str, ...]:
         return tuple(symbol(r) for r in self.ranks)
 
-    def values(self, *, face_cards_as_10: bool) -> tuple[int, ...]:
-        return tuple(value(r, face_cards_as_10=face_cards_as_10) for r in self.ranks)
+    def values(self, *, face_cards_as_10: bool, face_values: Sequence[int] | None = None) -> tuple[int, ...]:
+        return tuple(value(r, face_cards_as_10=face_cards_as_10, face_values=face_values) for r in self.ranks)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -90,16 +93,19 @@ def deal(
     color: str = "mixed",
     target: int = 24,
     max_attempts: int = 10_000,
+    face_values: Sequence[int] | None = None,
 ) -> Hand:
     """Deals a solvable hand: redraws ranks and suits together until the values can make `target`."""
     suits = suits_for(color)
     for _ in range(max_attempts):
         ranks = draw_ranks(rng, ood=ood)
         hand_suits = draw_suits(rng, suits)
-        values = tuple(value(r, face_cards_as_10=face_cards_as_10) for r in ranks)
+        values = tuple(value(r, face_cards_as_10=face_cards_as_10, face_values=face_values) for r in ranks)
         if solver.is_solvable(values, target):
             return Hand(ranks, hand_suits)
     rule = "J/Q/K=10" if face_cards_as_10 else "J/Q/K=11/12/13"
+    if face_values is not None:
+        rule = "J/Q/K=" + "/".join(str(v) for v in face_values)
     raise EnvError(f"no solvable hand for target {target} ({rule}) in {max_attempts} draws; pick another target")
 
 

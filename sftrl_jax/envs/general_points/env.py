@@ -22,6 +22,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import os
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -56,7 +57,9 @@ class GeneralPointsEnv(Env):
     the paper's rewards: added to the reward of a graded answer whose formula was already answered in
     the episode; the feedback text is unchanged; `info["repeated"]` says whether it was a repeat),
     `reward_floor` (ours, not in the paper; None = the paper's unbounded sums; a number <= -3 bounds the
-    verifier's reward from below, before `repeat_penalty` is added: `verifier.score`'s docstring).
+    verifier's reward from below, before `repeat_penalty` is added: `verifier.score`'s docstring),
+    `face_values` (ours: [J, Q, K] values 1..13 replacing `face_cards_as_10`'s rule, stated by default in
+    the reference's rule sentence with these values; e.g. warm-up data under many rules).
     """
 
     def __init__(
@@ -76,6 +79,7 @@ class GeneralPointsEnv(Env):
         reference_card_parsing: bool = False,
         repeat_penalty: float = 0.0,
         reward_floor: float | None = None,
+        face_values: Sequence[int] | None = None,
     ):
         for key, val in dict(
             language_only=language_only,
@@ -105,6 +109,14 @@ class GeneralPointsEnv(Env):
                     f"option 'reward_floor' must be a finite number <= -3 (or null for the paper's rewards), "
                     f"got {reward_floor!r}"
                 ) from None
+        if face_values is not None:
+            ok = isinstance(face_values, list | tuple) and len(face_values) == 3
+            ok = ok and all(
+                not isinstance(v, bool) and isinstance(v, int | np.integer) and 1 <= v <= 13 for v in face_values
+            )
+            if not ok:
+                raise EnvError(f"option 'face_values' must be three integers 1..13 (J, Q, K), got {face_values!r}")
+            face_values = tuple(int(v) for v in face_values)
         if face_card_msg is not None and not isinstance(face_card_msg, str):
             raise EnvError(f"option 'face_card_msg' must be a string, got {face_card_msg!r}")
         self.name, self.split = name, split
@@ -114,7 +126,10 @@ class GeneralPointsEnv(Env):
         self.repeat_penalty = float(repeat_penalty)
         self.reward_floor = None if reward_floor is None else float(reward_floor)
         self.template = prompts.load_template(template, variant="gp-l" if self.language_only else "gp-vl")
-        self.face_card_msg = face_card_msg if face_card_msg is not None else prompts.face_card_message(face_cards_as_10)
+        self.face_values = face_values
+        if face_card_msg is None:
+            face_card_msg = prompts.face_card_message(face_cards_as_10, face_values)
+        self.face_card_msg = face_card_msg
         self._rng = np.random.default_rng()
         self.hand: cards_lib.Hand | None = None
         self.puzzle: verifier.Puzzle | None = None
@@ -134,7 +149,7 @@ class GeneralPointsEnv(Env):
             raise EnvError(f"unknown reset option {unknown[0]!r}; valid: {', '.join(_RESET_OPTIONS)}")
         if options.get("cards") is not None:
             hand = cards_lib.parse_cards(options["cards"], rng=self._rng, color=self.color)
-            values = hand.values(face_cards_as_10=self.face_cards_as_10)
+            values = hand.values(face_cards_as_10=self.face_cards_as_10, face_values=self.face_values)
             if not options.get("allow_unsolvable", False) and not solver.is_solvable(values, self.target):
                 raise EnvError(
                     f"hand {list(hand.symbols)} (numbers {list(values)}) cannot make {self.target}; "
@@ -142,10 +157,16 @@ class GeneralPointsEnv(Env):
                 )
         else:
             hand = cards_lib.deal(
-                self._rng, face_cards_as_10=self.face_cards_as_10, ood=self.ood, color=self.color, target=self.target
+                self._rng,
+                face_cards_as_10=self.face_cards_as_10,
+                ood=self.ood,
+                color=self.color,
+                target=self.target,
+                face_values=self.face_values,
             )
         self.hand = hand
-        self.puzzle = verifier.Puzzle(hand.values(face_cards_as_10=self.face_cards_as_10), hand.symbols, self.target)
+        values = hand.values(face_cards_as_10=self.face_cards_as_10, face_values=self.face_values)
+        self.puzzle = verifier.Puzzle(values, hand.symbols, self.target)
         self._remaining, self._turn, self._success, self._over = self.verify_iter, 0, False, False
         self._tried = set()
         text = self.template.render(

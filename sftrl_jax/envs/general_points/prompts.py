@@ -35,8 +35,15 @@ FACE_CARD_MESSAGES = {
 FEEDBACK_PREFIX = "You failed this trial because "
 
 
-def face_card_message(face_cards_as_10: bool) -> str:
-    return FACE_CARD_MESSAGES[bool(face_cards_as_10)]
+def face_card_message(face_cards_as_10: bool, face_values: Sequence[int] | None = None) -> str:
+    """The rule sentence: the reference's for its two rules; for other `face_values` (J, Q, K) the same
+    sentence with those values ("... count as '5'." when all three are equal)."""
+    if face_values is None:
+        return FACE_CARD_MESSAGES[bool(face_cards_as_10)]
+    j, q, k = (int(v) for v in face_values)
+    if j == q == k:
+        return f"'J', 'Q', and 'K' count as '{j}'."
+    return f"'J', 'Q', and 'K' count as '{j}', '{q}', and '{k}' respectively."
 
 
 def template_options(prompt: str) -> dict[str, str]:
