@@ -20,6 +20,7 @@ import json
 import math
 import os
 from collections.abc import Iterator
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -444,3 +445,79 @@ def save_pretrained(
     else:  # take part in the gathers of non-addressable arrays
         for key, _, _ in entries:
             get(key)
+
+
+# --------------------------------------------------------------------------------------------------
+# LoRA adapters in PEFT's format
+
+ADAPTER_CONFIG, ADAPTER_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
+
+
+def save_adapter(model: nnx.Module, path: str, *, base_model: str | None = None) -> dict[str, Any]:
+    """A LoRA model's adapters (`models.lora`) as PEFT writes them: adapter_config.json and
+    adapter_model.safetensors (`base_model.model.<module>.lora_A.weight` [r, in], `lora_B.weight`
+    [out, r], fp32), under the module names of the installed transformers' model (Mllama: its
+    4.52+ layout), every adapted module named in `target_modules`. `peft.PeftModel.from_pretrained`
+    loads it onto the base model (`base_model`: recorded as base_model_name_or_path). Process 0 writes."""
+    from sftrl_jax.models import lora
+
+    config = model.config
+    params = build.flat_params(nnx.state(model, nnx.Param))
+    periods = stacking.periods(params)
+    modules = lora.adapted(model)
+    tensors, targets, ranks, scales = {}, [], set(), set()
+    for e in key_table(config):
+        ours, g = stacking.locate(e.ours, periods)
+        if ours + lora.A not in params:
+            continue
+        a, b = (params[ours + s][...] for s in (lora.A, lora.B))
+        if g is not None:
+            a, b = stacking.layer(a, g), stacking.layer(b, g)
+        module = _adapter_module_name(e.hf.removesuffix(".weight"), config)
+        # contiguous: safetensors writes an array's buffer as it lies in memory (a transposed view's too)
+        tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(
+            e.transform.to_hf(_host(a)), np.float32
+        )
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(LINEAR.to_hf(_host(b)), np.float32)
+        targets.append(module)
+        ranks.add(int(a.shape[-1]))
+        scales.add(float(modules[ours]))
+    if not targets:
+        raise UserError("the model has no LoRA adapters to save (lora.rank 0, or a merged model)")
+    if len(ranks) != 1 or len(scales) != 1:
+        raise UserError(
+            f"PEFT's format holds one rank and alpha per adapter; the model has ranks {ranks}, scales {scales}"
+        )
+    rank, scale = ranks.pop(), scales.pop()
+    adapter_config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model,
+        "r": rank,
+        "lora_alpha": scale * rank,
+        "lora_dropout": 0.0,
+        "target_modules": sorted(targets),
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "init_lora_weights": True,
+        "modules_to_save": None,
+        "inference_mode": True,
+    }
+    if jax.process_index() == 0:
+        from safetensors.numpy import save_file
+
+        os.makedirs(path, exist_ok=True)
+        save_file(tensors, os.path.join(path, ADAPTER_WEIGHTS), metadata={"format": "pt"})
+        with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
+            json.dump(adapter_config, f, indent=2)
+    return adapter_config
+
+
+def _adapter_module_name(hub_name: str, config) -> str:
+    """A hub-layout module name -> the installed transformers' module tree (Mllama moved in 4.52)."""
+    if isinstance(config, config_lib.MllamaConfig):
+        for new, old in MLLAMA_NEW_LAYOUT:
+            if hub_name.startswith(old):
+                return new + hub_name[len(old) :]
+    return hub_name

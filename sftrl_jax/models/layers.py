@@ -20,6 +20,7 @@ from flax import nnx
 
 from sftrl_jax import ops
 from sftrl_jax.models import config as config_lib
+from sftrl_jax.models import lora
 from sftrl_jax.parallel import rules
 
 # Initializers by name. The name is kept in the parameter's metadata (`init`) so that
@@ -117,7 +118,11 @@ class SwiGLU(nnx.Module):
         gate, up = ops.dense_fused(
             x, [weight(self.gate_proj, self.dtype), weight(self.up_proj, self.dtype)]
         )  # [B, T, F]
-        return ops.dense(jax.nn.silu(gate) * up, weight(self.down_proj, self.dtype))  # [B, T, D]
+        gate, up = lora.apply(gate, self, "gate_proj", x, self.dtype), lora.apply(up, self, "up_proj", x, self.dtype)
+        h = jax.nn.silu(gate) * up
+        return lora.apply(
+            ops.dense(h, weight(self.down_proj, self.dtype)), self, "down_proj", h, self.dtype
+        )  # [B, T, D]
 
 
 def gate(g: nnx.Param, dtype) -> jax.Array:

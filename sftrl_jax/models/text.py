@@ -16,7 +16,7 @@ from flax import nnx
 
 from sftrl_jax import ops
 from sftrl_jax.models import config as config_lib
-from sftrl_jax.models import kv_cache, layers
+from sftrl_jax.models import kv_cache, layers, lora
 from sftrl_jax.parallel.rules import constrain
 
 ACT = ("batch", "seq", "act_embed")
@@ -62,6 +62,7 @@ class SelfAttention(Attention):
         cache_kv: ([B, S_max, K, H],) * 2 or None."""
         # [B, T, N, H], [B, T, K, H] * 2
         q, k, v = ops.dense_fused(x, [layers.weight(p, self.dtype) for p in (self.q_proj, self.k_proj, self.v_proj)])
+        q, k, v = (lora.apply(y, self, n, x, self.dtype) for y, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
         if self.qkv_bias:  # before RoPE, as transformers' Qwen2 adds it inside the projection
             q, k, v = (y + b[...].astype(self.dtype) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
         q, k = ops.rope(q, *rope), ops.rope(k, *rope)
@@ -79,7 +80,8 @@ class SelfAttention(Attention):
             causal=cache_kv is None,
             filled=None if cache_kv is None else cache_index + x.shape[1],
         )
-        return ops.dense(out, layers.weight(self.o_proj, self.dtype), n_in=2), (k, v)  # [B, T, D]
+        y = ops.dense(out, layers.weight(self.o_proj, self.dtype), n_in=2)
+        return lora.apply(y, self, "o_proj", out, self.dtype), (k, v)  # [B, T, D]
 
 
 class CrossAttention(Attention):
@@ -93,14 +95,17 @@ class CrossAttention(Attention):
 
     def kv(self, states: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Keys/values of the projected vision tokens [B, S_x, D] -> ([B, S_x, K, H],) * 2."""
-        k = ops.dense(states, layers.weight(self.k_proj, self.dtype))  # [B, S, K, H]
-        v = ops.dense(states, layers.weight(self.v_proj, self.dtype))
+        k, v = (self._product(n, states) for n in ("k_proj", "v_proj"))  # [B, S, K, H]
         return self.k_norm(k), v
 
+    def _product(self, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
+        y = ops.dense(x, layers.weight(getattr(self, name), self.dtype), n_in=n_in)
+        return lora.apply(y, self, name, x, self.dtype)
+
     def __call__(self, x, *, kv, mask):
-        q = self.q_norm(ops.dense(x, layers.weight(self.q_proj, self.dtype)))
+        q = self.q_norm(self._product("q_proj", x))
         out = ops.attention(q, kv[0].astype(self.dtype), kv[1].astype(self.dtype), mask, scale=self.scale)
-        return ops.dense(out, layers.weight(self.o_proj, self.dtype), n_in=2)
+        return self._product("o_proj", out, n_in=2)
 
 
 class DecoderLayer(nnx.Module):

@@ -18,7 +18,7 @@ from flax import nnx
 
 from sftrl_jax import ops
 from sftrl_jax.models import config as config_lib
-from sftrl_jax.models import layers
+from sftrl_jax.models import layers, lora
 from sftrl_jax.parallel.rules import constrain
 
 ACT = ("batch", "seq", "act_embed")
@@ -40,11 +40,15 @@ class VisionAttention(nnx.Module):
         self.scale = h**-0.5
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
-        q = jnp.einsum("BTD,DNH->BTNH", x, layers.weight(self.q_proj, self.dtype))
-        k = jnp.einsum("BSD,DNH->BSNH", x, layers.weight(self.k_proj, self.dtype))
-        v = jnp.einsum("BSD,DNH->BSNH", x, layers.weight(self.v_proj, self.dtype))
+        q, k, v = (
+            lora.apply(
+                jnp.einsum("BTD,DNH->BTNH", x, layers.weight(getattr(self, n), self.dtype)), self, n, x, self.dtype
+            )
+            for n in ("q_proj", "k_proj", "v_proj")
+        )
         out = ops.attention(q, k, v, mask, scale=self.scale)
-        return jnp.einsum("BTNH,NHD->BTD", out, layers.weight(self.o_proj, self.dtype))
+        y = jnp.einsum("BTNH,NHD->BTD", out, layers.weight(self.o_proj, self.dtype))
+        return lora.apply(y, self, "o_proj", out, self.dtype)
 
 
 class Dense(nnx.Module):
@@ -56,7 +60,10 @@ class Dense(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, x: jax.Array) -> jax.Array:
-        return jnp.einsum("...D,DF->...F", x, layers.weight(self.kernel, self.dtype)) + self.bias.astype(self.dtype)
+        y = lora.apply(
+            jnp.einsum("...D,DF->...F", x, layers.weight(self.kernel, self.dtype)), self, "kernel", x, self.dtype
+        )
+        return y + self.bias.astype(self.dtype)
 
 
 class VisionMLP(nnx.Module):

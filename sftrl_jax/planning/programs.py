@@ -212,6 +212,8 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
     if algo.kl_coef > 0:
         programs.append(Program("reference_pass", nograd, (run.state.params, _batch(spec(mb), mesh)), fwd_mb / n, mesh))
         extra["ref_token_logp"] = ((S, length), jnp.float32)
+    if algo.tis_cap > 0:  # the TIS weight's denominator
+        extra["sampler_token_logp"] = ((S, length), jnp.float32)
     ubatch = _batch({**spec(S), **extra}, mesh)
     ideal = flops_lib.ideal_train_flops(mc, rows=S, length=length, images=images, remat=cfg.model.remat)
     analytic = _analytic(cfg.model, mc, run.state, mesh, rows=mb, length=length, images=images)

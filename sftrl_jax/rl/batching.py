@@ -19,6 +19,7 @@ from sftrl_jax.data import rows
 from sftrl_jax.episodes import Turn
 from sftrl_jax.models import logprobs
 from sftrl_jax.parallel import placement
+from sftrl_jax.rl import losses
 
 # The arrays that go to the device (the rest of a built batch stays on the host).
 BATCH_KEYS = (
@@ -33,6 +34,7 @@ BATCH_KEYS = (
     "advantages",
     "returns",
     "ref_token_logp",
+    "sampler_token_logp",
     *logprobs.IMAGE_KEYS,
 )
 
@@ -62,6 +64,11 @@ def pad_length(n: int, buckets: Sequence[int]) -> int:
     raise ConfigError(f"an RL sample of {n} tokens exceeds the largest length bucket {buckets[-1]}")
 
 
+def padded_length(turns: Sequence[Turn], buckets: Sequence[int]) -> int:
+    """L of `build_batch`'s rows for turns: the smallest bucket that holds the longest context + response."""
+    return pad_length(max(len(t.context_ids) + len(t.response_ids) for t in turns), buckets)
+
+
 def build_batch(
     turns: Sequence[Turn],
     tokenizer,
@@ -77,7 +84,7 @@ def build_batch(
     PPO's turn log-prob), `value_index` [B] (last prompt token), `old_token_logp` [B, L] (sampler
     log-probs, aligned with targets); plus Mllama image arrays when `image_processor` is given."""
     seqs = [list(t.context_ids) + list(t.response_ids) for t in turns]
-    L = pad_length(max(len(s) for s in seqs), buckets)
+    L = padded_length(turns, buckets)
     # Targets only where a response token is predicted (position c - 1 predicts the first): prompt
     # positions are never scored, and one of them predicts <|image|>, which is outside the output
     # vocabulary of Mllama (an extra embedding row), so its log-prob would be a NaN gather that
@@ -134,6 +141,24 @@ def put_token_logp(batch: dict[str, np.ndarray], key: str, turns: Sequence[Turn]
     old = batch["old_token_logp"]
     at = [len(t.context_ids) - 1 for t in turns]
     batch[key] = rows.place([table[id(t)] for t in turns], at, length=old.shape[1], dtype=old.dtype)
+
+
+def sampler_token_logp(turns: Sequence[Turn], buckets: Sequence[int]) -> np.ndarray:
+    """[B, L]: the sampler's token log-probs of turns, aligned with `build_batch`'s targets (its
+    `old_token_logp` before the trainer's replace it): the denominator of the TIS weight."""
+    at = [len(t.context_ids) - 1 for t in turns]
+    lps = [t.logprobs[: len(t.response_ids)] for t in turns]
+    return rows.place(lps, at, length=padded_length(turns, buckets), dtype=np.float32)
+
+
+def sampler_agreement(turns: Sequence[Turn], trainer_logps: Sequence[np.ndarray]) -> dict[str, float]:
+    """`losses.sampler_agreement` over every response token of turns: the trainer's token log-probs at
+    the rollout's parameters (each turn's [R]) against the sampler's own."""
+    trainer = np.concatenate([np.asarray(lp, np.float32) for lp in trainer_logps] or [np.zeros(0, np.float32)])
+    sampler = np.concatenate(
+        [np.asarray(t.logprobs[: len(lp)], np.float32) for t, lp in zip(turns, trainer_logps)] or [trainer]
+    )
+    return {k: float(v) for k, v in losses.sampler_agreement(trainer, sampler).items()}
 
 
 def token_gap(turns: Sequence[Turn], trainer_logps: Sequence[np.ndarray]) -> float:

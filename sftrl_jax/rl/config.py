@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 from sftrl_jax.config import ConfigError, check_ranges
 from sftrl_jax.errors import UserError
+from sftrl_jax.models.lora import LoRASection
 from sftrl_jax.rl import grpo as grpo_lib
 from sftrl_jax.rl import ppo as ppo_lib
 from sftrl_jax.sampling.policy import SamplingSection
@@ -131,6 +132,7 @@ class RLConfig:
     )
     eval: EvalSection = dataclasses.field(default_factory=EvalSection)
     train: RLTrainSection = dataclasses.field(default_factory=RLTrainSection)
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)  # rank 0: full fine-tuning
 
     def __post_init__(self):
         self.algo_cfg.check_run(self)

@@ -30,7 +30,18 @@ from sftrl_jax.rl.advantages import group_advantages
 
 @dataclasses.dataclass(frozen=True)
 class GRPOConfig(learner_lib.AlgoConfig):
-    """GRPO hyper-parameters (G = `group_size`, epsilon = `clip`, beta = `kl_coef`)."""
+    """GRPO hyper-parameters (G = `group_size`, epsilon = `clip`, beta = `kl_coef`, C = `tis_cap`).
+
+    `old_logp`, the ratio's old token log-probs: "auto" (the default) takes the trainer's (the
+    no-gradient pass of the training forward over the rollout's turns, `make_logp_fn`) where they
+    differ from the sampler's by design: a compute dtype below fp32 (`model.dtype` bfloat16, where
+    trl#6789 measured 7.5% of tokens with a trainer/sampler ratio outside [0.9, 1.1], and the
+    ratio against the sampler's would clip them from the first step) or `tis_cap` on; in fp32 the
+    sampler's (they agree to ~1e-5, and earlier fp32 runs keep their numbers). "trainer" or
+    "sampler" force one. The trainer's pass runs every update whatever the choice: it measures the
+    agreement (`sampler_mismatch_frac`, `sampler_abs_log_ratio`), one forward over the update's turns.
+    `tis_cap` C > 0: each token's policy term weighted by min(pi_old_t / pi_sampler_t, C) (TIS).
+    """
 
     NAME: ClassVar[str] = "grpo"
     group_size: int = 8  # G: episodes per prompt (same dealt hand / route)
@@ -39,6 +50,7 @@ class GRPOConfig(learner_lib.AlgoConfig):
     aggregation: str = "token_mean"  # token_mean | seq_mean | seq_sum_norm
     std_normalize: bool = True  # False: Dr. GRPO (centred rewards only)
     return_mode: str = "sum"  # "sum" of turn rewards or "success" (1 if the episode succeeded)
+    old_logp: str = "auto"
 
     def __post_init__(self):
         if self.group_size < 2:
@@ -81,7 +93,8 @@ def _token_logp(model, mb, temperature: float) -> jax.Array:
 
 def make_logp_fn(graphdef, rest, temperature: float):
     """(params, batch) -> token log-probs [B, L] of the targets (logits / temperature), no gradients:
-    the loss's own forward, for the old log-probs of `GRPOConfig.old_logp` = "trainer"."""
+    the loss's own forward: the trainer-sampler agreement every update, and the old log-probs of
+    `GRPOConfig.old_logp` "trainer"."""
 
     def logp_fn(params, batch):
         return _token_logp(nnx.merge(graphdef, params, rest), batch, temperature)
@@ -91,11 +104,16 @@ def make_logp_fn(graphdef, rest, temperature: float):
 
 def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: GRPOConfig, *, lr_fn, temperature: float):
     """Pure GRPO optimiser step; batch = `batching.build_batch` arrays + `advantages` [B]
-    (+ `ref_token_logp` [B, L] when kl_coef > 0). Log-probs are of logits / `temperature` (the
-    sampling temperature)."""
+    (+ `ref_token_logp` [B, L] when kl_coef > 0, + `sampler_token_logp` [B, L] when tis_cap > 0: each
+    token's policy term weighted by min(exp(old_token_logp - sampler_token_logp), tis_cap)). Log-probs
+    are of logits / `temperature` (the sampling temperature)."""
 
     def loss_fn(params, mb):
         logp = _token_logp(nnx.merge(graphdef, params, rest), mb, temperature)
+        is_weight, tis_aux = None, {}
+        if cfg.tis_cap > 0:
+            log_is = mb["old_token_logp"] - mb["sampler_token_logp"]
+            is_weight, tis_aux = losses.truncated_is_weight(log_is, cfg.tis_cap, mb["resp_mask"])
         loss, aux = losses.grpo_loss(
             logp,
             mb["old_token_logp"],
@@ -106,9 +124,10 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: GRPO
             ref_logp=mb.get("ref_token_logp"),
             kl_coef=cfg.kl_coef,
             aggregation=cfg.aggregation,
+            is_weight=is_weight,
         )
         gap = jnp.abs((logp - mb["old_token_logp"]) * mb["resp_mask"]).max()
-        return loss, {"loss": loss, **aux, "logprob_gap_max": gap}
+        return loss, {"loss": loss, **aux, **tis_aux, "logprob_gap_max": gap}
 
     return learner_lib.make_update(loss_fn, tx, cfg, lr_fn=lr_fn, name="grpo")
 
@@ -160,19 +179,21 @@ class GRPOLearner(learner_lib.Learner):
         eps = [table[e] for e in sorted(table)]
         adv = episode_advantages(eps, [e // G for e in sorted(table)], gcfg)
         samples = [(t, a) for ep, a in zip(eps, adv) for t in ep]
-        # grpo.old_logp "trainer": the training forward's token log-probs of every turn under the
-        # rollout's parameters become the ratio's old log-probs (and give the trainer-sampler gap).
+        # The training forward's token log-probs of every turn under the rollout's parameters, in the
+        # first step's layout: the trainer-sampler agreement, and with grpo.old_logp "trainer" the
+        # ratio's old log-probs.
         S = gcfg.samples_per_step
         rng = np.random.default_rng([self.rl_cfg.train.seed, self.update_idx])
         epoch_steps = [batching.epoch_steps(rng.permutation(len(samples)), S) for _ in range(gcfg.epochs)]
         first_steps = epoch_steps[0]
         sample_turns = [t for t, _ in samples]
-        old_of, sampler_gap = None, None
-        if gcfg.old_logp == "trainer":
-            trainer_logp = self.token_logps_of(sample_turns, steps=first_steps)
-            old_of = {id(t): lp for t, lp in zip(sample_turns, trainer_logp)}
-            sampler_gap = batching.token_gap(sample_turns, trainer_logp)
+        trainer_logp = self.token_logps_of(sample_turns, steps=first_steps)
+        trainer_old = gcfg.old_logp_source(self.rl_cfg.model) == "trainer"
+        old_of = {id(t): lp for t, lp in zip(sample_turns, trainer_logp)} if trainer_old else None
+        sampler_gap = batching.token_gap(sample_turns, trainer_logp)
+        agreement = batching.sampler_agreement(sample_turns, trainer_logp)
         ref_of = self.ref_table(sample_turns, first_steps)
+        buckets = self.batcher.buckets
 
         def steps():
             for epoch, idxs in enumerate(epoch_steps):
@@ -180,16 +201,20 @@ class GRPOLearner(learner_lib.Learner):
                     chosen = [samples[i] for i in idx]
                     real = len(set(idx))  # fewer turns than one step: the step repeats them, with zero advantage
                     adv_step = [a if k < real else 0.0 for k, (_, a) in enumerate(chosen)]
-                    yield epoch, [t for t, _ in chosen], {"advantages": np.array(adv_step, np.float32)}
+                    turns = [t for t, _ in chosen]
+                    extra = {"advantages": np.array(adv_step, np.float32)}
+                    if gcfg.tis_cap > 0:
+                        extra["sampler_token_logp"] = batching.sampler_token_logp(turns, buckets)
+                    yield epoch, turns, extra
 
         t1 = time.perf_counter()
         metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)
         t_train = time.perf_counter() - t1
         out = learner_lib.mean_metrics(metrics)
         # trainer vs sampler, token level, before any step; and the first step's max |log ratio|
-        first = metrics[0]["logprob_gap_max"]  # |first step's log-probs - old log-probs|, token level
-        out["logprob_gap_first_step"] = first if sampler_gap is None else sampler_gap
-        out["log_ratio_dev_first_step"] = first
+        out["logprob_gap_first_step"] = sampler_gap
+        out["log_ratio_dev_first_step"] = metrics[0]["logprob_gap_max"]  # vs the old log-probs, token level
+        out.update(agreement)  # every response token of the update: trainer vs sampler, same parameters
         if ref_of is not None:  # 0 up to rounding while the policy is still the reference
             out["ref_kl_first_step"] = metrics[0]["ref_kl"]
         out.update(self.rollout_stats(turns, t_roll, t_train))

@@ -45,17 +45,45 @@ class AlgoConfig:
     # Where the ratio's old token log-probs come from: "trainer" = the training forward over the
     # rollout's turns, each in the first optimiser step's batch layout (the first step's ratio is then
     # exactly 1 in the tests' settings; on trained models XLA may round the update's own forward
-    # differently, ~4e-5); "sampler" = the sampler's log-probs (no extra forward).
+    # differently, ~4e-5); "sampler" = the sampler's log-probs; "auto" = "trainer" where the two
+    # differ by design (a compute dtype below fp32, or `tis_cap` on), else "sampler" (`old_logp_source`).
+    # Either way the trainer's pass runs: it measures the sampler's agreement every update.
     old_logp: str = "sampler"
+    # Truncated importance sampling (TIS): C > 0 multiplies the policy-gradient term by
+    # min(pi_old_trainer / pi_sampler, C), the correction for sampling from the sampler's slightly
+    # different distribution (verl's tis_imp_ratio_cap; 2 is usual). 0 = off. Needs the trainer's old log-probs.
+    tis_cap: float = 0.0
 
     def __post_init__(self):
         n = self.NAME
-        check_ranges(self, kl_coef="[0, inf)", epochs="[1, inf)", samples_per_step="[1, inf)", micro_batch="[1, inf)")
+        check_ranges(
+            self,
+            kl_coef="[0, inf)",
+            epochs="[1, inf)",
+            samples_per_step="[1, inf)",
+            micro_batch="[1, inf)",
+            tis_cap="[0, inf)",
+        )
         if self.samples_per_step % self.micro_batch:
             raise ConfigError(
                 f"{n}.samples_per_step ({self.samples_per_step}) must be a multiple of {n}.micro_batch ({self.micro_batch})"
             )
-        self.choice("old_logp", ("trainer", "sampler"))
+        self.choice("old_logp", ("trainer", "sampler", "auto"))
+        if 0 < self.tis_cap < 1:  # a cap below 1 would scale down even the tokens the two agree on
+            raise ConfigError(f"{n}.tis_cap must be 0 (off) or at least 1, got {self.tis_cap}")
+        if self.tis_cap > 0 and self.old_logp == "sampler":
+            raise ConfigError(
+                f"{n}.tis_cap needs the trainer's old log-probs ({n}.old_logp trainer or auto): against the "
+                f"sampler's, the ratio already carries the sampler/trainer mismatch"
+            )
+
+    def old_logp_source(self, model) -> str:
+        """Where the old log-probs come from, "trainer" or "sampler": `old_logp` with "auto" resolved
+        for `model` (the run's `ModelSection`)."""
+        if self.old_logp != "auto":
+            return self.old_logp
+        low_precision = (model.dtype or model.param_dtype) != "float32"
+        return "trainer" if low_precision or self.tis_cap > 0 else "sampler"
 
     def choice(self, key: str, allowed: tuple[str, ...]) -> None:
         value = getattr(self, key)
@@ -266,7 +294,8 @@ def make_update(loss_fn, tx, cfg, *, lr_fn, name: str):
             raise ValueError(
                 f"{name}.kl_coef = {cfg.kl_coef} needs the reference's token log-probs in the batch (ref_token_logp)"
             )
-        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=n_micro)
+        key = accum_lib.step_key(state)  # LoRA dropout (none at dropout 0)
+        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=n_micro, key=key)
         grads = jax.tree.map(lambda g: g / n_micro, grads)
         state, update_metrics = accum_lib.apply(state, grads, tx, lr_fn=lr_fn)
         return state, {**accum_lib.reduce_aux(aux), **update_metrics}

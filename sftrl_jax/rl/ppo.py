@@ -32,9 +32,12 @@ from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
 
 @dataclasses.dataclass(frozen=True)
 class PPOConfig(learner_lib.AlgoConfig):
-    """PPO hyper-parameters; defaults are the paper's (SPEC.md §3.3). `old_logp`: "trainer" is the
-    values pass's own forward (it costs nothing), as the reference does (RL4VLM's llava_evaluate after
-    llava_generate). `kl_coef` is off in the paper (the k3 estimator per response token, mean over the
+    """PPO hyper-parameters; defaults are the paper's (SPEC.md §3.3). `old_logp`: "trainer" (the
+    default) is the values pass's own forward (it costs nothing), as the reference does (RL4VLM's
+    llava_evaluate after llava_generate); the same pass measures the sampler's agreement every update
+    (`sampler_mismatch_frac`, `sampler_abs_log_ratio`). `tis_cap` C > 0: each turn's policy term is
+    weighted by min(pi_old(turn) / pi_sampler(turn), C), turn log-probs as `turn_logp` (the action is
+    the turn). `kl_coef` is off in the paper (the k3 estimator per response token, mean over the
     step's tokens); `entropy_coef`: - coef x the mean entropy over response tokens."""
 
     NAME: ClassVar[str] = "ppo"
@@ -125,7 +128,9 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
     `cfg.kl_coef` > 0, `ref_token_logp` [B, L] (the reference policy's token log-probs). The turn
     ratio is exp(sum_t w_t (log pi(a_t) - old_token_logp_t)) over the response tokens, w_t the
     `thought_coef` weights: the ratio of the turn-level action probabilities of `turn_logp`.
-    Log-probs are of logits / `temperature` (the sampling temperature).
+    Log-probs are of logits / `temperature` (the sampling temperature). With `cfg.tis_cap` > 0 the
+    batch also holds `sampler_token_logp` [B, L] (the sampler's token log-probs): each turn's policy
+    term is weighted by min(exp(turn_logp(old_token_logp - sampler_token_logp)), tis_cap).
     """
     use_entropy = cfg.entropy_coef > 0
 
@@ -136,12 +141,21 @@ def make_update_step(graphdef, rest, tx: optax.GradientTransformation, cfg: PPOC
         # two turn log-probs: those sums reach hundreds at low temperature, where one fp32 ulp is
         # ~3e-5, so equal token log-probs could give a ratio off by that much.
         log_ratio = turn_logp(logp_tok - mb["old_token_logp"], mb)
+        extra, is_weight = {}, None
+        if cfg.tis_cap > 0:
+            log_is = turn_logp(mb["old_token_logp"] - mb["sampler_token_logp"], mb)
+            is_weight, tis_aux = losses.truncated_is_weight(log_is, cfg.tis_cap)
+            extra.update(tis_aux)
         pg, pg_aux = losses.ppo_policy_loss(
-            log_ratio, jnp.zeros_like(log_ratio), mb["advantages"], clip=cfg.clip, max_ratio=cfg.max_ratio
+            log_ratio,
+            jnp.zeros_like(log_ratio),
+            mb["advantages"],
+            clip=cfg.clip,
+            max_ratio=cfg.max_ratio,
+            is_weight=is_weight,
         )
         vl, v_aux = losses.value_loss(values, mb["old_values"], mb["returns"], clip=cfg.value_clip)
         loss = pg + cfg.value_coef * vl
-        extra = {}
         if cfg.kl_coef > 0:
             extra["ref_kl"] = losses.masked_mean(
                 losses.kl_k3(logp_tok, mb["ref_token_logp"], mb["resp_mask"]), mb["resp_mask"]
@@ -285,8 +299,11 @@ class PPOLearner(learner_lib.Learner):
         sampler_logp = np.array([self.sampler_turn_logp(t) for t in flat], np.float32)
         # ppo.old_logp "trainer": the ratio's old token log-probs are the values pass's (else the
         # sampler's, which `build_batch` puts in old_token_logp)
-        old_of = {id(t): lp for t, lp in zip(flat, trainer_tokens)} if pcfg.old_logp == "trainer" else None
+        trainer_old = pcfg.old_logp_source(self.rl_cfg.model) == "trainer"
+        old_of = {id(t): lp for t, lp in zip(flat, trainer_tokens)} if trainer_old else None
         sampler_gap = batching.token_gap(flat, trainer_tokens)
+        agreement = batching.sampler_agreement(flat, trainer_tokens)
+        buckets = self.batcher.buckets
         ref_of = self.ref_table(flat, first_steps)
 
         def steps():
@@ -298,7 +315,10 @@ class PPOLearner(learner_lib.Learner):
                         "advantages": adv[idx].astype(np.float32),
                         "returns": ret[idx].astype(np.float32),
                     }
-                    yield epoch, [flat[i] for i in idx], extra
+                    turns = [flat[i] for i in idx]
+                    if pcfg.tis_cap > 0:
+                        extra["sampler_token_logp"] = batching.sampler_token_logp(turns, buckets)
+                    yield epoch, turns, extra
 
         t1 = time.perf_counter()
         metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)
@@ -312,5 +332,6 @@ class PPOLearner(learner_lib.Learner):
             out["ref_kl_first_step"] = metrics[0]["ref_kl"]
         out["value_explained_variance"] = float(explained_variance(values, ret))
         out["trainer_sampler_turn_logp_gap"] = float(np.max(np.abs(trainer_logp - sampler_logp)))
+        out.update(agreement)  # every response token of the update: trainer vs sampler, same parameters
         out.update(self.rollout_stats(flat, t_roll, t_train))
         return out

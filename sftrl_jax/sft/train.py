@@ -30,6 +30,7 @@ from sftrl_jax.config import ConfigError
 from sftrl_jax.data.sft import SFTData, SFTDataConfig
 from sftrl_jax.evaluation.compute import ComputeCounter
 from sftrl_jax.models import logprobs
+from sftrl_jax.models.lora import LoRASection
 from sftrl_jax.parallel.placement import global_batch
 from sftrl_jax.sft.losses import sft_loss_from_logp
 from sftrl_jax.train import accumulate as accum_lib
@@ -66,6 +67,7 @@ class SFTConfig:
     data: SFTDataConfig
     optim: optim_lib.OptimConfig = dataclasses.field(default_factory=optim_lib.OptimConfig)
     train: TrainSection = dataclasses.field(default_factory=TrainSection)
+    lora: LoRASection = dataclasses.field(default_factory=LoRASection)  # rank 0: full fine-tuning
 
 
 # ----------------------------------------------------------------------------------------------
@@ -86,7 +88,8 @@ def make_train_step(graphdef, rest, tx: optax.GradientTransformation, *, grad_ac
     def train_step(state: TrainState, batch: dict[str, jax.Array]):
         # Micro-batch gradients summed, then divided by the step's total loss tokens, so the update
         # equals one big batch's.
-        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=grad_accum)
+        key = accum_lib.step_key(state)
+        grads, aux = accum_lib.accumulate(loss_fn, state.params, batch, n_micro=grad_accum, key=key)
         nll, tokens, correct = (aux[k].sum() for k in ("nll_sum", "tokens", "correct"))
         denom = jnp.maximum(tokens, 1.0)
         grads = jax.tree.map(lambda g: g / denom, grads)

@@ -23,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from sftrl_jax.models import lora
 from sftrl_jax.parallel import rules
 
 
@@ -37,22 +38,30 @@ def accumulate(
     batch: dict[str, jax.Array],
     *,
     n_micro: int,
+    key: jax.Array | None = None,
 ) -> tuple[Any, dict[str, jax.Array]]:
-    """(sum over micro-batches of d loss_fn / d params, loss_fn's aux stacked over micro-batches).
+    """(sum over micro-batches of d loss_fn / d params, loss_fn's aux stacked over micro-batches); of
+    a LoRA model's trainable parameters only (`models.lora.partition`).
 
     `loss_fn(params, micro_batch) -> (loss, aux)`; aux values are scalars (so the stacked aux holds
-    [n_micro] arrays)."""
-    grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+    [n_micro] arrays). `key` (`step_key`): the LoRA adapters' dropout masks (none without it)."""
+    # A LoRA model: gradients of the trainable parameters only (adapters, a value head); the frozen
+    # base rides along as an input, differentiated through its activations only.
+    trainable, frozen = lora.partition(params)
+    grad_fn = jax.value_and_grad(lambda t, f, mb: loss_fn(lora.combine(t, f), mb), has_aux=True)
 
-    def step(carry, mb):
+    def step(carry, xs):
         p, grads = carry
+        i, mb = xs
         p = jax.lax.optimization_barrier(p)  # loop-variant to XLA: its gathers stay in the loop
-        (_, aux), g = grad_fn(p, mb)
+        with lora.dropout_key(None if key is None else jax.random.fold_in(key, i)):
+            (_, aux), g = grad_fn(*p, mb)
         # The running sum sharded like the parameters (FSDP): not one whole gradient per device.
         return (p, rules.constrain_params(jax.tree.map(jnp.add, grads, g))), aux
 
-    zeros = rules.constrain_params(jax.tree.map(jnp.zeros_like, params))
-    (_, grads), aux = jax.lax.scan(step, (params, zeros), micro_batches(batch, n_micro))
+    zeros = rules.constrain_params(jax.tree.map(jnp.zeros_like, trainable))
+    xs = (jnp.arange(n_micro), micro_batches(batch, n_micro))
+    (_, grads), aux = jax.lax.scan(step, ((trainable, frozen), zeros), xs)
     # Parameters a step does not use (the vision tower and cross-attention layers of a text-only
     # batch) have gradients that are zeros XLA can prove constant; divided by a constant (PPO/GRPO's
     # micro-batch count) they stay constant, and XLA then constant-folds the optimiser's finite checks
@@ -60,6 +69,11 @@ def accumulate(
     # update: minutes of "Constant folding an instruction is taking > 8s"). The barrier makes them
     # ordinary values: same numbers, nothing folded.
     return jax.lax.optimization_barrier(grads), aux
+
+
+def step_key(state) -> jax.Array:
+    """A training step's random key: the run's key folded with the step (LoRA dropout)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
 
 
 def reduce_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
@@ -70,8 +84,9 @@ def reduce_aux(aux: dict[str, jax.Array]) -> dict[str, jax.Array]:
 def apply(state, grads: Any, tx: optax.GradientTransformation, *, lr_fn) -> tuple[Any, dict[str, jax.Array]]:
     """One optimiser update of the `TrainState` with the (normalised) gradients; returns the new
     state and the update's own metrics (grad and update norms, learning rate, whether finite)."""
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    trainable, frozen = lora.partition(state.params)  # `grads`: of the trainable ones (`accumulate`)
+    updates, opt_state = tx.update(grads, state.opt_state, trainable)
+    params = lora.combine(optax.apply_updates(trainable, updates), frozen)
     grad_norm = optax.tree.norm(grads)
     metrics = {
         "grad_norm": grad_norm,

@@ -1,7 +1,11 @@
-"""Metrics: one JSON object per line (always), TensorBoard scalars (optional, if tensorboardX is installed).
+"""Metrics: one JSON object per line (always), TensorBoard scalars (optional, if tensorboardX is installed),
+Weights & Biases (optional, `pip install 'sftrl_jax[wandb]'`; what the reference logs to).
 
-    with MetricsWriter(run_dir, tensorboard=True) as log:
+    with MetricsWriter(run_dir, tensorboard=True, wandb=True, config=config_lib.to_dict(cfg)) as log:
         log.write(step, {"loss": 1.2, "lr": 1e-6}, prefix="train")
+
+W&B runs offline unless WANDB_API_KEY or WANDB_MODE is set, so a run never needs the network: the
+offline run lies in `<run_dir>/wandb/offline-run-*` (`wandb sync <that folder>` uploads it later).
 
 `read_jsonl(path)` loads a metrics file back (for reports and notebooks). A resumed run first calls
 `rewind(path, checkpoint_step=k)`, so that the steps re-run after the checkpoint appear once.
@@ -12,10 +16,14 @@ from __future__ import annotations
 import json
 import math
 import os
+import secrets
+import string
 import time
 from typing import Any
 
 import numpy as np
+
+from sftrl_jax.config import ConfigError
 
 
 def _scalar(v: Any) -> Any:
@@ -66,8 +74,56 @@ def rewind(path: str | os.PathLike, *, checkpoint_step: int | None) -> int:
     return len(removed)
 
 
+WANDB_ID_FILE = "wandb_id.txt"  # in the run folder: a resumed run continues the same W&B run
+
+
+def require_wandb():
+    """The wandb module, or a ConfigError naming `train.wandb` and the install command."""
+    try:
+        import wandb
+    except ImportError:
+        raise ConfigError("train.wandb=true needs wandb: pip install 'sftrl_jax[wandb]'") from None
+    return wandb
+
+
+def _wandb_init(run_dir: str, *, project: str, name: str | None, config: dict[str, Any] | None):
+    wandb = require_wandb()
+    id_path = os.path.join(run_dir, WANDB_ID_FILE)
+    if os.path.exists(id_path):
+        with open(id_path) as f:
+            run_id = f.read().strip()
+    else:
+        # W&B's own ids: 8 characters of [a-z0-9] (its generator moved between releases)
+        run_id = "".join(secrets.choice(string.ascii_lowercase + string.digits) for _ in range(8))
+        with open(id_path, "w") as f:
+            f.write(run_id + "\n")
+    # offline unless asked otherwise: a run on a machine without network or W&B account still logs
+    mode = os.environ.get("WANDB_MODE") or ("online" if os.environ.get("WANDB_API_KEY") else "offline")
+    return wandb.init(
+        dir=run_dir,
+        project=project,
+        name=name or os.path.basename(os.path.normpath(run_dir)),
+        config=config,
+        mode=mode,
+        id=run_id,
+        resume="allow",
+    )
+
+
 class MetricsWriter:
-    def __init__(self, run_dir: str | os.PathLike, *, filename: str = "metrics.jsonl", tensorboard: bool = False):
+    def __init__(
+        self,
+        run_dir: str | os.PathLike,
+        *,
+        filename: str = "metrics.jsonl",
+        tensorboard: bool = False,
+        wandb: bool = False,
+        wandb_project: str = "sftrl",
+        wandb_name: str | None = None,
+        config: dict[str, Any] | None = None,
+    ):
+        """`wandb`: also log to Weights & Biases (module docstring), as project `wandb_project`, run
+        `wandb_name` (default: the run folder's name), with `config` (the run's config as a dict)."""
         self.run_dir = os.fspath(run_dir)
         os.makedirs(self.run_dir, exist_ok=True)
         self.path = os.path.join(self.run_dir, filename)
@@ -80,6 +136,13 @@ class MetricsWriter:
                 print("metrics: tensorboardX is not installed; writing jsonl only (pip install tensorboardX)")
             else:
                 self._tb = SummaryWriter(os.path.join(self.run_dir, "tb"))
+        self._wandb = None
+        if wandb:
+            try:
+                self._wandb = _wandb_init(self.run_dir, project=wandb_project, name=wandb_name, config=config)
+            except BaseException:
+                self.close()
+                raise
 
     def write(self, step: int, metrics: dict[str, Any], *, prefix: str | None = None) -> dict[str, Any]:
         row = {"step": int(step), "time": round(time.time(), 3)}
@@ -88,16 +151,22 @@ class MetricsWriter:
             row[key] = _scalar(v)
         self._f.write(json.dumps(row) + "\n")
         self._f.flush()
+        # the numeric figures; non-finite ones are strings in `row` (_scalar) and stay out
+        scalars = {k: v for k, v in row.items() if k not in ("step", "time") and isinstance(v, int | float)}
         if self._tb is not None:
-            for k, v in row.items():
-                if k not in ("step", "time") and isinstance(v, int | float):
-                    self._tb.add_scalar(k, v, int(step))
+            for k, v in scalars.items():
+                self._tb.add_scalar(k, v, int(step))
+        if self._wandb is not None:
+            self._wandb.log(scalars, step=int(step))
         return row
 
     def close(self) -> None:
         self._f.close()
         if self._tb is not None:
             self._tb.close()
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
 
     def __enter__(self) -> MetricsWriter:
         return self

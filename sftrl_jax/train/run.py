@@ -42,6 +42,7 @@ from sftrl_jax import progress as progress_lib
 from sftrl_jax.config import ConfigError
 from sftrl_jax.data import processor
 from sftrl_jax.errors import UserError
+from sftrl_jax.models import lora as lora_lib
 from sftrl_jax.parallel import distributed, placement
 from sftrl_jax.parallel import mesh as mesh_lib
 from sftrl_jax.train import checkpoint as ckpt_lib
@@ -63,6 +64,10 @@ class RunSection:
     keep: int = 3  # checkpoints kept
     resume: bool = True  # continue from the run folder's latest checkpoint
     tensorboard: bool = False
+    # Weights & Biases beside the jsonl (pip install 'sftrl_jax[wandb]'): offline, in <run_dir>/wandb,
+    # unless WANDB_API_KEY or WANDB_MODE is set; the run id is kept in <run_dir>/wandb_id.txt for resumes
+    wandb: bool = False
+    wandb_project: str = "sftrl"
     progress: bool = True  # a tqdm bar on a terminal, a line per interval in a log (sftrl_jax/progress.py)
     distributed: bool = False  # jax.distributed with cluster auto-detection (or set SFTRL_COORDINATOR, ...)
     d_init: int = 0  # tokens of the SFT that produced model.init (for the compute axis)
@@ -74,9 +79,33 @@ class RunSection:
     def __post_init__(self):
         if self.snapshot_every < 0:
             raise ConfigError(f"train.snapshot_every must be >= 0 (0 = no snapshots), got {self.snapshot_every}")
+        if self.wandb and not self.wandb_project.strip():
+            raise ConfigError(
+                f"train.wandb_project must name a W&B project when train.wandb=true, got {self.wandb_project!r}"
+            )
         config_lib.check_ranges(
             self, seed="[0, inf)", devices="[1, inf)", save_every="[1, inf)", keep="[1, inf)", d_init="[0, inf)"
         )
+
+
+ADAPTER_DIR = "adapter"  # a LoRA run's final/ and snapshots: the adapters (PEFT format) beside the model
+BASE_KEY = "lora_base"  # a LoRA run's checkpoints: the frozen base they were trained on
+
+
+def base_identity(section, *, seed: int) -> dict[str, Any]:
+    """What names a LoRA run's frozen base in its checkpoints: model.init's path and the sha256 of its
+    weight files (one digest over them, sorted by name), or the preset and the seed it was drawn with."""
+    if section.init is None:
+        return {"preset": section.preset, "seed": int(seed)}
+    import glob
+    import hashlib
+
+    from sftrl_jax.integrity import sha256_of
+
+    files = sorted(glob.glob(os.path.join(section.init, "**", "*.safetensors"), recursive=True))
+    files += sorted(glob.glob(os.path.join(section.init, "**", "*.npy"), recursive=True))  # orbax / ocdbt data
+    digest = hashlib.sha256("".join(f"{os.path.relpath(f, section.init)}:{sha256_of(f)}\n" for f in files).encode())
+    return {"init": os.path.abspath(section.init), "sha256": digest.hexdigest(), "files": len(files)}
 
 
 class Run:
@@ -114,6 +143,8 @@ class Run:
     def _build(self, optim, total_steps, wrap, exact, check_mesh, rewind, reference) -> None:
         cfg, t = self.cfg, self.cfg.train
         self.lead = jax.process_index() == 0  # the process that writes the run's files
+        if t.wandb and self.lead:
+            metrics_lib.require_wandb()  # before the model loads, not when the loop starts
         os.makedirs(t.run_dir, exist_ok=True)
         if self.lead:
             config_lib.dump_yaml(cfg, os.path.join(t.run_dir, "config.yaml"))
@@ -130,15 +161,23 @@ class Run:
                 f"give the model's tokenizer (model.tokenizer)"
             )
         self.image_processor = processor.for_model(model)
+        self.lora = getattr(cfg, "lora", None)
+        self.base_id = None
+        if self.lora is not None and self.lora.enabled:  # the base frozen, adapters added (models/lora.py)
+            self.base_id = base_identity(cfg.model, seed=t.seed)
+            lora_lib.add(model, self.lora, seed=t.seed)
         self.graphdef, params, self.rest = nnx.split(wrap(model) if wrap else model, nnx.Param, ...)
         del model
         params = placement.on_mesh(params, self.mesh)
-        self.reference_params = jax.tree.map(jnp.copy, params) if reference else None
+        trainable, frozen = lora_lib.partition(params)
+        # the reference (RL's KL) shares a LoRA model's frozen base: only the trainable part is copied
+        self.reference_params = lora_lib.combine(jax.tree.map(jnp.copy, trainable), frozen) if reference else None
         self.n_params = placement.param_count(params)
+        self.n_trainable = placement.param_count(trainable)
         self.lr_fn = optim_lib.schedule(optim, total_steps)
-        self.tx = optim_lib.make_optimizer(optim, params, total_steps=total_steps)
+        self.tx = optim_lib.make_optimizer(optim, trainable, total_steps=total_steps)
         with jax.set_mesh(self.mesh):
-            opt_state = optim_lib.init_state(self.tx, params, self.mesh)
+            opt_state = optim_lib.init_state(self.tx, trainable, self.mesh)
         state = TrainState(step=jnp.int32(0), params=params, opt_state=opt_state, rng=rng_data(t.seed))
         self.state = placement.on_mesh(state, self.mesh)
         self.checkpointer = ckpt_lib.Checkpointer(
@@ -148,7 +187,9 @@ class Run:
         self.resumed: int | None = None  # the step of the checkpoint this run continues from
         self.extra: dict[str, Any] = {}  # the job's part of the restored checkpoint
         if t.resume and self.checkpointer.latest_step() is not None:
-            step, self.state, self.extra = self.checkpointer.restore_latest(abstract_like(self.state))
+            step, saved, self.extra = self.checkpointer.restore_latest(abstract_like(self._saved(self.state)))
+            self._check_base(self.extra.get(BASE_KEY))
+            self.state = dataclasses.replace(saved, params=lora_lib.combine(saved.params, frozen))
             self.step = self.resumed = int(step)
         # each step logged once: rows after the checkpoint are logged again (metrics.rewind); so are
         # the evaluations after it
@@ -187,14 +228,40 @@ class Run:
         with the run's tokenizer."""
         from sftrl_jax.models.checkpoint import save_checkpoint
 
-        # the run's tokenizer beside the model: `sftrl eval --ckpt` / `model.init=` read it back
-        save_checkpoint(module, path, extra=self.tokenizer.hf.save_pretrained)
+        def extra(folder: str) -> None:
+            self.tokenizer.hf.save_pretrained(folder)  # `sftrl eval --ckpt` / `model.init=` read it back
+            if adapters:  # a LoRA run: its adapters in PEFT's format beside the merged model
+                from sftrl_jax.models.convert import save_adapter
+
+                save_adapter(adapters, os.path.join(folder, ADAPTER_DIR), base_model=(self.base_id or {}).get("init"))
+
+        adapters = module if lora_lib.adapter_paths(module) else None
+        if adapters is not None:  # the model is saved with the adapters folded into its weights
+            module = lora_lib.merge(nnx.clone(module))
+        save_checkpoint(module, path, extra=extra)
         return path
 
     def save(self, extra: dict[str, Any]) -> None:
         """The state at `step` as a checkpoint, unless the latest already is it."""
         if self.checkpointer.latest_step() != self.step:
-            self.checkpointer.save(self.step, self.state, extra)
+            self.checkpointer.save(self.step, self._saved(self.state), self._extra(extra))
+
+    def _saved(self, state: TrainState) -> TrainState:
+        """What a checkpoint holds of `state`: a LoRA run's trainable parameters (its frozen base is
+        `model.init`'s, named in the checkpoint by `base_identity`), every parameter otherwise."""
+        return dataclasses.replace(state, params=lora_lib.partition(state.params)[0])
+
+    def _extra(self, extra: dict[str, Any]) -> dict[str, Any]:
+        return extra if self.base_id is None else {**extra, BASE_KEY: self.base_id}
+
+    def _check_base(self, saved: dict[str, Any] | None) -> None:
+        if self.base_id is None and saved is None:
+            return
+        if saved != self.base_id:
+            raise ConfigError(
+                f"{self.checkpointer.directory}: the checkpoint's adapters were trained on base {saved}, "
+                f"this run's base is {self.base_id}: give the same model.init (and lora settings) or a new run_dir"
+            )
 
     # -- the loop --------------------------------------------------------------------------------
 
@@ -207,7 +274,12 @@ class Run:
         if self.resumed is not None:
             print(f"{self.name}: resumed {t.run_dir} at {unit} {self.resumed}")
         self.writer = metrics_lib.MetricsWriter(
-            t.run_dir, filename=self.metrics_file(), tensorboard=t.tensorboard and self.lead
+            t.run_dir,
+            filename=self.metrics_file(),
+            tensorboard=t.tensorboard and self.lead,
+            wandb=t.wandb and self.lead,
+            wandb_project=t.wandb_project,
+            config=config_lib.to_dict(self.cfg),
         )
         bar = progress_lib.bar(
             total=total, initial=self.step, desc=self.name, unit=unit, enabled=t.progress and self.lead
@@ -236,7 +308,7 @@ class Run:
                     snapshot = ckpt_lib.snapshot_path(t.run_dir, self.step, every=t.snapshot_every)
                     if snapshot is not None:
                         self.save_model(final(), snapshot)
-                    self.checkpointer.maybe_save(self.step, self.state, job.extra_state())
+                    self.checkpointer.maybe_save(self.step, self._saved(self.state), self._extra(job.extra_state()))
                     self.checkpointer.check()  # a background save that failed stops the run now
                     if bar is not None:
                         bar.update(1)
@@ -282,13 +354,14 @@ class AbstractRun:
         shardings = rules.state_shardings(params, mesh)
         params = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params, shardings)
         self.lr_fn = optim_lib.schedule(optim, total_steps)
-        self.tx = optim_lib.make_optimizer(optim, params, total_steps=total_steps)
+        trainable = lora_lib.partition(params)[0]  # a LoRA model's optimiser sees its adapters only
+        self.tx = optim_lib.make_optimizer(optim, trainable, total_steps=total_steps)
         # the optimiser state as `optim.init_state` lays it out (moments sharded like their parameters)
-        init = jax.jit(optim_lib.sharded_init(self.tx, params, mesh))
+        init = jax.jit(optim_lib.sharded_init(self.tx, trainable, mesh))
         with jax.set_mesh(mesh):
-            out = init.lower(params).compile().output_shardings
+            out = init.lower(trainable).compile().output_shardings
         opt_state = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(init, params), out
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), jax.eval_shape(init, trainable), out
         )
         replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
         self.state = TrainState(

@@ -55,7 +55,7 @@ def test_documented_grpo_command_starts_at_ratio_one(tmp_path, monkeypatch):
         "train.async_checkpointing=false",
     ]
     cfg = config.load(RLConfig, DOCUMENTED, ["algo=grpo", "grpo.group_size=4", *sizes])
-    assert cfg.algo == "grpo" and cfg.sampling.temperature == 0.3 and cfg.grpo.old_logp == "sampler"
+    assert cfg.algo == "grpo" and cfg.sampling.temperature == 0.3 and cfg.grpo.old_logp_source(cfg.model) == "sampler"
     Trainer(cfg).run(stop_after=1)
     m = read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))[-1]
     # max |log pi(a_t) - log pi_sampler(a_t)| over the first step's response tokens; scoring at 1.0

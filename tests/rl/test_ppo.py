@@ -92,11 +92,11 @@ def test_config_refuses_an_unknown_old_logp_source():
     from sftrl_jax.config import ConfigError
 
     assert ppo.PPOConfig().old_logp == "trainer"
-    with pytest.raises(ConfigError, match="ppo.old_logp must be 'trainer' or 'sampler', got 'policy'"):
+    with pytest.raises(ConfigError, match="ppo.old_logp must be 'trainer' or 'sampler' or 'auto', got 'policy'"):
         ppo.PPOConfig(old_logp="policy")
     from sftrl_jax.rl import grpo
 
-    with pytest.raises(ConfigError, match="grpo.old_logp must be 'trainer' or 'sampler', got 'x'"):
+    with pytest.raises(ConfigError, match="grpo.old_logp must be 'trainer' or 'sampler' or 'auto', got 'x'"):
         grpo.GRPOConfig(old_logp="x")
     assert ppo.PPOConfig().reward_mode == "env"
     with pytest.raises(ConfigError, match="ppo.reward_mode must be 'env' or 'success', got 'sum'"):
