@@ -42,6 +42,8 @@ def test_demo_runs_all_stages_with_equal_compute_arms(tmp_path, capsys):
     assert not (run / "base.json").exists()  # probe_episodes: 0
     # The SFT arm is sized to the RL arm's compute (whole SFT steps: within one step's worth).
     evals = _rows(run / "evals.jsonl")
+    uses = [r for r in evals if r["metric"] == "rule_use"]
+    evals = [r for r in evals if r["metric"] == "success_rate"]
     g = {r["arm"]: r["gflops"] for r in evals if r["split"] == "id"}
     assert 0 < g["init"] < g["rl"]
     per_step = g["init"] / 3
@@ -54,6 +56,8 @@ def test_demo_runs_all_stages_with_equal_compute_arms(tmp_path, capsys):
     assert all(r["episodes"] == 4 and r["seed"] == 0 for r in evals)
     assert "| task | split | metric | Init | RL | SFT |" in out
     assert "| gp-l | id | success_rate |" in out and "| gp-l | ood-rule | success_rate |" in out
+    assert "| gp-l | ood-rule | rule_use |" in out  # both endpoints, with error bars
+    assert {(r["arm"], r["split"]) for r in uses} == seen and len(uses) == len(seen)
     assert f"(SFT arm: {sft_steps.pop()} steps to match RL)" in out and "demo finished in" in out
     assert {(r["arm"], r["split"]) for r in _rows(run / "kl.jsonl")} == seen
     assert (run / "report" / "report.md").exists() and (run / "report" / "curves.png").stat().st_size > 0

@@ -64,6 +64,11 @@ def forward_flops(
     return flops
 
 
-def ideal_train_flops(cfg: config_lib.ModelConfig, *, rows: int, length: int, images: int = 0, remat: bool) -> float:
-    """A training step's FLOPs: forward + backward (3 forwards) + remat's recomputed forward."""
-    return (4.0 if remat else 3.0) * forward_flops(cfg, rows=rows, length=length, images=images)
+def ideal_train_flops(
+    cfg: config_lib.ModelConfig, *, rows: int, length: int, images: int = 0, remat: bool, frozen_base: bool = False
+) -> float:
+    """A training step's FLOPs: forward + backward (3 forwards) + remat's recomputed forward. With
+    `frozen_base` (LoRA) the backward runs through the activations only (no weight gradients of the
+    base: 2 forwards in all, the adapters' own products left out as negligible at ranks << width)."""
+    passes = 2.0 if frozen_base else 3.0
+    return (passes + (1.0 if remat else 0.0)) * forward_flops(cfg, rows=rows, length=length, images=images)

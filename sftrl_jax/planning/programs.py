@@ -22,7 +22,7 @@ from flax import nnx
 
 from sftrl_jax import ops
 from sftrl_jax.config import ConfigError
-from sftrl_jax.models import build, convert
+from sftrl_jax.models import build, convert, lora
 from sftrl_jax.models import config as model_config
 from sftrl_jax.parallel import rules
 from sftrl_jax.planning import flops as flops_lib
@@ -107,10 +107,16 @@ def _abstract_run(cfg, mesh, *, total_steps: int, wrap=None, policy=None):
             scan_layers=section.scan_layers,
             rngs=nnx.Rngs(0),
         )
+        if _lora(cfg):  # the run's adapters and frozen base (`train.run.Run`)
+            lora.add(model, cfg.lora, seed=0)
         return wrap(model) if wrap else model
 
     run = AbstractRun(make, mesh, optim=cfg.optim, total_steps=total_steps, policy=policy or PLAN_POLICY)
     return run, mc
+
+
+def _lora(cfg) -> bool:
+    return getattr(cfg, "lora", None) is not None and cfg.lora.enabled
 
 
 def _devices(mesh) -> int:
@@ -130,7 +136,9 @@ def sft_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None
         spec = {k: ((rows, length), jnp.int32) for k in ("input_ids", "attention_mask", "targets")}
         spec["loss_mask"] = ((rows, length), jnp.float32)
         spec.update(_image_spec(mc, rows, length, images))
-        ideal = flops_lib.ideal_train_flops(mc, rows=rows, length=length, images=images, remat=cfg.model.remat)
+        ideal = flops_lib.ideal_train_flops(
+            mc, rows=rows, length=length, images=images, remat=cfg.model.remat, frozen_base=_lora(cfg)
+        )
         trips = t.grad_accum
         args = (run.state, _batch(spec, mesh))
         analytic = _analytic(cfg.model, mc, run.state, mesh, rows=rows // trips, length=length, images=images)
@@ -215,7 +223,9 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
     if algo.tis_cap > 0:  # the TIS weight's denominator
         extra["sampler_token_logp"] = ((S, length), jnp.float32)
     ubatch = _batch({**spec(S), **extra}, mesh)
-    ideal = flops_lib.ideal_train_flops(mc, rows=S, length=length, images=images, remat=cfg.model.remat)
+    ideal = flops_lib.ideal_train_flops(
+        mc, rows=S, length=length, images=images, remat=cfg.model.remat, frozen_base=_lora(cfg)
+    )
     analytic = _analytic(cfg.model, mc, run.state, mesh, rows=mb, length=length, images=images)
     update = compiled["update"]
     programs.append(
@@ -227,7 +237,8 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
 def _analytic(section: ModelSection, mc, state, mesh, *, rows: int, length: int, images: int) -> dict:
     return dict(
         cfg=mc,
-        n_params=int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(state.params))),
+        # the parameters that have gradients (a LoRA run's: adapters and value head)
+        n_params=int(sum(int(np.prod(x.shape)) for x in jax.tree.leaves(lora.partition(state.params)[0]))),
         devices=_devices(mesh),
         batch_ways=rules.batch_ways(mesh),
         rows=rows,
