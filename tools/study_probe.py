@@ -20,7 +20,6 @@ from sftrl_jax.envs.general_points import answer as A
 from sftrl_jax.envs.general_points import prompts, verifier
 from sftrl_jax.train.state import load_for_eval
 
-
 N_VALID = 234  # validation hands per split (dealt from seed 99; the evaluation deals from 42)
 
 
