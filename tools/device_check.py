@@ -19,6 +19,12 @@ Every model has random weights (ours, `models.build.create_model`), written once
   compute, AdamW, median step time after the compile; MFU = model FLOPs per step
   (`planning.flops.ideal_train_flops`: 3 forwards' matrix products) / time / `--peak-flops`
   (H200 bf16 dense: 989 TFLOP/s); also against the measured bf16 matmul peak (`matmul_peak`).
+- sft_step_lora / ppo_step_lora: the same two steps on the same 1B model with LoRA adapters
+  (`models.lora.add`, rank 16, alpha 32, on the attention and MLP products; the base frozen): the
+  gradients and the AdamW state cover the adapters (and PPO's value head) only, as in `sftrl sft` /
+  `sftrl rl` with a `lora:` section. MFU's model FLOPs: `ideal_train_flops(..., frozen_base=True)`
+  (2 forwards: no weight gradients of the base). Also the trainable and total parameter counts, and
+  whether the base came out of the steps unchanged and every trainable parameter moved.
 """
 
 from __future__ import annotations
@@ -53,7 +59,9 @@ SHAPES = {
         value_hidden=(32, 16),
     ),
 }  # fmt: skip
-ROWS = ("parity_llama", "parity_mllama", "sampler", "sft_step", "ppo_step", "matmul_peak")
+ROWS = (
+    "parity_llama", "parity_mllama", "sampler", "sft_step", "ppo_step", "sft_step_lora", "ppo_step_lora", "matmul_peak",
+)  # fmt: skip
 
 
 def llama_config(smoke: bool):
@@ -233,7 +241,8 @@ def _time(fn):
     return first, out, time.perf_counter() - t0
 
 
-def step_row(step, state, batch, flops: float, peak: float, measured: float, steps: int) -> dict:
+def step_row(step, state, batch, flops: float, peak: float, measured: float, steps: int, check=None) -> dict:
+    """Median step time after the compile, MFU and losses; `check(final state) -> dict` adds its cells."""
     import jax
 
     t0 = time.perf_counter()
@@ -248,7 +257,7 @@ def step_row(step, state, batch, flops: float, peak: float, measured: float, ste
         times.append(time.perf_counter() - t0)
         losses.append(float(m["loss"]))
     t = statistics.median(times)
-    return {
+    row = {
         "step_s": t,
         "first_call_s": compile_s,
         "model_flops": flops,
@@ -258,15 +267,45 @@ def step_row(step, state, batch, flops: float, peak: float, measured: float, ste
         "loss_first": losses[0],
         "loss_last": losses[-1],
     }
+    return row | (check(state) if check else {})
+
+
+def lora_check(params):
+    """A LoRA row's extra cells: parameter counts, and (on the state after the steps) whether the
+    frozen base is bit-for-bit the one it started from and every trainable parameter moved."""
+    import jax
+    import jax.numpy as jnp
+
+    from sftrl_jax.models import lora
+
+    trainable0, frozen0 = lora.partition(params)
+
+    def count(tree):
+        return int(sum(x.size for x in jax.tree.leaves(tree)))
+
+    def check(state) -> dict:
+        trainable, frozen = lora.partition(state.params)
+        same = jax.tree.map(lambda a, b: jnp.array_equal(a, b), frozen, frozen0)
+        moved = jax.tree.map(lambda a, b: jnp.any(a != b), trainable, trainable0)
+        return {
+            "trainable_params": count(trainable0),
+            "params": count(trainable0) + count(frozen0),
+            "base_unchanged": bool(all(jax.tree.leaves(same))),
+            "trainable_moved": bool(all(jax.tree.leaves(moved))),
+        }
+
+    return check
 
 
 def train_steps(config, params, graphdef, rest, mesh, s: dict, peak: float, measured: float) -> dict:
-    """The SFT and PPO step rows on copies of the fp32 1B parameters (each step donates its state)."""
+    """The SFT and PPO step rows on copies of the fp32 1B parameters (each step donates its state),
+    without and with LoRA adapters."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     from sftrl_jax import ops
+    from sftrl_jax.models import lora
     from sftrl_jax.planning.flops import ideal_train_flops
     from sftrl_jax.rl import ppo
     from sftrl_jax.rl.value_head import PolicyWithValue, ValueHead
@@ -283,54 +322,71 @@ def train_steps(config, params, graphdef, rest, mesh, s: dict, peak: float, meas
 
     def state_for(p):
         p = jax.tree.map(jnp.copy, p)
-        tx = optim.make_optimizer(ocfg, p, total_steps=1000)
-        return tx, TrainState(step=jnp.int32(0), params=p, opt_state=optim.init_state(tx, p, mesh), rng=rng_data(0))
+        trainable = lora.partition(p)[0]  # a LoRA model's optimiser sees its adapters only (train/run.py)
+        tx = optim.make_optimizer(ocfg, trainable, total_steps=1000)
+        opt_state = optim.init_state(tx, trainable, mesh)
+        return tx, TrainState(step=jnp.int32(0), params=p, opt_state=opt_state, rng=rng_data(0))
 
-    with jax.set_mesh(mesh):
-        B, T = s["sft_rows"], s["sft_len"]
-        ids = rng.integers(3, V, (B, T))
-        mask = np.ones((B, T), np.float32)
-        mask[:, -1] = 0
-        batch = {
-            "input_ids": jnp.asarray(ids, jnp.int32),
-            "attention_mask": jnp.ones((B, T), jnp.int32),
-            "targets": jnp.asarray(np.roll(ids, -1, axis=1), jnp.int32),
-            "loss_mask": jnp.asarray(mask),
-        }
+    B, T = s["sft_rows"], s["sft_len"]
+    ids = rng.integers(3, V, (B, T))
+    mask = np.ones((B, T), np.float32)
+    mask[:, -1] = 0
+    sbatch = {
+        "input_ids": ids.astype(np.int32),
+        "attention_mask": np.ones((B, T), np.int32),
+        "targets": np.roll(ids, -1, axis=1).astype(np.int32),
+        "loss_mask": mask,
+    }
+
+    def sft(name, graphdef, params, rest, frozen_base):
         tx, state = state_for(params)
         fn = make_train_step(graphdef, rest, tx, grad_accum=s["sft_accum"], lr_fn=lr_fn, policy=policy)
-        flops = ideal_train_flops(config, rows=B, length=T, remat=False)
-        out["sft_step"] = step_row(jax.jit(fn, donate_argnums=0), state, batch, flops, peak, measured, s["steps"])
-        out["sft_step"]["shape"] = [B, T, s["sft_accum"]]
-        del state, batch
+        flops = ideal_train_flops(config, rows=B, length=T, remat=False, frozen_base=frozen_base)
+        check = lora_check(params) if frozen_base else None
+        batch = {k: jnp.asarray(v) for k, v in sbatch.items()}
+        out[name] = step_row(jax.jit(fn, donate_argnums=0), state, batch, flops, peak, measured, s["steps"], check)
+        out[name]["shape"] = [B, T, s["sft_accum"]]
 
-        B, T = s["ppo_rows"], s["ppo_len"]
-        model = nnx.merge(graphdef, params, rest)
+    P, L = s["ppo_rows"], s["ppo_len"]
+    c = L // 4  # prompt tokens; the rest is the response
+    ids = rng.integers(3, V, (P, L))
+    resp = np.zeros((P, L), np.float32)
+    resp[:, c - 1 : L - 1] = 1.0
+    pbatch = {
+        "input_ids": ids.astype(np.int32),
+        "attention_mask": np.ones((P, L), np.int32),
+        "targets": (np.roll(ids, -1, axis=1) * resp).astype(np.int32),
+        "resp_mask": resp,
+        "weights": resp,
+        "old_token_logp": resp * -math.log(V),  # about a random model's: ratios near 1
+        "value_index": np.full((P,), c - 1, np.int32),
+        "old_values": np.zeros((P,), np.float32),
+        "advantages": rng.standard_normal(P).astype(np.float32),
+        "returns": rng.standard_normal(P).astype(np.float32),
+    }
+
+    def ppo_step(name, model, frozen_base):
+        # the value head after `lora.add`: trainable beside the adapters, as in `sftrl rl`
         head = ValueHead(config.text.hidden_size, hidden=s["value_hidden"], rngs=nnx.Rngs(1))
         pgraph, pparams, prest = nnx.split(PolicyWithValue(model, head), nnx.Param, ...)
-        c = T // 4  # prompt tokens; the rest is the response
-        ids = rng.integers(3, V, (B, T))
-        resp = np.zeros((B, T), np.float32)
-        resp[:, c - 1 : T - 1] = 1.0
-        pbatch = {
-            "input_ids": ids.astype(np.int32),
-            "attention_mask": np.ones((B, T), np.int32),
-            "targets": (np.roll(ids, -1, axis=1) * resp).astype(np.int32),
-            "resp_mask": resp,
-            "weights": resp,
-            "old_token_logp": resp * -math.log(V),  # about a random model's: ratios near 1
-            "value_index": np.full((B,), c - 1, np.int32),
-            "old_values": np.zeros((B,), np.float32),
-            "advantages": rng.standard_normal(B).astype(np.float32),
-            "returns": rng.standard_normal(B).astype(np.float32),
-        }
-        pbatch = {k: jnp.asarray(v) for k, v in pbatch.items()}
-        pcfg = ppo.PPOConfig(samples_per_step=B, micro_batch=s["ppo_micro"])
+        pcfg = ppo.PPOConfig(samples_per_step=P, micro_batch=s["ppo_micro"])
         tx, state = state_for(pparams)
         fn = ops.traced_with(ppo.make_update_step(pgraph, prest, tx, pcfg, lr_fn=lr_fn, temperature=1.0), policy)
-        flops = ideal_train_flops(config, rows=B, length=T, remat=False)
-        out["ppo_step"] = step_row(jax.jit(fn, donate_argnums=0), state, pbatch, flops, peak, measured, s["steps"])
-        out["ppo_step"]["shape"] = [B, T, s["ppo_micro"]]
+        flops = ideal_train_flops(config, rows=P, length=L, remat=False, frozen_base=frozen_base)
+        check = lora_check(pparams) if frozen_base else None
+        batch = {k: jnp.asarray(v) for k, v in pbatch.items()}
+        out[name] = step_row(jax.jit(fn, donate_argnums=0), state, batch, flops, peak, measured, s["steps"], check)
+        out[name]["shape"] = [P, L, s["ppo_micro"]]
+
+    with jax.set_mesh(mesh):
+        sft("sft_step", graphdef, params, rest, frozen_base=False)
+        ppo_step("ppo_step", nnx.merge(graphdef, params, rest), frozen_base=False)
+        # copy: `lora.add` marks the variables it freezes, and a plain merge shares them with `params`
+        model = nnx.merge(graphdef, params, rest, copy=True)
+        lora.add(model, lora.LoRASection(rank=16, alpha=32), seed=0)
+        lgraph, lparams, lrest = nnx.split(model, nnx.Param, ...)
+        sft("sft_step_lora", lgraph, lparams, lrest, frozen_base=True)
+        ppo_step("ppo_step_lora", model, frozen_base=True)
     return out
 
 

@@ -116,12 +116,12 @@ class SwiGLU(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         gate, up = ops.dense_fused(
-            x, [weight(self.gate_proj, self.dtype), weight(self.up_proj, self.dtype)]
+            x, [lora.weight(self, "gate_proj", self.dtype), lora.weight(self, "up_proj", self.dtype)]
         )  # [B, T, F]
         gate, up = lora.apply(gate, self, "gate_proj", x, self.dtype), lora.apply(up, self, "up_proj", x, self.dtype)
         h = jax.nn.silu(gate) * up
         return lora.apply(
-            ops.dense(h, weight(self.down_proj, self.dtype)), self, "down_proj", h, self.dtype
+            ops.dense(h, lora.weight(self, "down_proj", self.dtype)), self, "down_proj", h, self.dtype
         )  # [B, T, D]
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import threading
 from typing import Any
 
 import jax
@@ -48,6 +49,8 @@ GROUPS = {
 PRODUCTS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "kernel")
 N_IN = {"o_proj": 2}  # input dims of a product weight (the heads and head dim of o_proj); others 1
 A, B = "_lora_a", "_lora_b"
+QSCALE = "_qscale"  # a quantized weight's per-output-channel scale, beside it on its module
+QUANT = {"int8": (jnp.int8, 127), "int4": (jnp.int4, 7)}  # storage dtype, largest magnitude
 FROZEN = "frozen"  # parameter metadata: True on the base's parameters of a LoRA model
 
 
@@ -59,11 +62,18 @@ class LoRASection:
     alpha: float = 16.0  # the delta is scaled by alpha / rank
     dropout: float = 0.0  # on the adapter's input, during training steps only
     targets: tuple[str, ...] = ("attention", "mlp")  # GROUPS names or regular expressions over paths
+    # QLoRA: "int8" or "int4" = every product weight of the frozen base stored quantized (symmetric,
+    # one scale per output channel), dequantized to the compute dtype where it is used; null = as loaded
+    quantize: str | None = None
 
     def __post_init__(self):
         from sftrl_jax import config as config_lib
 
         config_lib.check_ranges(self, rank="[0, 4096]", alpha="(0, inf)", dropout="[0, 1)")
+        if self.quantize is not None and self.quantize not in QUANT:
+            raise ConfigError(f"lora.quantize must be one of {', '.join(QUANT)} or null, got {self.quantize!r}")
+        if self.quantize is not None and not self.rank:
+            raise ConfigError("lora.quantize quantizes a LoRA run's frozen base: set lora.rank > 0 too")
         if self.rank and not self.targets:
             raise ConfigError("lora.targets must name at least one group or path pattern")
         for t in self.targets:
@@ -95,7 +105,14 @@ def _modules(model: nnx.Module):
 
 def add(model: nnx.Module, section: LoRASection, *, seed: int = 0) -> list[str]:
     """Freezes every parameter of `model` and gives each targeted product weight its adapters (in
-    place); returns the targeted weights' paths. ConfigError if no weight matches."""
+    place: a model made by `nnx.merge(graphdef, state)` shares its Variables with `state`, which is then
+    frozen too: merge with `copy=True` first to keep it); with `section.quantize` the base's product
+    weights are stored quantized (`quantize`). Returns the targeted weights' paths. ConfigError if no
+    weight matches, if the section has rank 0, or if the model has adapters already."""
+    if not section.enabled:
+        raise ConfigError("lora.rank is 0: no adapters to add")
+    if adapted(model):
+        raise ConfigError(f"the {type(model).__name__} has LoRA adapters already (merge them first)")
     patterns = section.patterns()
     targets = []
     for prefix, module in list(_modules(model)):
@@ -113,6 +130,8 @@ def add(model: nnx.Module, section: LoRASection, *, seed: int = 0) -> list[str]:
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Param) and not isinstance(var, nnx.LoRAParam):
             var.set_metadata(FROZEN, True)
+    if section.quantize is not None:
+        quantize(model, section.quantize)
     key = jax.random.key(seed)
     for i, (_, module, name, var) in enumerate(targets):
         a, b = _adapters(var, name, section.rank, jax.random.fold_in(key, i))
@@ -153,6 +172,42 @@ def _adapters(var: nnx.Param, name: str, rank: int, key) -> tuple[nnx.LoRAParam,
     return nnx.LoRAParam(a, out_sharding=a_names, **kw), nnx.LoRAParam(b, out_sharding=b_names, **kw)
 
 
+def weight(module: nnx.Module, name: str, dtype) -> jax.Array:
+    """`module`'s product weight `name` in the compute `dtype` (`layers.weight`), dequantized where the
+    frozen base is stored quantized (QLoRA)."""
+    from sftrl_jax.models import layers
+
+    var = getattr(module, name)
+    if not hasattr(module, name + QSCALE):
+        return layers.weight(var, dtype)
+    return var[...].astype(dtype) * layers.weight(getattr(module, name + QSCALE), dtype)
+
+
+def quantize(model: nnx.Module, kind: str) -> list[str]:
+    """Every product weight W of `model` (`PRODUCTS`, not the adapters) as `kind` ("int8" / "int4")
+    integers q and a scale per output channel, absmax / qmax (W ~ q * scale; fp32 scales [G, 1.., out...]),
+    in place; frozen. Returns the quantized weights' paths."""
+    dtype, qmax = QUANT[kind]
+    done = []
+    for prefix, module in list(_modules(model)):
+        for name, var in list(vars(module).items()):
+            if name not in PRODUCTS or not isinstance(var, nnx.Param) or isinstance(var, nnx.LoRAParam):
+                continue
+            lead, n_in = _split_dims(var, name)
+            names = tuple(var.get_metadata().get("out_sharding") or (None,) * var.ndim)
+            w = var[...].astype(jnp.float32)
+            amax = jnp.max(jnp.abs(w), axis=tuple(range(lead, lead + n_in)), keepdims=True)
+            scale = jnp.where(amax > 0, amax / qmax, 1.0)
+            q = jnp.clip(jnp.round(w / scale), -qmax - 1, qmax).astype(dtype)
+            meta = {k: v for k, v in var.get_metadata().items() if k not in ("hijax", "ref")}
+            setattr(module, name, nnx.Param(q, **{**meta, FROZEN: True, "stored_as": str(var.dtype)}))
+            scale_names = names[:lead] + (None,) * n_in + names[lead + n_in :]
+            kw = dict(out_sharding=scale_names, eager_sharding=False)
+            setattr(module, name + QSCALE, nnx.Param(scale, **kw, **{FROZEN: True}))
+            done.append(f"{prefix}.{name}" if prefix else name)
+    return done
+
+
 def has(module: nnx.Module, name: str) -> bool:
     return hasattr(module, name + A)
 
@@ -173,7 +228,13 @@ def apply(y: jax.Array, module: nnx.Module, name: str, x: jax.Array, dtype) -> j
 
 # -- dropout on the adapters' input, during training steps ------------------------------------------
 
-_KEYS: list[list] = []  # [key, counter] while a training step's gradient is traced
+_LOCAL = threading.local()  # .keys: [key, counter] while a training step's gradient is traced (per thread)
+
+
+def _keys() -> list[list]:
+    if not hasattr(_LOCAL, "keys"):
+        _LOCAL.keys = []
+    return _LOCAL.keys
 
 
 class dropout_key:
@@ -187,18 +248,19 @@ class dropout_key:
 
     def __enter__(self):
         if self.key is not None:
-            _KEYS.append([self.key, 0])
+            _keys().append([self.key, 0])
         return self
 
     def __exit__(self, *exc):
         if self.key is not None:
-            _KEYS.pop()
+            _keys().pop()
 
 
 def _dropout(x: jax.Array, rate: float) -> jax.Array:
-    if not _KEYS or rate <= 0:
+    keys = _keys()
+    if not keys or rate <= 0:
         return x
-    top = _KEYS[-1]
+    top = keys[-1]
     key = jax.random.fold_in(top[0], top[1])
     top[1] += 1
     keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
@@ -239,11 +301,21 @@ def merge(model: nnx.Module) -> nnx.Module:
             base = name[: -len(A)]
             w, a, b = getattr(module, base), getattr(module, name), getattr(module, base + B)
             lead, n_in = _split_dims(w, base)
-            w[...] = (w[...].astype(jnp.float32) + _delta(a[...], b[...], lead, n_in, w.shape, module, base)).astype(
-                w.dtype
-            )
+            full = weight(module, base, jnp.float32) + _delta(a[...], b[...], lead, n_in, w.shape, module, base)
+            dtype = w.get_metadata().get("stored_as", w.dtype)  # a quantized base: its dtype before
+            meta = {k: v for k, v in w.get_metadata().items() if k not in ("hijax", "ref", "stored_as")}
+            setattr(module, base, nnx.Param(full.astype(dtype), **meta))
             for suffix in (A, B, "_lora_scale", "_lora_dropout"):
                 delattr(module, base + suffix)
+            if hasattr(module, base + QSCALE):
+                delattr(module, base + QSCALE)
+    for _, module in list(_modules(model)):  # quantized weights without adapters: dequantized
+        for name in [n[: -len(QSCALE)] for n in vars(module) if n.endswith(QSCALE)]:
+            w = getattr(module, name)
+            meta = {k: v for k, v in w.get_metadata().items() if k not in ("hijax", "ref", "stored_as")}
+            full = weight(module, name, jnp.float32).astype(w.get_metadata().get("stored_as", jnp.float32))
+            setattr(module, name, nnx.Param(full, **meta))
+            delattr(module, name + QSCALE)
     for _, var in nnx.iter_graph(model):
         if isinstance(var, nnx.Variable) and var.get_metadata().get(FROZEN, False):
             var.set_metadata(FROZEN, False)

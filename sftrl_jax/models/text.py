@@ -61,7 +61,7 @@ class SelfAttention(Attention):
         """x [B, T, D], rope: `ops.rope_cos_sin` of the positions ([B, T, H/2] * 2), mask [B, T, S];
         cache_kv: ([B, S_max, K, H],) * 2 or None."""
         # [B, T, N, H], [B, T, K, H] * 2
-        q, k, v = ops.dense_fused(x, [layers.weight(p, self.dtype) for p in (self.q_proj, self.k_proj, self.v_proj)])
+        q, k, v = ops.dense_fused(x, [lora.weight(self, n, self.dtype) for n in ("q_proj", "k_proj", "v_proj")])
         q, k, v = (lora.apply(y, self, n, x, self.dtype) for y, n in ((q, "q_proj"), (k, "k_proj"), (v, "v_proj")))
         if self.qkv_bias:  # before RoPE, as transformers' Qwen2 adds it inside the projection
             q, k, v = (y + b[...].astype(self.dtype) for y, b in ((q, self.q_bias), (k, self.k_bias), (v, self.v_bias)))
@@ -80,7 +80,7 @@ class SelfAttention(Attention):
             causal=cache_kv is None,
             filled=None if cache_kv is None else cache_index + x.shape[1],
         )
-        y = ops.dense(out, layers.weight(self.o_proj, self.dtype), n_in=2)
+        y = ops.dense(out, lora.weight(self, "o_proj", self.dtype), n_in=2)
         return lora.apply(y, self, "o_proj", out, self.dtype), (k, v)  # [B, T, D]
 
 
@@ -99,7 +99,7 @@ class CrossAttention(Attention):
         return self.k_norm(k), v
 
     def _product(self, name: str, x: jax.Array, n_in: int = 1) -> jax.Array:
-        y = ops.dense(x, layers.weight(getattr(self, name), self.dtype), n_in=n_in)
+        y = ops.dense(x, lora.weight(self, name, self.dtype), n_in=n_in)
         return lora.apply(y, self, name, x, self.dtype)
 
     def __call__(self, x, *, kv, mask):

@@ -41,13 +41,11 @@ class VisionAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, mask: jax.Array) -> jax.Array:
         q, k, v = (
-            lora.apply(
-                jnp.einsum("BTD,DNH->BTNH", x, layers.weight(getattr(self, n), self.dtype)), self, n, x, self.dtype
-            )
+            lora.apply(jnp.einsum("BTD,DNH->BTNH", x, lora.weight(self, n, self.dtype)), self, n, x, self.dtype)
             for n in ("q_proj", "k_proj", "v_proj")
         )
         out = ops.attention(q, k, v, mask, scale=self.scale)
-        y = jnp.einsum("BTNH,NHD->BTD", out, layers.weight(self.o_proj, self.dtype))
+        y = jnp.einsum("BTNH,NHD->BTD", out, lora.weight(self, "o_proj", self.dtype))
         return lora.apply(y, self, "o_proj", out, self.dtype)
 
 
@@ -61,7 +59,7 @@ class Dense(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         y = lora.apply(
-            jnp.einsum("...D,DF->...F", x, layers.weight(self.kernel, self.dtype)), self, "kernel", x, self.dtype
+            jnp.einsum("...D,DF->...F", x, lora.weight(self, "kernel", self.dtype)), self, "kernel", x, self.dtype
         )
         return y + self.bias.astype(self.dtype)
 

@@ -18,6 +18,7 @@ from sftrl_jax import config
 from sftrl_jax.rl.config import RLConfig
 from sftrl_jax.rl.train import Trainer
 from sftrl_jax.train.metrics import read_jsonl
+from sftrl_jax.train.run import ADAPTER_DIR
 from tests.rl.test_rl_train import TINY, untimed
 
 # micro-batches of 8 shard over the 8-way fsdp axis (rl.config.check_mesh); 4 envs: 2 per process
@@ -28,9 +29,11 @@ OVER = {
 }
 
 
-def _config(tmp_path, name):
+def _config(tmp_path, name, lora=None):
     d = json.loads(json.dumps(TINY))
     d.update(OVER)
+    if lora:
+        d["lora"] = lora
     d["train"] = {**d["train"], "run_dir": str(tmp_path / name), "updates": 2, "prompts_per_update": 4}
     del d["train"]["devices"]
     path = tmp_path / f"{name}.yaml"
@@ -51,10 +54,13 @@ def _close(a, b, tol=1e-5):
 
 
 @pytest.mark.slow  # ~3 min on 2 cores: three runs' compiles
-def test_two_processes_match_one_process(tmp_path):
-    one = _config(tmp_path, "one")
+# lora: the frozen base sharded as without adapters, the gradients and the optimiser state of the
+# rank-4 adapters only (models/lora.py); final/ holds the merged model and the adapters
+@pytest.mark.parametrize("lora", [None, {"rank": 4, "alpha": 8}], ids=["full", "lora"])
+def test_two_processes_match_one_process(tmp_path, lora):
+    one = _config(tmp_path, "one", lora)
     Trainer(config.load(RLConfig, one)).run()
-    two = _config(tmp_path, "two")
+    two = _config(tmp_path, "two", lora)
     port = _free_port()
     procs = []
     for pid in range(2):
@@ -87,6 +93,7 @@ def test_two_processes_match_one_process(tmp_path):
         {k: r[k] for k in ("step", "metric", "value")} for r in read_jsonl(tmp_path / "one" / "evals.jsonl")
     ]
     assert os.path.isdir(tmp_path / "two" / "final")
+    assert os.path.isdir(tmp_path / "two" / "final" / ADAPTER_DIR) == bool(lora)
 
 
 def test_runner_shares_envs_between_processes(monkeypatch):

@@ -242,3 +242,42 @@ def test_dropout_applies_only_inside_a_training_steps_key():
     _randomise_b(no_drop)
     with lora.dropout_key(jax.random.key(0)):
         np.testing.assert_array_equal(np.asarray(_logits(no_drop, ids)), plain)
+
+
+@pytest.mark.parametrize(("kind", "bound"), [("int8", 0.02), ("int4", 0.3)])
+def test_qlora_stores_the_base_quantized_and_merges_to_its_dequantized_forward(kind, bound):
+    """lora.quantize: every product weight of the base as int8 / int4 with a scale per output channel
+    (the logits move by quantisation error only); the merged model is the dequantized base plus the
+    deltas, in the weights' original dtype, with no integer weight or scale left."""
+    model = load_model(ModelSection(preset="llama-tiny", scan_layers=True))
+    ids = jnp.asarray(np.random.default_rng(0).integers(3, 200, (2, 12)))
+    base = np.asarray(_logits(model, ids))
+    lora.add(model, lora.LoRASection(rank=4, quantize=kind), seed=0)
+    att = model.model.stacks[0].self_attn
+    assert att.q_proj[...].dtype == jnp.dtype(kind) and att.q_proj_qscale.shape == (2, 1, 4, 16)
+    quantized = np.asarray(_logits(model, ids))
+    err = np.abs(quantized - base).max() / np.abs(base).max()
+    assert 0 < err < bound, err
+    _randomise_b(model)
+    moved = np.asarray(_logits(model, ids))
+    merged = lora.merge(nnx.clone(model))
+    leaves = jax.tree.leaves(nnx.state(merged, nnx.Param))
+    assert {x.dtype for x in leaves} == {jnp.dtype(jnp.float32)} and not hasattr(
+        merged.model.stacks[0].self_attn, "q_proj_qscale"
+    )
+    np.testing.assert_allclose(np.asarray(_logits(merged, ids)), moved, atol=2e-5, rtol=0)
+    trainable, frozen = lora.partition(nnx.state(model, nnx.Param))
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(trainable))  # adapters only, fp32
+    with pytest.raises(ConfigError, match="lora.quantize must be one of int8, int4 or null"):
+        lora.LoRASection(rank=4, quantize="nf3")
+    with pytest.raises(ConfigError, match="has LoRA adapters already"):
+        lora.add(model, lora.LoRASection(rank=4))
+
+
+def test_qlora_sft_trains(tmp_path, data_file):
+    cfg = _cfg(tmp_path, data_file, "q4", quantize="int4")
+    train(cfg)
+    loss = [r["train/loss"] for r in read_jsonl(os.path.join(cfg.train.run_dir, "metrics.jsonl"))]
+    assert len(loss) == 6 and loss[-1] < loss[0] - 0.3, loss
+    final = _params(os.path.join(cfg.train.run_dir, "final"))
+    assert all(v.dtype == np.float32 for v in final.values())  # merged: dequantized base + deltas
