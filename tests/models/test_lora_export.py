@@ -8,21 +8,11 @@ torch = pytest.importorskip("torch")
 peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
-import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from sftrl_jax.models import convert, lora  # noqa: E402
 from sftrl_jax.train.state import ModelSection, load_model  # noqa: E402
-
-
-def _randomise_b(model, scale=0.1):
-    i = 0
-    for _, module in nnx.iter_graph(model):
-        for name, var in vars(module).items() if isinstance(module, nnx.Module) else ():
-            if name.endswith("_lora_b"):
-                i += 1
-                var[...] = scale * jax.random.normal(jax.random.key(i), var.shape)
+from tests.train.test_lora import _randomise_b  # noqa: E402
 
 
 @pytest.mark.hf
