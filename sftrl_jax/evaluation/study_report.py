@@ -236,10 +236,13 @@ def final_kl(kl: Sequence[dict]) -> dict[str, dict[str, tuple[float, float, floa
     return out
 
 
-def curve(evals: Sequence[dict], *, task: str, split: str, arm: str) -> tuple[list[float], list[float], list[float]]:
-    """(x, y, err): Init then the arm's compute points, the k-th point of every seed averaged (x = mean gflops,
-    y = mean value, err = std across seeds; 0 where only one seed has that point)."""
-    rows = [r for r in evals if r["task"] == task and r["split"] == split]
+def curve(
+    evals: Sequence[dict], *, task: str, split: str, arm: str, metric: str | None = None
+) -> tuple[list[float], list[float], list[float]]:
+    """(x, y, err): Init then the arm's compute points of `metric` (default: the split's only one), the k-th
+    point of every seed averaged (x = mean gflops, y = mean value, err = std across seeds; 0 where only
+    one seed has that point)."""
+    rows = [r for r in evals if r["task"] == task and r["split"] == split and metric in (None, r["metric"])]
     init = [_last(rs) for (a, _), rs in _by(rows, "arm", "seed").items() if a == "init"]
     points: list[list[dict]] = [init] if init else []
     for (a, _), rs in sorted(_by(rows, "arm", "seed").items(), key=lambda kv: kv[0][1]):
@@ -261,7 +264,11 @@ def curve(evals: Sequence[dict], *, task: str, split: str, arm: str) -> tuple[li
 def kl_points(study: Study) -> list[dict[str, Any]]:
     """Each KL row joined to the evaluation of the same seed, arm, step and split (rows without one are left out):
     {"seed", "arm", "step", "split", "kl", "value"}."""
-    index = {(r["seed"], r["arm"], r["step"], r["split"]): r for r in study.evals if r["task"] == study.task}
+    index = {  # the headline metric's rows (not rule use)
+        (r["seed"], r["arm"], r["step"], r["split"]): r
+        for r in study.evals
+        if r["task"] == study.task and r["metric"] != "rule_use"
+    }
     out = []
     for r in study.kl:
         ev = index.get((r["seed"], r["arm"], r["step"], r["split"]))
@@ -433,7 +440,7 @@ def plot_curves(study: Study, path: str | os.PathLike) -> str:
         for arm in ORDER[1:]:
             if arm not in arms:
                 continue
-            x, y, e = curve(study.evals, task=task, split=split, arm=arm)
+            x, y, e = curve(study.evals, task=task, split=split, arm=arm, metric=metric)
             ax.errorbar(
                 x,
                 [100 * v for v in y],
@@ -446,10 +453,10 @@ def plot_curves(study: Study, path: str | os.PathLike) -> str:
                 label=NAMES[arm],
             )
         if "init" in arms:
-            rows = [r for r in study.evals if r["task"] == task and r["split"] == split]
+            rows = [r for r in study.evals if (r["task"], r["split"], r["metric"]) == (task, split, metric)]
             init = [_last(rs)["value"] for (a, _), rs in _by(rows, "arm", "seed").items() if a == "init"]
             ax.axhline(100 * sum(init) / len(init), color=run_report.COLORS["init"], ls="--", lw=1, label="Init")
-        ax.set_title(f"{task} {_split_name(split)}")
+        ax.set_title(f"{task} {_split_name(split)}: {metric.replace('_', ' ')}")
         ax.set_xlabel("GFLOPs")
         ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
         ax.set_ylim(bottom=0.0, top=max(5.0, ax.get_ylim()[1]))

@@ -222,3 +222,26 @@ def test_run_table_grpo_column_only_with_grpo_rows(tmp_path):
         "|---|---|---|---|---|---|---|\n"
         "| gp-l | ood-rule | success_rate | 10.0% ± 3.0 | 15.0% ± 3.6 (+5.0) | 12.0% ± 3.2 (+2.0) | 2.0% ± 1.4 (-8.0) |\n"
     )
+
+
+def test_curves_and_kl_points_keep_each_metric_apart():
+    """A study writes rule_use rows beside success rows for the same points: a curve reads one metric,
+    the KL plot pairs KL with the success rate."""
+    from sftrl_jax.evaluation import study_report as sr
+
+    evals = []
+    for seed in (0, 1):
+        for arm, step, g, succ, use in (
+            ("init", 0, 1.0, 0.1, 0.7),
+            ("sft", 4, 2.0, 0.05, 0.5),
+            ("sft", 8, 3.0, 0.02, 0.4),
+        ):
+            base = dict(seed=seed, arm=arm, step=step, gflops=g, task="gp-l", split="ood-rule", episodes=10)
+            evals += [{**base, "metric": "success_rate", "value": succ}, {**base, "metric": "rule_use", "value": use}]
+    x, y, _ = sr.curve(evals, task="gp-l", split="ood-rule", arm="sft", metric="rule_use")
+    assert x == [1.0, 2.0, 3.0] and y == pytest.approx([0.7, 0.5, 0.4])
+    _, y, _ = sr.curve(evals, task="gp-l", split="ood-rule", arm="sft", metric="success_rate")
+    assert y == pytest.approx([0.1, 0.05, 0.02])
+    kl = [dict(seed=0, arm="sft", step=8, gflops=3.0, split="ood-rule", kl=0.01)]
+    study = sr.Study(dir=".", meta={}, evals=evals, kl=kl, base=None)
+    assert sr.kl_points(study) == [dict(seed=0, arm="sft", step=8, split="ood-rule", kl=0.01, value=0.02)]

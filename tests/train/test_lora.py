@@ -274,6 +274,7 @@ def test_qlora_stores_the_base_quantized_and_merges_to_its_dequantized_forward(k
         lora.add(model, lora.LoRASection(rank=4))
 
 
+@pytest.mark.slow  # ~15 s; QLoRA's forward, quantisation and merge stay in the default suite (the test above)
 def test_qlora_sft_trains(tmp_path, data_file):
     cfg = _cfg(tmp_path, data_file, "q4", quantize="int4")
     train(cfg)
