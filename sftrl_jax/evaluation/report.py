@@ -89,7 +89,9 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     """Markdown: per task/split, Init and the last SFT / RL evaluation (with the change from Init); a
     second line gives the mean reward per turn where the rows carry it (small models move it long
     before they solve a task). A GRPO column appears only when some row is of the grpo arm."""
-    keys = sorted({(r["task"], r["split"], r["metric"]) for r in rows}, key=lambda k: (k[0], k[1] != "id", k[1]))
+    # per split: the headline metric first, then rule use (a study's primary endpoint beside it)
+    order = lambda k: (k[0], k[1] != "id", k[1], k[2] == "rule_use", k[2])  # noqa: E731
+    keys = sorted({(r["task"], r["split"], r["metric"]) for r in rows}, key=order)
     arms = ("init", "rl", "grpo", "sft") if any(r["arm"] == "grpo" for r in rows) else ("init", "rl", "sft")
     names = {"init": "Init", "rl": "RL", "grpo": "GRPO", "sft": "SFT"}
     out = [

@@ -245,3 +245,15 @@ def test_curves_and_kl_points_keep_each_metric_apart():
     kl = [dict(seed=0, arm="sft", step=8, gflops=3.0, split="ood-rule", kl=0.01)]
     study = sr.Study(dir=".", meta={}, evals=evals, kl=kl, base=None)
     assert sr.kl_points(study) == [dict(seed=0, arm="sft", step=8, split="ood-rule", kl=0.01, value=0.02)]
+
+
+def test_the_table_lists_the_headline_before_rule_use_on_every_split():
+    from sftrl_jax.evaluation import report
+
+    rows = [
+        dict(arm="init", step=0, gflops=1.0, task="gp-l", split=split, metric=m, value=0.5, stderr=0.1, episodes=4)
+        for split in ("ood-rule", "id")
+        for m in ("rule_use", "success_rate")
+    ]
+    lines = [line.split(" | ")[1:3] for line in report.table(rows).splitlines()[2:]]
+    assert lines == [["id", "success_rate"], ["id", "rule_use"], ["ood-rule", "success_rate"], ["ood-rule", "rule_use"]]
