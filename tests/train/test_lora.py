@@ -282,3 +282,43 @@ def test_qlora_sft_trains(tmp_path, data_file):
     assert len(loss) == 6 and loss[-1] < loss[0] - 0.3, loss
     final = _params(os.path.join(cfg.train.run_dir, "final"))
     assert all(v.dtype == np.float32 for v in final.values())  # merged: dequantized base + deltas
+
+
+def test_a_lora_grpo_update_trains_the_adapters_only(tmp_path):
+    """One GRPO update of a LoRA policy: reward and loss logged, the base the same, the adapters moved
+    where there was a gradient, final/ with its PEFT adapter."""
+    from sftrl_jax.rl.config import RLConfig
+    from sftrl_jax.rl.train import Trainer
+
+    d = {
+        "model": {"preset": "llama-tiny", "text_overrides": {**TEXT, "max_position_embeddings": 1024}},
+        "algo": "grpo",
+        "env": {"task": "gp-l", "num_envs": 4},
+        "sampling": {"max_new_tokens": 12, "temperature": 1.0},
+        "grpo": {"group_size": 2, "samples_per_step": 4, "micro_batch": 4},
+        "optim": {"lr": 5.0e-2, "grad_clip": 1.0},
+        "eval": {"every": 0, "splits": []},
+        "train": {
+            "run_dir": str(tmp_path / "grpo"),
+            "updates": 1,
+            "prompts_per_update": 2,
+            "length_buckets": [512, 1024],
+            "devices": 1,
+            "progress": False,
+            "async_checkpointing": False,
+        },
+        "lora": {"rank": 4, "alpha": 8},
+    }
+    p = tmp_path / "grpo.yaml"
+    p.write_text(json.dumps(d))
+    trainer = Trainer(config.load(RLConfig, p))
+    trainable0, frozen0 = (jax.tree.map(np.asarray, x) for x in lora.partition(trainer.harness.state.params))
+    trainer.run()
+    trainable1, frozen1 = (jax.tree.map(np.asarray, x) for x in lora.partition(trainer.harness.state.params))
+    row = read_jsonl(os.path.join(str(tmp_path / "grpo"), "metrics.jsonl"))[-1]
+    assert np.isfinite(row["train/loss"]) and any("reward" in k for k in row), sorted(row)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(frozen0), jax.tree.leaves(frozen1)))
+    moved = any(not np.array_equal(a, b) for a, b in zip(jax.tree.leaves(trainable0), jax.tree.leaves(trainable1)))
+    # the adapters move exactly when some group's rewards differed (else every advantage, and gradient, is 0)
+    assert moved == (row["train/grad_norm"] > 0), row["train/grad_norm"]
+    assert os.path.exists(os.path.join(str(tmp_path / "grpo"), "final", "adapter", "adapter_config.json"))
