@@ -322,3 +322,29 @@ def test_a_lora_grpo_update_trains_the_adapters_only(tmp_path):
     # the adapters move exactly when some group's rewards differed (else every advantage, and gradient, is 0)
     assert moved == (row["train/grad_norm"] > 0), row["train/grad_norm"]
     assert os.path.exists(os.path.join(str(tmp_path / "grpo"), "final", "adapter", "adapter_config.json"))
+
+
+@pytest.mark.slow  # ~60 s: a subprocess killed after its checkpoint, then resumed
+def test_a_lora_sft_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, data_file):
+    import signal
+    import subprocess
+    import sys
+
+    from tests.sft.test_sft_train import KILL_AFTER_SAVE
+
+    full = _cfg(tmp_path, data_file, "whole")
+    train(full)
+    killed = _cfg(tmp_path, data_file, "killed")
+    code = KILL_AFTER_SAVE.format(kill_step=4)
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path / "killed.yaml")], capture_output=True, text=True, timeout=600
+    )
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert not os.path.exists(os.path.join(killed.train.run_dir, "final"))
+    train(killed)  # resumes from step 4: the adapters and their moments from the checkpoint, the base rebuilt
+    a, b = _params(os.path.join(full.train.run_dir, "final")), _params(os.path.join(killed.train.run_dir, "final"))
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+    la = [r["train/loss"] for r in read_jsonl(os.path.join(full.train.run_dir, "metrics.jsonl"))]
+    lb = [r["train/loss"] for r in read_jsonl(os.path.join(killed.train.run_dir, "metrics.jsonl"))]
+    assert la == lb
