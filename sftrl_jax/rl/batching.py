@@ -143,14 +143,6 @@ def put_token_logp(batch: dict[str, np.ndarray], key: str, turns: Sequence[Turn]
     batch[key] = rows.place([table[id(t)] for t in turns], at, length=old.shape[1], dtype=old.dtype)
 
 
-def sampler_token_logp(turns: Sequence[Turn], buckets: Sequence[int]) -> np.ndarray:
-    """[B, L]: the sampler's token log-probs of turns, aligned with `build_batch`'s targets (its
-    `old_token_logp` before the trainer's replace it): the denominator of the TIS weight."""
-    at = [len(t.context_ids) - 1 for t in turns]
-    lps = [t.logprobs[: len(t.response_ids)] for t in turns]
-    return rows.place(lps, at, length=padded_length(turns, buckets), dtype=np.float32)
-
-
 def sampler_agreement(turns: Sequence[Turn], trainer_logps: Sequence[np.ndarray]) -> dict[str, float]:
     """`losses.sampler_agreement` over every response token of turns: the trainer's token log-probs at
     the rollout's parameters (each turn's [R]) against the sampler's own."""

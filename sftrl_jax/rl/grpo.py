@@ -193,7 +193,6 @@ class GRPOLearner(learner_lib.Learner):
         sampler_gap = batching.token_gap(sample_turns, trainer_logp)
         agreement = batching.sampler_agreement(sample_turns, trainer_logp)
         ref_of = self.ref_table(sample_turns, first_steps)
-        buckets = self.batcher.buckets
 
         def steps():
             for epoch, idxs in enumerate(epoch_steps):
@@ -201,11 +200,7 @@ class GRPOLearner(learner_lib.Learner):
                     chosen = [samples[i] for i in idx]
                     real = len(set(idx))  # fewer turns than one step: the step repeats them, with zero advantage
                     adv_step = [a if k < real else 0.0 for k, (_, a) in enumerate(chosen)]
-                    turns = [t for t, _ in chosen]
-                    extra = {"advantages": np.array(adv_step, np.float32)}
-                    if gcfg.tis_cap > 0:
-                        extra["sampler_token_logp"] = batching.sampler_token_logp(turns, buckets)
-                    yield epoch, turns, extra
+                    yield epoch, [t for t, _ in chosen], {"advantages": np.array(adv_step, np.float32)}
 
         t1 = time.perf_counter()
         metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)

@@ -239,6 +239,8 @@ class Learner:
         for epoch, turns, extra in steps:
             batch = self.batcher.build(turns)
             batch.update(extra)
+            if self.rl_cfg.algo_cfg.tis_cap > 0:  # TIS: the sampler's log-probs (as built) beside the old ones
+                batch["sampler_token_logp"] = batch["old_token_logp"].copy()
             if old_of is not None:
                 batching.put_token_logp(batch, "old_token_logp", turns, old_of)
             if ref_of is not None:

@@ -303,7 +303,6 @@ class PPOLearner(learner_lib.Learner):
         old_of = {id(t): lp for t, lp in zip(flat, trainer_tokens)} if trainer_old else None
         sampler_gap = batching.token_gap(flat, trainer_tokens)
         agreement = batching.sampler_agreement(flat, trainer_tokens)
-        buckets = self.batcher.buckets
         ref_of = self.ref_table(flat, first_steps)
 
         def steps():
@@ -315,10 +314,7 @@ class PPOLearner(learner_lib.Learner):
                         "advantages": adv[idx].astype(np.float32),
                         "returns": ret[idx].astype(np.float32),
                     }
-                    turns = [flat[i] for i in idx]
-                    if pcfg.tis_cap > 0:
-                        extra["sampler_token_logp"] = batching.sampler_token_logp(turns, buckets)
-                    yield epoch, turns, extra
+                    yield epoch, [flat[i] for i in idx], extra
 
         t1 = time.perf_counter()
         metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)

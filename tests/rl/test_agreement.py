@@ -10,9 +10,7 @@ import numpy as np
 import pytest
 
 from sftrl_jax.config import ConfigError
-from sftrl_jax.data.tokenizer import load_tokenizer
-from sftrl_jax.episodes import Turn
-from sftrl_jax.rl import batching, grpo, losses, ppo
+from sftrl_jax.rl import grpo, losses, ppo
 from sftrl_jax.rl.train import Trainer
 from sftrl_jax.train.metrics import read_jsonl
 from tests.rl.test_rl_train import TINY, make
@@ -95,17 +93,6 @@ def test_grpo_old_logp_auto_takes_the_trainers_where_they_differ():
     assert grpo.GRPOConfig(tis_cap=2.0).old_logp_source(fp32) == "trainer"
     assert grpo.GRPOConfig(old_logp="sampler").old_logp_source(bf16) == "sampler"
     assert ppo.PPOConfig().old_logp_source(fp32) == "trainer"
-
-
-def test_sampler_token_logp_is_laid_out_as_the_built_batch():
-    tok = load_tokenizer()
-    turns = []
-    for i, a in enumerate(["yes", "no, not that one"]):
-        ctx = tok.chat_ids([{"role": "user", "content": f"q{i}"}], add_generation_prompt=True)
-        resp = tok.encode(a) + [tok.eot_id]
-        turns.append(Turn(0, i, 0, ctx, resp, [-0.1 * (k + 1) for k in range(len(resp))], a, 0.0, True, False, [], {}))
-    batch = batching.build_batch(turns, tok, ppo.PPOConfig(), buckets=(16, 32, 64))
-    np.testing.assert_array_equal(batching.sampler_token_logp(turns, (16, 32, 64)), batch["old_token_logp"])
 
 
 # -- the runs ------------------------------------------------------------------------------------
