@@ -181,9 +181,8 @@ def _peft_matches_final(tmp_path, run_dir):
     assert cli.main(["export", "--adapter", "--ckpt", str(tmp_path), "--out", str(tmp_path / "x")]) == 2
 
 
-def test_the_sampler_decodes_with_the_adapters_of_the_current_update(tmp_path):
-    """One PPO update of a LoRA policy: the sampler's log-probs of a fixed prompt change, and equal
-    those of the model with the adapters merged into its weights."""
+def _rl_trainer(tmp_path, name, *, updates=2, **sections):
+    """An RL Trainer of a tiny LoRA policy (rank 4) on GP-L, one device; `sections` added to the config."""
     from sftrl_jax.rl.config import RLConfig
     from sftrl_jax.rl.train import Trainer
 
@@ -191,23 +190,30 @@ def test_the_sampler_decodes_with_the_adapters_of_the_current_update(tmp_path):
         "model": {"preset": "llama-tiny", "text_overrides": {**TEXT, "max_position_embeddings": 1024}},
         "env": {"task": "gp-l", "num_envs": 4},
         "sampling": {"max_new_tokens": 12, "temperature": 1.0},
-        "ppo": {"epochs": 1, "samples_per_step": 4, "micro_batch": 4},
         "optim": {"lr": 5.0e-2, "grad_clip": 1.0},
         "eval": {"every": 0, "splits": []},
         "train": {
-            "run_dir": str(tmp_path / "rl"),
-            "updates": 2,
+            "run_dir": str(tmp_path / name),
+            "updates": updates,
             "steps_per_update": 2,
+            "prompts_per_update": 2,
             "length_buckets": [512, 1024],
             "devices": 1,
             "progress": False,
             "async_checkpointing": False,
         },
         "lora": {"rank": 4, "alpha": 8},
+        **sections,
     }
-    p = tmp_path / "rl.yaml"
+    p = tmp_path / f"{name}.yaml"
     p.write_text(json.dumps(d))
-    trainer = Trainer(config.load(RLConfig, p))
+    return Trainer(config.load(RLConfig, p))
+
+
+def test_the_sampler_decodes_with_the_adapters_of_the_current_update(tmp_path):
+    """One PPO update of a LoRA policy: the sampler's log-probs of a fixed prompt change, and equal
+    those of the model with the adapters merged into its weights."""
+    trainer = _rl_trainer(tmp_path, "rl", ppo={"epochs": 1, "samples_per_step": 4, "micro_batch": 4})
     prompt = [[1, 17, 42, 99, 7, 300, 12]]
 
     def sample(model):
@@ -287,31 +293,9 @@ def test_qlora_sft_trains(tmp_path, data_file):
 def test_a_lora_grpo_update_trains_the_adapters_only(tmp_path):
     """One GRPO update of a LoRA policy: reward and loss logged, the base the same, the adapters moved
     where there was a gradient, final/ with its PEFT adapter."""
-    from sftrl_jax.rl.config import RLConfig
-    from sftrl_jax.rl.train import Trainer
 
-    d = {
-        "model": {"preset": "llama-tiny", "text_overrides": {**TEXT, "max_position_embeddings": 1024}},
-        "algo": "grpo",
-        "env": {"task": "gp-l", "num_envs": 4},
-        "sampling": {"max_new_tokens": 12, "temperature": 1.0},
-        "grpo": {"group_size": 2, "samples_per_step": 4, "micro_batch": 4},
-        "optim": {"lr": 5.0e-2, "grad_clip": 1.0},
-        "eval": {"every": 0, "splits": []},
-        "train": {
-            "run_dir": str(tmp_path / "grpo"),
-            "updates": 1,
-            "prompts_per_update": 2,
-            "length_buckets": [512, 1024],
-            "devices": 1,
-            "progress": False,
-            "async_checkpointing": False,
-        },
-        "lora": {"rank": 4, "alpha": 8},
-    }
-    p = tmp_path / "grpo.yaml"
-    p.write_text(json.dumps(d))
-    trainer = Trainer(config.load(RLConfig, p))
+    grpo = {"group_size": 2, "samples_per_step": 4, "micro_batch": 4}
+    trainer = _rl_trainer(tmp_path, "grpo", algo="grpo", grpo=grpo, updates=1)
     trainable0, frozen0 = (jax.tree.map(np.asarray, x) for x in lora.partition(trainer.harness.state.params))
     trainer.run()
     trainable1, frozen1 = (jax.tree.map(np.asarray, x) for x in lora.partition(trainer.harness.state.params))
