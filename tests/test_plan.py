@@ -206,3 +206,44 @@ def test_11b_sft_step_fits_an_80_gib_device(capsys, config):
     )
     assert row["peak_bytes"] < 80 * 2**30
     assert 0.85 < row["flops"] / row["ideal_flops"] < 1.15
+
+
+def test_the_plan_holds_no_f32_copy_of_a_bf16_weight_stack():
+    """XLA:CPU multiplies bf16 in f32 and, left to its loop-invariant code motion, converts a whole
+    scanned bf16 weight stack to f32 before the loop (2x the weights, which an accelerator never holds):
+    the planner compiles without that hoist (`hoist=True` shows the copy)."""
+    import jax
+    import jax.numpy as jnp
+
+    mesh = jax.make_mesh((1,), ("data",), devices=jax.devices()[:1])
+    stack = jax.ShapeDtypeStruct((8, 512, 2048), jnp.bfloat16)  # 16 MiB of bf16 weights
+    x = jax.ShapeDtypeStruct((4, 512), jnp.bfloat16)
+
+    def layers(w, x):
+        return jax.lax.scan(lambda c, wi: (jnp.tanh(c @ wi).astype(c.dtype) @ wi.T, None), x, w)[0]
+
+    program = planning.programs.Program("layers", jax.jit(layers), (stack, x), None, mesh)
+    weights = 8 * 512 * 2048 * 2
+    assert planning.analyse(program, hoist=True)["temp_bytes"] >= 2 * weights  # the f32 copy of the stack
+    assert planning.analyse(program)["temp_bytes"] <= weights // 2  # one layer's f32 slice (4 MiB) at a time
+
+
+def test_a_frozen_vision_side_runs_forward_only_in_the_ideal():
+    """LoRA with no adapter on the vision side: nothing upstream of the vision tokens is trained, so the
+    tower, projector and cross-attention k/v count one forward; the text side 2 (+ remat's)."""
+    from sftrl_jax.planning import flops
+
+    cfg = config_lib.MllamaConfig.tiny()
+    text, side = flops._forward_parts(cfg, rows=2, length=64, keys=None, images=1)
+    assert side > 0 and text + side == flops.forward_flops(cfg, rows=2, length=64, images=1)
+    ideal = lambda **kw: flops.ideal_train_flops(cfg, rows=2, length=64, images=1, remat=True, **kw)  # noqa: E731
+    assert ideal() == 4 * (text + side)
+    assert ideal(frozen_base=True) == 3 * (text + side)
+    assert ideal(frozen_base=True, vision_trained=False) == 3 * text + side
+    assert ideal(vision_trained=False) == 4 * (text + side)  # full fine-tuning trains the tower
+    # a decode step: the new token goes through the cross-attention layers, not the (cached) vision side
+    step = flops.decode_flops(cfg, rows=2, keys=70, images=1)
+    assert step == flops._forward_parts(cfg, rows=2, length=1, keys=70, images=1)[0]
+    assert step > flops.forward_flops(cfg, rows=2, length=1, keys=70) and step < flops.forward_flops(
+        cfg, rows=2, length=1, keys=70, images=1
+    )

@@ -49,6 +49,19 @@ def add_arguments(parser):
     parser.add_argument(
         "--export-only", action="store_true", help="with --platform: export each program, compile nothing"
     )
+    parser.add_argument(
+        "--hoist",
+        action="store_true",
+        help="keep XLA:CPU's loop-invariant code motion (it holds f32 copies of whole bf16 weight stacks, "
+        "which an accelerator has not; the planner's figures before 2026-12-08)",
+    )
+    parser.add_argument(
+        "--attention",
+        choices=("blocked", "xla"),
+        default="blocked",
+        help="attention as a fused kernel's memory (blocked, default) or XLA's whole score matrices (xla: "
+        "the figures before 2026-12-08)",
+    )
     parser.add_argument("--limit-gib", type=float, default=80.0, help="per-device memory to check peaks against")
 
 
@@ -121,7 +134,8 @@ def run(args) -> int:
 
     spec = args.mesh or cfg.train.mesh
     mesh = mesh_lib.make_mesh(mesh_lib.parse_mesh_spec(spec), devices=jax.devices()[: args.devices])
-    programs = planning.programs_for(cfg, mesh, images=args.images)
+    policy = planning.programs.PLAN_POLICY_XLA if args.attention == "xla" else None
+    programs = planning.programs_for(cfg, mesh, images=args.images, policy=policy)
     exports = {}
     if args.platform:  # the same programs traced with that platform's kernels (cuDNN, Pallas)
         from sftrl_jax import ops
@@ -155,7 +169,7 @@ def run(args) -> int:
     for p in programs:
         if not args.json:
             print(f"compiling {p.name} ...", file=sys.stderr, flush=True)
-        row = planning.analyse(p)
+        row = planning.analyse(p, hoist=args.hoist)
         if args.platform:
             calls = planning.export_for(exports[p.name], args.platform)
             row["export"] = {"platform": args.platform, "custom_calls": calls}

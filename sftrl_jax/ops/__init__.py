@@ -104,6 +104,11 @@ def attention(
     backend = "reference" if current().reference else _backend()
     if filled is not None and q.shape[1] == 1:  # XLA ops themselves: the reference runs them too
         return xla.attention_filled(q, k, v, mask, filled, scale=scale)
+    if current().attention == "blocked":  # any backend: the planner's stand-in for a fused kernel
+        if causal and mask is None:
+            t = q.shape[1]
+            mask = jnp.broadcast_to(jnp.tri(t, dtype=bool), (q.shape[0], t, t))
+        return xla.attention_blocked(q, k, v, mask, scale=scale)
     if backend == "gpu":
         return gpu.attention(q, k, v, mask, scale=scale, causal=causal)
     if backend == "tpu":

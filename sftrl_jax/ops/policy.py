@@ -15,7 +15,7 @@ from collections.abc import Iterator
 
 import jax
 
-ATTENTION_IMPLS = (None, "cudnn", "flash", "cpu_kernel")
+ATTENTION_IMPLS = (None, "cudnn", "flash", "cpu_kernel", "blocked")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -27,7 +27,8 @@ class Policy:
     or fused projections, whose other summation order made the first PPO/GRPO ratio differ from 1
     (2.4e-7). reference: the plain XLA ops of `ops.xla` on any backend (the parity tests' "XLA path
     of each backend"). attention: insist on one fused kernel (an error where it cannot run; tests,
-    benchmarks); None = the backend's choice."""
+    benchmarks); "blocked": `ops.xla.attention_blocked` on any backend (XLA ops with a fused kernel's
+    memory: `sftrl plan`'s stand-in for cuDNN / the TPU kernel); None = the backend's choice."""
 
     platform: str | None = None
     cpu_kernels: bool = False

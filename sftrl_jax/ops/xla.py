@@ -8,6 +8,8 @@ Shape legend: B batch, T query length, S key length, N query heads, K kv heads, 
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -109,3 +111,100 @@ def attention_filled(
     uniform = jnp.broadcast_to((vsum / s)[:, :, None, None, :], out.shape)
     out = jnp.where((total > 0)[..., None], out, uniform)
     return out.transpose(0, 3, 1, 2, 4).reshape(b, t, n, h).astype(v.dtype)
+
+
+BLOCK = 512  # query rows per block of `attention_blocked`
+
+
+def attention_blocked(
+    q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None, *, scale: float, block: int = BLOCK
+) -> jax.Array:
+    """`attention` in blocks of `block` query rows, forward and backward, in XLA ops: the memory shape
+    of a fused (flash) kernel. The forward keeps each row's output and log-sum-exp, not its
+    probabilities; the backward recomputes a block's probabilities from them (one more score product
+    per block). [B, N, block, S] fp32 scores at a time instead of [B, N, T, S]: what `sftrl plan`
+    compiles in place of cuDNN's / the TPU's fused kernels, which XLA:CPU cannot run. Equal to
+    `attention` (same fp32 softmax, rows with nothing to attend uniform). The block is the largest
+    divisor of T from `block` down to `block / 4` (a vision tile's 1608 patches: 402); T <= block, or
+    no such divisor, runs `attention` itself."""
+    t = q.shape[1]
+    block = next((c for c in range(min(block, t), block // 4 - 1, -1) if t % c == 0), t)
+    if block >= t:
+        return attention(q, k, v, mask, scale=scale)
+    if mask is None:
+        mask = jnp.ones((q.shape[0], t, k.shape[1]), bool)
+    return _blocked(q, k, v, mask, float(scale), int(block))
+
+
+def _blocks(x: jax.Array, block: int) -> jax.Array:
+    """[B, T, ...] -> [T / block, B, block, ...]."""
+    return jnp.moveaxis(x.reshape(x.shape[0], x.shape[1] // block, block, *x.shape[2:]), 1, 0)
+
+
+def _unblocks(x: jax.Array) -> jax.Array:
+    x = jnp.moveaxis(x, 0, 1)
+    return x.reshape(x.shape[0], x.shape[1] * x.shape[2], *x.shape[3:])
+
+
+def _block_scores(qb, k, mb, scale):
+    """A block's fp32 scores minus each row's max, masked as `attention` masks them: [B, K, G, block, S]
+    (a row with nothing to attend: all 0, so uniform), and the rows' maxima."""
+    b, c, n, h = qb.shape
+    kv_heads = k.shape[2]
+    qr = qb.reshape(b, c, kv_heads, n // kv_heads, h)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qr, k, preferred_element_type=jnp.float32) * scale
+    scores = jnp.where(mb[:, None, None], scores, jnp.finfo(jnp.float32).min)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    return scores - m, m[..., 0]
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _blocked(q, k, v, mask, scale, block):
+    return _blocked_fwd(q, k, v, mask, scale, block)[0]
+
+
+def _blocked_fwd(q, k, v, mask, scale, block):
+    b, t, n, h = q.shape
+
+    def one(_, xs):
+        qb, mb = xs
+        shifted, _ = _block_scores(qb, k, mb, scale)
+        e = jnp.exp(shifted)
+        log_sum = jnp.log(jnp.sum(e, axis=-1))  # per row, of the max-shifted scores
+        probs = (e / jnp.exp(log_sum)[..., None]).astype(v.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(qb.shape)
+        return None, (out, log_sum)
+
+    _, (out, lse) = jax.lax.scan(one, None, (_blocks(q, block), _blocks(mask, block)))
+    out = _unblocks(out)
+    return out, (q, k, v, mask, out, lse)
+
+
+def _blocked_bwd(scale, block, res, g):
+    q, k, v, mask, out, lse = res
+    b, t, n, h = q.shape
+    kv_heads = k.shape[2]
+    groups = n // kv_heads
+
+    def one(carry, xs):
+        dk, dv = carry
+        qb, mb, ob, gb, lb = xs
+        shifted, _ = _block_scores(qb, k, mb, scale)
+        probs = jnp.exp(shifted - lb[..., None])  # [B, K, G, c, S], recomputed
+        c = qb.shape[1]
+        g5 = gb.reshape(b, c, kv_heads, groups, h).astype(jnp.float32)
+        dv = dv + jnp.einsum("BKGTS,BTKGH->BSKH", probs.astype(v.dtype).astype(jnp.float32), g5)
+        dp = jnp.einsum("BTKGH,BSKH->BKGTS", g5, v.astype(jnp.float32))
+        row = jnp.einsum("BTKGH,BTKGH->BKGT", g5, ob.reshape(b, c, kv_heads, groups, h).astype(jnp.float32))
+        ds = jnp.where(mb[:, None, None], probs * (dp - row[..., None]), 0.0) * scale  # masked: no gradient
+        dq = jnp.einsum("BKGTS,BSKH->BTKGH", ds, k.astype(jnp.float32)).reshape(qb.shape)
+        dk = dk + jnp.einsum("BKGTS,BTKGH->BSKH", ds, qb.reshape(b, c, kv_heads, groups, h).astype(jnp.float32))
+        return (dk, dv), dq.astype(q.dtype)
+
+    zeros = jnp.zeros(k.shape, jnp.float32), jnp.zeros(v.shape, jnp.float32)
+    xs = tuple(_blocks(x, block) for x in (q, mask, out, g)) + (lse,)  # lse: per block already
+    (dk, dv), dq = jax.lax.scan(one, zeros, xs)
+    return _unblocks(dq), dk.astype(k.dtype), dv.astype(v.dtype), None
+
+
+_blocked.defvjp(_blocked_fwd, _blocked_bwd)

@@ -39,18 +39,34 @@ def forward_flops(
 ) -> float:
     """FLOPs of one forward over [rows, length] tokens attending to `keys` keys each (default: causal
     self-attention over the `length` tokens), with `images` images per row."""
+    return sum(_forward_parts(cfg, rows=rows, length=length, keys=keys, images=images))
+
+
+def decode_flops(cfg: config_lib.ModelConfig, *, rows: int, keys: int, images: int = 0) -> float:
+    """FLOPs of one decode step of `rows` rows attending to `keys` cache slots, with `images` images per
+    row whose vision side (the tower, the projector, the cross-attention k/v) the prefill computed and
+    cached: the new token still goes through the cross-attention layers over their keys."""
+    return _forward_parts(cfg, rows=rows, length=1, keys=keys, images=images)[0]
+
+
+def _forward_parts(
+    cfg: config_lib.ModelConfig, *, rows: int, length: int, keys: int | None, images: int
+) -> tuple[float, float]:
+    """(the text tokens' FLOPs, the vision side's: the tower, the projector and the cross-attention
+    k/v projections of the vision tokens)."""
     t = cfg.text
     seen = length / 2 if keys is None else keys  # causal self-attention sees half the square on average
     text_params, vision_params = matmul_params(cfg, images=images > 0)
     tokens = rows * length
     n_self = len(t.self_attention_layers)
     flops = 2.0 * text_params * tokens + 4.0 * n_self * t.num_heads * t.head_dim * seen * tokens
+    side = 0.0
     if images and isinstance(cfg, config_lib.MllamaConfig):
         v = cfg.vision
         vision_tokens = rows * images * v.max_num_tiles * v.num_patches
         n_cross = t.num_layers - n_self
         s_x = images * v.max_num_tiles * v.num_patches
-        flops += (
+        side += (
             2.0 * vision_params * vision_tokens
             + 4.0
             * (v.num_layers + v.num_global_layers)
@@ -58,17 +74,27 @@ def forward_flops(
             * (v.max_num_tiles * v.num_patches)
             * vision_tokens
         )
-        flops += 2.0 * 2 * t.hidden_size * t.num_kv_heads * t.head_dim * vision_tokens * n_cross  # cross k/v
-        flops += 2.0 * v.output_dim * t.hidden_size * vision_tokens  # projector
+        side += 2.0 * 2 * t.hidden_size * t.num_kv_heads * t.head_dim * vision_tokens * n_cross  # cross k/v
+        side += 2.0 * v.output_dim * t.hidden_size * vision_tokens  # projector
         flops += 4.0 * n_cross * t.num_heads * t.head_dim * s_x * tokens
-    return flops
+    return flops, side
 
 
 def ideal_train_flops(
-    cfg: config_lib.ModelConfig, *, rows: int, length: int, images: int = 0, remat: bool, frozen_base: bool = False
+    cfg: config_lib.ModelConfig,
+    *,
+    rows: int,
+    length: int,
+    images: int = 0,
+    remat: bool,
+    frozen_base: bool = False,
+    vision_trained: bool = True,
 ) -> float:
     """A training step's FLOPs: forward + backward (3 forwards) + remat's recomputed forward. With
     `frozen_base` (LoRA) the backward runs through the activations only (no weight gradients of the
-    base: 2 forwards in all, the adapters' own products left out as negligible at ranks << width)."""
-    passes = 2.0 if frozen_base else 3.0
-    return (passes + (1.0 if remat else 0.0)) * forward_flops(cfg, rows=rows, length=length, images=images)
+    base: 2 forwards in all, the adapters' own products left out as negligible at ranks << width);
+    and with no adapter on the vision side (`vision_trained=False`) nothing upstream of the vision
+    tokens is trained, so the tower, the projector and the cross-attention k/v run forward only."""
+    text, side = _forward_parts(cfg, rows=rows, length=length, keys=None, images=images)
+    passes = (2.0 if frozen_base else 3.0) + (1.0 if remat else 0.0)
+    return passes * text + (passes if vision_trained or not frozen_base else 1.0) * side

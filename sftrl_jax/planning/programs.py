@@ -31,8 +31,12 @@ from sftrl_jax.train.state import ModelSection, preset_config
 # Programs are compiled here on fake CPU devices for an accelerator: with the seam's plain XLA ops
 # (`ops.xla`: the path every backend falls back to), not the CPU backend's layouts and custom VJPs
 # (whose optimisation barrier kept XLA from turning the FSDP weight gradients' all-reduce into a
-# reduce-scatter) nor its native kernels (one CPU device only).
-PLAN_POLICY = ops.Policy(reference=True)
+# reduce-scatter) nor its native kernels (one CPU device only). Attention runs in blocks of query rows
+# (`ops.xla.attention_blocked`): the memory of the fused kernel (cuDNN, the TPU's) an accelerator
+# runs, which XLA:CPU cannot, instead of XLA's whole [B, N, T, S] fp32 scores (`PLAN_POLICY_XLA`,
+# `sftrl plan --attention xla`: the figures before 2026-12-08).
+PLAN_POLICY_XLA = ops.Policy(reference=True)
+PLAN_POLICY = ops.Policy(reference=True, attention="blocked")
 
 
 @dataclasses.dataclass
@@ -119,6 +123,25 @@ def _lora(cfg) -> bool:
     return getattr(cfg, "lora", None) is not None and cfg.lora.enabled
 
 
+def _train_flops(cfg, run, mc, *, rows: int, length: int, images: int) -> float:
+    """The ideal FLOPs of a training step of `run` (LoRA: the frozen base's backward through the
+    activations only, none at all through an unadapted vision side)."""
+    trainable = lora.partition(run.state.params)[0] if _lora(cfg) else None
+    vision = trainable is None or any(
+        "vision_model" in jax.tree_util.keystr(k) or "multi_modal_projector" in jax.tree_util.keystr(k)
+        for k, _ in jax.tree_util.tree_leaves_with_path(trainable)
+    )
+    return flops_lib.ideal_train_flops(
+        mc,
+        rows=rows,
+        length=length,
+        images=images,
+        remat=cfg.model.remat,
+        frozen_base=_lora(cfg),
+        vision_trained=vision,
+    )
+
+
 def _devices(mesh) -> int:
     return int(np.prod(list(mesh.shape.values())))
 
@@ -136,9 +159,7 @@ def sft_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None
         spec = {k: ((rows, length), jnp.int32) for k in ("input_ids", "attention_mask", "targets")}
         spec["loss_mask"] = ((rows, length), jnp.float32)
         spec.update(_image_spec(mc, rows, length, images))
-        ideal = flops_lib.ideal_train_flops(
-            mc, rows=rows, length=length, images=images, remat=cfg.model.remat, frozen_base=_lora(cfg)
-        )
+        ideal = _train_flops(cfg, run, mc, rows=rows, length=length, images=images)
         trips = t.grad_accum
         args = (run.state, _batch(spec, mesh))
         analytic = _analytic(cfg.model, mc, run.state, mesh, rows=rows // trips, length=length, images=images)
@@ -204,7 +225,7 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
     # One step, attending to the filled slots: prompt + new / 2 on average over the steps. (The
     # attention's loop over the filled 128-slot blocks has a run-time trip count: counted once, one
     # block's worth.)
-    dec = flops_lib.forward_flops(mc, rows=rows, length=1, keys=prompt + new // 2, images=0)
+    dec = flops_lib.decode_flops(mc, rows=rows, keys=prompt + new // 2, images=images)
     programs.append(Program("rollout_decode", decode, (lm_params, dstate), dec / n, mesh, steps))
 
     # The learner's programs at the longest bucket: the batch arrays `rl.batching` builds.
@@ -223,9 +244,7 @@ def rl_programs(cfg, mesh, *, images: int = 0, policy: ops.Policy | None = None)
     if algo.tis_cap > 0:  # the TIS weight's denominator
         extra["sampler_token_logp"] = ((S, length), jnp.float32)
     ubatch = _batch({**spec(S), **extra}, mesh)
-    ideal = flops_lib.ideal_train_flops(
-        mc, rows=S, length=length, images=images, remat=cfg.model.remat, frozen_base=_lora(cfg)
-    )
+    ideal = _train_flops(cfg, run, mc, rows=S, length=length, images=images)
     analytic = _analytic(cfg.model, mc, run.state, mesh, rows=mb, length=length, images=images)
     update = compiled["update"]
     programs.append(

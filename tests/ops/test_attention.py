@@ -115,3 +115,38 @@ def test_causal_kernel_bad_input():
         kernels.causal_attention(q[:, :, :3], k, v, mask, scale=1.0, block=64)
     with pytest.raises(ValueError, match=r"mask \(3, 150, 100\) is not \[B, T, T\] = \(3, 150, 150\)"):
         kernels.causal_attention(q, k, v, mask[:, :, :100], scale=1.0, block=64)
+
+
+@pytest.mark.parametrize(("t", "s", "causal"), [(64, 64, True), (64, 40, False)])
+def test_the_planners_blocked_attention_equals_the_reference(t, s, causal):
+    """`ops.xla.attention_blocked` (the planner's stand-in for a fused kernel: query blocks, the
+    backward recomputing each block's probabilities): the reference's values and gradients, causal
+    self-attention and cross-attention with a padded mask, a row with nothing to attend (uniform)
+    included; and it keeps no [B, N, T, S] array (the largest intermediate of its jaxpr is a block's)."""
+    rng = np.random.default_rng(1)
+    q, g = (jnp.asarray(rng.standard_normal((2, t, N, H)), jnp.float32) for _ in range(2))
+    k, v = (jnp.asarray(rng.standard_normal((2, s, K, H)), jnp.float32) for _ in range(2))
+    mask = rng.random((2, t, s)) > 0.3
+    if causal:
+        mask &= np.tri(t, dtype=bool)[None]
+    mask[0, 20] = False
+    mask = jnp.asarray(mask)
+
+    def run(fn):
+        loss = lambda q, k, v: jnp.sum(fn(q, k, v) * g)  # noqa: E731
+        return jax.jit(jax.value_and_grad(loss, (0, 1, 2)))(q, k, v)
+
+    ref = run(lambda q, k, v: ops.xla.attention(q, k, v, mask, scale=0.3))
+    blocked = run(lambda q, k, v: ops.xla.attention_blocked(q, k, v, mask, scale=0.3, block=16))
+    policy = ops.traced_with(lambda q, k, v: ops.attention(q, k, v, mask, scale=0.3), ops.Policy(attention="blocked"))
+    for a, b in zip(
+        jax.tree.leaves(ref), jax.tree.leaves(run(policy))
+    ):  # the policy routes to it (block 512: T fits one)
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=2e-6, rtol=0)
+    for a, b in zip(jax.tree.leaves(ref), jax.tree.leaves(blocked)):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(b), atol=5e-6, rtol=0)
+    jaxpr = jax.make_jaxpr(jax.grad(lambda q: jnp.sum(ops.xla.attention_blocked(q, k, v, mask, scale=0.3, block=16))))(
+        q
+    )
+    largest = max(int(np.prod(x.aval.shape)) for e in jaxpr.jaxpr.eqns for x in e.outvars if hasattr(x.aval, "shape"))
+    assert largest < 2 * N * t * s  # [2, K, G, 16, S] per block, not [2, N, T, S]
