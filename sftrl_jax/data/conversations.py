@@ -1,4 +1,4 @@
-"""The reference code's conversation format <-> chat messages.
+"""The reference code's conversation format -> chat messages.
 
 Reference format (one JSON array in a file; DESIGN.md): `{"image": "rel/path.png" (optional),
 "conversations": [{"from": "human", "value": "<image>\\n..."}, {"from": "gpt", "value": "..."}, ...]}`.
@@ -55,23 +55,3 @@ def to_messages(example: dict[str, Any], *, where: str = "example") -> list[dict
         if not loss:
             messages[-1]["loss"] = False
     return messages
-
-
-def from_messages(messages: list[dict[str, Any]], *, image: str | None = None) -> dict[str, Any]:
-    """Chat messages -> a reference example (an image item becomes the `<image>\\n` marker)."""
-    back = {"user": "human", "assistant": "gpt", "system": "system"}
-    turns = []
-    for m in messages:
-        content = m["content"]
-        if isinstance(content, list):
-            text = "".join(c.get("text", "") for c in content if c["type"] == "text")
-            if any(c["type"] == "image" for c in content):
-                text = f"{IMAGE_MARKER}\n{text}"
-            content = text
-        turns.append({"from": back[m["role"]], "value": content})
-        if m.get("loss", True) is False:
-            turns[-1]["loss"] = False
-    out: dict[str, Any] = {"conversations": turns}
-    if image is not None:
-        out = {"image": image, **out}
-    return out

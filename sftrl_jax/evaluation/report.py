@@ -120,14 +120,28 @@ def table(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(out) + "\n"
 
 
-def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
-    """Success vs GFLOPs per task/split/metric (ID and OOD panels), one curve per arm, standard-error bars;
-    a second row of panels with the mean reward per turn when the rows carry it."""
+def pyplot():
+    """matplotlib.pyplot on the Agg backend (no display needed)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def save_figure(fig, plt, path: str | os.PathLike) -> str:
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return os.fspath(path)
+
+
+def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
+    """Success vs GFLOPs per task/split/metric (ID and OOD panels), one curve per arm, standard-error bars;
+    a second row of panels with the mean reward per turn when the rows carry it."""
+    plt = pyplot()
     panels = sorted({(r["task"], r["split"], r["metric"]) for r in rows}, key=lambda k: (k[0], k[1] != "id", k[1:]))
     n = len(panels)
     with_reward = any("reward_mean" in r for r in rows)
@@ -148,11 +162,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
                 ax.set_ylim(bottom=0.0, top=max(5.0, ax.get_ylim()[1]))
             if ax.get_legend_handles_labels()[0]:
                 ax.legend(fontsize=8)
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return os.fspath(path)
+    return save_figure(fig, plt, path)
 
 
 def _panel(ax, rows: Sequence[dict[str, Any]], task: str, split: str, key: str, scale: float) -> None:

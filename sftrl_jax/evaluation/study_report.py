@@ -26,6 +26,7 @@ from typing import Any
 
 from sftrl_jax.errors import UserError
 from sftrl_jax.evaluation import report as run_report
+from sftrl_jax.integrity import read_json
 
 STUDY_FILE = "study.json"
 KL_FILE = "kl.jsonl"
@@ -124,14 +125,6 @@ def _split_name(split: str) -> str:
     return {"id": "ID", "ood-rule": "OOD (rule)", "ood-visual": "OOD (visual)"}.get(split, split)
 
 
-def _read_json(path: str) -> Any:
-    try:
-        with open(path) as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise UserError(f"{path}: not valid JSON ({e})") from None
-
-
 def _read_jsonl(path: str, required: Sequence[str]) -> list[dict[str, Any]]:
     rows = []
     with open(path) as f:
@@ -164,7 +157,7 @@ def load(study_dir: str | os.PathLike) -> Study:
     meta_path = os.path.join(d, STUDY_FILE)
     if not os.path.isfile(meta_path):
         raise UserError(f"{d!r} is not a study folder (no {STUDY_FILE})")
-    meta = _read_json(meta_path)
+    meta = read_json(meta_path, what="not valid JSON")
     if not isinstance(meta, dict):
         raise UserError(f"{meta_path}: expected a JSON object")
     evals_path = os.path.join(d, run_report.EVALS_FILE)
@@ -176,7 +169,7 @@ def load(study_dir: str | os.PathLike) -> Study:
     kl_path = os.path.join(d, KL_FILE)
     kl = _read_jsonl(kl_path, _KL_KEYS) if os.path.isfile(kl_path) else []
     base_path = os.path.join(d, BASE_FILE)
-    base = _read_json(base_path) if os.path.isfile(base_path) else None
+    base = read_json(base_path, what="not valid JSON") if os.path.isfile(base_path) else None
     if base is not None and not isinstance(base, dict):
         raise UserError(f"{base_path}: expected a JSON object")
     return Study(dir=d, meta=meta, evals=evals, kl=kl, base=base)
@@ -419,18 +412,9 @@ def _base_table(base: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_curves(study: Study, path: str | os.PathLike) -> str:
     """Success (%) vs GFLOPs, one panel per split, one curve per arm: the mean over seeds, std bars, Init first."""
-    plt = _pyplot()
+    plt = run_report.pyplot()
     panels = sorted(
         {(r["task"], r["split"], r["metric"]) for r in study.evals}, key=lambda k: (k[0], *_split_order(k[1]))
     )
@@ -463,13 +447,13 @@ def plot_curves(study: Study, path: str | os.PathLike) -> str:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    return _save(fig, plt, path)
+    return run_report.save_figure(fig, plt, path)
 
 
 def plot_kl(study: Study, path: str | os.PathLike) -> str:
     """Success (%) vs KL(policy || Init) on the same split's prompts, one panel per split (ID, OOD), one marker per
     checkpoint and seed, a thin line through each seed's checkpoints: did the arm that moved further lose more?"""
-    plt = _pyplot()
+    plt = run_report.pyplot()
     pts = kl_points(study)
     splits = sorted({p["split"] for p in pts}, key=_split_order) or ["ood-rule"]
     fig, axes = plt.subplots(1, len(splits), figsize=(4.6 * len(splits), 3.6), squeeze=False)
@@ -498,15 +482,7 @@ def plot_kl(study: Study, path: str | os.PathLike) -> str:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
-    return _save(fig, plt, path)
-
-
-def _save(fig, plt, path: str | os.PathLike) -> str:
-    fig.tight_layout()
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return os.fspath(path)
+    return run_report.save_figure(fig, plt, path)
 
 
 def report(study_dir: str | os.PathLike, out_dir: str | os.PathLike) -> dict[str, str]:

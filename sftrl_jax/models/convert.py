@@ -31,6 +31,7 @@ from sftrl_jax import integrity
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import build, safetensors_io, stacking
 from sftrl_jax.models import config as config_lib
+from sftrl_jax.parallel import placement
 
 # --------------------------------------------------------------------------------------------------
 # Layout transforms between an HF tensor and our parameter.
@@ -390,14 +391,6 @@ def from_pretrained(
 # Saving
 
 
-def _host(x: jax.Array) -> np.ndarray:
-    if not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
-        x = multihost_utils.process_allgather(x, tiled=True)
-    return np.asarray(jax.device_get(x))
-
-
 def save_pretrained(
     model: nnx.Module,
     path: str,
@@ -432,7 +425,7 @@ def save_pretrained(
     def get(key: str) -> np.ndarray:
         ours, g = where[key]
         value = params[ours][...]
-        value = by_hf[key].transform.to_hf(_host(value if g is None else stacking.layer(value, g)))
+        value = by_hf[key].transform.to_hf(placement.to_host(value if g is None else stacking.layer(value, g)))
         return value.astype(store or value.dtype)
 
     dtype_name = {np.dtype(np.float32): "float32", np.dtype(jnp.bfloat16): "bfloat16", np.dtype(np.float16): "float16"}
@@ -476,9 +469,11 @@ def save_adapter(model: nnx.Module, path: str, *, base_model: str | None = None)
         module = _adapter_module_name(e.hf.removesuffix(".weight"), config)
         # contiguous: safetensors writes an array's buffer as it lies in memory (a transposed view's too)
         tensors[f"base_model.model.{module}.lora_A.weight"] = np.ascontiguousarray(
-            e.transform.to_hf(_host(a)), np.float32
+            e.transform.to_hf(placement.to_host(a)), np.float32
         )
-        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(LINEAR.to_hf(_host(b)), np.float32)
+        tensors[f"base_model.model.{module}.lora_B.weight"] = np.ascontiguousarray(
+            LINEAR.to_hf(placement.to_host(b)), np.float32
+        )
         targets.append(module)
         ranks.add(int(a.shape[-1]))
         scales.add(float(modules[ours]))

@@ -188,11 +188,7 @@ class GRPOLearner(learner_lib.Learner):
         first_steps = epoch_steps[0]
         sample_turns = [t for t, _ in samples]
         trainer_logp = self.token_logps_of(sample_turns, steps=first_steps)
-        trainer_old = gcfg.old_logp_source(self.rl_cfg.model) == "trainer"
-        old_of = {id(t): lp for t, lp in zip(sample_turns, trainer_logp)} if trainer_old else None
-        sampler_gap = batching.token_gap(sample_turns, trainer_logp)
-        agreement = batching.sampler_agreement(sample_turns, trainer_logp)
-        ref_of = self.ref_table(sample_turns, first_steps)
+        old_of, ref_of, agreement = self.old_and_ref(sample_turns, trainer_logp, first_steps)
 
         def steps():
             for epoch, idxs in enumerate(epoch_steps):
@@ -206,10 +202,10 @@ class GRPOLearner(learner_lib.Learner):
         metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)
         t_train = time.perf_counter() - t1
         out = learner_lib.mean_metrics(metrics)
-        # trainer vs sampler, token level, before any step; and the first step's max |log ratio|
-        out["logprob_gap_first_step"] = sampler_gap
-        out["log_ratio_dev_first_step"] = metrics[0]["logprob_gap_max"]  # vs the old log-probs, token level
-        out.update(agreement)  # every response token of the update: trainer vs sampler, same parameters
+        # trainer vs sampler before any step (every response token, same parameters); and the first
+        # step's max |log ratio| vs the old log-probs, token level
+        out.update(agreement)
+        out["log_ratio_dev_first_step"] = metrics[0]["logprob_gap_max"]
         if ref_of is not None:  # 0 up to rounding while the policy is still the reference
             out["ref_kl_first_step"] = metrics[0]["ref_kl"]
         out.update(self.rollout_stats(turns, t_roll, t_train))

@@ -225,6 +225,18 @@ class Learner:
             return None
         return {id(t): lp for t, lp in zip(turns, self.token_logps_of(turns, self.ref_params, steps))}
 
+    def old_and_ref(self, turns: Sequence[Turn], trainer_logp: list[np.ndarray], first_steps):
+        """(old_of, ref_of, agreement) for `train_steps` from the trainer's token log-probs of `turns`:
+        the ratio's old log-probs where `old_logp` is "trainer" (else None: the sampler's), the
+        reference's (None without a KL penalty), and the trainer-sampler agreement metrics."""
+        trainer_old = self.cfg.old_logp_source(self.rl_cfg.model) == "trainer"
+        old_of = {id(t): lp for t, lp in zip(turns, trainer_logp)} if trainer_old else None
+        agreement = {
+            "logprob_gap_first_step": batching.token_gap(turns, trainer_logp),
+            **batching.sampler_agreement(turns, trainer_logp),
+        }
+        return old_of, self.ref_table(turns, first_steps), agreement
+
     def train_steps(
         self,
         steps: Iterable[tuple[int, list[Turn], dict[str, np.ndarray]]],

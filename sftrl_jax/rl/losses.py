@@ -13,7 +13,8 @@ import jax
 import jax.numpy as jnp
 
 
-def _mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+def masked_mean(x: jax.Array, mask: jax.Array | None) -> jax.Array:
+    """Mean of x over the positions where mask is 1 (0 when there are none); no mask: over all."""
     if mask is None:
         return x.mean()
     mask = mask.astype(jnp.float32)
@@ -52,12 +53,12 @@ def ppo_policy_loss(
         per = jnp.where(too_big, -surr2, per)
     if is_weight is not None:
         per = per * jax.lax.stop_gradient(jnp.asarray(is_weight, jnp.float32))
-    loss = _mean(per, mask)
+    loss = masked_mean(per, mask)
     aux = {
-        "ratio_mean": _mean(ratio, mask),
+        "ratio_mean": masked_mean(ratio, mask),
         "ratio_max": jnp.max(jnp.where(mask.astype(bool), ratio, -jnp.inf)) if mask is not None else ratio.max(),
-        "clip_frac": _mean((jnp.abs(ratio - 1.0) > clip).astype(jnp.float32), mask),
-        "approx_kl": _mean((ratio - 1.0) - log_ratio, mask),
+        "clip_frac": masked_mean((jnp.abs(ratio - 1.0) > clip).astype(jnp.float32), mask),
+        "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
     }
     return loss, aux
 
@@ -78,13 +79,7 @@ def value_loss(
     else:
         v_clipped = old_values + jnp.clip(values - old_values, -clip, clip)
         per = jnp.maximum(unclipped, (v_clipped - returns) ** 2)
-    return 0.5 * _mean(per, mask), {"value_mean": _mean(values, mask)}
-
-
-def explained_variance(values: jax.Array, returns: jax.Array) -> jax.Array:
-    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant."""
-    var_r = jnp.var(returns)
-    return jnp.where(var_r > 0, 1.0 - jnp.var(returns - values) / var_r, jnp.nan)
+    return 0.5 * masked_mean(per, mask), {"value_mean": masked_mean(values, mask)}
 
 
 def kl_k3(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array | None = None) -> jax.Array:
@@ -99,11 +94,6 @@ def kl_k3(logp: jax.Array, ref_logp: jax.Array, mask: jax.Array | None = None) -
     if mask is not None:
         d = jnp.where(mask > 0, d, 0.0)
     return jnp.exp(d) - d - 1.0
-
-
-def masked_mean(x: jax.Array, mask: jax.Array) -> jax.Array:
-    """Mean of x over the positions where mask is 1 (0 when there are none)."""
-    return _mean(x, mask)
 
 
 def grpo_loss(
@@ -154,12 +144,12 @@ def grpo_loss(
     else:
         raise ValueError(f"unknown aggregation {aggregation!r}; use token_mean, seq_mean or seq_sum_norm")
     aux = {
-        "clip_frac": _mean(((ratio < 1.0 - clip) | (ratio > 1.0 + hi)).astype(jnp.float32), mask),
-        "approx_kl": _mean((ratio - 1.0) - log_ratio, mask),
-        "ratio_mean": _mean(ratio, mask),
+        "clip_frac": masked_mean(((ratio < 1.0 - clip) | (ratio > 1.0 + hi)).astype(jnp.float32), mask),
+        "approx_kl": masked_mean((ratio - 1.0) - log_ratio, mask),
+        "ratio_mean": masked_mean(ratio, mask),
     }
     if kl is not None:
-        aux["ref_kl"] = _mean(kl, mask)
+        aux["ref_kl"] = masked_mean(kl, mask)
     return loss, aux
 
 
@@ -176,7 +166,10 @@ def truncated_is_weight(
     """
     raw = jnp.exp(jnp.asarray(log_is_ratio, jnp.float32))
     w = jax.lax.stop_gradient(jnp.minimum(raw, cap))
-    return w, {"tis_weight_mean": _mean(w, mask), "tis_capped_frac": _mean((raw > cap).astype(jnp.float32), mask)}
+    return w, {
+        "tis_weight_mean": masked_mean(w, mask),
+        "tis_capped_frac": masked_mean((raw > cap).astype(jnp.float32), mask),
+    }
 
 
 def sampler_agreement(
@@ -194,20 +187,3 @@ def sampler_agreement(
     n = max(log_ratio.size, 1)
     outside = ((ratio < band[0]) | (ratio > band[1])).sum() / n
     return {"sampler_mismatch_frac": outside, "sampler_abs_log_ratio": jnp.abs(log_ratio).sum() / n}
-
-
-def turn_logprob(
-    token_logp: jax.Array, mask: jax.Array, action_start: jax.Array, *, thought_coef: float = 0.5
-) -> jax.Array:
-    """Turn-level action log-prob (RL4VLM's CoT scaling), [B, L] -> [B].
-
-        log pi(turn) = thought_coef * sum_{t < s} logp_t + sum_{t >= s} logp_t
-
-    where s = `action_start` [B] is the index of the first token of the action part (the
-    `"formula"` / `"action"` key) within the response; tokens before it are the "thought".
-    """
-    token_logp = jnp.asarray(token_logp, jnp.float32)
-    mask = jnp.asarray(mask, jnp.float32)
-    idx = jnp.arange(token_logp.shape[-1])[None, :]
-    weight = jnp.where(idx < jnp.asarray(action_start)[:, None], thought_coef, 1.0)
-    return (token_logp * weight * mask).sum(-1)

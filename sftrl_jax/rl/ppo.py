@@ -185,6 +185,7 @@ def advantages_for(
 
 
 def explained_variance(values, returns) -> float:
+    """1 - Var[R - V] / Var[R]: 1 is a perfect critic, 0 no better than a constant."""
     var = np.var(returns)
     return float(1 - np.var(returns - values) / var) if var > 0 else float("nan")
 
@@ -299,11 +300,7 @@ class PPOLearner(learner_lib.Learner):
         sampler_logp = np.array([self.sampler_turn_logp(t) for t in flat], np.float32)
         # ppo.old_logp "trainer": the ratio's old token log-probs are the values pass's (else the
         # sampler's, which `build_batch` puts in old_token_logp)
-        trainer_old = pcfg.old_logp_source(self.rl_cfg.model) == "trainer"
-        old_of = {id(t): lp for t, lp in zip(flat, trainer_tokens)} if trainer_old else None
-        sampler_gap = batching.token_gap(flat, trainer_tokens)
-        agreement = batching.sampler_agreement(flat, trainer_tokens)
-        ref_of = self.ref_table(flat, first_steps)
+        old_of, ref_of, agreement = self.old_and_ref(flat, trainer_tokens, first_steps)
 
         def steps():
             for epoch, order in enumerate(orders):
@@ -320,14 +317,13 @@ class PPOLearner(learner_lib.Learner):
         metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)
         t_train = time.perf_counter() - t1
         out = learner_lib.mean_metrics(metrics)
-        # Before the first optimiser step: the trainer-sampler gap (token level, the values pass vs
-        # the sampler), and the first step's ratio (turn level, against `ppo.old_logp`).
-        out["logprob_gap_first_step"] = sampler_gap
+        # Before the first optimiser step: the trainer-sampler agreement (token level, the values pass
+        # vs the sampler), and the first step's ratio (turn level, against `ppo.old_logp`).
+        out.update(agreement)
         out["ratio_dev_first_step"] = metrics[0]["ratio_dev_max"]
         if ref_of is not None:  # 0 up to rounding while the policy is still the reference
             out["ref_kl_first_step"] = metrics[0]["ref_kl"]
         out["value_explained_variance"] = float(explained_variance(values, ret))
         out["trainer_sampler_turn_logp_gap"] = float(np.max(np.abs(trainer_logp - sampler_logp)))
-        out.update(agreement)  # every response token of the update: trainer vs sampler, same parameters
         out.update(self.rollout_stats(flat, t_roll, t_train))
         return out

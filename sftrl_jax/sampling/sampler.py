@@ -36,7 +36,7 @@ from sftrl_jax import ops
 from sftrl_jax.errors import UserError
 from sftrl_jax.models import kv_cache, layers
 from sftrl_jax.models import logprobs as model_logprobs
-from sftrl_jax.parallel import rules
+from sftrl_jax.parallel import placement, rules
 from sftrl_jax.sampling import inputs, methods
 
 
@@ -337,24 +337,6 @@ def stop_array(stop_tokens: Sequence[int]) -> np.ndarray:
     return np.array(list(stop_tokens) + [-1] * (n - len(stop_tokens)), np.int32)
 
 
-def _device_batch(arrays: dict[str, np.ndarray], mesh: jax.sharding.Mesh | None) -> dict[str, jax.Array]:
-    if mesh is None:
-        return {k: jnp.asarray(v) for k, v in arrays.items()}
-    out = {}
-    for k, v in arrays.items():
-        names = ("batch",) + (None,) * (v.ndim - 1)
-        out[k] = jax.device_put(v, rules.named_sharding(names, v.shape, mesh))
-    return out
-
-
-def _host(x: jax.Array) -> np.ndarray:
-    if x.is_fully_addressable:
-        return np.asarray(jax.device_get(x))
-    from jax.experimental import multihost_utils
-
-    return np.asarray(multihost_utils.process_allgather(x, tiled=True))
-
-
 def generate(
     model,
     prompts: Sequence[Sequence[int]],
@@ -426,7 +408,11 @@ def generate(
     key = jax.random.key(seed)
     with jax.set_mesh(mesh) if mesh is not None else contextlib.nullcontext():
         with rules.using(layout):
-            batch = _device_batch(arrays, mesh)
+            batch = (
+                {k: jnp.asarray(v) for k, v in arrays.items()}
+                if mesh is None
+                else placement.replicated_batch(arrays, mesh)
+            )
         weights = prepare_weights(params, model.dtype, mesh=mesh, layout=layout)
         state = _prefill_jit(weights, batch, stop_array(stops), key, graphdef=graphdef, cfg=cfg)
         if max_new_tokens > 1:
@@ -434,11 +420,11 @@ def generate(
             state = run(weights, state, graphdef=graphdef, cfg=cfg)
     n = len(prompts)
     return GenerateResult(
-        tokens=_host(state.tokens)[:n],
-        lengths=_host(state.lengths)[:n],
-        logprobs=_host(state.logprobs)[:n],
-        logprobs_raw=_host(state.logprobs_raw)[:n],
-        logprobs_temperature=_host(state.logprobs_temperature)[:n],
+        tokens=placement.to_host(state.tokens)[:n],
+        lengths=placement.to_host(state.lengths)[:n],
+        logprobs=placement.to_host(state.logprobs)[:n],
+        logprobs_raw=placement.to_host(state.logprobs_raw)[:n],
+        logprobs_temperature=placement.to_host(state.logprobs_temperature)[:n],
         temperature=float(temperature),
         steps=int(state.step),
         prompt_length=p_len,

@@ -127,25 +127,14 @@ def test_model_head_matches_model_logits(name):
         np.testing.assert_allclose(a, b, **TOL, err_msg=jax.tree_util.keystr(path))
 
 
-def test_sft_loss_from_hidden_equals_sft_loss():
-    k1, k2, k3 = jax.random.split(jax.random.key(3), 3)
-    hidden = jax.random.normal(k1, (2, 45, 8))
-    head = jax.random.normal(k2, (8, 100))
-    targets = jax.random.randint(k3, (2, 45), 0, 100)
-    mask = jnp.ones((2, 45)).at[0, :10].set(0)
-    loss, aux = sft_losses.sft_loss(jnp.einsum("BTD,DV->BTV", hidden, head), targets, mask)
-    loss_c, aux_c = sft_losses.sft_loss_from_hidden(hidden, head, targets, mask, chunk_tokens=7)
-    np.testing.assert_allclose(loss_c, loss, **TOL)
-    assert float(aux_c["correct"]) == float(aux["correct"]) and float(aux_c["tokens"]) == float(aux["tokens"])
-
-
 def _old_train_step(graphdef, rest, tx, *, lr_fn):
-    """The SFT step as it was before chunking: the model's whole fp32 logits, then `sft_loss`."""
+    """The SFT step as it was before chunking: the model's whole fp32 logits, then the loss."""
 
     def loss_fn(params, mb):
         model = nnx.merge(graphdef, params, rest)
         out = model(mb["input_ids"], **chunked.model_inputs(mb))
-        _, aux = sft_losses.sft_loss(out.logits, mb["targets"], mb["loss_mask"])
+        logp = chunked.token_logprobs(out.logits, mb["targets"])
+        _, aux = sft_losses.sft_loss_from_logp(logp, jnp.argmax(out.logits, -1), mb["targets"], mb["loss_mask"])
         return aux["nll_sum"], aux
 
     def train_step(state, batch):
@@ -204,7 +193,7 @@ def test_forward_equals_the_models_logits_log_probs():
 _FORWARD_PATTERNS = {
     "return_logits=False": {"models/logprobs.py", "models/mllama.py", "models/text.py"},
     ".lm_head_matrix()": {"models/logprobs.py"},
-    "head_logprobs(": {"models/logprobs.py", "sft/losses.py"},  # losses over given hidden states + head
+    "head_logprobs(": {"models/logprobs.py"},
     "jax.nn.log_softmax(": {"models/logprobs.py", "sampling/methods.py"},  # the sampler's draw
     "jax.nn.logsumexp(": {"models/logprobs.py"},
 }

@@ -28,7 +28,6 @@ SUITS = ("H", "S", "D", "C")  # hearts, spades, diamonds, clubs
 RED_SUITS = ("H", "D")
 BLACK_SUITS = ("S", "C")
 COLORS = {"mixed": SUITS, "black": BLACK_SUITS, "red": RED_SUITS}
-SUIT_NAMES = {"H": "hearts", "S": "spades", "D": "diamonds", "C": "clubs"}
 
 # Accepted spellings in the `cards` option, upper-cased: the symbols plus 'T' and '1' for ten and ace.
 _RANK_ALIASES = {s: r for r, s in enumerate(RANK_SYMBOLS, start=1)} | {"T": 10, "1": 1}

@@ -35,8 +35,6 @@ class City:
     frame: geo.LocalFrame
     nodes: np.ndarray  # [n_nodes, 2] metres (x east, y north)
     edges: np.ndarray  # [n_edges, 2] node ids
-    edge_street: tuple[int, ...]  # street id per edge
-    streets: tuple[str, ...]
     edge_height: np.ndarray  # [n_edges, 2] facade height (m) on the left / right of edge a->b
     edge_facade: np.ndarray  # [n_edges, 2] facade colour index, same sides
     adjacency: tuple[tuple[tuple[int, int], ...], ...]  # node -> ((neighbour, edge id), ...)
@@ -192,8 +190,6 @@ def generate_city(seed: int, style: Style, *, extent_m: float = 1500.0, name: st
         frame=geo.LocalFrame(center),
         nodes=nodes,
         edges=edge_arr,
-        edge_street=tuple(s for _, _, s in edges),
-        streets=tuple(street_names),
         edge_height=edge_height,
         edge_facade=edge_facade,
         adjacency=tuple(tuple(a) for a in adjacency),

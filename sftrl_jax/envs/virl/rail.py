@@ -66,9 +66,6 @@ class Rail:
     instructions: tuple[str, ...]
     waypoints: tuple[Waypoint, ...]
     init_heading: float
-    headings: tuple[float, ...]  # h_k per leg
-    relative_words: tuple[str, ...]  # rel_k per leg
-    compass_words: tuple[str, ...]  # c_k per leg
 
     @property
     def instruction_text(self) -> str:
@@ -157,7 +154,4 @@ def build_rail(
         instructions=tuple(instructions),
         waypoints=tuple(waypoints),
         init_heading=init_heading,
-        headings=tuple(headings),
-        relative_words=tuple(relative),
-        compass_words=tuple(compass),
     )

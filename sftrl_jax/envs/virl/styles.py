@@ -212,5 +212,3 @@ OOD_STYLES: tuple[Style, ...] = (
         street_suffixes=("Street", "Avenue", "Way"), kind_first_p=0.0,
     ),
 )  # fmt: skip
-
-STYLES: dict[str, Style] = {s.name: s for s in (TRAIN_STYLE, *OOD_STYLES)}
