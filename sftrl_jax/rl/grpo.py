@@ -198,15 +198,7 @@ class GRPOLearner(learner_lib.Learner):
                     adv_step = [a if k < real else 0.0 for k, (_, a) in enumerate(chosen)]
                     yield epoch, [t for t, _ in chosen], {"advantages": np.array(adv_step, np.float32)}
 
-        t1 = time.perf_counter()
-        metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)
-        t_train = time.perf_counter() - t1
-        out = learner_lib.mean_metrics(metrics)
-        # trainer vs sampler before any step (every response token, same parameters); and the first
-        # step's max |log ratio| vs the old log-probs, token level
-        out.update(agreement)
-        out["log_ratio_dev_first_step"] = metrics[0]["logprob_gap_max"]
-        if ref_of is not None:  # 0 up to rounding while the policy is still the reference
-            out["ref_kl_first_step"] = metrics[0]["ref_kl"]
+        metrics, out, t_train = self.steps_and_metrics(steps(), old_of, ref_of, agreement)
+        out["log_ratio_dev_first_step"] = metrics[0]["logprob_gap_max"]  # vs the old log-probs, token level
         out.update(self.rollout_stats(turns, t_roll, t_train))
         return out

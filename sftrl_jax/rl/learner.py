@@ -14,6 +14,7 @@ step's layout, and the per-update statistics (the env package's own via `envs.rl
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Iterable, Sequence
 from typing import Any, ClassVar
 
@@ -236,6 +237,18 @@ class Learner:
             **batching.sampler_agreement(turns, trainer_logp),
         }
         return old_of, self.ref_table(turns, first_steps), agreement
+
+    def steps_and_metrics(self, steps, old_of, ref_of, agreement: dict) -> tuple[list[dict], dict, float]:
+        """`train_steps` over `steps`: (each step's metrics, the update's row: their means, the
+        trainer-sampler `agreement` before any step, the first step's KL to the reference, the
+        seconds it took)."""
+        t1 = time.perf_counter()
+        metrics = self.train_steps(steps, old_of=old_of, ref_of=ref_of)
+        t_train = time.perf_counter() - t1
+        out = {**mean_metrics(metrics), **agreement}
+        if ref_of is not None:  # 0 up to rounding while the policy is still the reference
+            out["ref_kl_first_step"] = metrics[0]["ref_kl"]
+        return metrics, out, t_train
 
     def train_steps(
         self,

@@ -313,16 +313,8 @@ class PPOLearner(learner_lib.Learner):
                     }
                     yield epoch, [flat[i] for i in idx], extra
 
-        t1 = time.perf_counter()
-        metrics = self.train_steps(steps(), old_of=old_of, ref_of=ref_of)
-        t_train = time.perf_counter() - t1
-        out = learner_lib.mean_metrics(metrics)
-        # Before the first optimiser step: the trainer-sampler agreement (token level, the values pass
-        # vs the sampler), and the first step's ratio (turn level, against `ppo.old_logp`).
-        out.update(agreement)
-        out["ratio_dev_first_step"] = metrics[0]["ratio_dev_max"]
-        if ref_of is not None:  # 0 up to rounding while the policy is still the reference
-            out["ref_kl_first_step"] = metrics[0]["ref_kl"]
+        metrics, out, t_train = self.steps_and_metrics(steps(), old_of, ref_of, agreement)
+        out["ratio_dev_first_step"] = metrics[0]["ratio_dev_max"]  # turn level, against `ppo.old_logp`
         out["value_explained_variance"] = float(explained_variance(values, ret))
         out["trainer_sampler_turn_logp_gap"] = float(np.max(np.abs(trainer_logp - sampler_logp)))
         out.update(self.rollout_stats(flat, t_roll, t_train))
