@@ -6,6 +6,7 @@
     .venv/bin/python tools/bench.py sft          # last line: sft speedup vs pytorch: X.XXx
     .venv/bin/python tools/bench.py rollout      # last line: rollout time outside the sampler: X.X%
     .venv/bin/python tools/bench.py rewards      # last line: rewards answers/s: device N, host M
+    .venv/bin/python tools/bench.py lora         # last line: lora sampler: forward-applied / merged ...: X.XXx
 """
 
 from __future__ import annotations
@@ -245,12 +246,29 @@ def bench_rewards_cmd(args) -> int:
     return 0
 
 
+def bench_lora_cmd(args) -> int:
+    sys.path.insert(0, str(ROOT / "tools"))
+    import bench_lora
+
+    lines, _ = bench_lora.bench_lora(args)
+    for line in lines:
+        print(line)
+    if not args.no_record:
+        command = (
+            f".venv/bin/python tools/bench.py lora --rank {args.rank} --batch {args.batch} --prompt {args.prompt} "
+            f"--new-tokens {args.new_tokens} --repeats {args.repeats}"
+        )
+        record("lora sampler", command, lines)
+    return 0
+
+
 COMMANDS = {
     "verifier": (bench_verifier, "GeneralPoints verifier throughput on one core, deal and render times"),
     "sampler": (bench_sampler_cmd, "sampler (ours vs transformers, same weights and batch)"),
     "sft": (lambda args: bench_sft_cmd(args), "SFT step (ours vs PyTorch)"),
     "rollout": (bench_rollout_cmd, "GP-L rollout of 64 envs: time in the sampler vs outside it"),
     "rewards": (bench_rewards_cmd, "GP device reward (jit, CPU) vs the host verifier, same answers"),
+    "lora": (bench_lora_cmd, "the sampler with LoRA adapters in the forward vs merged into the weights"),
 }
 
 
@@ -277,6 +295,12 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument(
                 "--tensor-parallel", action="store_true", help="also time ours on one XLA device per core, tensor=-1"
             )
+        if name == "lora":
+            p.add_argument("--rank", type=int, default=16)
+            p.add_argument("--batch", type=int, default=16)
+            p.add_argument("--prompt", type=int, default=64, help="prompt tokens per row")
+            p.add_argument("--new-tokens", type=int, default=128, help="exactly this many new tokens per row")
+            p.add_argument("--repeats", type=int, default=3, help="timed calls per side (after one warm-up)")
         if name == "rewards":
             p.add_argument("--batch", type=int, default=4096, help="answers per device call")
             p.add_argument("--hands", type=int, default=20_000, help="answers in the mix (one per hand)")

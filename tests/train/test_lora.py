@@ -290,17 +290,19 @@ def test_qlora_sft_trains(tmp_path, data_file):
     assert all(v.dtype == np.float32 for v in final.values())  # merged: dequantized base + deltas
 
 
-@pytest.mark.slow  # ~60 s: a subprocess killed after its checkpoint, then resumed
-def test_a_lora_sft_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, data_file):
+@pytest.mark.slow  # ~60 s each: a subprocess killed after its checkpoint, then resumed
+@pytest.mark.parametrize("quantize", [None, "int4"])
+def test_a_lora_sft_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, data_file, quantize):
     import signal
     import subprocess
     import sys
 
     from tests.sft.test_sft_train import KILL_AFTER_SAVE
 
-    full = _cfg(tmp_path, data_file, "whole")
+    over = {} if quantize is None else {"quantize": quantize}  # QLoRA: the base re-quantized on resume
+    full = _cfg(tmp_path, data_file, "whole", **over)
     train(full)
-    killed = _cfg(tmp_path, data_file, "killed")
+    killed = _cfg(tmp_path, data_file, "killed", **over)
     code = KILL_AFTER_SAVE.format(kill_step=4)
     proc = subprocess.run(
         [sys.executable, "-c", code, str(tmp_path / "killed.yaml")], capture_output=True, text=True, timeout=600
