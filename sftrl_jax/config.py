@@ -190,15 +190,15 @@ def from_dict(cls: type[T], data: Mapping[str, Any] | None, *, prefix: str = "")
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     moved = getattr(cls, "MOVED_KEYS", {})
     for key in data:
-        if key in moved and key not in fields:
-            full = f"{prefix}{key}"
+        if key in fields:
+            continue
+        full = f"{prefix}{key}"
+        if key in moved:
             raise ConfigError(f"config key {full!r} was moved to {moved[key]!r}: set that instead and remove {full!r}")
-        if key not in fields:
-            full = f"{prefix}{key}"
-            valid = [f"{prefix}{name}" for name in fields]
-            close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
-            hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ConfigError(f"unknown config key {full!r}{hint}; valid keys here: {', '.join(valid)}")
+        valid = [f"{prefix}{name}" for name in fields]
+        close = difflib.get_close_matches(full, valid, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ConfigError(f"unknown config key {full!r}{hint}; valid keys here: {', '.join(valid)}")
     kwargs = {}
     for name, field in fields.items():
         if name in data:
@@ -233,14 +233,12 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     if origin in (Union, types.UnionType):
         if value is None and type(None) in args:
             return None
-        errors = []
         for arg in args:
-            if arg is type(None):
-                continue
-            try:
-                return _coerce(value, arg, key)
-            except ConfigError as e:
-                errors.append(e)
+            if arg is not type(None):
+                try:
+                    return _coerce(value, arg, key)
+                except ConfigError:
+                    pass
         raise _wrong(value, tp, key)
     if origin is Literal:
         if value in args and not (isinstance(value, bool) and not any(isinstance(a, bool) for a in args)):
@@ -264,10 +262,6 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise _wrong(value, tp, key)
         vt = args[1] if len(args) == 2 else Any
         return {str(k): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        raise _wrong(value, tp, key)
     if tp is int:
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -283,11 +277,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             except ValueError:
                 pass
         raise _wrong(value, tp, key)
-    if tp is str:
-        if isinstance(value, str):
-            return value
-        raise _wrong(value, tp, key)
-    if isinstance(tp, type) and isinstance(value, tp):
+    if isinstance(tp, type) and isinstance(value, tp):  # bool, str and other plain types
         return value
     raise _wrong(value, tp, key)
 

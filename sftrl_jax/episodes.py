@@ -410,11 +410,8 @@ def rewards_array(buffer: Sequence[Sequence[Turn]], mode: str = "env") -> tuple[
 
     `mode` "env": the environment's rewards; "success": 1 on a turn that ends its episode with a
     positive reward (solved), else 0."""
-    if mode == "env":
-        rewards = np.array([[t.reward for t in row] for row in buffer], np.float32)
-    elif mode == "success":
-        rewards = np.array([[float(t.solved) for t in row] for row in buffer], np.float32)
-    else:
+    if mode not in ("env", "success"):
         raise ValueError(f"reward mode must be 'env' or 'success', got {mode!r}")
+    rewards = np.array([[t.reward if mode == "env" else float(t.solved) for t in row] for row in buffer], np.float32)
     dones = np.array([[float(t.done) for t in row] for row in buffer], np.float32)
     return rewards, dones

@@ -80,16 +80,17 @@ def run(args) -> int:
         return 0
     if args.task == "gp":
         from sftrl_jax.data.generate import generate_gp_sft as generate
-    else:
-        from sftrl_jax.envs.virl.expert import generate_virl_sft as generate
-    extra = {}
-    if args.task == "gp":
+
         extra = {
             "dealt_order": args.dealt_order,
             "revisions": args.revisions,
             "max_failed": args.max_failed,
             "env_options": {"template": args.template} if args.template else None,
         }
+    else:
+        from sftrl_jax.envs.virl.expert import generate_virl_sft as generate
+
+        extra = {}
     stats = generate(args.variant, args.split, args.n, args.out, seed=args.seed, **extra)
     print(json.dumps({"out": args.out, **stats}, default=str))
     return 0

@@ -101,10 +101,7 @@ def read_examples(path: str | os.PathLike, *, skip_bad_lines: bool = False) -> l
 
 
 def bucket_length(n: int, buckets: Sequence[int], max_length: int) -> int:
-    for b in buckets:
-        if b >= n and b <= max_length:
-            return b
-    return max_length
+    return next((b for b in buckets if n <= b <= max_length), max_length)
 
 
 class Tokenize:
@@ -120,9 +117,7 @@ class Tokenize:
         ids, mask = self.tokenizer.encode_conversation(messages)
         truncated = len(ids) > self.max_length
         ids, mask = ids[: self.max_length], mask[: self.max_length]
-        images = []
-        if example.get("image"):
-            images.append(self._image_path(example["image"]))
+        images = [self._image_path(example["image"])] if example.get("image") else []
         return {"ids": ids, "mask": mask, "truncated": truncated, "images": images}
 
     def _image_path(self, rel: str) -> str:
@@ -216,8 +211,7 @@ class SFTData:
                 )
             return tokenizers[root](ex)
 
-        ds = ds.map(tokenize)
-        ds = ds.batch(
+        return ds.map(tokenize).batch(
             batch_size,
             drop_remainder=train,
             batch_fn=lambda examples: collate(
@@ -230,7 +224,6 @@ class SFTData:
                 max_images=cfg.max_images,
             ),
         )
-        return ds
 
     def per_process_batch(self) -> int:
         import jax

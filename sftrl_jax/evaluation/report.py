@@ -130,6 +130,19 @@ def pyplot():
     return plt
 
 
+def finish_panel(ax, *, title: str, xlabel: str, ylabel: str, rate: bool = True) -> None:
+    """Titles and a grid; a `rate` axis never goes below 0 and shows at least 0-5%; a legend once a
+    curve is labelled."""
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    if rate:
+        ax.set_ylim(bottom=0.0, top=max(5.0, ax.get_ylim()[1]))
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
+
+
 def save_figure(fig, plt, path: str | os.PathLike) -> str:
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -154,14 +167,7 @@ def plot(rows: Sequence[dict[str, Any]], path: str | os.PathLike) -> str:
         for row, (key, scale, label) in enumerate(lines):
             ax = axes[row][col]
             _panel(ax, [r for r in rows if r["metric"] == metric], task, split, key, scale)
-            ax.set_title(f"{task} {split}")
-            ax.set_xlabel("GFLOPs")
-            ax.set_ylabel(label)
-            ax.grid(alpha=0.3)
-            if key == "value":  # a rate: never below 0 on the axis, at least 0-5% shown
-                ax.set_ylim(bottom=0.0, top=max(5.0, ax.get_ylim()[1]))
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
+            finish_panel(ax, title=f"{task} {split}", xlabel="GFLOPs", ylabel=label, rate=key == "value")
     return save_figure(fig, plt, path)
 
 

@@ -440,13 +440,8 @@ def plot_curves(study: Study, path: str | os.PathLike) -> str:
             rows = [r for r in study.evals if (r["task"], r["split"], r["metric"]) == (task, split, metric)]
             init = [_last(rs)["value"] for (a, _), rs in _by(rows, "arm", "seed").items() if a == "init"]
             ax.axhline(100 * sum(init) / len(init), color=run_report.COLORS["init"], ls="--", lw=1, label="Init")
-        ax.set_title(f"{task} {_split_name(split)}: {metric.replace('_', ' ')}")
-        ax.set_xlabel("GFLOPs")
-        ax.set_ylabel(f"{metric.replace('_', ' ')} (%)")
-        ax.set_ylim(bottom=0.0, top=max(5.0, ax.get_ylim()[1]))
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        name = metric.replace("_", " ")
+        run_report.finish_panel(ax, title=f"{task} {_split_name(split)}: {name}", xlabel="GFLOPs", ylabel=f"{name} (%)")
     return run_report.save_figure(fig, plt, path)
 
 
@@ -475,13 +470,8 @@ def plot_kl(study: Study, path: str | os.PathLike) -> str:
                 if arm != "init":  # the seed's path from its own Init
                     line = ([inits[seed]] if seed in inits else []) + rs
                     ax.plot([r["kl"] for r in line], [100 * r["value"] for r in line], color=color, lw=0.6, alpha=0.4)
-        ax.set_title(f"{study.task} {_split_name(split)}")
-        ax.set_xlabel("KL(policy ‖ Init), nats per token")
-        ax.set_ylabel("success (%)")
-        ax.set_ylim(bottom=0.0, top=max(5.0, ax.get_ylim()[1]))
-        ax.grid(alpha=0.3)
-        if ax.get_legend_handles_labels()[0]:
-            ax.legend(fontsize=8)
+        title = f"{study.task} {_split_name(split)}"
+        run_report.finish_panel(ax, title=title, xlabel="KL(policy ‖ Init), nats per token", ylabel="success (%)")
     return run_report.save_figure(fig, plt, path)
 
 

@@ -149,10 +149,7 @@ TEXT_CROSS_LAYER = (
     + SWIGLU
     + _copy("cross_attn_mlp_gate")
 )
-TEXT_MODEL = (
-    ("embed_tokens.weight", "embed_tokens", COPY),
-    ("norm.weight", "norm.scale", COPY),
-)
+TEXT_MODEL = (("embed_tokens.weight", "embed_tokens", COPY),) + _norm("norm")
 VISION_LAYER = (
     _norm("input_layernorm", bias=True)
     + _attention("self_attn")

@@ -119,82 +119,71 @@ def prefill(
 ) -> State:
     """The prompt through the model's forward; the first token; the decode state."""
     with rules.using(cfg.layout):
-        return _prefill_body(params, batch, stop_tokens, key, graphdef=graphdef, cfg=cfg)
-
-
-def _prefill_body(params, batch, stop_tokens, key, *, graphdef, cfg: SamplerConfig) -> State:
-    model = nnx.merge(graphdef, params)
-    ids, row_valid = batch["input_ids"], batch["row_valid"]
-    b, p = ids.shape
-    cache = model.init_cache(b, p)  # the model's own layout (per layer, or stacked)
-    image_inputs = {k: batch[k] for k in model_logprobs.IMAGE_KEYS if k in batch}
-    # remat=False: sampling takes no gradients, so recomputing activations in a backward pass only costs.
-    out = model(
-        ids, attention_mask=batch["attention_mask"], cache=cache, last_logits_only=True, remat=False, **image_inputs
-    )
-    m = cfg.max_new_tokens
-    zeros = jnp.zeros((b, m), jnp.float32)
-    state = State(
-        # The cache holds the prompt and every generated token but the last (never fed back).
-        cache=kv_cache.extend(out.cache, p + m - 1),
-        last=jnp.zeros((b,), jnp.int32),
-        step=jnp.zeros((), jnp.int32),
-        done=~row_valid,
-        lengths=jnp.zeros((b,), jnp.int32),
-        tokens=jnp.full((b, m), cfg.pad_id, jnp.int32),
-        logprobs=zeros,
-        logprobs_raw=zeros,
-        logprobs_temperature=zeros,
-        stop_tokens=stop_tokens,
-        key=key,
-    )
-    return _record(state, methods.choose(out.logits[:, -1], _keys(state), cfg.method), cfg)
+        model = nnx.merge(graphdef, params)
+        ids, row_valid = batch["input_ids"], batch["row_valid"]
+        b, p = ids.shape
+        cache = model.init_cache(b, p)  # the model's own layout (per layer, or stacked)
+        image_inputs = {k: batch[k] for k in model_logprobs.IMAGE_KEYS if k in batch}
+        # remat=False: sampling takes no gradients, so recomputing activations in a backward pass only costs.
+        out = model(
+            ids, attention_mask=batch["attention_mask"], cache=cache, last_logits_only=True, remat=False, **image_inputs
+        )
+        m = cfg.max_new_tokens
+        zeros = jnp.zeros((b, m), jnp.float32)
+        state = State(
+            # The cache holds the prompt and every generated token but the last (never fed back).
+            cache=kv_cache.extend(out.cache, p + m - 1),
+            last=jnp.zeros((b,), jnp.int32),
+            step=jnp.zeros((), jnp.int32),
+            done=~row_valid,
+            lengths=jnp.zeros((b,), jnp.int32),
+            tokens=jnp.full((b, m), cfg.pad_id, jnp.int32),
+            logprobs=zeros,
+            logprobs_raw=zeros,
+            logprobs_temperature=zeros,
+            stop_tokens=stop_tokens,
+            key=key,
+        )
+        return _record(state, methods.choose(out.logits[:, -1], _keys(state), cfg.method), cfg)
 
 
 def decode(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
     """Generates columns 1 .. M-1 through the model's own forward, one token per row per step, with
     the KV cache; stops early once every row is done. `params`: see `prepare_weights`."""
     with rules.using(cfg.layout):
-        return _decode_body(params, state, graphdef=graphdef, cfg=cfg)
+        model = nnx.merge(graphdef, params)
+        b = state.last.shape[0]
+        one = jnp.ones((b, 1), jnp.int32)
 
+        def cond(s: State) -> jax.Array:
+            return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
 
-def _decode_body(params, state: State, *, graphdef, cfg: SamplerConfig) -> State:
-    model = nnx.merge(graphdef, params)
-    b = state.last.shape[0]
-    one = jnp.ones((b, 1), jnp.int32)
+        def body(s: State) -> State:
+            out = model(s.last[:, None], attention_mask=one, cache=s.cache, last_logits_only=True, remat=False)
+            s = dataclasses.replace(s, cache=out.cache)
+            return _record(s, methods.choose(out.logits[:, -1], _keys(s), cfg.method), cfg)
 
-    def cond(s: State) -> jax.Array:
-        return (s.step < cfg.max_new_tokens) & ~jnp.all(s.done)
-
-    def body(s: State) -> State:
-        out = model(s.last[:, None], attention_mask=one, cache=s.cache, last_logits_only=True, remat=False)
-        s = dataclasses.replace(s, cache=out.cache)
-        return _record(s, methods.choose(out.logits[:, -1], _keys(s), cfg.method), cfg)
-
-    return jax.lax.while_loop(cond, body, state)
+        return jax.lax.while_loop(cond, body, state)
 
 
 _prefill_jit = jax.jit(prefill, static_argnames=("graphdef", "cfg"))
-# The state (above all the KV cache) is donated: the loop rewrites it in place, so XLA reuses the
-# prefill's buffers for the output instead of allocating a second cache and copying into it.
-_decode_jit = jax.jit(decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",))
 _decode_jits: dict = {}  # compiler options (ops.decode_compiler_options) -> jitted decode
 
 
 def _decode_fn(options: dict | None):
-    if not options:
-        return _decode_jit
-    key = tuple(sorted(options.items()))
+    key = tuple(sorted((options or {}).items()))
     if key not in _decode_jits:
+        # The state (above all the KV cache) is donated: the loop rewrites it in place, so XLA reuses the
+        # prefill's buffers for the output instead of allocating a second cache and copying into it.
         _decode_jits[key] = jax.jit(
-            decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",), compiler_options=options
+            decode, static_argnames=("graphdef", "cfg"), donate_argnames=("state",), compiler_options=options or None
         )
     return _decode_jits[key]
 
 
 def compile_count() -> int:
     """Programs compiled so far by the sampler (prefill + decode), for tests and logs."""
-    return sum(f._cache_size() for f in (_prefill_jit, _decode_jit, *_decode_jits.values()))
+    return sum(f._cache_size() for f in (_prefill_jit, *_decode_jits.values()))
 
 
 def is_matrix(x) -> bool:

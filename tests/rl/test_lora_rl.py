@@ -159,14 +159,14 @@ def test_lora_and_qlora_rl_log_rewards_and_losses_and_train_the_adapters_only(tm
 
 
 @pytest.mark.slow  # ~1 min each: an uninterrupted run, a subprocess killed after its checkpoint, the resume
-@pytest.mark.parametrize("algo", ["ppo", "grpo"])
-def test_a_lora_rl_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, xla_cache, text_reward, algo):
+@pytest.mark.parametrize(("algo", "quantize"), [("ppo", None), ("grpo", None), ("ppo", "int4")])
+def test_a_lora_rl_run_killed_after_a_checkpoint_resumes_bitwise(tmp_path, xla_cache, text_reward, algo, quantize):
     """3 updates; a second run SIGKILLed right after the checkpoint of update 1 and resumed ends with
     the uninterrupted run's trainable parameters (adapters, PPO's value head: the train state), final
     model (the adapters merged) and metrics rows, bit for bit. PPO's episodes in progress at the
     checkpoint are replayed from its rollout state."""
     updates, kill_step = 3, 1
-    sections = _algo_sections(algo)
+    sections = _algo_sections(algo, quantize)  # QLoRA: the int4 base re-quantized from the base on resume
     full = _rl_trainer(tmp_path, "full", updates=updates, **sections)
     full.run()
     full_trainable, full_frozen = _parts(full)

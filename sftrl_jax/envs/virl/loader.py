@@ -135,13 +135,12 @@ def load_route_infos(path: str | pathlib.Path) -> list[dict]:
         obj = _read_json(path, MAX_ROUTE_INFO_BYTES)
     except FileNotFoundError:
         raise EnvError(f"route file not found: {path}") from None
-    if isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], list) and isinstance(obj[1], int):
-        route_list, route_num = obj
-        if not 0 < route_num <= len(route_list):
-            raise EnvError(f"{path}: route_num is {route_num} but the file holds {len(route_list)} routes")
-        route_list = route_list[:route_num]
-    else:
+    if not (isinstance(obj, list) and len(obj) == 2 and isinstance(obj[0], list) and isinstance(obj[1], int)):
         raise EnvError(f"{path}: expected a JSON array [route_list, route_num]")
+    route_list, route_num = obj
+    if not 0 < route_num <= len(route_list):
+        raise EnvError(f"{path}: route_num is {route_num} but the file holds {len(route_list)} routes")
+    route_list = route_list[:route_num]
     for i, route in enumerate(route_list):
         if not isinstance(route, dict):
             raise EnvError(f"{path}: route {i} is a {type(route).__name__}, expected an object")
