@@ -57,7 +57,8 @@ def _randomise_b_on_host(model, scale=0.1, seed=0):
 
 
 @pytest.mark.hf
-@pytest.mark.parametrize("scan", [False, True])
+# stacked: ~10-14 s more (lora.add compiles a draw per stack shape): slow; the per-layer case stays in the suite
+@pytest.mark.parametrize("scan", [False, pytest.param(True, marks=pytest.mark.slow)])
 def test_peft_loads_our_mllama_adapters_and_matches_our_logits_with_images(tmp_path, scan):
     """Mllama (transformers' 4.52+ module tree): adapters on the text decoder's self- and
     cross-attention layers and MLPs and on the vision tower, every one attached by PEFT, logits on a
