@@ -211,20 +211,23 @@ def bench_sampler_cmd(args) -> int:
     return 0
 
 
+def _print_and_record(args, title: str, lines: list[str], command: str) -> int:
+    for line in lines:
+        print(line)
+    if not args.no_record:
+        record(title, command, lines)
+    return 0
+
+
 def bench_rollout_cmd(args) -> int:
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_rollout
 
-    lines, _ = bench_rollout.bench_rollout(args)
-    for line in lines:
-        print(line)
-    if not args.no_record:
-        command = (
-            f"{affinity_prefix()}.venv/bin/python tools/bench.py rollout --envs {args.envs} --turns {args.turns} "
-            f"--new-tokens {args.new_tokens}"
-        )
-        record("rollout", command, lines)
-    return 0
+    command = (
+        f"{affinity_prefix()}.venv/bin/python tools/bench.py rollout --envs {args.envs} --turns {args.turns} "
+        f"--new-tokens {args.new_tokens}"
+    )
+    return _print_and_record(args, "rollout", bench_rollout.bench_rollout(args)[0], command)
 
 
 def bench_rewards_cmd(args) -> int:
@@ -250,16 +253,11 @@ def bench_lora_cmd(args) -> int:
     sys.path.insert(0, str(ROOT / "tools"))
     import bench_lora
 
-    lines, _ = bench_lora.bench_lora(args)
-    for line in lines:
-        print(line)
-    if not args.no_record:
-        command = (
-            f".venv/bin/python tools/bench.py lora --rank {args.rank} --batch {args.batch} --prompt {args.prompt} "
-            f"--new-tokens {args.new_tokens} --repeats {args.repeats}"
-        )
-        record("lora sampler", command, lines)
-    return 0
+    command = (
+        f".venv/bin/python tools/bench.py lora --rank {args.rank} --batch {args.batch} --prompt {args.prompt} "
+        f"--new-tokens {args.new_tokens} --repeats {args.repeats}"
+    )
+    return _print_and_record(args, "lora sampler", bench_lora.bench_lora(args)[0], command)
 
 
 COMMANDS = {

@@ -185,23 +185,13 @@ def _rl_trainer(tmp_path, name, *, updates=2, **sections):
     """An RL Trainer of a tiny LoRA policy (rank 4) on GP-L, one device; `sections` added to the config."""
     from sftrl_jax.rl.config import RLConfig
     from sftrl_jax.rl.train import Trainer
+    from tests.rl.test_rl_train import TINY  # its env, sampling, eval and train sections
 
     d = {
         "model": {"preset": "llama-tiny", "text_overrides": {**TEXT, "max_position_embeddings": 1024}},
-        "env": {"task": "gp-l", "num_envs": 4},
-        "sampling": {"max_new_tokens": 12, "temperature": 1.0},
+        **{k: TINY[k] for k in ("env", "sampling", "eval")},
         "optim": {"lr": 5.0e-2, "grad_clip": 1.0},
-        "eval": {"every": 0, "splits": []},
-        "train": {
-            "run_dir": str(tmp_path / name),
-            "updates": updates,
-            "steps_per_update": 2,
-            "prompts_per_update": 2,
-            "length_buckets": [512, 1024],
-            "devices": 1,
-            "progress": False,
-            "async_checkpointing": False,
-        },
+        "train": {**TINY["train"], "run_dir": str(tmp_path / name), "updates": updates},
         "lora": {"rank": 4, "alpha": 8},
         **sections,
     }
